@@ -1,0 +1,104 @@
+//! `geossl-export`: checkpoints → ONNX, and PyTorch checkpoint import.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use geossl_models::{Arch, InputDType};
+
+/// Geography-aware self-supervised learning for satellite imagery: export.
+///
+/// Every flag can also be set through the environment variable named in its help.
+#[derive(Debug, Parser)]
+#[command(name = "geossl-export", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Head {
+    Embed,
+    Classify,
+    Segment,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a checkpoint directory to an ONNX model (not implemented yet, issue #4).
+    Onnx(OnnxArgs),
+    /// Import a PyTorch `.pth`/`.pth.tar` or safetensors checkpoint into a
+    /// checkpoint directory (not implemented yet, issue #4).
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct OnnxArgs {
+    /// Checkpoint directory (spec.json + model.safetensors).
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Which head the graph ends in.
+    #[arg(long, env = "GEOSSL_HEAD", value_enum, default_value = "embed")]
+    head: Head,
+    /// Output ONNX file.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    /// Input element type: uint8 (normalization inside the graph) or float32 (pre-normalized).
+    #[arg(long, env = "GEOSSL_INPUT", value_enum, default_value = "uint8")]
+    input: InputArg,
+    /// fp16 weights and compute with fp32 inputs/outputs.
+    #[arg(long, env = "GEOSSL_FP16")]
+    fp16: bool,
+    /// ONNX opset.
+    #[arg(long, env = "GEOSSL_OPSET", default_value_t = 17)]
+    opset: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum InputArg {
+    Uint8,
+    Float32,
+}
+
+impl From<InputArg> for InputDType {
+    fn from(a: InputArg) -> Self {
+        match a {
+            InputArg::Uint8 => InputDType::Uint8,
+            InputArg::Float32 => InputDType::Float32,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// Source checkpoint file.
+    #[arg(long, env = "GEOSSL_FROM")]
+    from: PathBuf,
+    /// Backbone architecture of the source.
+    #[arg(long, env = "GEOSSL_ARCH")]
+    arch: Arch,
+    /// Output checkpoint directory.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Onnx(a) => {
+            let _input: InputDType = a.input.into();
+            bail!("`geossl-export onnx` is not implemented yet (tracked in issue #4)")
+        }
+        Command::Import(_) => bail!("`geossl-export import` is not implemented yet (tracked in issue #4)"),
+    }
+}

@@ -1,0 +1,38 @@
+//! Specs and file contracts shared by every geossl crate.
+//!
+//! This crate knows *what* a model is — backbone architecture, heads, parameter
+//! names and shapes, normalization, the ONNX input/output contract and the
+//! checkpoint-directory layout — but nothing about *how* it runs: it links
+//! neither libtorch nor ONNX Runtime, so the exporter and the server can depend
+//! on it cheaply.
+//!
+//! Parameter names follow torchvision's `state_dict()` exactly (including the
+//! batch-norm buffers `running_mean`, `running_var`, `num_batches_tracked`), so
+//! weights move between PyTorch, the tch trainer and the ONNX exporter without
+//! renaming. Heads live under their own prefixes (`fc.`, `proj.`, `geo.`, `seg.`).
+
+pub mod arch;
+pub mod checkpoint;
+pub mod heads;
+pub mod io;
+pub mod norm;
+pub mod spec;
+pub mod weights;
+
+pub use arch::{Arch, BackboneSpec, BlockKind, BlockSpec};
+pub use checkpoint::{CheckpointPaths, SpecError};
+pub use heads::{ClassifierHead, EmbeddingHead, GeoHead, HeadKind, HeadSpec, ProjectionSpec, SegmentationHead};
+pub use io::{Dim, ElemType, InputDType, IoContract, TensorContract};
+pub use norm::{BandStats, Normalization};
+pub use spec::{ModelSpec, ParamRole, ParamSpec, TrainingInfo};
+pub use weights::{NamedTensor, StateDict, TensorData, WeightsError};
+
+/// The version of geossl that wrote a file (stored in specs and ONNX metadata).
+pub const GEOSSL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Lower-case hex SHA-256 of `bytes` (config hashes, checkpoint hashes).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,24 @@
+//! Helpers for geossl's end-to-end tests, which drive the built binaries
+//! (`cargo test --workspace` builds them next to the test executables).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Path of a workspace binary in the same target directory as the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// Runs `name args…` and returns its output.
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name)).args(args).env_remove("RUST_BACKTRACE").output().expect("spawn binary")
+}
+
+/// Stdout and stderr as one string.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}

@@ -1,0 +1,169 @@
+//! `geossl-train`: pretraining, probes and fine-tuning on tch.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use geossl_models::{
+    Arch, ClassifierHead, EmbeddingHead, HeadSpec, ModelSpec, Normalization, ProjectionSpec, StateDict,
+};
+use geossl_trainer::{checkpoint, device};
+
+/// Geography-aware self-supervised learning for satellite imagery: training.
+///
+/// Every flag can also be set through the environment variable named in its help.
+#[derive(Debug, Parser)]
+#[command(name = "geossl-train", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `geossl_trainer=debug`.
+    #[arg(long, env = "GEOSSL_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Self-supervised pretraining (MoCo-v2, temporal positives, geo pretext).
+    Pretrain(Pending),
+    /// Linear probe of a frozen backbone on labelled data.
+    Probe(Pending),
+    /// Fine-tune a backbone with a classification head.
+    Finetune(Pending),
+    /// Train a segmentation head on a backbone.
+    Segment(Pending),
+    /// Create a checkpoint directory from an architecture (random init) or from
+    /// a torchvision state dict saved as safetensors.
+    Init(InitArgs),
+    /// Describe a checkpoint directory and the libtorch runtime.
+    Info(InfoArgs),
+}
+
+/// Accepts anything until the subcommand is implemented.
+#[derive(Debug, Args)]
+struct Pending {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Backbone architecture: resnet18, resnet34 or resnet50.
+    #[arg(long, env = "GEOSSL_ARCH", default_value = "resnet18")]
+    arch: Arch,
+    /// Number of input bands (3 for RGB).
+    #[arg(long, env = "GEOSSL_BANDS", default_value_t = 3)]
+    bands: usize,
+    /// Input size (square) in pixels.
+    #[arg(long, env = "GEOSSL_INPUT_SIZE", default_value_t = 224)]
+    input_size: usize,
+    /// Add the MoCo-v2 projection head (D → D → 128) to the embedding head.
+    #[arg(long, env = "GEOSSL_PROJECTION")]
+    projection: bool,
+    /// Add a classifier with this many classes (1000 with torchvision weights).
+    #[arg(long, env = "GEOSSL_NUM_CLASSES")]
+    num_classes: Option<usize>,
+    /// torchvision state dict as safetensors to load (names must match the spec).
+    #[arg(long, env = "GEOSSL_FROM_SAFETENSORS")]
+    from_safetensors: Option<PathBuf>,
+    /// Random seed for initialisation.
+    #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
+    seed: i64,
+    /// Output checkpoint directory (replaced atomically if it exists).
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct InfoArgs {
+    /// Checkpoint directory to describe; without it, only the runtime is described.
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Pretrain(_) => pending("pretrain", 3),
+        Command::Probe(_) => pending("probe", 3),
+        Command::Finetune(_) => pending("finetune", 3),
+        Command::Segment(_) => pending("segment", 3),
+        Command::Init(a) => init(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+fn pending(what: &str, issue: u32) -> Result<()> {
+    bail!("`geossl-train {what}` is not implemented yet (tracked in issue #{issue})")
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let mut spec = ModelSpec::rgb(a.arch, a.input_size);
+    if a.bands != 3 {
+        spec.backbone.in_channels = a.bands;
+        spec.bands = (1..=a.bands).map(|i| format!("band{i}")).collect();
+        spec.normalization = Normalization::identity(a.bands, 1.0);
+    }
+    let d = a.arch.feature_dim();
+    spec.heads.push(HeadSpec::Embedding(EmbeddingHead {
+        projection: a.projection.then(|| ProjectionSpec::moco_v2(d)),
+        l2_normalize: false,
+    }));
+    if let Some(k) = a.num_classes {
+        spec.heads.push(HeadSpec::Classifier(ClassifierHead { num_classes: k, labels: vec![] }));
+    }
+    spec.validate().map_err(anyhow::Error::msg).context("invalid model options")?;
+    tch::manual_seed(a.seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _model = geossl_trainer::Model::new(&vs.root(), &spec);
+    if let Some(src) = &a.from_safetensors {
+        let sd = StateDict::read(src)?;
+        checkpoint::load_state_dict(&vs, &spec, &sd, src)?;
+        spec.training = Some(geossl_models::TrainingInfo {
+            method: "import".into(),
+            source: Some(format!("{} sha256:{}", src.display(), geossl_models::sha256_hex(&std::fs::read(src)?))),
+            ..Default::default()
+        });
+    }
+    checkpoint::save_checkpoint(&a.out, &spec, &vs, |_| Ok(()))
+        .with_context(|| format!("writing checkpoint {}", a.out.display()))?;
+    println!("wrote {} ({} parameter tensors, {})", a.out.display(), spec.parameters().len(), a.arch);
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    println!("{}", device::describe());
+    if let Some(dir) = a.checkpoint {
+        let loaded = checkpoint::load_checkpoint(&dir, tch::Device::Cpu)
+            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        let s = &loaded.spec;
+        let n: usize = s.parameters().iter().filter(|p| p.role.trainable()).map(|p| p.numel()).sum();
+        println!(
+            "{}: {} with {} bands {:?}, input {}x{}, {} trainable parameters, heads: [{}], training: {}",
+            dir.display(),
+            s.backbone.arch,
+            s.backbone.in_channels,
+            s.bands,
+            s.input_size[0],
+            s.input_size[1],
+            n,
+            s.heads.iter().map(|h| h.kind().name()).collect::<Vec<_>>().join(", "),
+            s.training.as_ref().map_or("none".to_string(), |t| format!("{} (step {})", t.method, t.step)),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Checkpoint directories (see `geossl_models::checkpoint`) from and into tch
+//! variable stores.
+
+use std::path::{Path, PathBuf};
+
+use geossl_models::checkpoint::{commit_dir, spec_to_json, staging_dir, CheckpointPaths, WEIGHTS_FILE};
+use geossl_models::{ModelSpec, NamedTensor, SpecError, StateDict, TensorData, WeightsError};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::model::Model;
+
+/// Errors saving or loading a checkpoint; each names the file or directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: invalid spec: {msg}")]
+    InvalidSpec { path: PathBuf, msg: String },
+    #[error("tensor `{name}`: {error}")]
+    Tch { name: String, error: tch::TchError },
+}
+
+/// The variables of `vs` as a state dict in the spec's (torchvision's) order.
+pub fn state_dict(vs: &nn::VarStore, spec: &ModelSpec) -> Result<StateDict, CheckpointError> {
+    let vars = vs.variables();
+    let mut tensors = Vec::new();
+    for p in spec.parameters() {
+        let t = vars.get(&p.name).ok_or_else(|| CheckpointError::Tch {
+            name: p.name.clone(),
+            error: tch::TchError::TensorNameNotFound(p.name.clone(), "var store".into()),
+        })?;
+        let flat = t.detach().to_device(Device::Cpu).reshape([-1]);
+        let tch_err = |source| CheckpointError::Tch { name: p.name.clone(), error: source };
+        let data = if p.role.is_int64() {
+            TensorData::I64(Vec::<i64>::try_from(&flat.to_kind(Kind::Int64)).map_err(tch_err)?)
+        } else {
+            TensorData::F32(Vec::<f32>::try_from(&flat.to_kind(Kind::Float)).map_err(tch_err)?)
+        };
+        tensors.push(NamedTensor { name: p.name, shape: p.shape, data });
+    }
+    Ok(StateDict { tensors, metadata: Default::default() })
+}
+
+/// Copies `sd` into the variables of `vs` after checking every name, shape
+/// and element type against `spec`; `path` is used in messages.
+pub fn load_state_dict(
+    vs: &nn::VarStore,
+    spec: &ModelSpec,
+    sd: &StateDict,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    sd.check(&spec.parameters(), path)?;
+    let vars = vs.variables();
+    let index = sd.index();
+    tch::no_grad(|| {
+        for p in spec.parameters() {
+            let (Some(src), Some(dst)) = (index.get(p.name.as_str()), vars.get(&p.name)) else { continue };
+            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+            let t = match &src.data {
+                TensorData::F32(v) => Tensor::from_slice(v),
+                TensorData::I64(v) => Tensor::from_slice(v),
+            };
+            let mut dst = dst.shallow_clone();
+            dst.f_copy_(&t.reshape(&shape[..]).to_kind(dst.kind()).to_device(dst.device()))
+                .map_err(|source| CheckpointError::Tch { name: p.name.clone(), error: source })?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes `spec.json` + `model.safetensors` for `vs` into `dir`, atomically:
+/// the directory is staged beside `dir` and renamed into place, so `dir` is
+/// always the previous or the new complete checkpoint. `extra` may add files
+/// (optimizer state, trainer state) to the staged directory before the rename.
+pub fn save_checkpoint(
+    dir: &Path,
+    spec: &ModelSpec,
+    vs: &nn::VarStore,
+    extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    spec.validate().map_err(|msg| CheckpointError::InvalidSpec { path: dir.to_owned(), msg })?;
+    let sd = state_dict(vs, spec)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CheckpointError::Io { path, error: source }
+    };
+    let staged = staging_dir(dir).map_err(io(dir))?;
+    let result = (|| {
+        let paths = CheckpointPaths::new(&staged);
+        std::fs::write(paths.spec(), spec_to_json(spec)).map_err(io(&paths.spec()))?;
+        sd.write(&paths.weights())?;
+        extra(&staged)?;
+        commit_dir(&staged, dir).map_err(io(dir))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    result
+}
+
+/// A model loaded from a checkpoint directory.
+#[derive(Debug)]
+pub struct Loaded {
+    pub spec: ModelSpec,
+    pub vs: nn::VarStore,
+    pub model: Model,
+}
+
+/// Reads `dir/spec.json`, builds the model on `device` and loads `dir/model.safetensors`.
+pub fn load_checkpoint(dir: &Path, device: Device) -> Result<Loaded, CheckpointError> {
+    let paths = CheckpointPaths::new(dir);
+    if !dir.is_dir() {
+        return Err(CheckpointError::Io {
+            path: dir.to_owned(),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "checkpoint directory not found"),
+        });
+    }
+    let spec = paths.read_spec()?;
+    let sd = StateDict::read(&paths.weights())?;
+    let vs = nn::VarStore::new(device);
+    let model = Model::new(&vs.root(), &spec);
+    load_state_dict(&vs, &spec, &sd, &dir.join(WEIGHTS_FILE))?;
+    Ok(Loaded { spec, vs, model })
+}

@@ -1,0 +1,14 @@
+//! geossl training on tch (libtorch): ResNet backbones with torchvision
+//! parameter names, heads, checkpoint directories, and (later) the MoCo-v2 +
+//! temporal-positive + geo pretraining loop, probes and fine-tuning.
+//!
+//! Tensor shapes are given as `[N, C, H, W]` (batch, bands, height, width).
+
+pub mod backbone;
+pub mod checkpoint;
+pub mod device;
+pub mod model;
+
+pub use backbone::Backbone;
+pub use checkpoint::{load_checkpoint, save_checkpoint, CheckpointError, Loaded};
+pub use model::Model;

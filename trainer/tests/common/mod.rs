@@ -1,0 +1,42 @@
+//! Helpers shared by the trainer's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Repository root (set by `.cargo/config.toml`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("GEOSSL_ROOT"))
+}
+
+/// The project venv's Python (`GEOSSL_PYTHON` overrides). Tests that use
+/// PyPI packages as external references fail loudly when it is missing:
+/// `scripts/setup.sh` creates it.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("GEOSSL_PYTHON") {
+        return p.into();
+    }
+    let p = repo_root().join(".venv/bin/python");
+    assert!(p.exists(), "{} not found: run scripts/setup.sh first", p.display());
+    p
+}
+
+/// Runs a reference script under `scripts/reference/` with `args`.
+pub fn run_reference(script: &str, args: &[&str]) {
+    let path = repo_root().join("scripts/reference").join(script);
+    let out = Command::new(python()).arg(&path).args(args).output().expect("run python");
+    assert!(out.status.success(), "{} failed:\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// `max|a - b| / max|b|`: the error relative to the reference's scale (an
+/// element-wise ratio explodes where the reference is near zero).
+pub fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
+    let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+    diff / scale
+}
+
+pub fn tmp(path: &Path) -> String {
+    path.to_str().expect("utf-8 temp path").to_owned()
+}
