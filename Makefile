@@ -11,5 +11,7 @@ build: setup
 quickstart: setup
 	bash scripts/quickstart.sh
 
+# The end-to-end tests drive the binaries, so they are built first.
 test: setup
+	cargo build --workspace --bins --locked
 	cargo test --workspace --locked

@@ -1,5 +1,6 @@
 //! Helpers for geossl's end-to-end tests, which drive the built binaries
-//! (`cargo test --workspace` builds them next to the test executables).
+//! (`make test` builds them with `cargo build --workspace --bins` first, next
+//! to the test executables).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -9,7 +10,7 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run the tests with `cargo test --workspace`", p.display());
+    assert!(p.exists(), "{} not built: run `cargo build --workspace --bins` first (as `make test` does)", p.display());
     p
 }
 

@@ -4,10 +4,21 @@
 //!
 //! Tensor shapes are given as `[N, C, H, W]` (batch, bands, height, width).
 
+pub mod augment;
 pub mod backbone;
 pub mod checkpoint;
+pub mod config;
+pub mod data;
 pub mod device;
+pub mod fixtures;
+pub mod geo;
+pub mod image_io;
+pub mod loader;
+pub mod moco;
 pub mod model;
+pub mod npy;
+pub mod pretrain;
+pub mod rng;
 
 pub use backbone::Backbone;
 pub use checkpoint::{load_checkpoint, save_checkpoint, CheckpointError, Loaded};

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Self-supervised pretraining (MoCo-v2, temporal positives, geo pretext).
-    Pretrain(Pending),
+    Pretrain(PretrainArgs),
     /// Linear probe of a frozen backbone on labelled data.
     Probe(Pending),
     /// Fine-tune a backbone with a classification head.
@@ -44,6 +44,34 @@ enum Command {
 struct Pending {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     rest: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct PretrainArgs {
+    /// Config file, or a built-in preset: moco, moco-tp, moco-geo, moco-tp-geo, quickstart.
+    #[arg(long, env = "GEOSSL_CONFIG")]
+    config: PathBuf,
+    /// Manifest CSV (path,lat,lon,timestamp,location_id[,label]); overrides `data.manifest`.
+    #[arg(long, env = "GEOSSL_DATA")]
+    data: Option<PathBuf>,
+    /// Run directory: config.toml, metrics.jsonl, checkpoint/.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    /// Continue from DIR/checkpoint exactly where it stopped.
+    #[arg(long, env = "GEOSSL_RESUME")]
+    resume: bool,
+    /// Device: auto, cpu, cuda, cuda:N (overrides `run.device`).
+    #[arg(long, env = "GEOSSL_DEVICE")]
+    device: Option<String>,
+    /// Length of the run in steps; the learning-rate schedule spans it (overrides `optim.max_steps`).
+    #[arg(long, env = "GEOSSL_MAX_STEPS")]
+    max_steps: Option<u64>,
+    /// Stop after this step with a checkpoint, keeping the schedule (continue later with --resume).
+    #[arg(long, env = "GEOSSL_STOP_AFTER")]
+    stop_after: Option<u64>,
+    /// Hide the progress bar (logs still report every `run.log_every` steps).
+    #[arg(long, env = "GEOSSL_NO_PROGRESS")]
+    no_progress: bool,
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +126,7 @@ fn run(cli: Cli) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Pretrain(_) => pending("pretrain", 3),
+        Command::Pretrain(a) => pretrain(a),
         Command::Probe(_) => pending("probe", 3),
         Command::Finetune(_) => pending("finetune", 3),
         Command::Segment(_) => pending("segment", 3),
@@ -109,6 +137,30 @@ fn run(cli: Cli) -> Result<()> {
 
 fn pending(what: &str, issue: u32) -> Result<()> {
     bail!("`geossl-train {what}` is not implemented yet (tracked in issue #{issue})")
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    use geossl_trainer::config::PretrainConfig;
+    use geossl_trainer::pretrain::{pretrain, RunOptions};
+    let (cfg, text) = PretrainConfig::load(&a.config)?;
+    let manifest = a
+        .data
+        .or_else(|| cfg.data.manifest.clone())
+        .context("no training data: pass --data MANIFEST.csv or set data.manifest in the config")?;
+    let dev = device::parse_device(a.device.as_deref().unwrap_or(&cfg.run.device)).map_err(anyhow::Error::msg)?;
+    tracing::info!("{}", device::describe());
+    let opts = RunOptions {
+        manifest,
+        out: a.out,
+        resume: a.resume,
+        device: dev,
+        max_steps: a.max_steps,
+        stop_after: a.stop_after,
+        progress: !a.no_progress,
+    };
+    let s = pretrain(&cfg, &text, &opts)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
 }
 
 fn init(a: InitArgs) -> Result<()> {

@@ -1,0 +1,148 @@
+//! Training sets cut from real imagery, for tests, benchmarks and reports.
+//!
+//! They read the layout of the project's shared test data (`eolearn/`,
+//! `rasterio/`, see its README): a 5-date Sentinel-2 series over Slovenia and
+//! a Landsat 7 GeoTIFF over the Bahamas. User-facing
+//! commands never need them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::npy::read_npy;
+
+/// Dates of `REFERENCE_SCENES.npy`'s five acquisitions, by index.
+pub const S2_DATES: [&str; 5] = ["2015-08-20", "2015-07-31", "2015-09-09", "2015-08-30", "2015-07-11"];
+/// Centre of the Sentinel-2 patch.
+pub const S2_CENTRE: (f64, f64) = (45.8705, 14.5578);
+
+/// One chip written by [`real_chips`].
+#[derive(Debug, Clone)]
+pub struct Chip {
+    pub path: PathBuf,
+    pub lat: f64,
+    pub lon: f64,
+    pub timestamp: Option<String>,
+    pub location_id: String,
+}
+
+fn offset(lat: f64, lon: f64, dy_m: f64, dx_m: f64) -> (f64, f64) {
+    (lat - dy_m / 111_320.0, lon + dx_m / (111_320.0 * lat.to_radians().cos()))
+}
+
+/// Sentinel-2 RGB chips: a `grid × grid` tiling of the patch, `side` pixels
+/// each, for all five dates (true colour, reflectance × 3.5 stretched to 8 bit).
+pub fn sentinel2_chips(data: &Path, out: &Path, grid: usize, side: usize) -> Result<Vec<Chip>, String> {
+    let a = read_npy(&data.join("eolearn/REFERENCE_SCENES.npy"))?;
+    if a.shape.len() != 4 || a.shape[3] != 13 {
+        return Err(format!("unexpected Sentinel-2 array shape {:?}", a.shape));
+    }
+    let (t, h, w, c) = (a.shape[0], a.shape[1], a.shape[2], a.shape[3]);
+    if grid * side > h.min(w) {
+        return Err(format!("{grid}×{side} px does not fit in {h}×{w}"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut chips = Vec::new();
+    for gy in 0..grid {
+        for gx in 0..grid {
+            let (y0, x0) = (gy * (h / grid), gx * (w / grid));
+            let (lat, lon) = offset(
+                S2_CENTRE.0,
+                S2_CENTRE.1,
+                ((y0 + side / 2) as f64 - h as f64 / 2.0) * 10.0,
+                ((x0 + side / 2) as f64 - w as f64 / 2.0) * 10.0,
+            );
+            for (ti, date) in S2_DATES.iter().enumerate().take(t) {
+                let mut img = image::RgbImage::new(side as u32, side as u32);
+                for y in 0..side {
+                    for x in 0..side {
+                        let base = ((ti * h + y0 + y) * w + x0 + x) * c;
+                        let px = [3, 2, 1].map(|b| (a.data[base + b] * 3.5 * 255.0).clamp(0.0, 255.0) as u8);
+                        img.put_pixel(x as u32, y as u32, image::Rgb(px));
+                    }
+                }
+                let path = out.join(format!("s2_{gy}{gx}_{date}.png"));
+                img.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                chips.push(Chip {
+                    path,
+                    lat,
+                    lon,
+                    timestamp: Some(date.to_string()),
+                    location_id: format!("s2_{gy}{gx}"),
+                });
+            }
+        }
+    }
+    Ok(chips)
+}
+
+/// Chips of `side` pixels tiled over an RGB GeoTIFF, skipping chips with more
+/// than 5% nodata (0,0,0) pixels; each chip is its own single-date location.
+pub fn geotiff_chips(
+    tif: &Path,
+    out: &Path,
+    prefix: &str,
+    side: usize,
+    centre: (f64, f64),
+    pixel_m: f64,
+    max_chips: usize,
+) -> Result<Vec<Chip>, String> {
+    let img = image::open(tif).map_err(|e| format!("{}: {e}", tif.display()))?.to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut chips = Vec::new();
+    for y0 in (0..h.saturating_sub(side - 1)).step_by(side) {
+        for x0 in (0..w.saturating_sub(side - 1)).step_by(side) {
+            let chip = image::imageops::crop_imm(&img, x0 as u32, y0 as u32, side as u32, side as u32).to_image();
+            let nodata = chip.pixels().filter(|p| p.0 == [0, 0, 0]).count();
+            if nodata * 20 > side * side || chips.len() >= max_chips {
+                continue;
+            }
+            let (lat, lon) = offset(
+                centre.0,
+                centre.1,
+                ((y0 + side / 2) as f64 - h as f64 / 2.0) * pixel_m,
+                ((x0 + side / 2) as f64 - w as f64 / 2.0) * pixel_m,
+            );
+            let path = out.join(format!("{prefix}_{y0}_{x0}.png"));
+            chip.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            chips.push(Chip { path, lat, lon, timestamp: None, location_id: format!("{prefix}_{y0}_{x0}") });
+        }
+    }
+    Ok(chips)
+}
+
+/// The mixed real set: Sentinel-2 chips (multi-date) + Landsat chips (single
+/// date). (`cogeo.tif` is JPEG-in-TIFF YCbCr, which the `image` decoder does not read.) Writes `manifest.csv` in `out` and returns its path.
+pub fn real_chips(data: &Path, out: &Path) -> Result<PathBuf, String> {
+    let mut chips = sentinel2_chips(data, &out.join("s2"), 2, 48)?;
+    chips.extend(geotiff_chips(
+        &data.join("rasterio/RGB.byte.tif"),
+        &out.join("landsat"),
+        "landsat",
+        64,
+        (24.56158, -77.75791),
+        300.0,
+        24,
+    )?);
+    write_manifest(&chips, &out.join("manifest.csv"))
+}
+
+/// Writes a CSV manifest (`path,lat,lon,timestamp,location_id`) with paths relative to its folder.
+pub fn write_manifest(chips: &[Chip], path: &Path) -> Result<PathBuf, String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut s = String::from("path,lat,lon,timestamp,location_id\n");
+    for c in chips {
+        let rel = c.path.strip_prefix(dir).unwrap_or(&c.path);
+        s.push_str(&format!(
+            "{},{:.7},{:.7},{},{}\n",
+            rel.display(),
+            c.lat,
+            c.lon,
+            c.timestamp.as_deref().unwrap_or(""),
+            c.location_id
+        ));
+    }
+    f.write_all(s.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path.to_owned())
+}

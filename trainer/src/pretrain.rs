@@ -1,0 +1,516 @@
+//! The pretraining loop: MoCo-v2, optionally with temporal positives and the
+//! geo-location pretext (Ayush et al., ICCV 2021).
+//!
+//! A run directory holds `config.toml` (the exact config), `metrics.jsonl`
+//! (one line per logged step) and `checkpoint/` (the latest complete
+//! checkpoint: model, key encoder, optimizer, queue and trainer state).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use geossl_models::checkpoint::{recover_dir, CheckpointPaths};
+use geossl_models::{
+    sha256_hex, EmbeddingHead, GeoHead, HeadSpec, ModelSpec, NamedTensor, ProjectionSpec, StateDict, TensorData,
+    TrainingInfo,
+};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::checkpoint::{load_state_dict, save_checkpoint, state_dict, CheckpointError};
+use crate::config::PretrainConfig;
+use crate::data::{read_manifest, PairStats, TemporalIndex};
+use crate::geo::{assign, kmeans_sphere, to_unit};
+use crate::loader::{Loader, LoaderConfig};
+use crate::moco::{info_nce, momentum_update, positive_top1, Queue};
+use crate::model::{l2_normalize, Model};
+
+pub const KEY_FILE: &str = "key.safetensors";
+pub const QUEUE_FILE: &str = "queue.safetensors";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// Errors of a pretraining run.
+#[derive(Debug, thiserror::Error)]
+pub enum PretrainError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error(
+        "loss became {loss} at step {step}; stopped. The last good checkpoint ({checkpoint}) is kept: lower the learning rate or check the data"
+    )]
+    NonFinite { step: u64, loss: f64, checkpoint: String },
+}
+
+/// Trainer state saved with each checkpoint (`state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub step: u64,
+    pub total_steps: u64,
+    pub config_sha256: String,
+    pub queue_ptr: i64,
+    pub pairs: PairStats,
+    pub bad_images: u64,
+}
+
+/// What a run reports when it ends.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub partner_rate: f64,
+    pub bad_images: u64,
+    pub images_per_sec: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// SGD with momentum and weight decay, PyTorch semantics, with saveable state.
+#[derive(Debug)]
+pub struct Sgd {
+    pub names: Vec<String>,
+    params: Vec<Tensor>,
+    bufs: Vec<Tensor>,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl Sgd {
+    pub fn new(vs: &nn::VarStore, spec: &ModelSpec, momentum: f64, weight_decay: f64) -> Self {
+        let vars = vs.variables();
+        let names: Vec<String> = spec.parameters().into_iter().filter(|p| p.role.trainable()).map(|p| p.name).collect();
+        let params: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
+        let bufs = params.iter().map(|p| p.zeros_like().detach()).collect();
+        Self { names, params, bufs, momentum, weight_decay }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    /// `d = g + wd·p; buf = m·buf + d; p -= lr·buf` (zero buffers make the first step `buf = d`, as PyTorch).
+    pub fn step(&mut self, lr: f64) {
+        tch::no_grad(|| {
+            for (p, buf) in self.params.iter().zip(&self.bufs) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let d = g + p * self.weight_decay;
+                let mut b = buf.shallow_clone();
+                let _ = b.g_mul_scalar_(self.momentum);
+                let _ = b.g_add_(&d);
+                let mut p = p.shallow_clone();
+                let _ = p.g_sub_(&(&b * lr));
+            }
+        });
+    }
+
+    pub fn state(&self) -> Result<StateDict, CheckpointError> {
+        tensors_to_state(self.names.iter().cloned().zip(self.bufs.iter().map(|b| b.shallow_clone())))
+    }
+
+    pub fn load(&mut self, sd: &StateDict, path: &Path) -> Result<(), CheckpointError> {
+        let idx = sd.index();
+        for (n, b) in self.names.iter().zip(&self.bufs) {
+            let t = idx.get(n.as_str()).ok_or_else(|| {
+                CheckpointError::Weights(geossl_models::WeightsError::Mismatch {
+                    path: path.to_owned(),
+                    detail: format!("optimizer state has no `{n}`"),
+                })
+            })?;
+            copy_into(b, t, path)?;
+        }
+        Ok(())
+    }
+}
+
+fn tensors_to_state(items: impl Iterator<Item = (String, Tensor)>) -> Result<StateDict, CheckpointError> {
+    let mut tensors = Vec::new();
+    for (name, t) in items {
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        let flat = t.detach().to_device(Device::Cpu).reshape([-1]);
+        let data = if t.kind() == Kind::Int64 {
+            TensorData::I64(
+                Vec::<i64>::try_from(&flat).map_err(|error| CheckpointError::Tch { name: name.clone(), error })?,
+            )
+        } else {
+            TensorData::F32(
+                Vec::<f32>::try_from(&flat.to_kind(Kind::Float))
+                    .map_err(|error| CheckpointError::Tch { name: name.clone(), error })?,
+            )
+        };
+        tensors.push(NamedTensor { name, shape, data });
+    }
+    Ok(StateDict { tensors, metadata: Default::default() })
+}
+
+fn copy_into(dst: &Tensor, src: &NamedTensor, path: &Path) -> Result<(), CheckpointError> {
+    let want: Vec<usize> = dst.size().iter().map(|&d| d as usize).collect();
+    if want != src.shape {
+        return Err(CheckpointError::Weights(geossl_models::WeightsError::Mismatch {
+            path: path.to_owned(),
+            detail: format!("`{}` is {:?}, expected {:?}", src.name, src.shape, want),
+        }));
+    }
+    let t = match &src.data {
+        TensorData::F32(v) => Tensor::from_slice(v),
+        TensorData::I64(v) => Tensor::from_slice(v),
+    };
+    let shape: Vec<i64> = want.iter().map(|&d| d as i64).collect();
+    let mut d = dst.shallow_clone();
+    tch::no_grad(|| d.f_copy_(&t.reshape(&shape[..]).to_kind(dst.kind()).to_device(dst.device())))
+        .map_err(|error| CheckpointError::Tch { name: src.name.clone(), error })
+}
+
+/// Options of one run beyond the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub manifest: PathBuf,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    /// Overrides `optim.max_steps` (the length of the schedule).
+    pub max_steps: Option<u64>,
+    /// Stop (with a checkpoint) after this step, without changing the schedule.
+    pub stop_after: Option<u64>,
+    pub progress: bool,
+}
+
+/// Cosine learning-rate schedule over `total` steps (no restarts), as MoCo's `--cos`.
+pub fn cosine_lr(base: f64, step: u64, total: u64) -> f64 {
+    base * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
+}
+
+/// The model spec a run trains: backbone + projection (+ geo head with centroids).
+pub fn run_spec(cfg: &PretrainConfig, centroids: Option<Vec<[f64; 3]>>) -> Result<ModelSpec, String> {
+    let mut spec = ModelSpec::rgb(cfg.model.arch, cfg.model.input_size);
+    spec.backbone.in_channels = cfg.model.bands.len();
+    spec.bands = cfg.model.bands.clone();
+    spec.normalization = cfg.normalization()?;
+    let d = cfg.model.arch.feature_dim();
+    spec.heads.push(HeadSpec::Embedding(EmbeddingHead {
+        projection: Some(ProjectionSpec { hidden: cfg.moco.hidden.unwrap_or(d), out: cfg.moco.dim }),
+        l2_normalize: false,
+    }));
+    if let Some(c) = centroids {
+        spec.heads.push(HeadSpec::Geo(GeoHead { num_clusters: c.len(), centroids: c }));
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Runs (or resumes) pretraining. Returns when `total_steps` are done.
+pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Result<Summary, PretrainError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |error| PretrainError::Io { path, error }
+    };
+    let cfg_hash = sha256_hex(cfg_text.as_bytes());
+    let samples = read_manifest(&opts.manifest, cfg.data.format)?;
+    let b = cfg.optim.batch_size;
+    if samples.len() < b {
+        return Err(PretrainError::Invalid(format!(
+            "{}: {} images for batch size {b}; need at least one full batch",
+            opts.manifest.display(),
+            samples.len()
+        )));
+    }
+    let steps_per_epoch = (samples.len() / b) as u64;
+    let total = opts.max_steps.or(cfg.optim.max_steps).unwrap_or(cfg.optim.epochs as u64 * steps_per_epoch);
+    let end = opts.stop_after.map_or(total, |s| s.min(total));
+    std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
+    let ck_dir = opts.out.join(CHECKPOINT_DIR);
+    recover_dir(&ck_dir).map_err(io(&ck_dir))?;
+
+    // Resume state, if any.
+    let resumed: Option<(ModelSpec, TrainState)> = if opts.resume {
+        let paths = CheckpointPaths::new(&ck_dir);
+        let spec = paths.read_spec().map_err(CheckpointError::from)?;
+        let st: TrainState = serde_json::from_slice(&std::fs::read(paths.state()).map_err(io(&paths.state()))?)
+            .map_err(|e| PretrainError::Invalid(format!("{}: {e}", paths.state().display())))?;
+        if st.config_sha256 != cfg_hash {
+            return Err(PretrainError::Invalid(format!(
+                "{}: the checkpoint was trained with another config (sha256 {}); resume needs the same config",
+                ck_dir.display(),
+                st.config_sha256
+            )));
+        }
+        Some((spec, st))
+    } else {
+        None
+    };
+
+    // Geo clusters: k-means on the training locations, or the checkpoint's.
+    let points: Vec<[f64; 3]> = samples.iter().map(|s| to_unit(s.lat, s.lon)).collect();
+    let centroids = match (&resumed, cfg.geo.enabled) {
+        (_, false) => None,
+        (Some((spec, _)), true) => match spec.head(geossl_models::HeadKind::Geo) {
+            Some(HeadSpec::Geo(g)) => Some(g.centroids.clone()),
+            _ => return Err(PretrainError::Invalid("the checkpoint has no geo head".into())),
+        },
+        (None, true) => Some(
+            kmeans_sphere(&points, cfg.geo.clusters, cfg.geo.kmeans_iters, cfg.run.seed)
+                .map_err(PretrainError::Invalid)?,
+        ),
+    };
+    let geo_labels: Vec<i64> = match &centroids {
+        Some(c) => points.iter().map(|p| assign(c, *p) as i64).collect(),
+        None => vec![0; samples.len()],
+    };
+    let spec = run_spec(cfg, centroids).map_err(PretrainError::Invalid)?;
+    let coverage = TemporalIndex::new(&samples).partner_coverage(&samples);
+    tracing::info!(
+        images = samples.len(),
+        locations = TemporalIndex::new(&samples).num_locations(),
+        temporal_partner_coverage = format!("{:.3}", coverage),
+        steps = total,
+        "pretraining {} ({}) on {:?}",
+        cfg.preset,
+        cfg.model.arch,
+        opts.device
+    );
+    if cfg.temporal.enabled && coverage == 0.0 {
+        tracing::warn!(
+            "temporal positives are on but no image has a partner at another time: check location_id and timestamp"
+        );
+    }
+
+    // Models: query (trained) and key (momentum copy, no geo head), seeded.
+    let dev = opts.device;
+    tch::manual_seed(cfg.run.seed as i64);
+    let vs_q = nn::VarStore::new(dev);
+    let query = Model::new(&vs_q.root(), &spec);
+    let mut key_spec = spec.clone();
+    key_spec.heads.retain(|h| h.kind() != geossl_models::HeadKind::Geo);
+    let vs_k = nn::VarStore::new(dev);
+    let key = Model::new(&vs_k.root(), &key_spec);
+    let mut sgd = Sgd::new(&vs_q, &spec, cfg.optim.momentum, cfg.optim.weight_decay);
+    let mut queue = Queue::new(cfg.moco.queue_size as i64, cfg.moco.dim as i64, dev);
+    let (mut step, mut pairs, mut bad_images) = (0u64, PairStats::default(), 0u64);
+    let qvars = vs_q.variables();
+    let kvars = vs_k.variables();
+    let key_names: Vec<String> =
+        key_spec.parameters().into_iter().filter(|p| p.role.trainable()).map(|p| p.name).collect();
+    let key_params: Vec<Tensor> = key_names.iter().map(|n| kvars[n].shallow_clone()).collect();
+    let query_params: Vec<Tensor> = key_names.iter().map(|n| qvars[n].shallow_clone()).collect();
+    for p in &key_params {
+        let _ = p.shallow_clone().set_requires_grad(false);
+    }
+    match &resumed {
+        None => {
+            let sd = state_dict(&vs_q, &key_spec)?;
+            load_state_dict(&vs_k, &key_spec, &sd, Path::new("<query encoder>"))?;
+        }
+        Some((_, st)) => {
+            let paths = CheckpointPaths::new(&ck_dir);
+            load_state_dict(
+                &vs_q,
+                &spec,
+                &StateDict::read(&paths.weights()).map_err(CheckpointError::from)?,
+                &paths.weights(),
+            )?;
+            let kp = ck_dir.join(KEY_FILE);
+            load_state_dict(&vs_k, &key_spec, &StateDict::read(&kp).map_err(CheckpointError::from)?, &kp)?;
+            sgd.load(&StateDict::read(&paths.optimizer()).map_err(CheckpointError::from)?, &paths.optimizer())?;
+            let qp = ck_dir.join(QUEUE_FILE);
+            let qsd = StateDict::read(&qp).map_err(CheckpointError::from)?;
+            let qt = qsd
+                .get("queue")
+                .ok_or_else(|| PretrainError::Invalid(format!("{}: no `queue` tensor", qp.display())))?;
+            copy_into(&queue.keys, qt, &qp)?;
+            queue.ptr = st.queue_ptr;
+            step = st.step;
+            pairs = st.pairs;
+            bad_images = st.bad_images;
+            tracing::info!("resumed from {} at step {step}", ck_dir.display());
+        }
+    }
+    std::fs::write(opts.out.join(CONFIG_FILE), cfg_text).map_err(io(&opts.out.join(CONFIG_FILE)))?;
+
+    let norm = &spec.normalization;
+    let nb = norm.bands() as i64;
+    let mean = Tensor::from_slice(&norm.mean).reshape([1, nb, 1, 1]).to_device(dev);
+    let std = Tensor::from_slice(&norm.std).reshape([1, nb, 1, 1]).to_device(dev);
+    let scale = norm.scale as f64;
+    let rgb = {
+        let f = |n: &str| cfg.model.bands.iter().position(|b| b.eq_ignore_ascii_case(n)).map(|i| i as i64);
+        match (f("red"), f("green"), f("blue")) {
+            (Some(r), Some(g), Some(b)) => Some([r, g, b]),
+            _ => None,
+        }
+    };
+    let prep = |raw: &Tensor| -> Tensor {
+        let x = raw.to_device(dev) * scale;
+        let x = crate::augment::photometric(&x, rgb, &cfg.aug);
+        (x - &mean) / &std
+    };
+
+    let loader_cfg = LoaderConfig {
+        batch_size: b,
+        input_size: cfg.model.input_size as i64,
+        bands: cfg.model.bands.len(),
+        temporal: cfg.temporal.enabled,
+        seed: cfg.run.seed,
+        workers: cfg.run.workers,
+        prefetch: cfg.run.prefetch,
+        cache_bytes: cfg.data.cache_mib << 20,
+        aug: cfg.aug.clone(),
+    };
+    let mut loader = Loader::start(samples, geo_labels, loader_cfg, step, end);
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.out.join(METRICS_FILE))
+        .map_err(io(&opts.out.join(METRICS_FILE)))?;
+    let bar = if opts.progress {
+        let pb = indicatif::ProgressBar::new(end);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(step);
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let base_lr = cfg.lr();
+    let groups = cfg.moco.shuffle_bn_groups as i64;
+    let amp = cfg.run.amp && dev.is_cuda();
+    let started = std::time::Instant::now();
+    let start_step = step;
+    let mut last_loss = f64::NAN;
+
+    let save = |step: u64, pairs: PairStats, bad: u64, queue: &Queue, sgd: &Sgd| -> Result<(), CheckpointError> {
+        let mut s = spec.clone();
+        s.training = Some(TrainingInfo {
+            method: cfg.preset.clone(),
+            preset: Some(cfg.preset.clone()),
+            config_sha256: Some(cfg_hash.clone()),
+            step,
+            source: None,
+        });
+        let st = TrainState {
+            step,
+            total_steps: total,
+            config_sha256: cfg_hash.clone(),
+            queue_ptr: queue.ptr,
+            pairs,
+            bad_images: bad,
+        };
+        save_checkpoint(&ck_dir, &s, &vs_q, |dir| {
+            let p = CheckpointPaths::new(dir);
+            state_dict(&vs_k, &key_spec)?.write(&dir.join(KEY_FILE))?;
+            sgd.state()?.write(&p.optimizer())?;
+            tensors_to_state(std::iter::once(("queue".to_string(), queue.keys.shallow_clone())))?
+                .write(&dir.join(QUEUE_FILE))?;
+            std::fs::write(dir.join(CONFIG_FILE), cfg_text)
+                .map_err(|error| CheckpointError::Io { path: dir.join(CONFIG_FILE), error })?;
+            test_hook_kill("after-weights");
+            std::fs::write(p.state(), serde_json::to_vec_pretty(&st).unwrap_or_default())
+                .map_err(|error| CheckpointError::Io { path: p.state(), error })
+        })
+    };
+
+    while step < end {
+        let batch = loader.next_batch().map_err(PretrainError::Invalid)?;
+        // Augmentation randomness on the device is a function of (seed, step) too.
+        tch::manual_seed((cfg.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
+        let lr = cosine_lr(base_lr, step, total);
+        let geo_t = batch.geo.to_device(dev);
+        let (loss, nce, geo_loss, acc, keys) = tch::autocast(amp, || {
+            let q_in = prep(&batch.q);
+            let k_in = prep(&batch.k);
+            let feats = query.backbone.pooled(&q_in, true);
+            let q_proj = query.projection.as_ref().map(|p| p.forward(&feats)).unwrap_or(feats).to_kind(Kind::Float);
+            let q = l2_normalize(&q_proj);
+            let k = tch::no_grad(|| {
+                momentum_update(&key_params, &query_params, cfg.moco.momentum);
+                // Shuffled sub-batches: each has its own BN statistics and mixes samples,
+                // so BN cannot leak which key is the positive.
+                let n = k_in.size()[0];
+                let perm = Tensor::randperm(n, (Kind::Int64, dev));
+                let shuffled = k_in.index_select(0, &perm);
+                let parts: Vec<Tensor> = shuffled
+                    .chunk(groups, 0)
+                    .iter()
+                    .map(|c| {
+                        let f = key.backbone.pooled(c, true);
+                        key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
+                    })
+                    .collect();
+                let k = l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float));
+                k.zeros_like().index_copy(0, &perm, &k)
+            });
+            let (nce, logits) = info_nce(&q, &k, &queue.keys, cfg.moco.temperature);
+            let geo_loss = match query.geo_logits(&q_proj) {
+                Some(l) if cfg.geo.enabled => Some(l.to_kind(Kind::Float).cross_entropy_for_logits(&geo_t)),
+                _ => None,
+            };
+            let loss = match &geo_loss {
+                Some(g) => &nce + g * cfg.geo.loss_weight,
+                None => nce.shallow_clone(),
+            };
+            let acc = positive_top1(&logits.detach());
+            (loss, nce, geo_loss, acc, k)
+        });
+        let loss_v = loss.double_value(&[]);
+        if !loss_v.is_finite() {
+            return Err(PretrainError::NonFinite { step, loss: loss_v, checkpoint: ck_dir.display().to_string() });
+        }
+        sgd.zero_grad();
+        loss.backward();
+        sgd.step(lr);
+        // Keys join the queue after the optimizer step, as in MoCo.
+        queue.enqueue(&keys).map_err(PretrainError::Invalid)?;
+        step += 1;
+        last_loss = loss_v;
+        pairs.anchors += b as u64;
+        pairs.with_partner += batch.with_partner;
+        bad_images += batch.bad_images;
+        let ips = ((step - start_step) * b as u64) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss_v:.4} lr {lr:.5} {ips:.1} img/s"));
+        if step % cfg.run.log_every == 0 || step == end {
+            let line = serde_json::json!({
+                "step": step, "loss": loss_v, "info_nce": nce.double_value(&[]),
+                "geo_ce": geo_loss.as_ref().map(|g| g.double_value(&[])),
+                "positive_top1": acc, "lr": lr, "img_per_s": ips,
+                "temporal_partner_rate": pairs.rate(), "bad_images": bad_images,
+            });
+            writeln!(metrics, "{line}").map_err(io(&opts.out.join(METRICS_FILE)))?;
+            tracing::info!(
+                "step {step}/{total} loss {loss_v:.4} lr {lr:.5} {ips:.1} img/s partner rate {:.3}",
+                pairs.rate()
+            );
+        }
+        if step % cfg.run.checkpoint_every == 0 || step == end {
+            save(step, pairs, bad_images, &queue, &sgd)?;
+        }
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(Summary {
+        steps: step,
+        final_loss: last_loss,
+        partner_rate: pairs.rate(),
+        bad_images,
+        images_per_sec: ((step - start_step) * b as u64) as f64 / elapsed.max(1e-9),
+        checkpoint: ck_dir,
+    })
+}
+
+/// Test hook: `GEOSSL_TEST_KILL_AT=<point>` makes the process SIGKILL itself at
+/// that point of a checkpoint write, to prove a crash there loses nothing.
+fn test_hook_kill(point: &str) {
+    if std::env::var("GEOSSL_TEST_KILL_AT").as_deref() == Ok(point) {
+        let _ = std::process::Command::new("kill").args(["-KILL", &std::process::id().to_string()]).status();
+        std::thread::sleep(std::time::Duration::from_secs(10));
+    }
+}
