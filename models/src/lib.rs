@@ -13,6 +13,7 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod georef;
 pub mod heads;
 pub mod io;
 pub mod norm;

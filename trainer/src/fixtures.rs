@@ -29,22 +29,22 @@ fn offset(lat: f64, lon: f64, dy_m: f64, dx_m: f64) -> (f64, f64) {
     (lat - dy_m / 111_320.0, lon + dx_m / (111_320.0 * lat.to_radians().cos()))
 }
 
-/// Sentinel-2 RGB chips: a `grid × grid` tiling of the patch, `side` pixels
-/// each, for all five dates (true colour, reflectance × 3.5 stretched to 8 bit).
-pub fn sentinel2_chips(data: &Path, out: &Path, grid: usize, side: usize) -> Result<Vec<Chip>, String> {
+/// Sentinel-2 RGB chips of `side` pixels every `stride` pixels over the patch,
+/// for all five dates (true colour, reflectance × 3.5 stretched to 8 bit).
+/// Chips of one window on different dates share a `location_id`.
+pub fn sentinel2_chips(data: &Path, out: &Path, side: usize, stride: usize) -> Result<Vec<Chip>, String> {
     let a = read_npy(&data.join("eolearn/REFERENCE_SCENES.npy"))?;
     if a.shape.len() != 4 || a.shape[3] != 13 {
         return Err(format!("unexpected Sentinel-2 array shape {:?}", a.shape));
     }
     let (t, h, w, c) = (a.shape[0], a.shape[1], a.shape[2], a.shape[3]);
-    if grid * side > h.min(w) {
-        return Err(format!("{grid}×{side} px does not fit in {h}×{w}"));
+    if side > h.min(w) || stride == 0 {
+        return Err(format!("{side} px chips every {stride} px do not fit in {h}×{w}"));
     }
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut chips = Vec::new();
-    for gy in 0..grid {
-        for gx in 0..grid {
-            let (y0, x0) = (gy * (h / grid), gx * (w / grid));
+    for (gy, y0) in (0..=h - side).step_by(stride).enumerate() {
+        for (gx, x0) in (0..=w - side).step_by(stride).enumerate() {
             let (lat, lon) = offset(
                 S2_CENTRE.0,
                 S2_CENTRE.1,
@@ -114,7 +114,7 @@ pub fn geotiff_chips(
 /// The mixed real set: Sentinel-2 chips (multi-date) + Landsat chips (single
 /// date). (`cogeo.tif` is JPEG-in-TIFF YCbCr, which the `image` decoder does not read.) Writes `manifest.csv` in `out` and returns its path.
 pub fn real_chips(data: &Path, out: &Path) -> Result<PathBuf, String> {
-    let mut chips = sentinel2_chips(data, &out.join("s2"), 2, 48)?;
+    let mut chips = sentinel2_chips(data, &out.join("s2"), 48, 50)?;
     chips.extend(geotiff_chips(
         &data.join("rasterio/RGB.byte.tif"),
         &out.join("landsat"),

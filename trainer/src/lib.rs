@@ -7,6 +7,7 @@
 pub mod augment;
 pub mod backbone;
 pub mod checkpoint;
+pub mod chips;
 pub mod config;
 pub mod data;
 pub mod device;

@@ -169,6 +169,165 @@ fn copy_into(dst: &Tensor, src: &NamedTensor, path: &Path) -> Result<(), Checkpo
         .map_err(|error| CheckpointError::Tch { name: src.name.clone(), error })
 }
 
+/// Result of one MoCo step.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepOut {
+    pub loss: f64,
+    pub info_nce: f64,
+    pub geo_ce: Option<f64>,
+    pub positive_top1: f64,
+}
+
+/// The query encoder (trained), the key encoder (momentum copy, no geo head),
+/// the optimizer and the negative queue: one MoCo-v2 training step.
+#[derive(Debug)]
+pub struct Moco {
+    pub spec: ModelSpec,
+    pub key_spec: ModelSpec,
+    pub vs_q: nn::VarStore,
+    pub vs_k: nn::VarStore,
+    pub query: Model,
+    pub key: Model,
+    pub sgd: Sgd,
+    pub queue: Queue,
+    key_params: Vec<Tensor>,
+    query_params: Vec<Tensor>,
+    momentum: f64,
+    temperature: f64,
+    groups: i64,
+    geo_weight: f64,
+    amp: bool,
+}
+
+impl Moco {
+    /// Builds both encoders on `dev` (key = copy of query) and a random queue.
+    pub fn new(spec: &ModelSpec, cfg: &PretrainConfig, dev: Device) -> Result<Self, CheckpointError> {
+        let vs_q = nn::VarStore::new(dev);
+        let query = Model::new(&vs_q.root(), spec);
+        let mut key_spec = spec.clone();
+        key_spec.heads.retain(|h| h.kind() != geossl_models::HeadKind::Geo);
+        let vs_k = nn::VarStore::new(dev);
+        let key = Model::new(&vs_k.root(), &key_spec);
+        let sd = state_dict(&vs_q, &key_spec)?;
+        load_state_dict(&vs_k, &key_spec, &sd, Path::new("<query encoder>"))?;
+        let sgd = Sgd::new(&vs_q, spec, cfg.optim.momentum, cfg.optim.weight_decay);
+        let queue = Queue::new(cfg.moco.queue_size as i64, cfg.moco.dim as i64, dev);
+        let (qvars, kvars) = (vs_q.variables(), vs_k.variables());
+        let names: Vec<String> =
+            key_spec.parameters().into_iter().filter(|p| p.role.trainable()).map(|p| p.name).collect();
+        let key_params: Vec<Tensor> = names.iter().map(|n| kvars[n].shallow_clone()).collect();
+        let query_params: Vec<Tensor> = names.iter().map(|n| qvars[n].shallow_clone()).collect();
+        for p in &key_params {
+            let _ = p.shallow_clone().set_requires_grad(false);
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            key_spec,
+            vs_q,
+            vs_k,
+            query,
+            key,
+            sgd,
+            queue,
+            key_params,
+            query_params,
+            momentum: cfg.moco.momentum,
+            temperature: cfg.moco.temperature,
+            groups: cfg.moco.shuffle_bn_groups as i64,
+            geo_weight: cfg.geo.loss_weight,
+            amp: cfg.run.amp && dev.is_cuda(),
+        })
+    }
+
+    /// One step on normalized, augmented views `q_in`, `k_in` `[B, C, S, S]`
+    /// with optional geo-cluster labels `[B]`; `loss` is non-finite if training diverged
+    /// (then nothing was updated).
+    pub fn step(&mut self, q_in: &Tensor, k_in: &Tensor, geo: Option<&Tensor>, lr: f64) -> StepOut {
+        let (loss, nce, geo_loss, acc, keys) = tch::autocast(self.amp, || {
+            let feats = self.query.backbone.pooled(q_in, true);
+            let q_proj =
+                self.query.projection.as_ref().map(|p| p.forward(&feats)).unwrap_or(feats).to_kind(Kind::Float);
+            let q = l2_normalize(&q_proj);
+            let k = tch::no_grad(|| {
+                momentum_update(&self.key_params, &self.query_params, self.momentum);
+                // Shuffled sub-batches: each has its own BN statistics and mixes samples,
+                // so BN cannot leak which key is the positive.
+                let n = k_in.size()[0];
+                let perm = Tensor::randperm(n, (Kind::Int64, k_in.device()));
+                let shuffled = k_in.index_select(0, &perm);
+                let parts: Vec<Tensor> = shuffled
+                    .chunk(self.groups, 0)
+                    .iter()
+                    .map(|c| {
+                        let f = self.key.backbone.pooled(c, true);
+                        self.key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
+                    })
+                    .collect();
+                let k = l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float));
+                k.zeros_like().index_copy(0, &perm, &k)
+            });
+            let (nce, logits) = info_nce(&q, &k, &self.queue.keys, self.temperature);
+            let geo_loss = match (geo, self.query.geo_logits(&q_proj)) {
+                (Some(labels), Some(l)) => Some(l.to_kind(Kind::Float).cross_entropy_for_logits(labels)),
+                _ => None,
+            };
+            let loss = match &geo_loss {
+                Some(g) => &nce + g * self.geo_weight,
+                None => nce.shallow_clone(),
+            };
+            let acc = positive_top1(&logits.detach());
+            (loss, nce, geo_loss, acc, k)
+        });
+        let out = StepOut {
+            loss: loss.double_value(&[]),
+            info_nce: nce.double_value(&[]),
+            geo_ce: geo_loss.as_ref().map(|g| g.double_value(&[])),
+            positive_top1: acc,
+        };
+        if !out.loss.is_finite() {
+            return out;
+        }
+        self.sgd.zero_grad();
+        loss.backward();
+        self.sgd.step(lr);
+        // Keys join the queue after the optimizer step, as in MoCo; the batch
+        // size divides the queue (checked by the config).
+        if let Err(e) = self.queue.enqueue(&keys) {
+            tracing::error!("{e}");
+        }
+        out
+    }
+
+    /// Writes the key encoder, optimizer and queue next to the model weights in `dir`.
+    pub fn save_extra(&self, dir: &Path) -> Result<(), CheckpointError> {
+        state_dict(&self.vs_k, &self.key_spec)?.write(&dir.join(KEY_FILE))?;
+        self.sgd.state()?.write(&CheckpointPaths::new(dir).optimizer())?;
+        tensors_to_state(std::iter::once(("queue".to_string(), self.queue.keys.shallow_clone())))?
+            .write(&dir.join(QUEUE_FILE))?;
+        Ok(())
+    }
+
+    /// Loads everything [`Moco::save_extra`] and the checkpoint wrote.
+    pub fn load(&mut self, dir: &Path, queue_ptr: i64) -> Result<(), CheckpointError> {
+        let paths = CheckpointPaths::new(dir);
+        load_state_dict(&self.vs_q, &self.spec, &StateDict::read(&paths.weights())?, &paths.weights())?;
+        let kp = dir.join(KEY_FILE);
+        load_state_dict(&self.vs_k, &self.key_spec, &StateDict::read(&kp)?, &kp)?;
+        self.sgd.load(&StateDict::read(&paths.optimizer())?, &paths.optimizer())?;
+        let qp = dir.join(QUEUE_FILE);
+        let qsd = StateDict::read(&qp)?;
+        let qt = qsd.get("queue").ok_or_else(|| {
+            CheckpointError::Weights(geossl_models::WeightsError::Mismatch {
+                path: qp.clone(),
+                detail: "no `queue` tensor".into(),
+            })
+        })?;
+        copy_into(&self.queue.keys, qt, &qp)?;
+        self.queue.ptr = queue_ptr;
+        Ok(())
+    }
+}
+
 /// Options of one run beyond the config.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -285,52 +444,14 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     // Models: query (trained) and key (momentum copy, no geo head), seeded.
     let dev = opts.device;
     tch::manual_seed(cfg.run.seed as i64);
-    let vs_q = nn::VarStore::new(dev);
-    let query = Model::new(&vs_q.root(), &spec);
-    let mut key_spec = spec.clone();
-    key_spec.heads.retain(|h| h.kind() != geossl_models::HeadKind::Geo);
-    let vs_k = nn::VarStore::new(dev);
-    let key = Model::new(&vs_k.root(), &key_spec);
-    let mut sgd = Sgd::new(&vs_q, &spec, cfg.optim.momentum, cfg.optim.weight_decay);
-    let mut queue = Queue::new(cfg.moco.queue_size as i64, cfg.moco.dim as i64, dev);
+    let mut moco = Moco::new(&spec, cfg, dev)?;
     let (mut step, mut pairs, mut bad_images) = (0u64, PairStats::default(), 0u64);
-    let qvars = vs_q.variables();
-    let kvars = vs_k.variables();
-    let key_names: Vec<String> =
-        key_spec.parameters().into_iter().filter(|p| p.role.trainable()).map(|p| p.name).collect();
-    let key_params: Vec<Tensor> = key_names.iter().map(|n| kvars[n].shallow_clone()).collect();
-    let query_params: Vec<Tensor> = key_names.iter().map(|n| qvars[n].shallow_clone()).collect();
-    for p in &key_params {
-        let _ = p.shallow_clone().set_requires_grad(false);
-    }
-    match &resumed {
-        None => {
-            let sd = state_dict(&vs_q, &key_spec)?;
-            load_state_dict(&vs_k, &key_spec, &sd, Path::new("<query encoder>"))?;
-        }
-        Some((_, st)) => {
-            let paths = CheckpointPaths::new(&ck_dir);
-            load_state_dict(
-                &vs_q,
-                &spec,
-                &StateDict::read(&paths.weights()).map_err(CheckpointError::from)?,
-                &paths.weights(),
-            )?;
-            let kp = ck_dir.join(KEY_FILE);
-            load_state_dict(&vs_k, &key_spec, &StateDict::read(&kp).map_err(CheckpointError::from)?, &kp)?;
-            sgd.load(&StateDict::read(&paths.optimizer()).map_err(CheckpointError::from)?, &paths.optimizer())?;
-            let qp = ck_dir.join(QUEUE_FILE);
-            let qsd = StateDict::read(&qp).map_err(CheckpointError::from)?;
-            let qt = qsd
-                .get("queue")
-                .ok_or_else(|| PretrainError::Invalid(format!("{}: no `queue` tensor", qp.display())))?;
-            copy_into(&queue.keys, qt, &qp)?;
-            queue.ptr = st.queue_ptr;
-            step = st.step;
-            pairs = st.pairs;
-            bad_images = st.bad_images;
-            tracing::info!("resumed from {} at step {step}", ck_dir.display());
-        }
+    if let Some((_, st)) = &resumed {
+        moco.load(&ck_dir, st.queue_ptr)?;
+        step = st.step;
+        pairs = st.pairs;
+        bad_images = st.bad_images;
+        tracing::info!("resumed from {} at step {step}", ck_dir.display());
     }
     std::fs::write(opts.out.join(CONFIG_FILE), cfg_text).map_err(io(&opts.out.join(CONFIG_FILE)))?;
 
@@ -381,13 +502,11 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         indicatif::ProgressBar::hidden()
     };
     let base_lr = cfg.lr();
-    let groups = cfg.moco.shuffle_bn_groups as i64;
-    let amp = cfg.run.amp && dev.is_cuda();
     let started = std::time::Instant::now();
     let start_step = step;
     let mut last_loss = f64::NAN;
 
-    let save = |step: u64, pairs: PairStats, bad: u64, queue: &Queue, sgd: &Sgd| -> Result<(), CheckpointError> {
+    let save = |step: u64, pairs: PairStats, bad: u64, moco: &Moco| -> Result<(), CheckpointError> {
         let mut s = spec.clone();
         s.training = Some(TrainingInfo {
             method: cfg.preset.clone(),
@@ -400,16 +519,13 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             step,
             total_steps: total,
             config_sha256: cfg_hash.clone(),
-            queue_ptr: queue.ptr,
+            queue_ptr: moco.queue.ptr,
             pairs,
             bad_images: bad,
         };
-        save_checkpoint(&ck_dir, &s, &vs_q, |dir| {
+        save_checkpoint(&ck_dir, &s, &moco.vs_q, |dir| {
             let p = CheckpointPaths::new(dir);
-            state_dict(&vs_k, &key_spec)?.write(&dir.join(KEY_FILE))?;
-            sgd.state()?.write(&p.optimizer())?;
-            tensors_to_state(std::iter::once(("queue".to_string(), queue.keys.shallow_clone())))?
-                .write(&dir.join(QUEUE_FILE))?;
+            moco.save_extra(dir)?;
             std::fs::write(dir.join(CONFIG_FILE), cfg_text)
                 .map_err(|error| CheckpointError::Io { path: dir.join(CONFIG_FILE), error })?;
             test_hook_kill("after-weights");
@@ -424,51 +540,12 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         tch::manual_seed((cfg.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
         let lr = cosine_lr(base_lr, step, total);
         let geo_t = batch.geo.to_device(dev);
-        let (loss, nce, geo_loss, acc, keys) = tch::autocast(amp, || {
-            let q_in = prep(&batch.q);
-            let k_in = prep(&batch.k);
-            let feats = query.backbone.pooled(&q_in, true);
-            let q_proj = query.projection.as_ref().map(|p| p.forward(&feats)).unwrap_or(feats).to_kind(Kind::Float);
-            let q = l2_normalize(&q_proj);
-            let k = tch::no_grad(|| {
-                momentum_update(&key_params, &query_params, cfg.moco.momentum);
-                // Shuffled sub-batches: each has its own BN statistics and mixes samples,
-                // so BN cannot leak which key is the positive.
-                let n = k_in.size()[0];
-                let perm = Tensor::randperm(n, (Kind::Int64, dev));
-                let shuffled = k_in.index_select(0, &perm);
-                let parts: Vec<Tensor> = shuffled
-                    .chunk(groups, 0)
-                    .iter()
-                    .map(|c| {
-                        let f = key.backbone.pooled(c, true);
-                        key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
-                    })
-                    .collect();
-                let k = l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float));
-                k.zeros_like().index_copy(0, &perm, &k)
-            });
-            let (nce, logits) = info_nce(&q, &k, &queue.keys, cfg.moco.temperature);
-            let geo_loss = match query.geo_logits(&q_proj) {
-                Some(l) if cfg.geo.enabled => Some(l.to_kind(Kind::Float).cross_entropy_for_logits(&geo_t)),
-                _ => None,
-            };
-            let loss = match &geo_loss {
-                Some(g) => &nce + g * cfg.geo.loss_weight,
-                None => nce.shallow_clone(),
-            };
-            let acc = positive_top1(&logits.detach());
-            (loss, nce, geo_loss, acc, k)
-        });
-        let loss_v = loss.double_value(&[]);
+        let (q_in, k_in) = (prep(&batch.q), prep(&batch.k));
+        let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr);
+        let loss_v = out.loss;
         if !loss_v.is_finite() {
             return Err(PretrainError::NonFinite { step, loss: loss_v, checkpoint: ck_dir.display().to_string() });
         }
-        sgd.zero_grad();
-        loss.backward();
-        sgd.step(lr);
-        // Keys join the queue after the optimizer step, as in MoCo.
-        queue.enqueue(&keys).map_err(PretrainError::Invalid)?;
         step += 1;
         last_loss = loss_v;
         pairs.anchors += b as u64;
@@ -479,9 +556,9 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         bar.set_message(format!("loss {loss_v:.4} lr {lr:.5} {ips:.1} img/s"));
         if step % cfg.run.log_every == 0 || step == end {
             let line = serde_json::json!({
-                "step": step, "loss": loss_v, "info_nce": nce.double_value(&[]),
-                "geo_ce": geo_loss.as_ref().map(|g| g.double_value(&[])),
-                "positive_top1": acc, "lr": lr, "img_per_s": ips,
+                "step": step, "loss": loss_v, "info_nce": out.info_nce,
+                "geo_ce": out.geo_ce,
+                "positive_top1": out.positive_top1, "lr": lr, "img_per_s": ips,
                 "temporal_partner_rate": pairs.rate(), "bad_images": bad_images,
             });
             writeln!(metrics, "{line}").map_err(io(&opts.out.join(METRICS_FILE)))?;
@@ -491,7 +568,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             );
         }
         if step % cfg.run.checkpoint_every == 0 || step == end {
-            save(step, pairs, bad_images, &queue, &sgd)?;
+            save(step, pairs, bad_images, &moco)?;
         }
     }
     bar.finish_and_clear();

@@ -37,6 +37,31 @@ enum Command {
     Init(InitArgs),
     /// Describe a checkpoint directory and the libtorch runtime.
     Info(InfoArgs),
+    /// Tile georeferenced GeoTIFF scenes into PNG chips and a training manifest
+    /// (lat/lon from the georeference; co-registered scenes share location ids).
+    Chips(ChipsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ChipsArgs {
+    /// GeoTIFF scenes (EPSG:4326, EPSG:3857 or UTM/WGS84; RGB or grayscale, 8 or 16 bit).
+    #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    /// Acquisition time of each scene (ISO-8601), in the order of --input.
+    #[arg(long, env = "GEOSSL_TIMESTAMPS", num_args = 1..)]
+    timestamp: Vec<String>,
+    /// Chip side in pixels.
+    #[arg(long, env = "GEOSSL_CHIP_SIZE", default_value_t = 224)]
+    size: u32,
+    /// Step between chips in pixels (default: the chip size).
+    #[arg(long, env = "GEOSSL_CHIP_STRIDE")]
+    stride: Option<u32>,
+    /// Drop chips with more than this fraction of all-zero (nodata) pixels.
+    #[arg(long, env = "GEOSSL_MAX_NODATA", default_value_t = 0.05)]
+    max_nodata: f64,
+    /// Output folder (chips and manifest.csv).
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
 }
 
 /// Accepts anything until the subcommand is implemented.
@@ -132,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Segment(_) => pending("segment", 3),
         Command::Init(a) => init(a),
         Command::Info(a) => info(a),
+        Command::Chips(a) => chips(a),
     }
 }
 
@@ -194,6 +220,15 @@ fn init(a: InitArgs) -> Result<()> {
     checkpoint::save_checkpoint(&a.out, &spec, &vs, |_| Ok(()))
         .with_context(|| format!("writing checkpoint {}", a.out.display()))?;
     println!("wrote {} ({} parameter tensors, {})", a.out.display(), spec.parameters().len(), a.arch);
+    Ok(())
+}
+
+fn chips(a: ChipsArgs) -> Result<()> {
+    use geossl_trainer::chips::{tile_scenes, TileOptions};
+    let opt =
+        TileOptions { size: a.size, stride: a.stride.unwrap_or(a.size), max_nodata: a.max_nodata, timestamp: None };
+    let (manifest, n) = tile_scenes(&a.input, &a.timestamp, &a.out, &opt).map_err(anyhow::Error::msg)?;
+    println!("wrote {n} chips and {}", manifest.display());
     Ok(())
 }
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Prepared GPU check for the trainer (see ../shared/gpu/README.md for the host).
+#
+# Here (CPU machine):   bash scripts/gpu/moco_bench.sh build
+#   builds the release bench binary and copies it to .gpu/ (git-ignored), with
+#   the Python reference script.
+# There (GPU host, repo root, .gpu carried):   bash scripts/gpu/moco_bench.sh run
+#   runs geossl's MoCo step vs PyTorch eager on ResNet-50, 224 px, batch 256,
+#   queue 65536, fp16 autocast, ABAB rounds, and appends to docs/benchmarks/moco_step.md
+#   ($OUT/moco_step.md when $OUT is set).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+case "${1:-}" in
+  build)
+    cargo bench --locked -p geossl-trainer --bench moco_step --no-run 2>&1 | tee /tmp/geossl-bench-build.log
+    bin=$(ls -t target/release/deps/moco_step-* | grep -v '\.d$' | head -n1)
+    mkdir -p .gpu && cp "$bin" .gpu/moco_step
+    echo "built .gpu/moco_step; carry .gpu to the GPU host"
+    ;;
+  run)
+    TL=/opt/torch/.venv/lib/python3.12/site-packages
+    export LD_LIBRARY_PATH=$TL/torch/lib:$TL/nvidia/cu13/lib:$TL/nvidia/cudnn/lib:${LD_LIBRARY_PATH:-}
+    export GEOSSL_PYTHON=/opt/torch/.venv/bin/python3 GEOSSL_ROOT="$PWD"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+    report=${OUT:-docs/benchmarks}/moco_step.md
+    .gpu/moco_step --device cuda --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 \
+      --amp --warmup 5 --steps 20 --rounds 3 --report "$report"
+    ;;
+  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,121 @@
+//! Tiling GeoTIFF scenes into training chips with a manifest.
+//!
+//! Each chip's latitude/longitude is its centre, from the GeoTIFF's tiepoint
+//! and pixel scale. Its `location_id` is that centre rounded to 1e-5°, so
+//! co-registered scenes of the same place on different dates share location
+//! ids — which is what temporal positives pair.
+
+use std::path::{Path, PathBuf};
+
+use geossl_models::georef::Georef;
+use tiff::decoder::Decoder;
+use tiff::tags::Tag;
+
+use crate::fixtures::{write_manifest, Chip};
+
+/// Reads the georeference of a GeoTIFF (ModelTiepoint, ModelPixelScale, EPSG from the GeoKey directory).
+pub fn read_georef(path: &Path) -> Result<Georef, String> {
+    let err = |m: String| format!("{}: {m}", path.display());
+    let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut d = Decoder::new(std::io::BufReader::new(f)).map_err(|e| err(format!("not a TIFF: {e}")))?;
+    let tie =
+        d.get_tag_f64_vec(Tag::ModelTiepointTag).map_err(|_| err("no ModelTiepoint tag: not georeferenced".into()))?;
+    let scale = d
+        .get_tag_f64_vec(Tag::ModelPixelScaleTag)
+        .map_err(|_| err("no ModelPixelScale tag: not georeferenced".into()))?;
+    let keys = d.get_tag_u16_vec(Tag::GeoKeyDirectoryTag).map_err(|_| err("no GeoKeyDirectory tag".into()))?;
+    if tie.len() < 6 || scale.len() < 2 {
+        return Err(err("malformed tiepoint or pixel scale".into()));
+    }
+    // Key entries are (id, location, count, value) after a 4-value header.
+    let key = |id: u16| keys.chunks_exact(4).skip(1).find(|k| k[0] == id && k[1] == 0).map(|k| k[3] as u32);
+    let epsg = key(3072).or_else(|| key(2048)).ok_or_else(|| err("GeoKey directory has no EPSG code".into()))?;
+    let g = Georef { tie_pixel: [tie[0], tie[1]], tie_map: [tie[3], tie[4]], scale: [scale[0], scale[1]], epsg };
+    g.check_supported().map_err(err)?;
+    Ok(g)
+}
+
+/// Options of [`tile_scene`].
+#[derive(Debug, Clone)]
+pub struct TileOptions {
+    pub size: u32,
+    pub stride: u32,
+    /// Largest accepted fraction of nodata (all-zero) pixels in a chip.
+    pub max_nodata: f64,
+    /// Acquisition time to record (ISO-8601), if known.
+    pub timestamp: Option<String>,
+}
+
+/// Cuts `scene` into chips written as PNG under `out`; returns them.
+pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Chip>, String> {
+    if opt.size < 8 || opt.stride == 0 {
+        return Err(format!("chip size must be ≥ 8 and stride ≥ 1 (got {} and {})", opt.size, opt.stride));
+    }
+    let g = read_georef(scene)?;
+    let img = image::open(scene).map_err(|e| format!("{}: cannot decode: {e}", scene.display()))?;
+    let (w, h) = (img.width(), img.height());
+    if w < opt.size || h < opt.size {
+        return Err(format!("{}: {w}×{h} is smaller than one {} px chip", scene.display(), opt.size));
+    }
+    let stem = scene.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "scene".into());
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let sixteen = matches!(
+        img.color(),
+        image::ColorType::L16 | image::ColorType::Rgb16 | image::ColorType::Rgba16 | image::ColorType::La16
+    );
+    let mut chips = Vec::new();
+    for y0 in (0..=h - opt.size).step_by(opt.stride as usize) {
+        for x0 in (0..=w - opt.size).step_by(opt.stride as usize) {
+            let chip = img.crop_imm(x0, y0, opt.size, opt.size);
+            let chip = if sixteen {
+                image::DynamicImage::ImageRgb16(chip.to_rgb16())
+            } else {
+                image::DynamicImage::ImageRgb8(chip.to_rgb8())
+            };
+            let px = (opt.size * opt.size) as usize;
+            let zeros = match &chip {
+                image::DynamicImage::ImageRgb16(b) => b.pixels().filter(|p| p.0 == [0, 0, 0]).count(),
+                other => other.to_rgb8().pixels().filter(|p| p.0 == [0, 0, 0]).count(),
+            };
+            if zeros as f64 > opt.max_nodata * px as f64 {
+                continue;
+            }
+            let half = opt.size as f64 / 2.0;
+            let (lat, lon) = g.to_latlon(x0 as f64 + half, y0 as f64 + half)?;
+            let path = out.join(format!("{stem}_{y0}_{x0}.png"));
+            chip.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            chips.push(Chip {
+                path,
+                lat,
+                lon,
+                timestamp: opt.timestamp.clone(),
+                location_id: format!("{lat:.5}_{lon:.5}"),
+            });
+        }
+    }
+    Ok(chips)
+}
+
+/// Tiles several scenes into `out` and writes `out/manifest.csv`.
+/// `timestamps` pairs with `scenes` (empty = unknown for all).
+pub fn tile_scenes(
+    scenes: &[PathBuf],
+    timestamps: &[String],
+    out: &Path,
+    opt: &TileOptions,
+) -> Result<(PathBuf, usize), String> {
+    if !timestamps.is_empty() && timestamps.len() != scenes.len() {
+        return Err(format!("{} timestamps for {} scenes", timestamps.len(), scenes.len()));
+    }
+    let mut all = Vec::new();
+    for (i, s) in scenes.iter().enumerate() {
+        let o = TileOptions { timestamp: timestamps.get(i).cloned().or(opt.timestamp.clone()), ..opt.clone() };
+        let sub = out.join(format!("scene{i:03}"));
+        all.extend(tile_scene(s, &sub, &o)?);
+    }
+    if all.is_empty() {
+        return Err("no chip passed the nodata filter".into());
+    }
+    let n = all.len();
+    Ok((write_manifest(&all, &out.join("manifest.csv"))?, n))
+}
