@@ -5,9 +5,12 @@
 #   builds the release bench binary and copies it to .gpu/ (git-ignored), with
 #   the Python reference script.
 # There (GPU host, repo root, .gpu carried):   bash scripts/gpu/moco_bench.sh run
-#   runs geossl's MoCo step vs PyTorch eager on ResNet-50, 224 px, batch 256,
-#   queue 65536, fp16 autocast, ABAB rounds, and appends to docs/benchmarks/moco_step.md
-#   ($OUT/moco_step.md when $OUT is set).
+#   1. runs geossl's MoCo step vs PyTorch eager on ResNet-50, 224 px, batch 256,
+#      queue 65536, fp16 autocast, ABAB rounds, and appends to docs/benchmarks/moco_step.md
+#      ($OUT/moco_step.md when $OUT is set);
+#   2. runs `geossl-train pretrain` end to end (PNG decoding + augmentation every
+#      step, scripts/gpu/pretrain_e2e.toml) on real chips cut here from ../shared/data,
+#      and reports pairs/s from its metrics (target ≥ 3300 pairs/s on an H200).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 case "${1:-}" in
@@ -15,7 +18,17 @@ case "${1:-}" in
     cargo bench --locked -p geossl-trainer --bench moco_step --no-run 2>&1 | tee /tmp/geossl-bench-build.log
     bin=$(ls -t target/release/deps/moco_step-* | grep -v '\.d$' | head -n1)
     mkdir -p .gpu && cp "$bin" .gpu/moco_step
-    echo "built .gpu/moco_step; carry .gpu to the GPU host"
+    cargo build --locked --release -p geossl-trainer --bin geossl-train
+    cp target/release/geossl-train .gpu/
+    rm -rf .gpu/chips
+    # Real imagery: 256 px chips of the Landsat scene of ../shared/data; each chip is listed
+    # twice with two timestamps so temporal pairing runs (the same pixels are then decoded twice).
+    .gpu/geossl-train chips --input ../shared/data/rasterio/RGB.byte.tif --timestamp 2020-01-01 \
+        --size 256 --stride 32 --out .gpu/chips
+    { cat .gpu/chips/manifest.csv; tail -n +2 .gpu/chips/manifest.csv | sed 's/,2020-01-01,/,2021-01-01,/'; } \
+        > .gpu/chips/manifest2.csv && mv .gpu/chips/manifest2.csv .gpu/chips/manifest.csv
+    du -sh .gpu
+    echo "built .gpu/ (bench, geossl-train, chips); carry .gpu to the GPU host"
     ;;
   run)
     TL=/opt/torch/.venv/lib/python3.12/site-packages
@@ -25,6 +38,9 @@ case "${1:-}" in
     report=${OUT:-docs/benchmarks}/moco_step.md
     .gpu/moco_step --device cuda --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 \
       --amp --warmup 5 --steps 20 --rounds 3 --report "$report"
+    .gpu/geossl-train pretrain --config scripts/gpu/pretrain_e2e.toml --data .gpu/chips/manifest.csv \
+      --out /tmp/e2e --no-progress
+    tail -n 3 /tmp/e2e/metrics.jsonl | tee "${OUT:-/tmp}/e2e_metrics.jsonl"
     ;;
   *) echo "usage: $0 build|run" >&2; exit 2 ;;
 esac

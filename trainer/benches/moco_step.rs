@@ -57,7 +57,8 @@ fn parse() -> Args {
             "--rounds" => a.rounds = v().parse().expect("--rounds"),
             "--device" => a.device = v(),
             "--amp" => a.amp = true,
-            "--report" => a.report = Some(v().into()),
+            // Relative to the repository root (cargo runs benches in the package folder).
+            "--report" => a.report = Some(PathBuf::from(env!("GEOSSL_ROOT")).join(v())),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }

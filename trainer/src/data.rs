@@ -6,6 +6,11 @@
 //!   Images of one place share a `location_id`; that is what temporal positives use (never file names).
 //! * **Geo-tagged images** (`format = "geo"`, GeoImageNet style): `path,lat,lon[,label]`, no timestamps;
 //!   every image is its own location.
+//! * **fMoW-RGB** (`format = "fmow"`, the manifest path is the dataset folder):
+//!   `<split>/<category>/<category>_<id>/<category>_<id>_<n>_rgb.{jpg,json}`. Each JSON gives the
+//!   timestamp, the bounding box and the location polygon (lat/lon = its vertex mean); the location id is
+//!   the folder name `<category>_<id>`, the label the box's category, and the box is cut with context
+//!   as the fMoW baseline does.
 //!
 //! Relative paths are resolved against the manifest's directory.
 
@@ -24,6 +29,8 @@ pub struct Sample {
     pub timestamp: Option<String>,
     pub location_id: String,
     pub label: Option<String>,
+    /// Pixel window `[x, y, w, h]` to cut before augmentation (fMoW boxes with context).
+    pub crop: Option<[u32; 4]>,
 }
 
 /// Errors reading a manifest; each names the file and, where it applies, the line.
@@ -43,10 +50,14 @@ pub enum DataError {
 pub enum Format {
     Csv,
     Geo,
+    Fmow,
 }
 
 /// Reads a manifest. Rows with a bad latitude/longitude or an empty path are errors (with their line).
 pub fn read_manifest(path: &Path, format: Format) -> Result<Vec<Sample>, DataError> {
+    if format == Format::Fmow {
+        return read_fmow(path);
+    }
     let base = path.parent().unwrap_or(Path::new(".")).to_owned();
     let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_path(path).map_err(|e| match e.into_kind() {
         csv::ErrorKind::Io(error) => DataError::Io { path: path.to_owned(), error },
@@ -63,7 +74,7 @@ pub fn read_manifest(path: &Path, format: Format) -> Result<Vec<Sample>, DataErr
     let (c_path, c_lat, c_lon) = (need("path")?, need("lat")?, need("lon")?);
     let (c_time, c_loc) = match format {
         Format::Csv => (Some(need("timestamp")?), Some(need("location_id")?)),
-        Format::Geo => (None, None),
+        Format::Geo | Format::Fmow => (None, None),
     };
     let c_label = col("label");
     let mut out = Vec::new();
@@ -94,12 +105,129 @@ pub fn read_manifest(path: &Path, format: Format) -> Result<Vec<Sample>, DataErr
             None => p.clone(),
         };
         let label = c_label.map(get).filter(|s| !s.is_empty());
-        out.push(Sample { path: full, lat, lon, timestamp, location_id, label });
+        out.push(Sample { path: full, lat, lon, timestamp, location_id, label, crop: None });
     }
     if out.is_empty() {
         return Err(DataError::Manifest { path: path.to_owned(), msg: "no rows".into() });
     }
     Ok(out)
+}
+
+/// Reads an fMoW-RGB folder (any split folders below `root`); see the module docs.
+pub fn read_fmow(root: &Path) -> Result<Vec<Sample>, DataError> {
+    let mut jsons = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let rd = std::fs::read_dir(&dir).map_err(|error| DataError::Io { path: dir.clone(), error })?;
+        for e in rd {
+            let p = e.map_err(|error| DataError::Io { path: dir.clone(), error })?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with("_rgb.json") {
+                jsons.push(p);
+            }
+        }
+    }
+    jsons.sort();
+    let mut out = Vec::with_capacity(jsons.len());
+    for j in jsons {
+        out.push(fmow_sample(&j)?);
+    }
+    if out.is_empty() {
+        return Err(DataError::Manifest {
+            path: root.to_owned(),
+            msg: "no *_rgb.json files: not an fMoW-RGB folder".into(),
+        });
+    }
+    Ok(out)
+}
+
+fn fmow_sample(json: &Path) -> Result<Sample, DataError> {
+    let bad = |msg: String| DataError::Manifest { path: json.to_owned(), msg };
+    let text = std::fs::read_to_string(json).map_err(|error| DataError::Io { path: json.to_owned(), error })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let bb = v["bounding_boxes"].as_array().and_then(|a| a.first()).ok_or_else(|| bad("no bounding_boxes".into()))?;
+    let bx: Vec<u32> = bb["box"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x.max(0.0) as u32).collect())
+        .unwrap_or_default();
+    if bx.len() != 4 || bx[2] == 0 || bx[3] == 0 {
+        return Err(bad("bounding box is not [x, y, w, h]".into()));
+    }
+    let wkt = bb["raw_location"]
+        .as_str()
+        .or(v["raw_location"].as_str())
+        .ok_or_else(|| bad("no raw_location polygon".into()))?;
+    let (lat, lon) = polygon_centre(wkt).ok_or_else(|| bad(format!("cannot read location polygon `{wkt}`")))?;
+    let (iw, ih) = (v["img_width"].as_u64().unwrap_or(0) as u32, v["img_height"].as_u64().unwrap_or(0) as u32);
+    let crop = fmow_context_box([bx[0], bx[1], bx[2], bx[3]], iw, ih);
+    let stem = json.to_string_lossy().trim_end_matches(".json").to_string();
+    let path = ["jpg", "png", "tif"]
+        .iter()
+        .map(|e| PathBuf::from(format!("{stem}.{e}")))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}.jpg")));
+    let location_id = json
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| bad("no parent folder".into()))?;
+    Ok(Sample {
+        path,
+        lat,
+        lon,
+        timestamp: v["timestamp"].as_str().map(str::to_string),
+        location_id,
+        label: bb["category"].as_str().map(str::to_string),
+        crop: Some(crop),
+    })
+}
+
+/// Mean of a WKT polygon's vertices (without the closing repeat) as (lat, lon).
+fn polygon_centre(wkt: &str) -> Option<(f64, f64)> {
+    let inner = wkt.split('(').next_back()?.split(')').next()?;
+    let mut pts: Vec<(f64, f64)> = inner
+        .split(',')
+        .filter_map(|p| {
+            let mut it = p.split_whitespace().map(|x| x.parse::<f64>());
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .collect();
+    if pts.len() > 1 && pts.first() == pts.last() {
+        pts.pop();
+    }
+    if pts.is_empty() {
+        return None;
+    }
+    let n = pts.len() as f64;
+    let (lon, lat) = pts.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0 / n, a.1 + p.1 / n));
+    ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some((lat, lon))
+}
+
+/// The fMoW baseline's context around a box `[x, y, w, h]`: smaller boxes get
+/// relatively more context; clamped to the image when its size is known.
+pub fn fmow_context_box(b: [u32; 4], img_w: u32, img_h: u32) -> [u32; 4] {
+    let mult = |ratio: f64| match ratio {
+        r if r >= 0.5 => 0.15,
+        r if r >= 0.4 => 0.2,
+        r if r >= 0.3 => 0.3,
+        r if r >= 0.2 => 0.5,
+        r if r >= 0.1 => 1.0,
+        _ => 2.0,
+    };
+    let (x, y, w, h) = (b[0] as f64, b[1] as f64, b[2] as f64, b[3] as f64);
+    let wr = if img_w > 0 { w / img_w as f64 } else { 1.0 };
+    let hr = if img_h > 0 { h / img_h as f64 } else { 1.0 };
+    let (bw, bh) = ((w * mult(wr) / 2.0).floor(), (h * mult(hr) / 2.0).floor());
+    let (x0, y0) = ((x - bw).max(0.0), (y - bh).max(0.0));
+    let (mut x1, mut y1) = (x + w + bw, y + h + bh);
+    if img_w > 0 {
+        x1 = x1.min(img_w as f64);
+    }
+    if img_h > 0 {
+        y1 = y1.min(img_h as f64);
+    }
+    [x0 as u32, y0 as u32, (x1 - x0).max(1.0) as u32, (y1 - y0).max(1.0) as u32]
 }
 
 /// Images grouped by location, for temporal positives.
@@ -180,6 +308,7 @@ mod tests {
             timestamp: t.map(str::to_string),
             location_id: loc.into(),
             label: None,
+            crop: None,
         }
     }
 
@@ -206,6 +335,46 @@ mod tests {
         assert_eq!(idx.partner(3, &samples, &mut rng), None, "single image: fallback");
         assert_eq!(idx.partner(4, &samples, &mut rng), None, "same timestamp: fallback");
         assert!((idx.partner_coverage(&samples) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fmow_layout_is_read_with_ids_times_and_context_boxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |cat: &str, id: u32, n: u32, t: &str| {
+            let d = dir.path().join("train").join(cat).join(format!("{cat}_{id}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let stem = d.join(format!("{cat}_{id}_{n}_rgb"));
+            let j = serde_json::json!({
+                "img_width": 1000, "img_height": 800, "timestamp": t,
+                "bounding_boxes": [{"box": [400, 300, 50, 40], "category": cat, "ID": 1,
+                    "raw_location": "POLYGON ((10.0 45.0, 10.2 45.0, 10.2 45.2, 10.0 45.2, 10.0 45.0))"}]
+            });
+            std::fs::write(stem.with_extension("json"), j.to_string()).unwrap();
+            std::fs::write(stem.with_extension("jpg"), b"").unwrap();
+        };
+        write("airport", 7, 0, "2015-05-08T15:08:38Z");
+        write("airport", 7, 1, "2016-05-08T15:08:38Z");
+        write("port", 2, 0, "2017-01-01T00:00:00Z");
+        let v = read_manifest(dir.path(), Format::Fmow).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].location_id, "airport_7");
+        assert_eq!(v[0].label.as_deref(), Some("airport"));
+        assert!((v[0].lat - 45.1).abs() < 1e-9 && (v[0].lon - 10.1).abs() < 1e-9);
+        assert!(v[0].path.to_string_lossy().ends_with("airport_7_0_rgb.jpg"));
+        // 50 px of 1000 is < 10 %: twice the box as context, 50 px each side.
+        assert_eq!(v[0].crop, Some([350, 260, 150, 120]));
+        let idx = TemporalIndex::new(&v);
+        assert_eq!(idx.partner(0, &v, &mut Rng::new(0)), Some(1));
+        assert_eq!(idx.partner(2, &v, &mut Rng::new(0)), None);
+        assert!(read_manifest(&dir.path().join("train/port"), Format::Fmow).is_ok());
+        let e = read_fmow(&tempfile::tempdir().unwrap().path().to_owned()).unwrap_err().to_string();
+        assert!(e.contains("not an fMoW-RGB folder"), "{e}");
+    }
+
+    #[test]
+    fn context_box_is_clamped_to_the_image() {
+        assert_eq!(fmow_context_box([0, 0, 900, 700], 1000, 800), [0, 0, 967, 752]);
+        assert_eq!(fmow_context_box([990, 790, 10, 10], 1000, 800), [980, 780, 20, 20]);
     }
 
     #[test]

@@ -24,6 +24,24 @@ impl Image {
         self.data.len() * 4
     }
 
+    /// The window `[x, y, w, h]`, clamped to the image; empty windows are errors.
+    pub fn crop(&self, [x, y, w, h]: [u32; 4]) -> Result<Image, String> {
+        let (x0, y0) = ((x as usize).min(self.w), (y as usize).min(self.h));
+        let (x1, y1) = ((x as usize + w as usize).min(self.w), (y as usize + h as usize).min(self.h));
+        if x1 <= x0 || y1 <= y0 {
+            return Err(format!("crop window {x},{y} {w}×{h} is outside the {}×{} image", self.w, self.h));
+        }
+        let (cw, ch) = (x1 - x0, y1 - y0);
+        let mut data = Vec::with_capacity(self.c * cw * ch);
+        for c in 0..self.c {
+            for row in y0..y1 {
+                let base = (c * self.h + row) * self.w;
+                data.extend_from_slice(&self.data[base + x0..base + x1]);
+            }
+        }
+        Ok(Image { data: Arc::new(data), c: self.c, h: ch, w: cw })
+    }
+
     /// As a tensor `[C, H, W]` (copies).
     pub fn tensor(&self) -> tch::Tensor {
         tch::Tensor::from_slice(&self.data).reshape([self.c as i64, self.h as i64, self.w as i64])
@@ -102,5 +120,10 @@ mod tests {
         std::fs::write(&p, b"").unwrap();
         assert!(decode(&p, 3).is_err());
         assert!(decode(&dir.path().join("missing.png"), 3).unwrap_err().contains("missing.png"));
+        let img = Image { data: Arc::new((0..24).map(|x| x as f32).collect()), c: 2, h: 3, w: 4 };
+        let c = img.crop([1, 1, 2, 5]).unwrap();
+        assert_eq!((c.c, c.h, c.w), (2, 2, 2));
+        assert_eq!(*c.data, vec![5.0, 6.0, 9.0, 10.0, 17.0, 18.0, 21.0, 22.0]);
+        assert!(img.crop([9, 0, 2, 2]).unwrap_err().contains("outside"));
     }
 }

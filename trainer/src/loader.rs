@@ -67,7 +67,11 @@ impl Shared {
         if let Some(img) = self.cache.map.lock().map_err(|_| "cache poisoned")?.get(&i) {
             return Ok(img.clone());
         }
-        let img = decode(&self.samples[i].path, self.cfg.bands)?;
+        let s = &self.samples[i];
+        let mut img = decode(&s.path, self.cfg.bands)?;
+        if let Some(c) = s.crop {
+            img = img.crop(c).map_err(|e| format!("{}: {e}", s.path.display()))?;
+        }
         if self.cache.bytes.load(Ordering::Relaxed) + img.bytes() <= self.cfg.cache_bytes {
             self.cache.bytes.fetch_add(img.bytes(), Ordering::Relaxed);
             self.cache.map.lock().map_err(|_| "cache poisoned")?.insert(i, img.clone());

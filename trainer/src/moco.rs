@@ -64,9 +64,7 @@ pub fn positive_top1(logits: &Tensor) -> f64 {
 pub fn momentum_update(key: &[Tensor], query: &[Tensor], m: f64) {
     tch::no_grad(|| {
         for (k, q) in key.iter().zip(query) {
-            let mut k = k.shallow_clone();
-            let _ = k.g_mul_scalar_(m);
-            let _ = k.g_add_(&(q.detach() * (1.0 - m)));
+            let _ = k.shallow_clone().lerp_(&q.detach(), 1.0 - m);
         }
     });
 }

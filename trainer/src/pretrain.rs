@@ -88,26 +88,29 @@ impl Sgd {
         Self { names, params, bufs, momentum, weight_decay }
     }
 
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.zero_grad();
-        }
+    /// The parameters, in `names` order.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
     }
 
-    /// `d = g + wd·p; buf = m·buf + d; p -= lr·buf` (zero buffers make the first step `buf = d`, as PyTorch).
-    pub fn step(&mut self, lr: f64) {
+    /// `g += wd·p; buf = m·buf + g; p -= lr·buf` with gradients `grads` (one per
+    /// parameter, undefined for unused ones) — PyTorch's SGD; zero buffers make
+    /// the first step `buf = g`, as PyTorch. All in place, no temporaries.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) {
         tch::no_grad(|| {
-            for (p, buf) in self.params.iter().zip(&self.bufs) {
-                let g = p.grad();
+            let dev = self.params.first().map_or(Device::Cpu, |p| p.device());
+            let wd = Tensor::from(self.weight_decay as f32).to_device(dev);
+            let neg_lr = Tensor::from(-lr as f32).to_device(dev);
+            for ((p, buf), g) in self.params.iter().zip(&self.bufs).zip(grads) {
                 if !g.defined() {
                     continue;
                 }
-                let d = g + p * self.weight_decay;
+                let mut g = g.shallow_clone();
+                let _ = g.addcmul_(p, &wd);
                 let mut b = buf.shallow_clone();
                 let _ = b.g_mul_scalar_(self.momentum);
-                let _ = b.g_add_(&d);
-                let mut p = p.shallow_clone();
-                let _ = p.g_sub_(&(&b * lr));
+                let _ = b.g_add_(&g);
+                let _ = p.shallow_clone().addcmul_(&b, &neg_lr);
             }
         });
     }
@@ -287,9 +290,9 @@ impl Moco {
         if !out.loss.is_finite() {
             return out;
         }
-        self.sgd.zero_grad();
-        loss.backward();
-        self.sgd.step(lr);
+        // Gradients straight from autograd (nothing accumulates in `.grad`, nothing to zero).
+        let grads = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
+        self.sgd.step(&grads, lr);
         // Keys join the queue after the optimizer step, as in MoCo; the batch
         // size divides the queue (checked by the config).
         if let Err(e) = self.queue.enqueue(&keys) {
