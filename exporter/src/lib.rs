@@ -1,3 +1,16 @@
-//! geossl export: checkpoint directories (geossl's own, the paper's released
-//! `.pth.tar`, torchvision state dicts) to ONNX, in pure Rust — this crate
-//! never links libtorch. The ONNX writer and importers land with issue #4.
+//! geossl export: checkpoint directories to ONNX, in pure Rust — this crate
+//! never links libtorch. The graph is built from the `models` spec and the
+//! safetensors weights (not traced), following the I/O contract of
+//! `geossl_models::io`.
+//!
+//! Implemented: embedding (pooled features, optional projection and L2
+//! normalization) and classifier heads, uint8 (normalization in-graph) or
+//! float32 input, optional fp16 weights/compute, metadata. Pending (issue #4):
+//! segmentation export and import of PyTorch `.pth.tar` checkpoints.
+
+pub mod export;
+pub mod graph;
+#[rustfmt::skip]
+pub mod onnx_pb;
+
+pub use export::{build_model, export_checkpoint, ExportError, ExportOptions};

@@ -57,6 +57,17 @@ fn init_then_info_round_trip_and_errors() {
     // The failed inits left the earlier checkpoint intact.
     assert!(run("geossl-train", &["info", "--checkpoint", ck_s]).status.success());
 
+    // train → export: the checkpoint becomes an ONNX file; a head it lacks is a clear error and no file.
+    let onnx = dir.path().join("m.onnx");
+    let onnx_s = onnx.to_str().unwrap();
+    let o = run("geossl-export", &["onnx", "--checkpoint", ck_s, "--out", onnx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::metadata(&onnx).unwrap().len() > 40_000_000, "ResNet-18 weights are in the file");
+    let bad = dir.path().join("c.onnx");
+    let o = run("geossl-export", &["onnx", "--checkpoint", ck_s, "--head", "classify", "--out", bad.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("no classifier head"), "{}", text(&o));
+    assert!(!bad.exists());
+
     // Placeholders say so until their issue lands.
     let o = run("geossl-serve", &["serve", "--model-repository", "x"]);
     assert!(!o.status.success() && text(&o).contains("not implemented yet"), "{}", text(&o));

@@ -367,7 +367,7 @@ mod tests {
         assert_eq!(idx.partner(0, &v, &mut Rng::new(0)), Some(1));
         assert_eq!(idx.partner(2, &v, &mut Rng::new(0)), None);
         assert!(read_manifest(&dir.path().join("train/port"), Format::Fmow).is_ok());
-        let e = read_fmow(&tempfile::tempdir().unwrap().path().to_owned()).unwrap_err().to_string();
+        let e = read_fmow(tempfile::tempdir().unwrap().path()).unwrap_err().to_string();
         assert!(e.contains("not an fMoW-RGB folder"), "{e}");
     }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use geossl_models::{Arch, InputDType};
 
@@ -25,7 +25,7 @@ enum Head {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Export a checkpoint directory to an ONNX model (not implemented yet, issue #4).
+    /// Export a checkpoint directory to an ONNX model (embed and classify heads; segment pending, issue #4).
     Onnx(OnnxArgs),
     /// Import a PyTorch `.pth`/`.pth.tar` or safetensors checkpoint into a
     /// checkpoint directory (not implemented yet, issue #4).
@@ -96,8 +96,17 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Onnx(a) => {
-            let _input: InputDType = a.input.into();
-            bail!("`geossl-export onnx` is not implemented yet (tracked in issue #4)")
+            let head = match a.head {
+                Head::Embed => geossl_models::HeadKind::Embedding,
+                Head::Classify => geossl_models::HeadKind::Classifier,
+                Head::Segment => geossl_models::HeadKind::Segmentation,
+            };
+            let opts =
+                geossl_exporter::ExportOptions { head, input: a.input.into(), fp16: a.fp16, opset: a.opset as i64 };
+            let n = geossl_exporter::export_checkpoint(&a.checkpoint, &a.out, &opts)
+                .with_context(|| format!("exporting {} to {}", a.checkpoint.display(), a.out.display()))?;
+            println!("wrote {} ({n} bytes)", a.out.display());
+            Ok(())
         }
         Command::Import(_) => bail!("`geossl-export import` is not implemented yet (tracked in issue #4)"),
     }

@@ -1,0 +1,143 @@
+//! ONNX export (pure Rust, no libtorch) against the tch training forward of the
+//! same checkpoint, run in Python onnxruntime after onnx.checker's full check.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::path::Path;
+
+use geossl_exporter::{export_checkpoint, ExportOptions};
+use geossl_models::{
+    Arch, ClassifierHead, EmbeddingHead, HeadKind, HeadSpec, InputDType, ModelSpec, NamedTensor, ProjectionSpec,
+    StateDict, TensorData,
+};
+use geossl_trainer::{save_checkpoint, Model};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Batch `[n, 3, 64, 64]` of real pixels (Landsat chips) or uniform random bytes, as float 0..255.
+fn images(n: i64, real: bool, dir: &Path) -> Tensor {
+    if !real {
+        return Tensor::randint(256, [n, 3, 64, 64], (Kind::Float, Device::Cpu));
+    }
+    let data = common::repo_root().join("../shared/data");
+    let opt = geossl_trainer::chips::TileOptions { size: 64, stride: 64, max_nodata: 0.0, timestamp: None };
+    let chips = geossl_trainer::chips::tile_scene(&data.join("rasterio/RGB.byte.tif"), dir, &opt).unwrap();
+    let t: Vec<Tensor> =
+        chips.iter().take(n as usize).map(|c| geossl_trainer::image_io::decode(&c.path, 3).unwrap().tensor()).collect();
+    assert_eq!(t.len() as i64, n);
+    Tensor::stack(&t, 0)
+}
+
+fn run_ort(model: &Path, x: &Tensor, dir: &Path) -> StateDict {
+    let inp = dir.join("in.safetensors");
+    let data = Vec::<f32>::try_from(x.reshape([-1])).unwrap();
+    let shape = x.size().iter().map(|&d| d as usize).collect();
+    StateDict {
+        tensors: vec![NamedTensor { name: "input".into(), shape, data: TensorData::F32(data) }],
+        ..Default::default()
+    }
+    .write(&inp)
+    .unwrap();
+    let out = dir.join("out.safetensors");
+    let m = model.to_str().unwrap();
+    common::run_reference("ort_run.py", &["--model", m, "--input", &common::tmp(&inp), "--out", &common::tmp(&out)]);
+    StateDict::read(&out).unwrap()
+}
+
+fn check(arch: Arch) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ModelSpec::rgb(arch, 64);
+    let d = arch.feature_dim();
+    spec.heads = vec![
+        HeadSpec::Embedding(EmbeddingHead { projection: Some(ProjectionSpec::moco_v2(d)), l2_normalize: true }),
+        HeadSpec::Classifier(ClassifierHead { num_classes: 7, labels: vec![] }),
+    ];
+    tch::manual_seed(11);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Model::new(&vs.root(), &spec);
+    // Train-mode forwards give the BN running statistics non-trivial values.
+    for _ in 0..3 {
+        let _ = model.embed(&(Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu)) * 2.0 + 0.5), true);
+    }
+    let ck = dir.path().join("ck");
+    save_checkpoint(&ck, &spec, &vs, |_| Ok(())).unwrap();
+    let n = &spec.normalization;
+    let mean = Tensor::from_slice(&n.mean).reshape([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&n.std).reshape([1, 3, 1, 1]);
+
+    for (head, input, fp16) in [
+        (HeadKind::Embedding, InputDType::Uint8, false),
+        (HeadKind::Embedding, InputDType::Float32, false),
+        (HeadKind::Classifier, InputDType::Uint8, false),
+        (HeadKind::Classifier, InputDType::Float32, false),
+        (HeadKind::Embedding, InputDType::Uint8, true),
+    ] {
+        let onnx = dir.path().join(format!("{arch}-{}-{input:?}-{fp16}.onnx", head.name()));
+        export_checkpoint(&ck, &onnx, &ExportOptions { head, input, fp16, opset: 17 }).unwrap();
+        for (batch, real) in [(1, true), (3, false), (8, true)] {
+            let raw = images(batch, real, &dir.path().join("chips"));
+            let normalized = (&raw * n.scale as f64 - &mean) / &std;
+            let fed = if input == InputDType::Uint8 { raw } else { normalized.shallow_clone() };
+            let got = run_ort(&onnx, &fed, dir.path());
+            let (name, want) = tch::no_grad(|| match head {
+                HeadKind::Embedding => ("embedding", model.embed(&normalized, false)),
+                _ => ("logits", model.classify(&normalized, false).unwrap()),
+            });
+            let want = Vec::<f32>::try_from(want.reshape([-1])).unwrap();
+            let out = got.get(name).unwrap();
+            let err = common::max_rel_err(out.data.as_f32().unwrap(), &want);
+            let tol = if fp16 { 1e-2 } else { 1e-4 };
+            println!("{arch} {} {input:?} fp16={fp16} batch {batch}: max relative error {err:.2e}", head.name());
+            assert!(err <= tol, "{arch} {} {input:?} fp16={fp16} batch {batch}: error {err:e} > {tol}", head.name());
+            if head == HeadKind::Classifier {
+                let p = got.get("probabilities").unwrap().data.as_f32().unwrap().to_vec();
+                let s: f32 = p[..7].iter().sum();
+                assert!((s - 1.0).abs() < 1e-4, "probabilities sum to {s}");
+            }
+        }
+    }
+}
+
+#[test]
+fn resnet18_export_matches_tch() {
+    check(Arch::Resnet18);
+}
+
+#[test]
+fn resnet50_export_matches_tch() {
+    check(Arch::Resnet50);
+}
+
+#[test]
+fn bad_checkpoints_leave_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let opts = ExportOptions::default();
+    let e = export_checkpoint(&dir.path().join("none"), &out, &opts).unwrap_err().to_string();
+    assert!(e.contains("spec.json") && e.contains("not found"), "{e}");
+    // Truncated weights.
+    let spec = ModelSpec::rgb(Arch::Resnet18, 64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _m = Model::new(&vs.root(), &spec);
+    let ck = dir.path().join("ck");
+    save_checkpoint(&ck, &spec, &vs, |_| Ok(())).unwrap();
+    let w = std::fs::read(ck.join("model.safetensors")).unwrap();
+    std::fs::write(ck.join("model.safetensors"), &w[..w.len() / 3]).unwrap();
+    let e = export_checkpoint(&ck, &out, &opts).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    // Wrong architecture in the spec.
+    std::fs::write(ck.join("model.safetensors"), &w).unwrap();
+    let mut s = spec.clone();
+    s.backbone.arch = Arch::Resnet34;
+    std::fs::write(ck.join("spec.json"), geossl_models::checkpoint::spec_to_json(&s)).unwrap();
+    let e = export_checkpoint(&ck, &out, &opts).unwrap_err().to_string();
+    assert!(e.contains("do not match") && e.contains("missing"), "{e}");
+    // A head the checkpoint lacks.
+    std::fs::write(ck.join("spec.json"), geossl_models::checkpoint::spec_to_json(&spec)).unwrap();
+    let e = export_checkpoint(&ck, &out, &ExportOptions { head: HeadKind::Classifier, ..opts }).unwrap_err();
+    assert!(e.to_string().contains("no classifier head"), "{e}");
+    assert!(!out.exists(), "no partial output");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("ck")], "no temporary files left behind");
+}
