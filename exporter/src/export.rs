@@ -107,6 +107,21 @@ impl Builder<'_> {
         ))
     }
 
+    /// `Conv(x)` with the layer's own bias (no BN), stride 1.
+    fn conv_bias(&mut self, x: &str, conv: &str, pad: i64) -> Result<String, ExportError> {
+        let (wn, bn) = (format!("{conv}.weight"), format!("{conv}.bias"));
+        let (wd, bd) = (self.shape(&wn)?, self.shape(&bn)?);
+        let (w, b) = (self.w(&wn)?.to_vec(), self.w(&bn)?.to_vec());
+        let wi = self.init(&wn, &wd, &w);
+        let bi = self.init(&bn, &bd, &b);
+        Ok(self.g.node(
+            "Conv",
+            &[x, &wi, &bi],
+            &[("kernel_shape", Attr::Ints(vec![wd[2], wd[3]])), ("pads", Attr::Ints(vec![pad, pad, pad, pad]))],
+            None,
+        ))
+    }
+
     /// `x · Wᵀ + b` for a linear layer `prefix`.
     fn linear(&mut self, x: &str, prefix: &str, out: Option<&str>) -> Result<String, ExportError> {
         let (wn, bn) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
@@ -189,9 +204,6 @@ pub fn build_model(
     source_sha256: &str,
 ) -> Result<ModelProto, ExportError> {
     let contract = IoContract::for_export(spec, opts.head, opts.input).map_err(ExportError::Unsupported)?;
-    if opts.head == HeadKind::Segmentation {
-        return Err(ExportError::Unsupported("segmentation export is not implemented yet (issue #4)".into()));
-    }
     let mut w = HashMap::new();
     for t in &weights.tensors {
         if let TensorData::F32(v) = &t.data {
@@ -239,6 +251,30 @@ pub fn build_model(
             }
             finals.push((y, contract.outputs[0].name.clone()));
         }
+        (HeadKind::Segmentation, Some(HeadSpec::Segmentation(_))) => {
+            // FCN head on the last feature map, then bilinear upsampling to the input's H×W
+            // (half_pixel = torch's align_corners=False).
+            let y = b.conv_bn(&fm, "seg.0", "seg.1", 1, 1)?;
+            let y = b.relu(&y);
+            let y = b.conv_bias(&y, "seg.4", 0)?;
+            let s_in = b.g.node("Shape", &[INPUT_NAME], &[], None);
+            let s_y = b.g.node("Shape", &[&y], &[], None);
+            let (i0, i2, i4) = (
+                b.g.init_i64("const.0", &[1], &[0]),
+                b.g.init_i64("const.2", &[1], &[2]),
+                b.g.init_i64("const.4", &[1], &[4]),
+            );
+            let nk = b.g.node("Slice", &[&s_y, &i0, &i2], &[], None);
+            let hw = b.g.node("Slice", &[&s_in, &i2, &i4], &[], None);
+            let sizes = b.g.node("Concat", &[&nk, &hw], &[("axis", Attr::Int(0))], None);
+            let up = b.g.node(
+                "Resize",
+                &[&y, "", "", &sizes],
+                &[("mode", Attr::Str("linear")), ("coordinate_transformation_mode", Attr::Str("half_pixel"))],
+                None,
+            );
+            finals.push((up, contract.outputs[0].name.clone()));
+        }
         (HeadKind::Classifier, Some(HeadSpec::Classifier(_))) => {
             let logits = b.linear(&pooled, "fc", None)?;
             let probs = b.g.node("Softmax", &[&logits], &[("axis", Attr::Int(1))], None);
@@ -261,6 +297,7 @@ pub fn build_model(
 
     let labels: Vec<String> = match spec.head(opts.head) {
         Some(HeadSpec::Classifier(c)) => c.labels.clone(),
+        Some(HeadSpec::Segmentation(s)) => s.labels.clone(),
         _ => Vec::new(),
     };
     let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };

@@ -18,6 +18,7 @@ pub enum Attr {
     Int(i64),
     Ints(Vec<i64>),
     Float(f32),
+    Str(&'static str),
 }
 
 /// Collects nodes and initializers; names are made unique with a counter.
@@ -90,6 +91,10 @@ impl Graph {
                     Attr::Float(f) => {
                         p.f = Some(*f);
                         p.r#type = Some(AttributeType::Float as i32);
+                    }
+                    Attr::Str(v) => {
+                        p.s = Some(v.as_bytes().to_vec());
+                        p.r#type = Some(AttributeType::String as i32);
                     }
                 }
                 p

@@ -4,9 +4,10 @@
 //! `geossl_models::io`.
 //!
 //! Implemented: embedding (pooled features, optional projection and L2
-//! normalization) and classifier heads, uint8 (normalization in-graph) or
-//! float32 input, optional fp16 weights/compute, metadata. Pending (issue #4):
-//! segmentation export and import of PyTorch `.pth.tar` checkpoints.
+//! normalization), classifier (logits + probabilities) and segmentation
+//! (FCN head, bilinear upsampling to a dynamic input size) heads, uint8
+//! (normalization in-graph) or float32 input, optional fp16 weights/compute,
+//! metadata. Pending (issue #4): import of PyTorch `.pth.tar` checkpoints.
 
 pub mod export;
 pub mod graph;

@@ -10,7 +10,7 @@ use std::path::Path;
 use geossl_exporter::{export_checkpoint, ExportOptions};
 use geossl_models::{
     Arch, ClassifierHead, EmbeddingHead, HeadKind, HeadSpec, InputDType, ModelSpec, NamedTensor, ProjectionSpec,
-    StateDict, TensorData,
+    SegmentationHead, StateDict, TensorData,
 };
 use geossl_trainer::{save_checkpoint, Model};
 use tch::{nn, Device, Kind, Tensor};
@@ -52,13 +52,14 @@ fn check(arch: Arch) {
     spec.heads = vec![
         HeadSpec::Embedding(EmbeddingHead { projection: Some(ProjectionSpec::moco_v2(d)), l2_normalize: true }),
         HeadSpec::Classifier(ClassifierHead { num_classes: 7, labels: vec![] }),
+        HeadSpec::Segmentation(SegmentationHead { num_classes: 3, hidden: 32, labels: vec![] }),
     ];
     tch::manual_seed(11);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Model::new(&vs.root(), &spec);
     // Train-mode forwards give the BN running statistics non-trivial values.
     for _ in 0..3 {
-        let _ = model.embed(&(Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu)) * 2.0 + 0.5), true);
+        let _ = model.segment(&(Tensor::randn([4, 3, 64, 64], (Kind::Float, Device::Cpu)) * 2.0 + 0.5), true);
     }
     let ck = dir.path().join("ck");
     save_checkpoint(&ck, &spec, &vs, |_| Ok(())).unwrap();
@@ -72,23 +73,35 @@ fn check(arch: Arch) {
         (HeadKind::Classifier, InputDType::Uint8, false),
         (HeadKind::Classifier, InputDType::Float32, false),
         (HeadKind::Embedding, InputDType::Uint8, true),
+        (HeadKind::Segmentation, InputDType::Uint8, false),
     ] {
         let onnx = dir.path().join(format!("{arch}-{}-{input:?}-{fp16}.onnx", head.name()));
         export_checkpoint(&ck, &onnx, &ExportOptions { head, input, fp16, opset: 17 }).unwrap();
-        for (batch, real) in [(1, true), (3, false), (8, true)] {
+        for (batch, real, size) in [(1, true, 64), (3, false, 64), (8, true, 64), (2, false, 96)] {
+            if size != 64 && head != HeadKind::Segmentation {
+                continue; // fixed input size except for segmentation
+            }
             let raw = images(batch, real, &dir.path().join("chips"));
+            let raw =
+                if size == 64 { raw } else { Tensor::randint(256, [batch, 3, size, 80], (Kind::Float, Device::Cpu)) };
             let normalized = (&raw * n.scale as f64 - &mean) / &std;
             let fed = if input == InputDType::Uint8 { raw } else { normalized.shallow_clone() };
             let got = run_ort(&onnx, &fed, dir.path());
             let (name, want) = tch::no_grad(|| match head {
                 HeadKind::Embedding => ("embedding", model.embed(&normalized, false)),
+                HeadKind::Segmentation => ("mask_logits", model.segment(&normalized, false).unwrap()),
                 _ => ("logits", model.classify(&normalized, false).unwrap()),
             });
+            let want_shape: Vec<usize> = want.size().iter().map(|&d| d as usize).collect();
             let want = Vec::<f32>::try_from(want.reshape([-1])).unwrap();
             let out = got.get(name).unwrap();
             let err = common::max_rel_err(out.data.as_f32().unwrap(), &want);
             let tol = if fp16 { 1e-2 } else { 1e-4 };
-            println!("{arch} {} {input:?} fp16={fp16} batch {batch}: max relative error {err:.2e}", head.name());
+            assert_eq!(out.shape, want_shape, "{arch} {}: output shape", head.name());
+            println!(
+                "{arch} {} {input:?} fp16={fp16} batch {batch} {size}px: max relative error {err:.2e}",
+                head.name()
+            );
             assert!(err <= tol, "{arch} {} {input:?} fp16={fp16} batch {batch}: error {err:e} > {tol}", head.name());
             if head == HeadKind::Classifier {
                 let p = got.get("probabilities").unwrap().data.as_f32().unwrap().to_vec();
