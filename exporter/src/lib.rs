@@ -7,11 +7,15 @@
 //! normalization), classifier (logits + probabilities) and segmentation
 //! (FCN head, bilinear upsampling to a dynamic input size) heads, uint8
 //! (normalization in-graph) or float32 input, optional fp16 weights/compute,
-//! metadata. Pending (issue #4): import of PyTorch `.pth.tar` checkpoints.
+//! metadata; import of PyTorch `torch.save` checkpoints (the paper's released
+//! MoCo `.pth.tar`, torchvision state dicts) and torchvision-layout safetensors.
 
 pub mod export;
 pub mod graph;
 #[rustfmt::skip]
 pub mod onnx_pb;
+pub mod pickle;
+pub mod torch_import;
 
 pub use export::{build_model, export_checkpoint, ExportError, ExportOptions};
+pub use torch_import::{import_checkpoint, ImportOptions};

@@ -154,3 +154,43 @@ fn bad_checkpoints_leave_no_file() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("ck")], "no temporary files left behind");
 }
+
+/// The paper's released checkpoint layout, written by PyTorch itself, imports in
+/// pure Rust and its exported embedding equals torchvision's pooled features.
+#[test]
+fn released_gassl_checkpoint_imports_and_exports_torchvision_features() {
+    let dir = tempfile::tempdir().unwrap();
+    common::run_reference("gassl_checkpoint.py", &["--arch", "resnet50", "--out", &common::tmp(dir.path())]);
+    let io = StateDict::read(&dir.path().join("io.safetensors")).unwrap();
+    let want = io.get("features").unwrap().data.as_f32().unwrap().to_vec();
+    for src in ["checkpoint_0199.pth.tar", "torchvision.pth"] {
+        let ck = dir.path().join(format!("{src}.ck"));
+        let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: false };
+        let spec = geossl_exporter::import_checkpoint(&dir.path().join(src), &ck, opts).unwrap();
+        assert_eq!(spec.projection_out(), None, "{src}: backbone features by default");
+        let onnx = dir.path().join(format!("{src}.onnx"));
+        export_checkpoint(&ck, &onnx, &ExportOptions::default()).unwrap();
+        let x = Tensor::from_slice(io.get("input").unwrap().data.as_f32().unwrap()).reshape([3, 3, 64, 64]);
+        let got = run_ort(&onnx, &x, dir.path());
+        let err = common::max_rel_err(got.get("embedding").unwrap().data.as_f32().unwrap(), &want);
+        println!("{src}: exported embedding vs torchvision pooled features: max relative error {err:.2e}");
+        assert!(err <= 1e-4, "{src}: {err:e}");
+    }
+    // The MLP can be kept as the projection head.
+    let ck = dir.path().join("proj.ck");
+    let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: true };
+    let spec = geossl_exporter::import_checkpoint(&dir.path().join("checkpoint_0199.pth.tar"), &ck, opts).unwrap();
+    assert_eq!(spec.projection_out(), Some(128));
+    // Wrong architecture, corrupt file: clear errors, no output directory.
+    let bad = dir.path().join("bad.ck");
+    let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet18, input_size: 64, keep_projection: false };
+    let e =
+        geossl_exporter::import_checkpoint(&dir.path().join("torchvision.pth"), &bad, opts).unwrap_err().to_string();
+    assert!(e.contains("torchvision.pth") && e.contains("unknown keys"), "{e}");
+    let bytes = std::fs::read(dir.path().join("torchvision.pth")).unwrap();
+    std::fs::write(dir.path().join("cut.pth"), &bytes[..bytes.len() / 2]).unwrap();
+    let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: false };
+    let e = geossl_exporter::import_checkpoint(&dir.path().join("cut.pth"), &bad, opts).unwrap_err().to_string();
+    assert!(e.contains("cut.pth"), "{e}");
+    assert!(!bad.exists(), "no partial checkpoint");
+}

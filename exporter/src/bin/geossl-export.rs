@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use geossl_models::{Arch, InputDType};
 
@@ -27,8 +27,8 @@ enum Head {
 enum Command {
     /// Export a checkpoint directory to an ONNX model (embed and classify heads; segment pending, issue #4).
     Onnx(OnnxArgs),
-    /// Import a PyTorch `.pth`/`.pth.tar` or safetensors checkpoint into a
-    /// checkpoint directory (not implemented yet, issue #4).
+    /// Import a PyTorch `.pth`/`.pth.tar` (the paper's released MoCo checkpoints, torchvision
+    /// state dicts) or torchvision-layout safetensors into a checkpoint directory.
     Import(ImportArgs),
 }
 
@@ -80,6 +80,13 @@ struct ImportArgs {
     /// Output checkpoint directory.
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
+    /// Input size (square) of the imported model, in pixels.
+    #[arg(long, env = "GEOSSL_INPUT_SIZE", default_value_t = 224)]
+    input_size: usize,
+    /// Keep a MoCo MLP projection (`fc.0`/`fc.2`) as the embedding head's projection
+    /// (default: the embedding is the pooled backbone features, what downstream tasks use).
+    #[arg(long, env = "GEOSSL_KEEP_PROJECTION")]
+    keep_projection: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,6 +115,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} ({n} bytes)", a.out.display());
             Ok(())
         }
-        Command::Import(_) => bail!("`geossl-export import` is not implemented yet (tracked in issue #4)"),
+        Command::Import(a) => {
+            let opts = geossl_exporter::ImportOptions {
+                arch: a.arch,
+                input_size: a.input_size,
+                keep_projection: a.keep_projection,
+            };
+            let spec = geossl_exporter::import_checkpoint(&a.from, &a.out, opts)
+                .with_context(|| format!("importing {}", a.from.display()))?;
+            let heads: Vec<&str> = spec.heads.iter().map(|h| h.kind().name()).collect();
+            println!("wrote {} ({}, heads: {})", a.out.display(), spec.backbone.arch, heads.join(", "));
+            Ok(())
+        }
     }
 }
