@@ -203,7 +203,7 @@ fn released_gassl_checkpoint_imports_and_exports_torchvision_features() {
         let onnx = dir.path().join(format!("{src}.onnx"));
         export_checkpoint(&ck, &onnx, &ExportOptions::default()).unwrap();
         let x = Tensor::from_slice(io.get("input").unwrap().data.as_f32().unwrap()).reshape([3, 3, 64, 64]);
-        let got = run_ort(&onnx, &(&x).shallow_clone(), dir.path());
+        let got = run_ort(&onnx, &x, dir.path());
         let py_err = common::max_rel_err(got.get("embedding").unwrap().data.as_f32().unwrap(), &want);
         assert!(py_err <= 1e-4, "{src}: python onnxruntime {py_err:e}");
         let (_, rust) = run_ort_rust(&onnx, &x, true, "embedding");
