@@ -333,8 +333,11 @@ pub fn build_model(
 /// Exports the checkpoint directory `dir` to `out` (written through a
 /// temporary file and renamed: on any error no file is left at `out`).
 pub fn export_checkpoint(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<usize, ExportError> {
-    if !(7..=21).contains(&opts.opset) {
-        return Err(ExportError::Unsupported(format!("opset {} is not supported (7..=21; default 17)", opts.opset)));
+    if !(13..=21).contains(&opts.opset) {
+        return Err(ExportError::Unsupported(format!(
+            "opset {} is not supported (13..=21: Resize and Slice take their sizes as inputs; default 17)",
+            opts.opset
+        )));
     }
     let paths = CheckpointPaths::new(dir);
     let spec = paths.read_spec()?;

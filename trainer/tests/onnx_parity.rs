@@ -178,6 +178,9 @@ fn bad_checkpoints_leave_no_file() {
     std::fs::write(ck.join("spec.json"), geossl_models::checkpoint::spec_to_json(&s)).unwrap();
     let e = export_checkpoint(&ck, &out, &opts).unwrap_err().to_string();
     assert!(e.contains("do not match") && e.contains("missing"), "{e}");
+    // An opset the graph cannot be expressed in.
+    let e = export_checkpoint(&ck, &out, &ExportOptions { opset: 9, ..opts }).unwrap_err().to_string();
+    assert!(e.contains("opset 9"), "{e}");
     // A head the checkpoint lacks.
     std::fs::write(ck.join("spec.json"), geossl_models::checkpoint::spec_to_json(&spec)).unwrap();
     let e = export_checkpoint(&ck, &out, &ExportOptions { head: HeadKind::Classifier, ..opts }).unwrap_err();
