@@ -36,40 +36,31 @@ impl Graph {
         format!("{prefix}_{}", self.counter)
     }
 
-    /// Adds a float32 initializer `[dims]` and returns its name.
-    pub fn init_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
+    /// Adds an initializer of `dtype` with little-endian `raw` bytes and returns its name.
+    fn init_raw(&mut self, name: &str, dims: &[i64], dtype: DataType, raw: Vec<u8>) -> String {
         self.initializers.push(TensorProto {
             name: Some(name.to_string()),
             dims: dims.to_vec(),
-            data_type: Some(DataType::Float as i32),
-            raw_data: Some(data.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            data_type: Some(dtype as i32),
+            raw_data: Some(raw),
             ..Default::default()
         });
         name.to_string()
+    }
+
+    /// Adds a float32 initializer `[dims]` and returns its name.
+    pub fn init_f32(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
+        self.init_raw(name, dims, DataType::Float, data.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
     /// Adds a float16 initializer (from f32 data) and returns its name.
     pub fn init_f16(&mut self, name: &str, dims: &[i64], data: &[f32]) -> String {
-        self.initializers.push(TensorProto {
-            name: Some(name.to_string()),
-            dims: dims.to_vec(),
-            data_type: Some(DataType::Float16 as i32),
-            raw_data: Some(data.iter().flat_map(|x| f32_to_f16(*x).to_le_bytes()).collect()),
-            ..Default::default()
-        });
-        name.to_string()
+        self.init_raw(name, dims, DataType::Float16, data.iter().flat_map(|x| f32_to_f16(*x).to_le_bytes()).collect())
     }
 
     /// Adds an int64 initializer and returns its name.
     pub fn init_i64(&mut self, name: &str, dims: &[i64], data: &[i64]) -> String {
-        self.initializers.push(TensorProto {
-            name: Some(name.to_string()),
-            dims: dims.to_vec(),
-            data_type: Some(DataType::Int64 as i32),
-            raw_data: Some(data.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            ..Default::default()
-        });
-        name.to_string()
+        self.init_raw(name, dims, DataType::Int64, data.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
     /// Adds a node; returns the name of its (single) output, `out` or a fresh one.

@@ -24,6 +24,37 @@ pub enum CheckpointError {
     Tch { name: String, error: tch::TchError },
 }
 
+/// A tch tensor as a named host tensor (int64 stays int64, everything else becomes f32).
+pub fn to_named(name: &str, t: &Tensor) -> Result<NamedTensor, CheckpointError> {
+    let flat = t.detach().to_device(Device::Cpu).reshape([-1]);
+    let tch_err = |error| CheckpointError::Tch { name: name.to_string(), error };
+    let data = if t.kind() == Kind::Int64 {
+        TensorData::I64(Vec::<i64>::try_from(&flat).map_err(tch_err)?)
+    } else {
+        TensorData::F32(Vec::<f32>::try_from(&flat.to_kind(Kind::Float)).map_err(tch_err)?)
+    };
+    Ok(NamedTensor { name: name.to_string(), shape: t.size().iter().map(|&d| d as usize).collect(), data })
+}
+
+/// Copies `src` into `dst` (same shape; converted to `dst`'s kind and device); `path` is for messages.
+pub fn copy_into(dst: &Tensor, src: &NamedTensor, path: &Path) -> Result<(), CheckpointError> {
+    let want: Vec<usize> = dst.size().iter().map(|&d| d as usize).collect();
+    if want != src.shape {
+        return Err(CheckpointError::Weights(WeightsError::Mismatch {
+            path: path.to_owned(),
+            detail: format!("`{}` is {:?}, expected {:?}", src.name, src.shape, want),
+        }));
+    }
+    let t = match &src.data {
+        TensorData::F32(v) => Tensor::from_slice(v),
+        TensorData::I64(v) => Tensor::from_slice(v),
+    };
+    let shape: Vec<i64> = want.iter().map(|&d| d as i64).collect();
+    let mut d = dst.shallow_clone();
+    tch::no_grad(|| d.f_copy_(&t.reshape(&shape[..]).to_kind(dst.kind()).to_device(dst.device())))
+        .map_err(|error| CheckpointError::Tch { name: src.name.clone(), error })
+}
+
 /// The variables of `vs` as a state dict in the spec's (torchvision's) order.
 pub fn state_dict(vs: &nn::VarStore, spec: &ModelSpec) -> Result<StateDict, CheckpointError> {
     let vars = vs.variables();
@@ -33,14 +64,7 @@ pub fn state_dict(vs: &nn::VarStore, spec: &ModelSpec) -> Result<StateDict, Chec
             name: p.name.clone(),
             error: tch::TchError::TensorNameNotFound(p.name.clone(), "var store".into()),
         })?;
-        let flat = t.detach().to_device(Device::Cpu).reshape([-1]);
-        let tch_err = |source| CheckpointError::Tch { name: p.name.clone(), error: source };
-        let data = if p.role.is_int64() {
-            TensorData::I64(Vec::<i64>::try_from(&flat.to_kind(Kind::Int64)).map_err(tch_err)?)
-        } else {
-            TensorData::F32(Vec::<f32>::try_from(&flat.to_kind(Kind::Float)).map_err(tch_err)?)
-        };
-        tensors.push(NamedTensor { name: p.name, shape: p.shape, data });
+        tensors.push(to_named(&p.name, t)?);
     }
     Ok(StateDict { tensors, metadata: Default::default() })
 }
@@ -56,20 +80,12 @@ pub fn load_state_dict(
     sd.check(&spec.parameters(), path)?;
     let vars = vs.variables();
     let index = sd.index();
-    tch::no_grad(|| {
-        for p in spec.parameters() {
-            let (Some(src), Some(dst)) = (index.get(p.name.as_str()), vars.get(&p.name)) else { continue };
-            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            let t = match &src.data {
-                TensorData::F32(v) => Tensor::from_slice(v),
-                TensorData::I64(v) => Tensor::from_slice(v),
-            };
-            let mut dst = dst.shallow_clone();
-            dst.f_copy_(&t.reshape(&shape[..]).to_kind(dst.kind()).to_device(dst.device()))
-                .map_err(|source| CheckpointError::Tch { name: p.name.clone(), error: source })?;
+    for p in spec.parameters() {
+        if let (Some(src), Some(dst)) = (index.get(p.name.as_str()), vars.get(&p.name)) {
+            copy_into(dst, src, path)?;
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 /// Writes `spec.json` + `model.safetensors` for `vs` into `dir`, atomically:

@@ -9,14 +9,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use geossl_models::checkpoint::{recover_dir, CheckpointPaths};
-use geossl_models::{
-    sha256_hex, EmbeddingHead, GeoHead, HeadSpec, ModelSpec, NamedTensor, ProjectionSpec, StateDict, TensorData,
-    TrainingInfo,
-};
+use geossl_models::{sha256_hex, EmbeddingHead, GeoHead, HeadSpec, ModelSpec, ProjectionSpec, StateDict, TrainingInfo};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::checkpoint::{load_state_dict, save_checkpoint, state_dict, CheckpointError};
+use crate::checkpoint::{copy_into, load_state_dict, save_checkpoint, state_dict, to_named, CheckpointError};
 use crate::config::PretrainConfig;
 use crate::data::{read_manifest, PairStats, TemporalIndex};
 use crate::geo::{assign, kmeans_sphere, to_unit};
@@ -135,41 +132,8 @@ impl Sgd {
 }
 
 fn tensors_to_state(items: impl Iterator<Item = (String, Tensor)>) -> Result<StateDict, CheckpointError> {
-    let mut tensors = Vec::new();
-    for (name, t) in items {
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        let flat = t.detach().to_device(Device::Cpu).reshape([-1]);
-        let data = if t.kind() == Kind::Int64 {
-            TensorData::I64(
-                Vec::<i64>::try_from(&flat).map_err(|error| CheckpointError::Tch { name: name.clone(), error })?,
-            )
-        } else {
-            TensorData::F32(
-                Vec::<f32>::try_from(&flat.to_kind(Kind::Float))
-                    .map_err(|error| CheckpointError::Tch { name: name.clone(), error })?,
-            )
-        };
-        tensors.push(NamedTensor { name, shape, data });
-    }
+    let tensors = items.map(|(name, t)| to_named(&name, &t)).collect::<Result<_, _>>()?;
     Ok(StateDict { tensors, metadata: Default::default() })
-}
-
-fn copy_into(dst: &Tensor, src: &NamedTensor, path: &Path) -> Result<(), CheckpointError> {
-    let want: Vec<usize> = dst.size().iter().map(|&d| d as usize).collect();
-    if want != src.shape {
-        return Err(CheckpointError::Weights(geossl_models::WeightsError::Mismatch {
-            path: path.to_owned(),
-            detail: format!("`{}` is {:?}, expected {:?}", src.name, src.shape, want),
-        }));
-    }
-    let t = match &src.data {
-        TensorData::F32(v) => Tensor::from_slice(v),
-        TensorData::I64(v) => Tensor::from_slice(v),
-    };
-    let shape: Vec<i64> = want.iter().map(|&d| d as i64).collect();
-    let mut d = dst.shallow_clone();
-    tch::no_grad(|| d.f_copy_(&t.reshape(&shape[..]).to_kind(dst.kind()).to_device(dst.device())))
-        .map_err(|error| CheckpointError::Tch { name: src.name.clone(), error })
 }
 
 /// Result of one MoCo step.
