@@ -75,55 +75,15 @@ pub fn sentinel2_chips(data: &Path, out: &Path, side: usize, stride: usize) -> R
     Ok(chips)
 }
 
-/// Chips of `side` pixels tiled over an RGB GeoTIFF, skipping chips with more
-/// than 5% nodata (0,0,0) pixels; each chip is its own single-date location.
-pub fn geotiff_chips(
-    tif: &Path,
-    out: &Path,
-    prefix: &str,
-    side: usize,
-    centre: (f64, f64),
-    pixel_m: f64,
-    max_chips: usize,
-) -> Result<Vec<Chip>, String> {
-    let img = image::open(tif).map_err(|e| format!("{}: {e}", tif.display()))?.to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let mut chips = Vec::new();
-    for y0 in (0..h.saturating_sub(side - 1)).step_by(side) {
-        for x0 in (0..w.saturating_sub(side - 1)).step_by(side) {
-            let chip = image::imageops::crop_imm(&img, x0 as u32, y0 as u32, side as u32, side as u32).to_image();
-            let nodata = chip.pixels().filter(|p| p.0 == [0, 0, 0]).count();
-            if nodata * 20 > side * side || chips.len() >= max_chips {
-                continue;
-            }
-            let (lat, lon) = offset(
-                centre.0,
-                centre.1,
-                ((y0 + side / 2) as f64 - h as f64 / 2.0) * pixel_m,
-                ((x0 + side / 2) as f64 - w as f64 / 2.0) * pixel_m,
-            );
-            let path = out.join(format!("{prefix}_{y0}_{x0}.png"));
-            chip.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            chips.push(Chip { path, lat, lon, timestamp: None, location_id: format!("{prefix}_{y0}_{x0}") });
-        }
-    }
-    Ok(chips)
-}
-
 /// The mixed real set: Sentinel-2 chips (multi-date) + Landsat chips (single
 /// date). (`cogeo.tif` is JPEG-in-TIFF YCbCr, which the `image` decoder does not read.) Writes `manifest.csv` in `out` and returns its path.
 pub fn real_chips(data: &Path, out: &Path) -> Result<PathBuf, String> {
     let mut chips = sentinel2_chips(data, &out.join("s2"), 48, 50)?;
-    chips.extend(geotiff_chips(
-        &data.join("rasterio/RGB.byte.tif"),
-        &out.join("landsat"),
-        "landsat",
-        64,
-        (24.56158, -77.75791),
-        300.0,
-        24,
-    )?);
+    // Landsat chips with their GeoTIFF georeference; the first 24 that are < 5 % nodata.
+    let opt = crate::chips::TileOptions { size: 64, stride: 64, max_nodata: 0.05, timestamp: None };
+    chips.extend(
+        crate::chips::tile_scene(&data.join("rasterio/RGB.byte.tif"), &out.join("landsat"), &opt)?.into_iter().take(24),
+    );
     write_manifest(&chips, &out.join("manifest.csv"))
 }
 

@@ -152,9 +152,15 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts `cfg.workers` threads producing batches `start..end`.
-    pub fn start(samples: Vec<Sample>, geo_labels: Vec<i64>, cfg: LoaderConfig, start: u64, end: u64) -> Self {
-        let index = TemporalIndex::new(&samples);
+    /// Starts `cfg.workers` threads producing batches `start..end`; `index` groups `samples` by location.
+    pub fn start(
+        samples: Vec<Sample>,
+        index: TemporalIndex,
+        geo_labels: Vec<i64>,
+        cfg: LoaderConfig,
+        start: u64,
+        end: u64,
+    ) -> Self {
         let workers = cfg.workers.max(1);
         let shared = Arc::new(Shared { samples, index, geo_labels, cfg: cfg.clone(), cache: Cache::default() });
         let mut receivers = Vec::new();

@@ -391,10 +391,11 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         None => vec![0; samples.len()],
     };
     let spec = run_spec(cfg, centroids).map_err(PretrainError::Invalid)?;
-    let coverage = TemporalIndex::new(&samples).partner_coverage(&samples);
+    let index = TemporalIndex::new(&samples);
+    let coverage = index.partner_coverage(&samples);
     tracing::info!(
         images = samples.len(),
-        locations = TemporalIndex::new(&samples).num_locations(),
+        locations = index.num_locations(),
         temporal_partner_coverage = format!("{:.3}", coverage),
         steps = total,
         "pretraining {} ({}) on {:?}",
@@ -451,7 +452,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         cache_bytes: cfg.data.cache_mib << 20,
         aug: cfg.aug.clone(),
     };
-    let mut loader = Loader::start(samples, geo_labels, loader_cfg, step, end);
+    let mut loader = Loader::start(samples, index, geo_labels, loader_cfg, step, end);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
