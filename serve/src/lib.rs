@@ -1,3 +1,28 @@
 //! geossl serving: ONNX Runtime sessions behind an HTTP API (Open Inference
-//! Protocol v2 + image endpoints) and archive embedding (GeoTIFF → GeoParquet).
-//! Never links libtorch. The server lands with issue #5.
+//! Protocol v2 + image endpoints). Never links libtorch.
+//!
+//! Layers, bottom up: [`backend`] (the contract: model description and one
+//! `infer` call), [`ort_backend`] (ONNX Runtime, CUDA EP or CPU), [`batcher`]
+//! (bounded queue, dynamic batching on dedicated threads), [`repository`]
+//! (model directory layout and `config.toml`), [`oip`] and [`images`]
+//! (handlers), [`server`] (routes, metrics, lifecycle). [`error`] holds the one
+//! table from error kind to HTTP status.
+
+pub mod backend;
+pub mod batcher;
+pub mod error;
+pub mod image_io;
+pub mod images;
+pub mod metrics;
+pub mod oip;
+pub mod ort_backend;
+pub mod repository;
+pub mod server;
+pub mod state;
+pub mod tensor;
+
+pub use backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};
+pub use batcher::{BatchConfig, Worker};
+pub use error::ServeError;
+pub use state::{AppState, Limits};
+pub use tensor::{DType, Tensor};

@@ -2,8 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use geossl_serve::ort_backend::{EpPreference, SessionOptions};
+use geossl_serve::server::{self, ServeOptions};
+use geossl_serve::Limits;
 
 /// Geography-aware self-supervised learning for satellite imagery: serving.
 ///
@@ -17,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve a model repository over HTTP (not implemented yet, issue #5).
+    /// Serve a model repository over HTTP: Open Inference Protocol v2 and image endpoints.
     Serve(ServeArgs),
     /// Embed a GeoTIFF archive into GeoParquet (not implemented yet, issue #5).
     Embed(EmbedArgs),
@@ -25,15 +30,74 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Model repository: DIR/<model>/<version>/model.onnx.
+    /// Model repository: DIR/<model>/<version>/model.onnx (+ optional config.toml).
     #[arg(long, env = "GEOSSL_MODEL_REPOSITORY")]
     model_repository: PathBuf,
-    /// HTTP port for inference and health.
+    /// Address to bind.
+    #[arg(long, env = "GEOSSL_HOST", default_value = "0.0.0.0")]
+    host: String,
+    /// HTTP port for inference and health (0 = any free port; the bound one is printed).
     #[arg(long, env = "GEOSSL_PORT", default_value_t = 8080)]
     port: u16,
-    /// Port of the Prometheus /metrics endpoint.
+    /// Port of the Prometheus /metrics endpoint (0 = any free port).
     #[arg(long, env = "GEOSSL_METRICS_PORT", default_value_t = 9090)]
     metrics_port: u16,
+    /// Execution provider for models whose config.toml doesn't choose: auto (CUDA if it registers, else CPU), cuda, cpu.
+    #[arg(long, env = "GEOSSL_EXECUTION_PROVIDER", value_enum, default_value = "auto")]
+    execution_provider: EpPreference,
+    /// CUDA device id.
+    #[arg(long, env = "GEOSSL_CUDA_DEVICE", default_value_t = 0)]
+    cuda_device: i32,
+    /// CUDA memory arena limit per session in MiB (0 = none; the arena grows only by what is requested).
+    #[arg(long, env = "GEOSSL_GPU_MEM_LIMIT_MB", default_value_t = 0)]
+    gpu_mem_limit_mb: usize,
+    /// Intra-op threads per CPU session (0 = ONNX Runtime's default, one per core).
+    #[arg(long, env = "GEOSSL_INTRA_THREADS", default_value_t = 0)]
+    intra_threads: usize,
+    /// ONNX Runtime shared library (libonnxruntime.so.1.31.1; onnxruntime-gpu's for CUDA).
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = default_ort_lib())]
+    ort_lib: PathBuf,
+    /// Largest request body in MiB (413 beyond).
+    #[arg(long, env = "GEOSSL_MAX_BODY_MB", default_value_t = 32)]
+    max_body_mb: usize,
+    /// Largest image in megapixels, checked from the header before decoding (413 beyond).
+    #[arg(long, env = "GEOSSL_MAX_MEGAPIXELS", default_value_t = 64)]
+    max_megapixels: u64,
+    /// How long a request may wait for inference, in ms (429 when it expires queued).
+    #[arg(long, env = "GEOSSL_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    request_timeout_ms: u64,
+    /// Requests being read, decoded or inferred at once (429 beyond).
+    #[arg(long, env = "GEOSSL_MAX_INFLIGHT", default_value_t = 512)]
+    max_inflight: usize,
+    /// Bearer API key required on model routes (health stays public). Unset = no auth.
+    #[arg(long, env = "GEOSSL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// After SIGTERM: ms with readiness off (load balancers stop sending) before the listener closes.
+    #[arg(long, env = "GEOSSL_DRAIN_DELAY_MS", default_value_t = 0)]
+    drain_delay_ms: u64,
+    /// After the listener closes: seconds in-flight requests get to finish.
+    #[arg(long, env = "GEOSSL_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
+    shutdown_timeout_s: u64,
+    /// HTTP worker threads (0 = one per core).
+    #[arg(long, env = "GEOSSL_HTTP_WORKERS", default_value_t = 0)]
+    http_workers: usize,
+    /// Log format: text or json.
+    #[arg(long, env = "GEOSSL_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "GEOSSL_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The ONNX Runtime library baked in at build time (the project's `.ort` link).
+fn default_ort_lib() -> &'static str {
+    option_env!("ORT_DYLIB_PATH").unwrap_or("libonnxruntime.so.1.31.1")
 }
 
 #[derive(Debug, Args)]
@@ -62,7 +126,55 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve(_) => bail!("`geossl-serve serve` is not implemented yet (tracked in issue #5)"),
+        Command::Serve(a) => serve(a),
         Command::Embed(_) => bail!("`geossl-serve embed` is not implemented yet (tracked in issue #5)"),
     }
+}
+
+fn init_logs(filter: &str, format: LogFormat) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("log filter {filter:?}"))?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    init_logs(&a.log, a.log_format)?;
+    if a.max_body_mb == 0 || a.max_megapixels == 0 || a.max_inflight == 0 || a.request_timeout_ms == 0 {
+        bail!("--max-body-mb, --max-megapixels, --max-inflight and --request-timeout-ms must be positive");
+    }
+    let opts = ServeOptions {
+        model_repository: a.model_repository,
+        host: a.host,
+        port: a.port,
+        metrics_port: a.metrics_port,
+        ort_lib: a.ort_lib,
+        session: SessionOptions {
+            ep: a.execution_provider,
+            device_id: a.cuda_device,
+            intra_threads: a.intra_threads,
+            gpu_mem_limit: a.gpu_mem_limit_mb << 20,
+        },
+        limits: Limits {
+            max_body_bytes: a.max_body_mb.checked_mul(1 << 20).context("--max-body-mb too large")?,
+            max_pixels: a.max_megapixels.saturating_mul(1_000_000),
+            request_timeout: Duration::from_millis(a.request_timeout_ms),
+            max_inflight: a.max_inflight,
+        },
+        api_key: a.api_key,
+        drain_delay: Duration::from_millis(a.drain_delay_ms),
+        shutdown_timeout: Duration::from_secs(a.shutdown_timeout_s),
+        http_workers: a.http_workers,
+    };
+    actix_web::rt::System::new().block_on(server::run(opts, |b| {
+        // One line on stdout that scripts and tests wait for.
+        println!("listening http={} metrics={}", b.http, b.metrics);
+        tracing::info!(http = %b.http, metrics = %b.metrics, "listening");
+    }))
 }

@@ -1,0 +1,91 @@
+//! The backend contract: what the HTTP layer and the archive embedder know
+//! about a model, and the one call they make into it. ONNX Runtime implements
+//! it in [`crate::ort_backend`]; tests implement it with plain Rust.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::tensor::{DType, Tensor};
+
+/// What a model's head produces, which decides the image endpoints it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// `embedding [N, D]`
+    Embedding,
+    /// `logits`/`probabilities [N, K]`
+    Classification,
+    /// `mask_logits [N, K, H, W]`
+    Segmentation,
+    /// Anything else: OIP only.
+    Other,
+}
+
+/// Name, type and dimensions of one model input or output; `-1` is dynamic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    #[serde(serialize_with = "ser_dtype")]
+    pub datatype: DType,
+    pub shape: Vec<i64>,
+}
+
+fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.oip_name())
+}
+
+/// Everything the server knows about one loaded model version.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: u64,
+    /// The single input, `[N, C, H, W]`.
+    pub input: TensorSpec,
+    pub outputs: Vec<TensorSpec>,
+    pub task: Task,
+    /// Class names (classification, segmentation), may be empty.
+    pub labels: Vec<String>,
+    /// Per-channel `x * mul + add` applied to uint8 pixels when the model
+    /// takes float32 input (from the exporter's spec metadata).
+    pub normalization: Option<(Vec<f32>, Vec<f32>)>,
+    /// ONNX `metadata_props`.
+    pub metadata: BTreeMap<String, String>,
+    /// Execution provider the session got (`CUDA`, `CPU`, `fake`).
+    pub execution_provider: String,
+}
+
+impl ModelInfo {
+    /// Channels, height, width of the input; height/width `None` when dynamic.
+    pub fn input_chw(&self) -> (usize, Option<usize>, Option<usize>) {
+        let d = |i: usize| self.input.shape.get(i).and_then(|&v| usize::try_from(v).ok());
+        (d(1).unwrap_or(0), d(2), d(3))
+    }
+
+    /// Task from output names, following `geossl_models::io`.
+    pub fn task_from_outputs(outputs: &[TensorSpec]) -> Task {
+        use geossl_models::io::{OUTPUT_EMBEDDING, OUTPUT_LOGITS, OUTPUT_MASK_LOGITS};
+        let has = |n: &str| outputs.iter().any(|o| o.name == n);
+        if has(OUTPUT_EMBEDDING) {
+            Task::Embedding
+        } else if has(OUTPUT_MASK_LOGITS) {
+            Task::Segmentation
+        } else if has(OUTPUT_LOGITS) {
+            Task::Classification
+        } else {
+            Task::Other
+        }
+    }
+}
+
+/// Inference failure inside a backend.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+/// One inference session, owned by one worker thread.
+pub trait Backend: Send {
+    /// Runs `input` (`[N, C, H, W]`, the model's input dtype) and returns the
+    /// model's outputs in the order of [`ModelInfo::outputs`], each `[N, ...]`.
+    fn infer(&mut self, input: &Tensor) -> Result<Vec<Tensor>, BackendError>;
+}

@@ -1,0 +1,234 @@
+//! Dynamic batching: requests for one model wait in a bounded queue; worker
+//! threads, each owning one backend session, merge them up to
+//! `max_batch_size` rows within `max_queue_delay`, run one inference and hand
+//! each request its rows back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use crate::backend::{Backend, ModelInfo};
+use crate::error::ServeError;
+use crate::metrics::Metrics;
+use crate::tensor::Tensor;
+
+/// Batching limits of one model (from its `config.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most rows in one backend call; also the largest request accepted.
+    pub max_batch_size: usize,
+    /// How long the first request of a batch waits for company.
+    pub max_queue_delay: Duration,
+    /// Requests that may wait; one more gets 429.
+    pub queue_capacity: usize,
+    /// Worker threads (one backend session each).
+    pub instances: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_batch_size: 32, max_queue_delay: Duration::from_millis(5), queue_capacity: 64, instances: 1 }
+    }
+}
+
+type Reply = Result<Vec<Tensor>, ServeError>;
+
+struct Job {
+    input: Tensor,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The queue of one model version and its worker threads. Dropping the last
+/// handle closes the queue; workers finish what they hold and exit.
+#[derive(Debug)]
+pub struct Worker {
+    pub info: Arc<ModelInfo>,
+    pub config: BatchConfig,
+    tx: Sender<Job>,
+    metrics: Arc<Metrics>,
+    label: String,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("shape", &self.input.shape).finish()
+    }
+}
+
+impl Worker {
+    /// Starts `config.instances` threads, each owning one backend from
+    /// `backends` (which must yield that many).
+    pub fn start(
+        info: ModelInfo,
+        config: BatchConfig,
+        backends: Vec<Box<dyn Backend>>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
+        let label = format!("{}/{}", info.name, info.version);
+        for (i, backend) in backends.into_iter().enumerate() {
+            let rx = rx.clone();
+            let metrics = metrics.clone();
+            let label = label.clone();
+            std::thread::Builder::new()
+                .name(format!("infer-{}-{}-{i}", info.name, info.version))
+                .spawn(move || run_worker(backend, rx, config, metrics, label))?;
+        }
+        Ok(Self { info: Arc::new(info), config, tx, metrics, label })
+    }
+
+    /// Model label used in metrics: `name/version`.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Queues `input` (`[n, C, H, W]`, n ≤ `max_batch_size`) and waits for its
+    /// outputs. Fails fast with 429 when the queue is full.
+    pub async fn infer(&self, input: Tensor, timeout: Duration) -> Result<Vec<Tensor>, ServeError> {
+        let n = input.batch();
+        if n == 0 || n > self.config.max_batch_size {
+            return Err(ServeError::Unprocessable(format!(
+                "batch of {n} rows; model {} takes 1 to {} per request",
+                self.label, self.config.max_batch_size
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
+        let job = Job { input, enqueued: now, deadline: now + timeout, reply };
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.metrics.rejected.with_label_values(&[&self.label, "queue_full"]).inc();
+                return Err(ServeError::Overloaded {
+                    message: format!(
+                        "model {} is overloaded: {} requests already queued",
+                        self.label, self.config.queue_capacity
+                    ),
+                    retry_after_s: 1,
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ServeError::Unavailable(format!("model {} is shutting down", self.label)))
+            }
+        }
+        self.metrics.queue_depth.with_label_values(&[&self.label]).set(self.tx.len() as i64);
+        rx.await.map_err(|_| ServeError::Internal(format!("the worker of model {} stopped", self.label)))?
+    }
+}
+
+/// Drops jobs whose client went away or whose deadline passed; true when the
+/// job should run.
+fn still_wanted(job: &Job, metrics: &Metrics, label: &str) -> bool {
+    if job.reply.is_closed() {
+        metrics.rejected.with_label_values(&[label, "client_gone"]).inc();
+        return false;
+    }
+    true
+}
+
+fn expired(job: Job, metrics: &Metrics, label: &str, now: Instant) -> Option<Job> {
+    if now < job.deadline {
+        return Some(job);
+    }
+    metrics.rejected.with_label_values(&[label, "deadline"]).inc();
+    let waited = now.duration_since(job.enqueued);
+    let _ = job.reply.send(Err(ServeError::Overloaded {
+        message: format!("request waited {} ms in the queue, past its deadline; server overloaded", waited.as_millis()),
+        retry_after_s: 1,
+    }));
+    None
+}
+
+fn run_worker(
+    mut backend: Box<dyn Backend>,
+    rx: Receiver<Job>,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+    label: String,
+) {
+    let mut held: Option<Job> = None;
+    loop {
+        let first = match held.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return, // queue closed: shutdown
+            },
+        };
+        let Some(first) = expired(first, &metrics, &label, Instant::now()) else { continue };
+        if !still_wanted(&first, &metrics, &label) {
+            continue;
+        }
+        let mut rows = first.input.batch();
+        let mut jobs = vec![first];
+        let until = Instant::now() + config.max_queue_delay;
+        while rows < config.max_batch_size {
+            let wait = until.saturating_duration_since(Instant::now());
+            let next = match rx.recv_timeout(wait) {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let Some(next) = expired(next, &metrics, &label, Instant::now()) else { continue };
+            if !still_wanted(&next, &metrics, &label) {
+                continue;
+            }
+            let fits = next.input.shape[1..] == jobs[0].input.shape[1..]
+                && next.input.dtype() == jobs[0].input.dtype()
+                && rows + next.input.batch() <= config.max_batch_size;
+            if !fits {
+                held = Some(next);
+                break;
+            }
+            rows += next.input.batch();
+            jobs.push(next);
+        }
+        metrics.queue_depth.with_label_values(&[&label]).set(rx.len() as i64);
+        run_batch(backend.as_mut(), jobs, &metrics, &label);
+    }
+}
+
+fn run_batch(backend: &mut dyn Backend, jobs: Vec<Job>, metrics: &Metrics, label: &str) {
+    let start = Instant::now();
+    for j in &jobs {
+        metrics.queue_seconds.with_label_values(&[label]).observe(start.duration_since(j.enqueued).as_secs_f64());
+    }
+    let sizes: Vec<usize> = jobs.iter().map(|j| j.input.batch()).collect();
+    let rows: usize = sizes.iter().sum();
+    let result = if jobs.len() == 1 {
+        backend.infer(&jobs[0].input)
+    } else {
+        let parts: Vec<&Tensor> = jobs.iter().map(|j| &j.input).collect();
+        match Tensor::concat(&parts) {
+            Ok(batch) => backend.infer(&batch),
+            Err(e) => Err(crate::backend::BackendError(e.to_string())),
+        }
+    };
+    metrics.inference_seconds.with_label_values(&[label]).observe(start.elapsed().as_secs_f64());
+    metrics.batch_size.with_label_values(&[label]).observe(rows as f64);
+    let outputs = result.map_err(|e| ServeError::Internal(format!("inference failed: {e}")));
+    let split: Result<Vec<Vec<Tensor>>, ServeError> = outputs.and_then(|outs| {
+        let mut per_job: Vec<Vec<Tensor>> = sizes.iter().map(|_| Vec::with_capacity(outs.len())).collect();
+        for o in outs {
+            for (k, piece) in o.split(&sizes)?.into_iter().enumerate() {
+                per_job[k].push(piece);
+            }
+        }
+        Ok(per_job)
+    });
+    match split {
+        Ok(per_job) => {
+            for (job, outs) in jobs.into_iter().zip(per_job) {
+                let _ = job.reply.send(Ok(outs));
+            }
+        }
+        Err(e) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(ServeError::Internal(e.to_string())));
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! ONNX Runtime sessions behind the [`Backend`] contract.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use ort::ep::{ArenaExtendStrategy, ExecutionProviderDispatch, CUDA};
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use crate::backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};
+use crate::tensor::{DType, Data, Tensor};
+
+/// Which execution provider a model should get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EpPreference {
+    /// CUDA when it registers, CPU otherwise.
+    #[default]
+    Auto,
+    /// CUDA or fail.
+    Cuda,
+    /// CPU only.
+    Cpu,
+}
+
+/// Session options.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub ep: EpPreference,
+    pub device_id: i32,
+    /// Intra-op threads of a CPU session (0 = ONNX Runtime's default).
+    pub intra_threads: usize,
+    /// CUDA arena limit in bytes (0 = no limit).
+    pub gpu_mem_limit: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self { ep: EpPreference::Auto, device_id: 0, intra_threads: 0, gpu_mem_limit: 0 }
+    }
+}
+
+static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Loads the ONNX Runtime library once (`lib`, e.g. `libonnxruntime.so.1.31.1`).
+pub fn init(lib: &Path) -> Result<&'static ort::environment::Environment, String> {
+    ENV.get_or_init(|| {
+        if !lib.exists() {
+            return Err(format!(
+                "ONNX Runtime library {} not found (run scripts/setup.sh, or pass --ort-lib / ORT_DYLIB_PATH)",
+                lib.display()
+            ));
+        }
+        ort::init_from(lib)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", lib.display()))?
+            .with_name("geossl-serve")
+            .build()
+            .map_err(|e| format!("cannot initialise ONNX Runtime: {e}"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// One ONNX Runtime session.
+#[derive(Debug)]
+pub struct OrtBackend {
+    session: Session,
+    input_name: String,
+    output_names: Vec<String>,
+}
+
+fn dtype(t: TensorElementType) -> Option<DType> {
+    match t {
+        TensorElementType::Uint8 => Some(DType::U8),
+        TensorElementType::Float32 => Some(DType::F32),
+        _ => None,
+    }
+}
+
+fn spec_of(name: &str, ty: &ValueType) -> Result<TensorSpec, String> {
+    let ValueType::Tensor { ty, shape, .. } = ty else {
+        return Err(format!("`{name}` is not a tensor"));
+    };
+    let datatype =
+        dtype(*ty).ok_or_else(|| format!("`{name}` has element type {ty:?}; served models use uint8 or float32"))?;
+    Ok(TensorSpec { name: name.to_string(), datatype, shape: shape.iter().copied().collect() })
+}
+
+fn build(
+    env: &ort::environment::Environment,
+    path: &Path,
+    opts: &SessionOptions,
+    cuda: bool,
+) -> Result<Session, String> {
+    let e = |e: ort::Error| format!("{}: {e}", path.display());
+    let mut b = Session::builder(env).map_err(e)?;
+    if opts.intra_threads > 0 {
+        b = b.with_intra_threads(opts.intra_threads).map_err(|err| e(err.into()))?;
+    }
+    if cuda {
+        let mut ep = CUDA::default()
+            .with_device_id(opts.device_id)
+            .with_arena_extend_strategy(ArenaExtendStrategy::SameAsRequested);
+        if opts.gpu_mem_limit > 0 {
+            ep = ep.with_memory_limit(opts.gpu_mem_limit);
+        }
+        let eps: [ExecutionProviderDispatch; 1] = [ep.build().error_on_failure()];
+        b = b.with_execution_providers(eps).map_err(|err| e(err.into()))?;
+    }
+    b.commit_from_file(path).map_err(e)
+}
+
+impl OrtBackend {
+    /// Opens `path` with the execution provider `opts` asks for. Returns the
+    /// session, what it accepts and produces, and the provider it got.
+    pub fn load(
+        env: &ort::environment::Environment,
+        path: &Path,
+        opts: &SessionOptions,
+    ) -> Result<(Self, ModelSignature), String> {
+        if !path.is_file() {
+            return Err(format!("{}: model file not found", path.display()));
+        }
+        let (session, ep) = match opts.ep {
+            EpPreference::Cpu => (build(env, path, opts, false)?, "CPU"),
+            EpPreference::Cuda => (build(env, path, opts, true).map_err(|e| format!("CUDA requested: {e}"))?, "CUDA"),
+            EpPreference::Auto => match build(env, path, opts, true) {
+                Ok(s) => (s, "CUDA"),
+                Err(err) => {
+                    tracing::info!(model = %path.display(), reason = %err, "CUDA execution provider unavailable; using CPU");
+                    (build(env, path, opts, false)?, "CPU")
+                }
+            },
+        };
+        let inputs = session.inputs();
+        if inputs.len() != 1 {
+            return Err(format!("{}: {} inputs; served models take one (`images`)", path.display(), inputs.len()));
+        }
+        let input = spec_of(inputs[0].name(), inputs[0].dtype()).map_err(|e| format!("{}: {e}", path.display()))?;
+        if input.shape.len() != 4 {
+            return Err(format!(
+                "{}: input `{}` has rank {}; expected [N, C, H, W]",
+                path.display(),
+                input.name,
+                input.shape.len()
+            ));
+        }
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| spec_of(o.name(), o.dtype()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut metadata = BTreeMap::new();
+        if let Ok(m) = session.metadata() {
+            for k in m.custom_keys().unwrap_or_default() {
+                if let Some(v) = m.custom(&k) {
+                    metadata.insert(k, v);
+                }
+            }
+        }
+        let sig =
+            ModelSignature { input: input.clone(), outputs: outputs.clone(), metadata, execution_provider: ep.into() };
+        let backend =
+            Self { session, input_name: input.name, output_names: outputs.into_iter().map(|o| o.name).collect() };
+        Ok((backend, sig))
+    }
+}
+
+/// What a loaded session accepts and produces.
+#[derive(Debug, Clone)]
+pub struct ModelSignature {
+    pub input: TensorSpec,
+    pub outputs: Vec<TensorSpec>,
+    pub metadata: BTreeMap<String, String>,
+    pub execution_provider: String,
+}
+
+impl ModelSignature {
+    /// The model description for `name`/`version`, reading labels and
+    /// normalization from the exporter's metadata when present.
+    pub fn into_info(self, name: &str, version: u64, labels_override: Option<Vec<String>>) -> ModelInfo {
+        use geossl_models::io::metadata as md;
+        let labels = labels_override
+            .or_else(|| self.metadata.get(md::LABELS).and_then(|s| serde_json::from_str(s).ok()))
+            .unwrap_or_default();
+        let normalization = self
+            .metadata
+            .get(md::SPEC)
+            .and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok())
+            .map(|spec| spec.normalization.affine());
+        let task = ModelInfo::task_from_outputs(&self.outputs);
+        ModelInfo {
+            name: name.into(),
+            version,
+            input: self.input,
+            outputs: self.outputs,
+            task: if task == Task::Other { Task::Other } else { task },
+            labels,
+            normalization,
+            metadata: self.metadata,
+            execution_provider: self.execution_provider,
+        }
+    }
+}
+
+impl Backend for OrtBackend {
+    fn infer(&mut self, input: &Tensor) -> Result<Vec<Tensor>, BackendError> {
+        let shape: Vec<i64> = input.shape.iter().map(|&d| d as i64).collect();
+        let err = |e: ort::Error| BackendError(e.to_string());
+        let value = match &input.data {
+            Data::U8(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
+            Data::F32(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
+        };
+        let outputs = self.session.run(vec![(self.input_name.as_str(), value)]).map_err(err)?;
+        let mut out = Vec::with_capacity(self.output_names.len());
+        for name in &self.output_names {
+            let (shape, data) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(err)?;
+            let shape = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+            out.push(Tensor::f32(shape, data.to_vec()));
+        }
+        Ok(out)
+    }
+}
