@@ -35,6 +35,12 @@ fn sniff(bytes: &[u8]) -> Result<ImageFormat, ServeError> {
 }
 
 fn header_dims(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), ServeError> {
+    // PNG: the size is in the first chunk (IHDR); read it directly so that a
+    // bomb is refused by its size even before the decoder looks further.
+    if format == ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        return Ok((be(16), be(20)));
+    }
     let reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     reader.into_dimensions().map_err(|e| ServeError::BadRequest(format!("unreadable {format:?} header: {e}")))
 }

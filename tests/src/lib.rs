@@ -23,3 +23,24 @@ pub fn run(name: &str, args: &[&str]) -> Output {
 pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
+
+/// The project venv's Python (`GEOSSL_PYTHON` overrides), for reference tools.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("GEOSSL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    workspace().join(".venv/bin/python")
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The shared data directory beside the checkout.
+pub fn shared_data() -> PathBuf {
+    workspace().join("../shared/data")
+}
+
+pub mod http;
+pub mod server;

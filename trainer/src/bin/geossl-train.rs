@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use geossl_models::{
-    Arch, ClassifierHead, EmbeddingHead, HeadSpec, ModelSpec, Normalization, ProjectionSpec, StateDict,
+    Arch, ClassifierHead, EmbeddingHead, HeadSpec, ModelSpec, Normalization, ProjectionSpec, SegmentationHead,
+    StateDict,
 };
 use geossl_trainer::{checkpoint, device};
 
@@ -116,6 +117,12 @@ struct InitArgs {
     /// Add a classifier with this many classes (1000 with torchvision weights).
     #[arg(long, env = "GEOSSL_NUM_CLASSES")]
     num_classes: Option<usize>,
+    /// Add an FCN segmentation head with this many classes.
+    #[arg(long, env = "GEOSSL_SEGMENTATION_CLASSES")]
+    segmentation_classes: Option<usize>,
+    /// Class names for the classifier/segmentation head, comma-separated.
+    #[arg(long, env = "GEOSSL_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
     /// torchvision state dict as safetensors to load (names must match the spec).
     #[arg(long, env = "GEOSSL_FROM_SAFETENSORS")]
     from_safetensors: Option<PathBuf>,
@@ -202,7 +209,14 @@ fn init(a: InitArgs) -> Result<()> {
         l2_normalize: false,
     }));
     if let Some(k) = a.num_classes {
-        spec.heads.push(HeadSpec::Classifier(ClassifierHead { num_classes: k, labels: vec![] }));
+        spec.heads.push(HeadSpec::Classifier(ClassifierHead { num_classes: k, labels: a.labels.clone() }));
+    }
+    if let Some(k) = a.segmentation_classes {
+        spec.heads.push(HeadSpec::Segmentation(SegmentationHead {
+            num_classes: k,
+            hidden: 64,
+            labels: a.labels.clone(),
+        }));
     }
     spec.validate().map_err(anyhow::Error::msg).context("invalid model options")?;
     tch::manual_seed(a.seed);

@@ -1,0 +1,159 @@
+//! Model repositories made from real exported models, and a running
+//! `geossl-serve` on `127.0.0.1:0` that is stopped (SIGTERM) on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{bin, run, text};
+
+/// Writes a random-init ResNet-18 checkpoint (`size`×`size` input) with a
+/// 3-class classifier and segmentation head (labels water, forest, urban),
+/// and exports `heads` (`(model name, head, extra export args)`) into
+/// `repo/<name>/1/model.onnx`.
+pub fn make_repository(repo: &Path, size: usize, heads: &[(&str, &str, &[&str])]) {
+    let ck = repo.join(".checkpoint");
+    let s = size.to_string();
+    let o = run(
+        "geossl-train",
+        &[
+            "init",
+            "--arch",
+            "resnet18",
+            "--input-size",
+            &s,
+            "--num-classes",
+            "3",
+            "--segmentation-classes",
+            "3",
+            "--labels",
+            "water,forest,urban",
+            "--seed",
+            "7",
+            "--out",
+            ck.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(o.status.success(), "init: {}", text(&o));
+    for (name, head, extra) in heads {
+        let dir = repo.join(name).join("1");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let out = dir.join("model.onnx");
+        let mut args = vec!["onnx", "--checkpoint", ck.to_str().expect("utf-8"), "--head", head, "--out"];
+        args.push(out.to_str().expect("utf-8"));
+        args.extend_from_slice(extra);
+        let o = run("geossl-export", &args);
+        assert!(o.status.success(), "export {name}: {}", text(&o));
+    }
+}
+
+/// A running server; SIGTERM and wait on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub stderr_log: PathBuf,
+}
+
+impl Server {
+    /// Starts `geossl-serve serve --model-repository repo` with `extra`
+    /// flags on free ports and waits (≤ 120 s) for its "listening" line.
+    pub fn start(repo: &Path, extra: &[&str]) -> Server {
+        let log = repo.join(format!(".serve-{}.log", std::process::id()));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(bin("geossl-serve"))
+            .args(["serve", "--model-repository", repo.to_str().expect("utf-8"), "--host", "127.0.0.1"])
+            .args(["--port", "0", "--metrics-port", "0"])
+            .args(extra)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn geossl-serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("listening ") => {
+                    let field = |k: &str| -> SocketAddr {
+                        line.split_whitespace()
+                            .find_map(|f| f.strip_prefix(k))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or_else(|| panic!("bad listening line {line:?}"))
+                    };
+                    return Server { addr: field("http="), metrics: field("metrics="), child, stderr_log: log };
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("server did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server process in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// Sum and count of a Prometheus histogram for a label set substring.
+pub fn histogram(metrics_text: &str, name: &str, label: &str) -> (f64, f64) {
+    let get = |suffix: &str| {
+        metrics_text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_{suffix}")) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (get("sum"), get("count"))
+}
