@@ -33,11 +33,14 @@ pub struct SessionOptions {
     pub intra_threads: usize,
     /// CUDA arena limit in bytes (0 = no limit).
     pub gpu_mem_limit: usize,
+    /// Let idle intra-op threads spin (ONNX Runtime's default); off frees
+    /// cores for HTTP and decoding at some latency cost.
+    pub spinning: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { ep: EpPreference::Auto, device_id: 0, intra_threads: 0, gpu_mem_limit: 0 }
+        Self { ep: EpPreference::Auto, device_id: 0, intra_threads: 0, gpu_mem_limit: 0, spinning: true }
     }
 }
 
@@ -97,6 +100,10 @@ fn build(
     let mut b = Session::builder(env).map_err(e)?;
     if opts.intra_threads > 0 {
         b = b.with_intra_threads(opts.intra_threads).map_err(|err| e(err.into()))?;
+    }
+    if !opts.spinning {
+        b = b.with_config_entry("session.intra_op.allow_spinning", "0").map_err(|err| e(err.into()))?;
+        b = b.with_config_entry("session.inter_op.allow_spinning", "0").map_err(|err| e(err.into()))?;
     }
     if cuda {
         let mut ep = CUDA::default()

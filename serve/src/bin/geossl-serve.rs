@@ -54,6 +54,10 @@ struct ServeArgs {
     /// Intra-op threads per CPU session (0 = ONNX Runtime's default, one per core).
     #[arg(long, env = "GEOSSL_INTRA_THREADS", default_value_t = 0)]
     intra_threads: usize,
+    /// Let idle ONNX Runtime intra-op threads spin-wait (its default: lower latency; `false` frees CPU for
+    /// HTTP and decoding on small machines).
+    #[arg(long, env = "GEOSSL_ORT_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
+    ort_spinning: bool,
     /// ONNX Runtime shared library (libonnxruntime.so.1.31.1; onnxruntime-gpu's for CUDA).
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = default_ort_lib())]
     ort_lib: PathBuf,
@@ -160,6 +164,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             device_id: a.cuda_device,
             intra_threads: a.intra_threads,
             gpu_mem_limit: a.gpu_mem_limit_mb << 20,
+            spinning: a.ort_spinning,
         },
         limits: Limits {
             max_body_bytes: a.max_body_mb.checked_mul(1 << 20).context("--max-body-mb too large")?,
