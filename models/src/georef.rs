@@ -52,6 +52,36 @@ impl Georef {
     }
 }
 
+/// Reads the georeference of a GeoTIFF (ModelTiepoint, ModelPixelScale, EPSG
+/// from the GeoKey directory). `name` labels errors.
+pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> Result<Georef, String> {
+    use tiff::decoder::Decoder;
+    use tiff::tags::Tag;
+    let err = |m: String| format!("{name}: {m}");
+    let mut d = Decoder::new(r).map_err(|e| err(format!("not a TIFF: {e}")))?;
+    let tie =
+        d.get_tag_f64_vec(Tag::ModelTiepointTag).map_err(|_| err("no ModelTiepoint tag: not georeferenced".into()))?;
+    let scale = d
+        .get_tag_f64_vec(Tag::ModelPixelScaleTag)
+        .map_err(|_| err("no ModelPixelScale tag: not georeferenced".into()))?;
+    let keys = d.get_tag_u16_vec(Tag::GeoKeyDirectoryTag).map_err(|_| err("no GeoKeyDirectory tag".into()))?;
+    if tie.len() < 6 || scale.len() < 2 {
+        return Err(err("malformed tiepoint or pixel scale".into()));
+    }
+    // Key entries are (id, location, count, value) after a 4-value header.
+    let key = |id: u16| keys.chunks_exact(4).skip(1).find(|k| k[0] == id && k[1] == 0).map(|k| k[3] as u32);
+    let epsg = key(3072).or_else(|| key(2048)).ok_or_else(|| err("GeoKey directory has no EPSG code".into()))?;
+    let g = Georef { tie_pixel: [tie[0], tie[1]], tie_map: [tie[3], tie[4]], scale: [scale[0], scale[1]], epsg };
+    g.check_supported().map_err(err)?;
+    Ok(g)
+}
+
+/// [`georef_from_tiff`] of a file.
+pub fn read_georef(path: &std::path::Path) -> Result<Georef, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    georef_from_tiff(std::io::BufReader::new(f), &path.display().to_string())
+}
+
 /// Inverse transverse Mercator (Snyder 1987, eqs. 8-18 ff.), WGS84 ellipsoid.
 pub fn utm_to_latlon(easting: f64, northing: f64, zone: u32, north: bool) -> (f64, f64) {
     let k0 = 0.9996;

@@ -6,10 +6,12 @@
 //! (bounded queue, dynamic batching on dedicated threads), [`repository`]
 //! (model directory layout and `config.toml`), [`oip`] and [`images`]
 //! (handlers), [`server`] (routes, metrics, lifecycle). [`error`] holds the one
-//! table from error kind to HTTP status.
+//! table from error kind to HTTP status. [`embed`] turns GeoTIFF archives into
+//! GeoParquet through the same backend contract.
 
 pub mod backend;
 pub mod batcher;
+pub mod embed;
 pub mod error;
 pub mod image_io;
 pub mod images;

@@ -7,33 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use geossl_models::georef::Georef;
-use tiff::decoder::Decoder;
-use tiff::tags::Tag;
-
 use crate::fixtures::{write_manifest, Chip};
 
-/// Reads the georeference of a GeoTIFF (ModelTiepoint, ModelPixelScale, EPSG from the GeoKey directory).
-pub fn read_georef(path: &Path) -> Result<Georef, String> {
-    let err = |m: String| format!("{}: {m}", path.display());
-    let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let mut d = Decoder::new(std::io::BufReader::new(f)).map_err(|e| err(format!("not a TIFF: {e}")))?;
-    let tie =
-        d.get_tag_f64_vec(Tag::ModelTiepointTag).map_err(|_| err("no ModelTiepoint tag: not georeferenced".into()))?;
-    let scale = d
-        .get_tag_f64_vec(Tag::ModelPixelScaleTag)
-        .map_err(|_| err("no ModelPixelScale tag: not georeferenced".into()))?;
-    let keys = d.get_tag_u16_vec(Tag::GeoKeyDirectoryTag).map_err(|_| err("no GeoKeyDirectory tag".into()))?;
-    if tie.len() < 6 || scale.len() < 2 {
-        return Err(err("malformed tiepoint or pixel scale".into()));
-    }
-    // Key entries are (id, location, count, value) after a 4-value header.
-    let key = |id: u16| keys.chunks_exact(4).skip(1).find(|k| k[0] == id && k[1] == 0).map(|k| k[3] as u32);
-    let epsg = key(3072).or_else(|| key(2048)).ok_or_else(|| err("GeoKey directory has no EPSG code".into()))?;
-    let g = Georef { tie_pixel: [tie[0], tie[1]], tie_map: [tie[3], tie[4]], scale: [scale[0], scale[1]], epsg };
-    g.check_supported().map_err(err)?;
-    Ok(g)
-}
+pub use geossl_models::georef::read_georef;
 
 /// Options of [`tile_scene`].
 #[derive(Debug, Clone)]

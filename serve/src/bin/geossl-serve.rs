@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Serve a model repository over HTTP: Open Inference Protocol v2 and image endpoints.
     Serve(ServeArgs),
-    /// Embed a GeoTIFF archive into GeoParquet (not implemented yet, issue #5).
+    /// Embed a GeoTIFF archive into GeoParquet: every window of the model's input size, with its footprint.
     Embed(EmbedArgs),
 }
 
@@ -106,15 +106,42 @@ fn default_ort_lib() -> &'static str {
 
 #[derive(Debug, Args)]
 struct EmbedArgs {
-    /// ONNX embedding model.
+    /// ONNX embedding model (from `geossl-export onnx --head embed`).
     #[arg(long, env = "GEOSSL_MODEL")]
     model: PathBuf,
-    /// GeoTIFF files or directories to embed.
-    #[arg(long, env = "GEOSSL_INPUT", num_args = 1..)]
+    /// GeoTIFF files, or directories searched recursively for .tif/.tiff.
+    #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., value_delimiter = ',', required = true)]
     input: Vec<PathBuf>,
-    /// Output GeoParquet file.
+    /// Output GeoParquet file (written atomically).
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
+    /// Window step in pixels (default: the model's input size, no overlap).
+    #[arg(long, env = "GEOSSL_STRIDE")]
+    stride: Option<usize>,
+    /// Windows per inference batch.
+    #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 32)]
+    batch_size: usize,
+    /// Largest fraction of nodata (all-zero) pixels in a kept window.
+    #[arg(long, env = "GEOSSL_MAX_NODATA", default_value_t = 0.5)]
+    max_nodata: f64,
+    /// Model name recorded in the rows (default: the model's <model>/<version>/ directories).
+    #[arg(long, env = "GEOSSL_MODEL_NAME")]
+    model_name: Option<String>,
+    /// Model version recorded in the rows.
+    #[arg(long, env = "GEOSSL_MODEL_VERSION")]
+    model_version: Option<String>,
+    /// Execution provider: auto, cuda, cpu.
+    #[arg(long, env = "GEOSSL_EXECUTION_PROVIDER", value_enum, default_value = "auto")]
+    execution_provider: EpPreference,
+    /// CUDA device id.
+    #[arg(long, env = "GEOSSL_CUDA_DEVICE", default_value_t = 0)]
+    cuda_device: i32,
+    /// ONNX Runtime shared library.
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = default_ort_lib())]
+    ort_lib: PathBuf,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "GEOSSL_LOG", default_value = "info")]
+    log: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,7 +158,7 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => serve(a),
-        Command::Embed(_) => bail!("`geossl-serve embed` is not implemented yet (tracked in issue #5)"),
+        Command::Embed(a) => embed(a),
     }
 }
 
@@ -182,4 +209,33 @@ fn serve(a: ServeArgs) -> Result<()> {
         println!("listening http={} metrics={}", b.http, b.metrics);
         tracing::info!(http = %b.http, metrics = %b.metrics, "listening");
     }))
+}
+
+fn embed(a: EmbedArgs) -> Result<()> {
+    init_logs(&a.log, LogFormat::Text)?;
+    let opts = geossl_serve::embed::EmbedOptions {
+        model: a.model,
+        inputs: a.input,
+        out: a.out.clone(),
+        stride: a.stride,
+        batch_size: a.batch_size,
+        max_nodata: a.max_nodata,
+        session: SessionOptions { ep: a.execution_provider, device_id: a.cuda_device, ..SessionOptions::default() },
+        ort_lib: a.ort_lib,
+        model_name: a.model_name,
+        model_version: a.model_version,
+    };
+    let s = geossl_serve::embed::run(&opts).map_err(anyhow::Error::msg)?;
+    for f in &s.skipped_files {
+        eprintln!("skipped {f}");
+    }
+    println!(
+        "wrote {} ({} rows from {} files; {} windows over the nodata limit; {} files skipped)",
+        a.out.display(),
+        s.rows,
+        s.files,
+        s.nodata_windows,
+        s.skipped_files.len()
+    );
+    Ok(())
 }

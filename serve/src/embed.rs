@@ -1,0 +1,414 @@
+//! Archive embedding: GeoTIFF scenes → windows of the model's input size →
+//! embeddings → one GeoParquet file. Uses the same [`Backend`] contract as
+//! the server.
+//!
+//! Rows (GeoParquet 1.1, geometry WKB in OGC:CRS84): `chip_id` (SHA-256 of
+//! model hash + source + window), `source`, `window {x, y, w, h}` (pixels),
+//! `geometry` (the window's footprint polygon), `center_lat`, `center_lon`,
+//! `datetime` (TIFF DateTime tag, nullable), `model_name`, `model_version`,
+//! `model_sha256`, `embedding` (`FixedSizeList<Float32, D>`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+use arrow_array::{
+    ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
+};
+use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
+use geossl_models::georef::{georef_from_tiff, Georef};
+
+use crate::backend::{Backend, Task};
+use crate::image_io::{self, Planes};
+use crate::ort_backend::{OrtBackend, SessionOptions};
+use crate::tensor::{DType, Tensor};
+
+/// What to embed and how.
+#[derive(Debug, Clone)]
+pub struct EmbedOptions {
+    pub model: PathBuf,
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    /// Window step in pixels (default: the model's input size, no overlap).
+    pub stride: Option<usize>,
+    pub batch_size: usize,
+    /// Largest fraction of nodata (all bands zero) pixels in a kept window.
+    pub max_nodata: f64,
+    pub session: SessionOptions,
+    pub ort_lib: PathBuf,
+    /// Recorded in every row (default: the model file's parent directory names).
+    pub model_name: Option<String>,
+    pub model_version: Option<String>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub files: usize,
+    pub skipped_files: Vec<String>,
+    pub rows: usize,
+    pub nodata_windows: usize,
+}
+
+struct Row {
+    source: String,
+    window: [u32; 4],
+    corners: Vec<(f64, f64)>, // (lon, lat), closed ring
+    center: (f64, f64),       // (lat, lon)
+    datetime: Option<i64>,
+}
+
+/// GeoTIFFs named by `inputs`: files as given, directories searched
+/// recursively for `.tif`/`.tiff`, sorted.
+pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+        let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for e in rd {
+            let p = e.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for i in inputs {
+        if i.is_dir() {
+            let mut found = Vec::new();
+            walk(i, &mut found)?;
+            found.sort();
+            out.extend(found);
+        } else if i.is_file() {
+            out.push(i.clone());
+        } else {
+            return Err(format!("{}: no such file or directory", i.display()));
+        }
+    }
+    if out.is_empty() {
+        return Err("no GeoTIFF (.tif/.tiff) found in the inputs".into());
+    }
+    Ok(out)
+}
+
+/// TIFF `DateTime` ("YYYY:MM:DD HH:MM:SS") as microseconds since the epoch (UTC).
+fn tiff_datetime(bytes: &[u8]) -> Option<i64> {
+    let mut d = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).ok()?;
+    let s = d.get_tag_ascii_string(tiff::tags::Tag::DateTime).ok()?;
+    parse_tiff_datetime(&s)
+}
+
+/// Parses "YYYY:MM:DD HH:MM:SS" (also with '-' in the date) to µs since 1970 UTC.
+pub fn parse_tiff_datetime(s: &str) -> Option<i64> {
+    let s = s.trim().trim_end_matches('\0');
+    let (date, time) = s.split_once(' ')?;
+    let d: Vec<i64> = date.split([':', '-']).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    let t: Vec<i64> = time.split(':').map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    let ([y, m, day], [hh, mm, ss]) = (d.as_slice(), t.as_slice()) else { return None };
+    if !(1..=12).contains(m) || !(1..=31).contains(day) || *hh > 23 || *mm > 59 || *ss > 60 {
+        return None;
+    }
+    // Days from civil (H. Hinnant).
+    let (y, m) = if *m <= 2 { (y - 1, m + 9) } else { (*y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400) + hh * 3600 + mm * 60 + ss) * 1_000_000)
+}
+
+/// Footprint of a pixel window as a closed counter-clockwise (lon, lat) ring.
+fn footprint(g: &Georef, x: f64, y: f64, w: f64, h: f64) -> Result<Vec<(f64, f64)>, String> {
+    [(x, y), (x, y + h), (x + w, y + h), (x + w, y), (x, y)]
+        .iter()
+        .map(|&(px, py)| g.to_latlon(px, py).map(|(lat, lon)| (lon, lat)))
+        .collect()
+}
+
+/// OGC WKB (little endian) of a one-ring polygon.
+pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(13 + 16 * ring.len());
+    b.push(1);
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&(ring.len() as u32).to_le_bytes());
+    for (x, y) in ring {
+        b.extend_from_slice(&x.to_le_bytes());
+        b.extend_from_slice(&y.to_le_bytes());
+    }
+    b
+}
+
+/// Channel-major window `[C, h, w]` at (x, y) of `p`.
+fn window(p: &Planes, x: usize, y: usize, w: usize, h: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(p.c * w * h);
+    for c in 0..p.c {
+        let plane = &p.data[c * p.h * p.w..(c + 1) * p.h * p.w];
+        for yy in y..y + h {
+            out.extend_from_slice(&plane[yy * p.w + x..yy * p.w + x + w]);
+        }
+    }
+    out
+}
+
+/// Embeds every window of every input and writes the GeoParquet file
+/// atomically (nothing is left at `out` on failure).
+pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
+    if opts.batch_size == 0 || opts.batch_size > 4096 {
+        return Err(format!("batch size {} (must be 1..=4096)", opts.batch_size));
+    }
+    if !(0.0..=1.0).contains(&opts.max_nodata) {
+        return Err(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata));
+    }
+    let files = collect_inputs(&opts.inputs)?;
+    let env = crate::ort_backend::init(&opts.ort_lib)?;
+    let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
+    let model_bytes = std::fs::read(&opts.model).map_err(|e| format!("{}: {e}", opts.model.display()))?;
+    let model_sha = geossl_models::sha256_hex(&model_bytes);
+    drop(model_bytes);
+    let parent =
+        |n: usize| opts.model.ancestors().nth(n).and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned());
+    let name = opts.model_name.clone().or_else(|| parent(2)).unwrap_or_else(|| "model".into());
+    let version = opts.model_version.clone().or_else(|| parent(1)).unwrap_or_else(|| "1".into());
+    let info = sig.into_info(&name, 1, None);
+    if info.task != Task::Embedding {
+        return Err(format!("{}: not an embedding model (outputs {:?})", opts.model.display(), info.outputs));
+    }
+    let (c, Some(h), Some(w)) = info.input_chw() else {
+        return Err(format!("{}: the input size must be fixed for archive embedding", opts.model.display()));
+    };
+    let d = info.outputs[0].shape.get(1).copied().filter(|&d| d > 0).ok_or("embedding size is not fixed")? as usize;
+    let stride = opts.stride.unwrap_or(h.min(w));
+    if stride == 0 {
+        return Err("stride must be at least 1".into());
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let mut embeddings: Vec<f32> = Vec::new();
+    let mut summary = Summary::default();
+    let mut pending: Vec<(Row, Vec<u8>)> = Vec::new();
+    let mut flush =
+        |pending: &mut Vec<(Row, Vec<u8>)>, rows: &mut Vec<Row>, emb: &mut Vec<f32>| -> Result<(), String> {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let n = pending.len();
+            let mut px = Vec::with_capacity(n * c * h * w);
+            for (_, p) in pending.iter() {
+                px.extend_from_slice(p);
+            }
+            let input = match info.input.datatype {
+                DType::U8 => Tensor::u8(vec![n, c, h, w], px),
+                DType::F32 => {
+                    let (mul, add) =
+                        info.normalization.clone().ok_or("float32 model without normalization metadata")?;
+                    let hw = h * w;
+                    let v = px.iter().enumerate().map(|(i, &v)| f32::from(v) * mul[(i / hw) % c] + add[(i / hw) % c]);
+                    Tensor::f32(vec![n, c, h, w], v.collect())
+                }
+            };
+            let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
+            emb.extend_from_slice(out[0].as_f32().ok_or("embedding is not float32")?);
+            rows.extend(pending.drain(..).map(|(r, _)| r));
+            Ok(())
+        };
+    for file in &files {
+        let label = file.display().to_string();
+        let bytes = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(file = %label, error = %e, "skipped");
+                summary.skipped_files.push(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        let g = match georef_from_tiff(std::io::Cursor::new(&bytes), &label) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipped");
+                summary.skipped_files.push(e);
+                continue;
+            }
+        };
+        let planes = match image_io::decode(&bytes, c, u64::MAX) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(file = %label, error = %e, "skipped");
+                summary.skipped_files.push(format!("{label}: {e}"));
+                continue;
+            }
+        };
+        let datetime = tiff_datetime(&bytes);
+        drop(bytes);
+        summary.files += 1;
+        let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()).display().to_string();
+        if planes.h < h || planes.w < w {
+            tracing::warn!(file = %label, "smaller than one window; no rows");
+            continue;
+        }
+        let before = rows.len() + pending.len();
+        for y in (0..=planes.h - h).step_by(stride) {
+            for x in (0..=planes.w - w).step_by(stride) {
+                let px = window(&planes, x, y, w, h);
+                let hw = h * w;
+                let nodata = (0..hw).filter(|&i| (0..c).all(|ch| px[ch * hw + i] == 0)).count();
+                if nodata as f64 > opts.max_nodata * hw as f64 {
+                    summary.nodata_windows += 1;
+                    continue;
+                }
+                let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
+                let corners = footprint(&g, xf, yf, wf, hf)?;
+                let center = g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?;
+                let row = Row {
+                    source: source.clone(),
+                    window: [x as u32, y as u32, w as u32, h as u32],
+                    corners,
+                    center,
+                    datetime,
+                };
+                pending.push((row, px));
+                if pending.len() == opts.batch_size {
+                    flush(&mut pending, &mut rows, &mut embeddings)?;
+                }
+            }
+        }
+        tracing::info!(file = %label, windows = rows.len() + pending.len() - before, "embedded");
+    }
+    flush(&mut pending, &mut rows, &mut embeddings)?;
+    if summary.files == 0 {
+        return Err(format!("no input could be read: {}", summary.skipped_files.join("; ")));
+    }
+    summary.rows = rows.len();
+    write_geoparquet(&opts.out, &rows, &embeddings, d, (&name, &version, &model_sha))?;
+    Ok(summary)
+}
+
+fn write_geoparquet(
+    out: &Path,
+    rows: &[Row],
+    embeddings: &[f32],
+    d: usize,
+    model: (&str, &str, &str),
+) -> Result<(), String> {
+    use arrow_array::Array;
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+
+    let n = rows.len();
+    let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
+    let window_fields: Fields =
+        ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into();
+    let window = StructArray::new(window_fields.clone(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
+    let chip_ids: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let key = format!("{}\n{}\n{:?}", model.2, r.source, r.window);
+            geossl_models::sha256_hex(key.as_bytes())[..32].to_string()
+        })
+        .collect();
+    let mut emb = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
+        .with_field(Arc::new(Field::new("element", DataType::Float32, false)));
+    for row in embeddings.chunks(d) {
+        emb.values().append_slice(row);
+        emb.append(true);
+    }
+    let emb = emb.finish();
+    let mut bbox = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
+    for r in rows {
+        for &(x, y) in &r.corners {
+            bbox = [bbox[0].min(x), bbox[1].min(y), bbox[2].max(x), bbox[3].max(y)];
+        }
+    }
+    let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("chip_id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("window", DataType::Struct(window_fields), false),
+        Field::new("geometry", DataType::Binary, false),
+        Field::new("center_lat", DataType::Float64, false),
+        Field::new("center_lon", DataType::Float64, false),
+        Field::new("datetime", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new("model_name", DataType::Utf8, false),
+        Field::new("model_version", DataType::Utf8, false),
+        Field::new("model_sha256", DataType::Utf8, false),
+        Field::new("embedding", emb.data_type().clone(), false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(chip_ids)),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
+        Arc::new(window),
+        Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| wkb_polygon(&r.corners)))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.0))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.1))),
+        Arc::new(
+            TimestampMicrosecondArray::from(rows.iter().map(|r| r.datetime).collect::<Vec<_>>()).with_timezone("UTC"),
+        ),
+        constant(model.0),
+        constant(model.1),
+        constant(model.2),
+        Arc::new(emb),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("building rows: {e}"))?;
+    let geo = serde_json::json!({
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": { "geometry": {
+            "encoding": "WKB",
+            "geometry_types": ["Polygon"],
+            "orientation": "counterclockwise",
+            "bbox": if n > 0 { serde_json::json!(bbox) } else { serde_json::json!(null) },
+        } },
+    });
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_key_value_metadata(Some(vec![KeyValue::new("geo".to_string(), geo.to_string())]))
+        .build();
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<(), String> {
+        let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let mut w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| format!("parquet: {e}"))?;
+        w.write(&batch).map_err(|e| format!("parquet: {e}"))?;
+        let f = w.into_inner().map_err(|e| format!("parquet: {e}"))?;
+        f.sync_all().map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiff_datetimes_parse_to_utc_micros() {
+        assert_eq!(parse_tiff_datetime("1970:01:01 00:00:00"), Some(0));
+        assert_eq!(parse_tiff_datetime("2000:03:01 00:00:01"), Some((951_868_800 + 1) * 1_000_000));
+        assert_eq!(parse_tiff_datetime("2024-02-29 12:00:00\0"), Some(1_709_208_000 * 1_000_000));
+        for bad in ["", "2020:13:01 00:00:00", "yesterday", "2020:01:01"] {
+            assert_eq!(parse_tiff_datetime(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn wkb_polygon_layout() {
+        let b = wkb_polygon(&[(0.0, 0.0), (1.0, 0.0), (0.0, 0.0)]);
+        assert_eq!(b.len(), 1 + 4 + 4 + 4 + 3 * 16);
+        assert_eq!(&b[..9], &[1, 3, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(f64::from_le_bytes(b[29..37].try_into().unwrap()), 1.0);
+    }
+}

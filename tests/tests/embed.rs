@@ -1,0 +1,213 @@
+#![allow(clippy::unwrap_used)]
+//! `geossl-serve embed`: a real Landsat GeoTIFF → GeoParquet, checked against
+//! the trainer's tiler (georeference) and Python onnxruntime (embeddings).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
+use arrow_array::Array;
+use geossl_models::{NamedTensor, StateDict, TensorData};
+use geossl_tests::server::make_repository;
+use geossl_tests::{python, run, shared_data, text, workspace};
+
+fn read_parquet(p: &Path) -> (arrow_array::RecordBatch, HashMap<String, String>) {
+    let f = std::fs::File::open(p).unwrap();
+    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+    let kv: HashMap<String, String> = b
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|v| v.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let batches: Vec<_> = b.build().unwrap().collect::<Result<_, _>>().unwrap();
+    let schema = batches[0].schema();
+    (arrow_select::concat::concat_batches(&schema, &batches).unwrap(), kv)
+}
+
+#[test]
+fn landsat_scene_to_geoparquet() {
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 64, &[("embed", "embed", &[])]);
+    let model = d.path().join("embed/1/model.onnx");
+    let scene = shared_data().join("rasterio/RGB.byte.tif");
+    let out = d.path().join("out/landsat.parquet");
+    let o = run(
+        "geossl-serve",
+        &[
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            scene.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--execution-provider",
+            "cpu",
+            "--batch-size",
+            "16",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let (batch, kv) = read_parquet(&out);
+    let n = batch.num_rows();
+
+    // GeoParquet metadata.
+    let geo: serde_json::Value = serde_json::from_str(&kv["geo"]).unwrap();
+    assert_eq!(geo["primary_column"], "geometry");
+    assert_eq!(geo["columns"]["geometry"]["encoding"], "WKB");
+    let bbox: Vec<f64> = serde_json::from_value(geo["columns"]["geometry"]["bbox"].clone()).unwrap();
+
+    // The trainer's tiler (same windows, nodata rule 0.5) gives the reference centres and pixels.
+    let chips = d.path().join("chips");
+    let o = run(
+        "geossl-train",
+        &[
+            "chips",
+            "--input",
+            scene.to_str().unwrap(),
+            "--size",
+            "64",
+            "--out",
+            chips.to_str().unwrap(),
+            "--max-nodata",
+            "0.5",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let manifest = std::fs::read_to_string(chips.join("manifest.csv")).unwrap();
+    let reference: HashMap<(u32, u32), (String, f64, f64)> = manifest
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let stem = f[0].trim_end_matches(".png");
+            let mut it = stem.rsplit('_');
+            let x: u32 = it.next().unwrap().parse().unwrap();
+            let y: u32 = it.next().unwrap().parse().unwrap();
+            ((x, y), (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap()))
+        })
+        .collect();
+    assert_eq!(n, reference.len(), "rows vs the tiler's chips");
+
+    let window = batch.column_by_name("window").unwrap().as_struct();
+    let wx = window.column_by_name("x").unwrap().as_primitive::<UInt32Type>();
+    let wy = window.column_by_name("y").unwrap().as_primitive::<UInt32Type>();
+    let lat = batch.column_by_name("center_lat").unwrap().as_primitive::<Float64Type>();
+    let lon = batch.column_by_name("center_lon").unwrap().as_primitive::<Float64Type>();
+    let geom = batch.column_by_name("geometry").unwrap().as_binary::<i32>();
+    let emb = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
+    assert_eq!(emb.value_length(), 512);
+    let ids = batch.column_by_name("chip_id").unwrap().as_string::<i32>();
+    let unique: std::collections::HashSet<&str> = (0..n).map(|i| ids.value(i)).collect();
+    assert_eq!(unique.len(), n, "chip ids are unique");
+    for i in 0..n {
+        let (_, rlat, rlon) = &reference[&(wx.value(i), wy.value(i))];
+        assert!((lat.value(i) - rlat).abs() < 1e-6 && (lon.value(i) - rlon).abs() < 1e-6, "row {i}");
+        // Footprint polygon: closed ring of 5 points around the centre, inside the bbox.
+        let g = geom.value(i);
+        assert_eq!(&g[..13], &[1, 3, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 0]);
+        let pts: Vec<(f64, f64)> = g[13..]
+            .chunks_exact(16)
+            .map(|c| (f64::from_le_bytes(c[..8].try_into().unwrap()), f64::from_le_bytes(c[8..].try_into().unwrap())))
+            .collect();
+        assert_eq!(pts[0], pts[4]);
+        let (mx, my) =
+            (pts[..4].iter().map(|p| p.0).sum::<f64>() / 4.0, pts[..4].iter().map(|p| p.1).sum::<f64>() / 4.0);
+        assert!((mx - lon.value(i)).abs() < 1e-3 && (my - lat.value(i)).abs() < 1e-3, "row {i}");
+        assert!(pts.iter().all(|p| p.0 >= bbox[0] && p.0 <= bbox[2] && p.1 >= bbox[1] && p.1 <= bbox[3]));
+    }
+
+    // Embeddings: the first rows against Python onnxruntime on the tiler's chip pixels.
+    let mut xs = Vec::new();
+    let rows: Vec<usize> = (0..n).step_by((n / 3).max(1)).take(3).collect();
+    for &i in &rows {
+        let (file, _, _) = &reference[&(wx.value(i), wy.value(i))];
+        let img = image::open(chips.join(file)).unwrap().to_rgb8();
+        let hw = 64 * 64;
+        let mut chw = vec![0f32; 3 * hw];
+        for (k, p) in img.pixels().enumerate() {
+            for c in 0..3 {
+                chw[c * hw + k] = f32::from(p.0[c]);
+            }
+        }
+        xs.extend(chw);
+    }
+    let input = d.path().join("x.safetensors");
+    StateDict {
+        tensors: vec![NamedTensor {
+            name: "input".into(),
+            shape: vec![rows.len(), 3, 64, 64],
+            data: TensorData::F32(xs),
+        }],
+        metadata: Default::default(),
+    }
+    .write(&input)
+    .unwrap();
+    let refout = d.path().join("ref.safetensors");
+    let o = std::process::Command::new(python())
+        .arg(workspace().join("scripts/reference/ort_run.py"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            refout.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let r = StateDict::read(&refout).unwrap();
+    let want = r.get("embedding").unwrap().data.as_f32().unwrap().to_vec();
+    for (k, &i) in rows.iter().enumerate() {
+        let got = emb.value(i);
+        let got = got.as_primitive::<Float32Type>().values();
+        let w = &want[k * 512..(k + 1) * 512];
+        let scale = w.iter().fold(1.0f32, |a, x| a.max(x.abs()));
+        let err = got.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(err <= 1e-4 * scale, "row {i}: {err}");
+    }
+    assert_eq!(batch.column_by_name("model_name").unwrap().as_string::<i32>().value(0), "embed");
+    assert_eq!(batch.column_by_name("datetime").unwrap().null_count(), n, "this scene has no DateTime tag");
+}
+
+#[test]
+fn bad_inputs_name_the_problem_and_keep_existing_output() {
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 64, &[("embed", "embed", &[])]);
+    let model = d.path().join("embed/1/model.onnx");
+    let out = d.path().join("keep.parquet");
+    std::fs::write(&out, b"previous result").unwrap();
+    let m = model.to_str().unwrap();
+    let o_ = out.to_str().unwrap();
+    let no_tiffs = d.path().join("embed");
+    let no_tiffs = no_tiffs.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--model", m, "--input", "/no/such/scene.tif", "--out", o_], "/no/such/scene.tif"),
+        (vec!["--model", "/no/model.onnx", "--input", m, "--out", o_], "/no/model.onnx"),
+        (vec!["--model", m, "--input", no_tiffs, "--out", o_], "no GeoTIFF"),
+        (vec!["--model", m, "--input", m, "--out", o_, "--batch-size", "0"], "batch size"),
+    ];
+    for (args, needle) in cases {
+        let mut a = vec!["embed", "--execution-provider", "cpu"];
+        a.extend(args);
+        let o = run("geossl-serve", &a);
+        assert!(!o.status.success(), "{a:?}");
+        assert!(text(&o).contains(needle), "{a:?}: {}", text(&o));
+        assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
+    }
+    // A directory with a georeferenced scene and one without georeference: the latter is skipped by name.
+    let dir = d.path().join("scenes");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(shared_data().join("rasterio/RGB.byte.tif"), dir.join("a.tif")).unwrap();
+    std::fs::copy(shared_data().join("spacenet/sample_fp_mask.tif"), dir.join("b.tif")).unwrap();
+    let o = run(
+        "geossl-serve",
+        &["embed", "--execution-provider", "cpu", "--model", m, "--input", dir.to_str().unwrap(), "--out", o_],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("b.tif") && text(&o).contains("1 files skipped"), "{}", text(&o));
+    assert!(read_parquet(&out).0.num_rows() > 0);
+}
