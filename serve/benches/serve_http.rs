@@ -175,11 +175,11 @@ fn main() {
     eprintln!("raw ORT: {raw_before:.1} images/s");
     let load = Load { model: name.clone(), shape: [c, h, w] };
     let ep_flag = if ep == EpPreference::Cuda { "cuda" } else { "cpu" };
+    let extra: String = env("GEOSSL_BENCH_SERVER_ARGS", String::new());
+    let mut server_args = vec!["--execution-provider", ep_flag];
+    server_args.extend(extra.split_whitespace());
     let served = {
-        let extra: String = env("GEOSSL_BENCH_SERVER_ARGS", String::new());
-        let mut args = vec!["--execution-provider", ep_flag];
-        args.extend(extra.split_whitespace());
-        let s = Server::start(&repo, &args);
+        let s = Server::start(&repo, &server_args);
         load.all(s.addr, batch, secs)
     };
     eprintln!("served: {served}");
@@ -189,8 +189,14 @@ fn main() {
     eprintln!("raw ORT again: {raw_after:.1} images/s");
     let fastapi = std::env::var("GEOSSL_BENCH_FASTAPI").ok().map(|a| {
         let load = Load { model: name.clone(), shape: [c, h, w] };
-        let v = load.all(a.parse().expect("host:port"), batch, secs);
+        let mut v = load.all(a.parse().expect("host:port"), batch, secs);
         eprintln!("fastapi: {v}");
+        // Latency of geossl-serve at the FastAPI server's half-load rate (same offered load).
+        let rate = v["half_load_rate"].as_f64().unwrap_or(1.0);
+        let s = Server::start(&repo, &server_args);
+        let (p50, p99, ok) = load.open(s.addr, rate, secs);
+        v["served_at_this_half_load_rate"] = json!({ "p50_ms": p50, "p99_ms": p99, "ok_fraction": ok });
+        eprintln!("served at the same rate: p50 {p50:.1} ms, p99 {p99:.1} ms");
         v
     });
     let ratio = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
