@@ -68,7 +68,8 @@ fn init_then_info_round_trip_and_errors() {
     assert!(!o.status.success() && text(&o).contains("no classifier head"), "{}", text(&o));
     assert!(!bad.exists());
 
-    // Placeholders say so until their issue lands.
-    let o = run("geossl-serve", &["serve", "--model-repository", "x"]);
-    assert!(!o.status.success() && text(&o).contains("not implemented yet"), "{}", text(&o));
+    // The server refuses a missing model repository by name, before binding anything.
+    let missing = dir.path().join("no-such-repo");
+    let o = run("geossl-serve", &["serve", "--model-repository", missing.to_str().unwrap(), "--port", "0"]);
+    assert!(!o.status.success() && text(&o).contains("no-such-repo"), "{}", text(&o));
 }
