@@ -62,6 +62,30 @@ impl ModelInfo {
         (d(1).unwrap_or(0), d(2), d(3))
     }
 
+    /// The model input `[N, C, H, W]` from channel-major uint8 pixels: as they
+    /// are for uint8 models, `x * mul + add` per channel for float32 models.
+    pub fn input_from_u8(&self, shape: [usize; 4], px: Vec<u8>) -> Result<Tensor, String> {
+        match self.input.datatype {
+            DType::U8 => Ok(Tensor::u8(shape.to_vec(), px)),
+            DType::F32 => {
+                let c = shape[1];
+                let (mul, add) =
+                    self.normalization.as_ref().filter(|(m, a)| m.len() == c && a.len() == c).ok_or_else(|| {
+                        format!(
+                            "model {} takes float32 input and carries no {c}-band normalization (geossl.spec metadata)",
+                            self.name
+                        )
+                    })?;
+                let hw = shape[2] * shape[3];
+                let v = px.iter().enumerate().map(|(i, &v)| {
+                    let ch = (i / hw) % c;
+                    f32::from(v) * mul[ch] + add[ch]
+                });
+                Ok(Tensor::f32(shape.to_vec(), v.collect()))
+            }
+        }
+    }
+
     /// Task from output names, following `geossl_models::io`.
     pub fn task_from_outputs(outputs: &[TensorSpec]) -> Task {
         use geossl_models::io::{OUTPUT_EMBEDDING, OUTPUT_LOGITS, OUTPUT_MASK_LOGITS};

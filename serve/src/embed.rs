@@ -21,7 +21,6 @@ use geossl_models::georef::{georef_from_tiff, Georef};
 use crate::backend::{Backend, Task};
 use crate::image_io::{self, Planes};
 use crate::ort_backend::{OrtBackend, SessionOptions};
-use crate::tensor::{DType, Tensor};
 
 /// What to embed and how.
 #[derive(Debug, Clone)]
@@ -202,16 +201,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
             for (_, p) in pending.iter() {
                 px.extend_from_slice(p);
             }
-            let input = match info.input.datatype {
-                DType::U8 => Tensor::u8(vec![n, c, h, w], px),
-                DType::F32 => {
-                    let (mul, add) =
-                        info.normalization.clone().ok_or("float32 model without normalization metadata")?;
-                    let hw = h * w;
-                    let v = px.iter().enumerate().map(|(i, &v)| f32::from(v) * mul[(i / hw) % c] + add[(i / hw) % c]);
-                    Tensor::f32(vec![n, c, h, w], v.collect())
-                }
-            };
+            let input = info.input_from_u8([n, c, h, w], px)?;
             let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
             emb.extend_from_slice(out[0].as_f32().ok_or("embedding is not float32")?);
             rows.extend(pending.drain(..).map(|(r, _)| r));

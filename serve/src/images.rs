@@ -19,7 +19,7 @@ use crate::batcher::Worker;
 use crate::error::ServeError;
 use crate::image_io::{self, Planes};
 use crate::state::AppState;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 
 /// Query parameters of the image endpoints.
 #[derive(Debug, Deserialize, Default)]
@@ -105,30 +105,9 @@ fn prepare(images: Vec<web::Bytes>, info: &ModelInfo, max_pixels: u64) -> Result
 
 /// Stacks same-sized planes into the model's input tensor `[N, C, H, W]`.
 fn to_input(planes: &[Planes], info: &ModelInfo) -> Result<Tensor, ServeError> {
-    let (c, h, w) = (planes[0].c, planes[0].h, planes[0].w);
-    let shape = vec![planes.len(), c, h, w];
-    match info.input.datatype {
-        DType::U8 => Ok(Tensor::u8(shape, planes.iter().flat_map(|p| p.data.iter().copied()).collect())),
-        DType::F32 => {
-            let (mul, add) = info.normalization.clone().ok_or_else(|| {
-                ServeError::Unprocessable(format!(
-                    "model {} takes float32 input and carries no normalization (geossl.spec metadata); use the OIP endpoint",
-                    info.name
-                ))
-            })?;
-            let n = h * w;
-            let data = planes
-                .iter()
-                .flat_map(|p| {
-                    p.data.iter().enumerate().map(|(i, &v)| {
-                        let ch = (i / n).min(mul.len().saturating_sub(1));
-                        f32::from(v) * mul[ch] + add[ch]
-                    })
-                })
-                .collect();
-            Ok(Tensor::f32(shape, data))
-        }
-    }
+    let shape = [planes.len(), planes[0].c, planes[0].h, planes[0].w];
+    let px = planes.iter().flat_map(|p| p.data.iter().copied()).collect();
+    info.input_from_u8(shape, px).map_err(|e| ServeError::Unprocessable(format!("{e}; use the OIP endpoint")))
 }
 
 /// Runs `planes` through `worker` in chunks of at most `max_batch_size`,

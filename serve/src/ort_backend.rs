@@ -8,7 +8,7 @@ use ort::ep::{ArenaExtendStrategy, ExecutionProviderDispatch, CUDA};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-use crate::backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};
+use crate::backend::{Backend, BackendError, ModelInfo, TensorSpec};
 use crate::tensor::{DType, Data, Tensor};
 
 /// Which execution provider a model should get.
@@ -203,7 +203,7 @@ impl ModelSignature {
             version,
             input: self.input,
             outputs: self.outputs,
-            task: if task == Task::Other { Task::Other } else { task },
+            task,
             labels,
             normalization,
             metadata: self.metadata,

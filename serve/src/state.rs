@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::batcher::Worker;
 use crate::error::ServeError;
 use crate::metrics::Metrics;
-use crate::repository::{parse_version, valid_model_name};
+use crate::repository::parse_version;
 
 /// Request limits.
 #[derive(Debug, Clone, Copy)]
@@ -78,11 +78,7 @@ impl AppState {
 
     /// The worker for `name` at `version` (the newest when `None`).
     pub fn lookup(&self, name: &str, version: Option<&str>) -> Result<&Arc<Worker>, ServeError> {
-        let versions = self
-            .models
-            .get(name)
-            .filter(|_| valid_model_name(name))
-            .ok_or_else(|| ServeError::NotFound(format!("unknown model {name:?}")))?;
+        let versions = self.models.get(name).ok_or_else(|| ServeError::NotFound(format!("unknown model {name:?}")))?;
         match version {
             None | Some("") => versions.values().next_back().ok_or_else(|| ServeError::NotFound(name.to_string())),
             Some(v) => parse_version(v)
