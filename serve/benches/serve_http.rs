@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use geossl_serve::ort_backend::{self, EpPreference, OrtBackend, SessionOptions};
 use geossl_serve::{Backend, Tensor};
-use geossl_tests::http::request;
+use geossl_tests::http::{oip_u8_binary_request, request};
 use geossl_tests::server::Server;
 use serde_json::json;
 
@@ -33,15 +33,8 @@ struct Load {
 impl Load {
     fn body(&self, n: usize) -> (String, Vec<u8>) {
         let numel = n * self.shape.iter().product::<usize>();
-        let head = serde_json::to_vec(&json!({
-            "inputs": [{ "name": "images", "shape": [n, self.shape[0], self.shape[1], self.shape[2]], "datatype": "UINT8",
-                         "parameters": { "binary_data_size": numel } }],
-            "parameters": { "binary_data_output": true },
-        }))
-        .unwrap();
-        let mut b = head.clone();
-        b.extend((0..numel).map(|i| (i * 7 % 251) as u8));
-        (head.len().to_string(), b)
+        let px: Vec<u8> = (0..numel).map(|i| (i * 7 % 251) as u8).collect();
+        oip_u8_binary_request(&[n, self.shape[0], self.shape[1], self.shape[2]], &px)
     }
 
     fn send(&self, addr: SocketAddr, p: &(String, Vec<u8>)) -> u16 {

@@ -18,6 +18,11 @@ impl Response {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
+    /// The body as (lossy) UTF-8 text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     /// The body as JSON (panics with the body text when it is not).
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
@@ -86,4 +91,17 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
 
 pub fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     request(addr, "POST", path, headers, body).unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+/// An OIP infer body with one `UINT8` input `images` of `shape` sent as binary
+/// data and all outputs asked as binary: (`Inference-Header-Content-Length`, body).
+pub fn oip_u8_binary_request(shape: &[usize], px: &[u8]) -> (String, Vec<u8>) {
+    let head = serde_json::to_vec(&serde_json::json!({
+        "inputs": [{ "name": "images", "shape": shape, "datatype": "UINT8", "parameters": { "binary_data_size": px.len() } }],
+        "parameters": { "binary_data_output": true },
+    }))
+    .expect("JSON");
+    let mut body = head.clone();
+    body.extend_from_slice(px);
+    (head.len().to_string(), body)
 }

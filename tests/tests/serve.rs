@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Barrier, OnceLock};
 
-use geossl_tests::http::{get, post, Response};
+use geossl_tests::http::{get, oip_u8_binary_request, post};
 use geossl_tests::server::{histogram, make_repository, Server};
 use geossl_tests::{python, shared_data};
 use serde_json::{json, Value};
@@ -70,18 +70,10 @@ fn chw(img: &image::RgbImage) -> Vec<u8> {
 
 /// OIP binary request of one uint8 image; returns the first output as f32.
 fn oip_binary(addr: SocketAddr, model: &str, img: &image::RgbImage) -> (Vec<usize>, Vec<f32>) {
-    let px = chw(img);
-    let head = serde_json::to_vec(&json!({
-        "inputs": [{ "name": "images", "shape": [1, 3, img.height(), img.width()], "datatype": "UINT8",
-                     "parameters": { "binary_data_size": px.len() } }],
-        "parameters": { "binary_data_output": true },
-    }))
-    .unwrap();
-    let mut body = head.clone();
-    body.extend_from_slice(&px);
-    let n = head.len().to_string();
+    let shape = [1, 3, img.height() as usize, img.width() as usize];
+    let (n, body) = oip_u8_binary_request(&shape, &chw(img));
     let r = post(addr, &format!("/v2/models/{model}/infer"), &[("Inference-Header-Content-Length", &n)], &body);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 200, "{}", r.text());
     let hl: usize = r.header("inference-header-content-length").unwrap().parse().unwrap();
     let meta: Value = serde_json::from_slice(&r.body[..hl]).unwrap();
     let shape: Vec<usize> = serde_json::from_value(meta["outputs"][0]["shape"].clone()).unwrap();
@@ -185,7 +177,7 @@ fn every_endpoint_on_real_models_and_imagery() {
     // Concurrent clients: batched (batch-size metric > 1), each equal to its single-request result.
     let tiles: Vec<image::RgbImage> = (0..12).map(|i| crop(&img, 100 + 40 * i, 200 + 17 * i, SIZE, SIZE)).collect();
     let singles: Vec<Vec<f32>> = tiles.iter().map(|t| oip_binary(s.addr, "embed", t).1).collect();
-    let before = histogram(&get(s.metrics, "/metrics").body_text(), "geossl_batch_size", "model=\"embed/1\"");
+    let before = histogram(&get(s.metrics, "/metrics").text(), "geossl_batch_size", "model=\"embed/1\"");
     let barrier = Arc::new(Barrier::new(tiles.len()));
     let addr = s.addr;
     let handles: Vec<_> = tiles
@@ -204,11 +196,11 @@ fn every_endpoint_on_real_models_and_imagery() {
         let scale = singles[i].iter().fold(1.0f32, |a, x| a.max(x.abs()));
         assert!(max_abs_diff(&got, &singles[i]) <= 1e-4 * scale, "request {i}");
     }
-    let after = histogram(&get(s.metrics, "/metrics").body_text(), "geossl_batch_size", "model=\"embed/1\"");
+    let after = histogram(&get(s.metrics, "/metrics").text(), "geossl_batch_size", "model=\"embed/1\"");
     let (rows, calls) = (after.0 - before.0, after.1 - before.1);
     assert_eq!(rows, 12.0);
     assert!(calls < 12.0, "12 concurrent requests ran in {calls} backend calls: no batching");
-    let metrics = get(s.metrics, "/metrics").body_text();
+    let metrics = get(s.metrics, "/metrics").text();
     for name in [
         "geossl_requests_total",
         "geossl_queue_duration_seconds",
@@ -223,16 +215,6 @@ fn every_endpoint_on_real_models_and_imagery() {
 
     // SIGTERM: drains and exits cleanly.
     assert!(s.terminate(), "server did not exit cleanly on SIGTERM:\n{}", s.log());
-}
-
-trait BodyText {
-    fn body_text(&self) -> String;
-}
-
-impl BodyText for Response {
-    fn body_text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
 }
 
 #[test]
@@ -369,13 +351,13 @@ fn bad_inputs_get_4xx_json_and_the_server_keeps_serving() {
     ];
     for (what, path, headers, body, want) in &cases {
         let r = post(s.addr, path, headers, body);
-        assert_eq!(r.status, *want, "{what}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.status, *want, "{what}: {}", r.text());
         assert!(r.json()["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}");
         // Still serving after each.
         assert_eq!(get(s.addr, "/v2/health/ready").status, 200, "after {what}");
     }
     let r = post(s.addr, "/v1/models/embed/embed", &[("Content-Type", "image/png")], &good);
     assert_eq!(r.status, 200);
-    let metrics = String::from_utf8_lossy(&get(s.metrics, "/metrics").body).into_owned();
+    let metrics = get(s.metrics, "/metrics").text();
     assert!(!metrics.contains("status=\"5"), "a 5xx was recorded:\n{metrics}");
 }

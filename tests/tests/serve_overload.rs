@@ -9,19 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geossl_tests::http::request;
+use geossl_tests::http::{oip_u8_binary_request, request};
 use geossl_tests::server::{make_repository, Server};
 
 fn body() -> (String, Vec<u8>) {
-    let n = 3 * 64 * 64;
-    let head = serde_json::to_vec(&serde_json::json!({
-        "inputs": [{ "name": "images", "shape": [1, 3, 64, 64], "datatype": "UINT8", "parameters": { "binary_data_size": n } }],
-        "parameters": { "binary_data_output": true },
-    }))
-    .unwrap();
-    let mut b = head.clone();
-    b.extend((0..n).map(|i| (i % 253) as u8));
-    (head.len().to_string(), b)
+    let px: Vec<u8> = (0..3 * 64 * 64).map(|i| (i % 253) as u8).collect();
+    oip_u8_binary_request(&[1, 3, 64, 64], &px)
 }
 
 /// One request; the status, or 0 when the connection failed.
