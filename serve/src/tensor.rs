@@ -73,13 +73,6 @@ impl Tensor {
         self.shape.first().copied().unwrap_or(0)
     }
 
-    pub fn numel(&self) -> usize {
-        match &self.data {
-            Data::U8(v) => v.len(),
-            Data::F32(v) => v.len(),
-        }
-    }
-
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             Data::F32(v) => Some(v),
