@@ -2,7 +2,13 @@
 //! threads, each owning one backend session, merge them up to
 //! `max_batch_size` rows within `max_queue_delay`, run one inference and hand
 //! each request its rows back.
+//!
+//! The window is adaptive: handlers [announce](Worker::announce) a request as
+//! soon as they know its model, before reading and decoding its body. A worker
+//! holding a partial batch waits only while announced requests are still on
+//! their way; a lone request runs at once instead of paying the whole window.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +57,30 @@ pub struct Worker {
     tx: Sender<Job>,
     metrics: Arc<Metrics>,
     label: String,
+    arriving: Arc<AtomicUsize>,
+}
+
+/// A request announced to a worker and not yet queued: while any exists, a
+/// worker with a partial batch waits (up to `max_queue_delay`) for it.
+/// Settled by its first [`Worker::infer`] or when dropped.
+#[derive(Debug)]
+pub struct Arrival {
+    arriving: Arc<AtomicUsize>,
+    settled: AtomicBool,
+}
+
+impl Arrival {
+    fn settle(&self) {
+        if !self.settled.swap(true, Ordering::SeqCst) {
+            self.arriving.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -70,15 +100,23 @@ impl Worker {
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
         let label = format!("{}/{}", info.name, info.version);
+        let arriving = Arc::new(AtomicUsize::new(0));
         for (i, backend) in backends.into_iter().enumerate() {
-            let rx = rx.clone();
+            let queue = Queue { rx: rx.clone(), arriving: arriving.clone() };
             let metrics = metrics.clone();
             let label = label.clone();
             std::thread::Builder::new()
                 .name(format!("infer-{}-{}-{i}", info.name, info.version))
-                .spawn(move || run_worker(backend, rx, config, metrics, label))?;
+                .spawn(move || run_worker(backend, queue, config, metrics, label))?;
         }
-        Ok(Self { info: Arc::new(info), config, tx, metrics, label })
+        Ok(Self { info: Arc::new(info), config, tx, metrics, label, arriving })
+    }
+
+    /// Announces a request that will call [`infer`](Self::infer) once its body
+    /// is read and decoded, so that a batch being formed waits for it.
+    pub fn announce(&self) -> Arrival {
+        self.arriving.fetch_add(1, Ordering::SeqCst);
+        Arrival { arriving: self.arriving.clone(), settled: AtomicBool::new(false) }
     }
 
     /// Model label used in metrics: `name/version`.
@@ -87,8 +125,14 @@ impl Worker {
     }
 
     /// Queues `input` (`[n, C, H, W]`, n ≤ `max_batch_size`) and waits for its
-    /// outputs. Fails fast with 429 when the queue is full.
-    pub async fn infer(&self, input: Tensor, timeout: Duration) -> Result<Vec<Tensor>, ServeError> {
+    /// outputs. Fails fast with 429 when the queue is full. `arrival`, the
+    /// request's announcement if it made one, is settled once the job is queued.
+    pub async fn infer(
+        &self,
+        input: Tensor,
+        timeout: Duration,
+        arrival: Option<&Arrival>,
+    ) -> Result<Vec<Tensor>, ServeError> {
         let n = input.batch();
         if n == 0 || n > self.config.max_batch_size {
             return Err(ServeError::Unprocessable(format!(
@@ -99,7 +143,11 @@ impl Worker {
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
         let job = Job { input, enqueued: now, deadline: now + timeout, reply };
-        match self.tx.try_send(job) {
+        let sent = self.tx.try_send(job);
+        if let Some(a) = arrival {
+            a.settle();
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.metrics.rejected.with_label_values(&[&self.label, "queue_full"]).inc();
@@ -143,18 +191,42 @@ fn expired(job: Job, metrics: &Metrics, label: &str, now: Instant) -> Option<Job
     None
 }
 
-fn run_worker(
-    mut backend: Box<dyn Backend>,
+/// A worker's end of the queue.
+struct Queue {
     rx: Receiver<Job>,
-    config: BatchConfig,
-    metrics: Arc<Metrics>,
-    label: String,
-) {
+    arriving: Arc<AtomicUsize>,
+}
+
+/// How often a waiting worker re-checks whether anything is still arriving.
+const ARRIVAL_POLL: Duration = Duration::from_micros(250);
+
+impl Queue {
+    /// The next job within `until`, or `None` when the window closed, the
+    /// queue is empty with nothing announced, or the queue shut down.
+    fn next_before(&self, until: Instant) -> Option<Job> {
+        loop {
+            if let Ok(j) = self.rx.try_recv() {
+                return Some(j);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.arriving.load(Ordering::SeqCst) == 0 {
+                return None;
+            }
+            match self.rx.recv_timeout(left.min(ARRIVAL_POLL)) {
+                Ok(j) => return Some(j),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+}
+
+fn run_worker(mut backend: Box<dyn Backend>, queue: Queue, config: BatchConfig, metrics: Arc<Metrics>, label: String) {
     let mut held: Option<Job> = None;
     loop {
         let first = match held.take() {
             Some(j) => j,
-            None => match rx.recv() {
+            None => match queue.rx.recv() {
                 Ok(j) => j,
                 Err(_) => return, // queue closed: shutdown
             },
@@ -167,11 +239,7 @@ fn run_worker(
         let mut jobs = vec![first];
         let until = Instant::now() + config.max_queue_delay;
         while rows < config.max_batch_size {
-            let wait = until.saturating_duration_since(Instant::now());
-            let next = match rx.recv_timeout(wait) {
-                Ok(j) => j,
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
-            };
+            let Some(next) = queue.next_before(until) else { break };
             let Some(next) = expired(next, &metrics, &label, Instant::now()) else { continue };
             if !still_wanted(&next, &metrics, &label) {
                 continue;
@@ -186,7 +254,7 @@ fn run_worker(
             rows += next.input.batch();
             jobs.push(next);
         }
-        metrics.queue_depth.with_label_values(&[&label]).set(rx.len() as i64);
+        metrics.queue_depth.with_label_values(&[&label]).set(queue.rx.len() as i64);
         run_batch(backend.as_mut(), jobs, &metrics, &label);
     }
 }

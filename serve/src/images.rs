@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::backend::{ModelInfo, Task};
-use crate::batcher::Worker;
+use crate::batcher::{Arrival, Worker};
 use crate::error::ServeError;
 use crate::image_io::{self, Planes};
 use crate::state::AppState;
@@ -112,10 +112,12 @@ fn to_input(planes: &[Planes], info: &ModelInfo) -> Result<Tensor, ServeError> {
 
 /// Runs `planes` through `worker` in chunks of at most `max_batch_size`,
 /// concurrently, and returns per-output tensors for all rows in order.
-async fn run_rows(state: &AppState, worker: &Arc<Worker>, planes: &[Planes]) -> Result<Vec<Tensor>, ServeError> {
+async fn run_rows(state: &AppState, p: &Prepared, planes: &[Planes]) -> Result<Vec<Tensor>, ServeError> {
+    let worker = &p.worker;
     let chunks: Vec<Tensor> =
         planes.chunks(worker.config.max_batch_size).map(|c| to_input(c, &worker.info)).collect::<Result<_, _>>()?;
-    let results = try_join_all(chunks.into_iter().map(|t| worker.infer(t, state.limits.request_timeout))).await?;
+    let timeout = state.limits.request_timeout;
+    let results = try_join_all(chunks.into_iter().map(|t| worker.infer(t, timeout, Some(&p.arrival)))).await?;
     let n_out = worker.info.outputs.len();
     (0..n_out)
         .map(|k| {
@@ -127,6 +129,7 @@ async fn run_rows(state: &AppState, worker: &Arc<Worker>, planes: &[Planes]) -> 
 
 struct Prepared {
     worker: Arc<Worker>,
+    arrival: Arrival,
     planes: Vec<Planes>,
     query: ImageQuery,
 }
@@ -150,6 +153,7 @@ async fn accept(
             worker.info.task
         )));
     }
+    let arrival = worker.announce();
     let permit = state.permit()?;
     let images = read_images(state, req, payload).await?;
     let started = Instant::now();
@@ -162,7 +166,7 @@ async fn accept(
         .await
         .map_err(|e| ServeError::Internal(format!("decoder task failed: {e}")))??;
     state.metrics.decode_seconds.with_label_values(&[worker.label()]).observe(started.elapsed().as_secs_f64());
-    Ok((Prepared { worker, planes, query }, permit))
+    Ok((Prepared { worker, arrival, planes, query }, permit))
 }
 
 fn output<'a>(info: &ModelInfo, outs: &'a [Tensor], name: &str) -> Option<&'a Tensor> {
@@ -176,7 +180,7 @@ pub async fn embed(
     payload: web::Payload,
 ) -> Result<HttpResponse, ServeError> {
     let (p, _permit) = accept(&state, &req, payload, Task::Embedding, "embed").await?;
-    let outs = run_rows(&state, &p.worker, &p.planes).await?;
+    let outs = run_rows(&state, &p, &p.planes).await?;
     let e = output(&p.worker.info, &outs, geossl_models::io::OUTPUT_EMBEDDING)
         .ok_or_else(|| ServeError::Internal("embedding output missing".into()))?;
     let d = e.shape.get(1).copied().unwrap_or(0);
@@ -212,7 +216,7 @@ pub async fn classify(
 ) -> Result<HttpResponse, ServeError> {
     let (p, _permit) = accept(&state, &req, payload, Task::Classification, "classify").await?;
     let info = &p.worker.info;
-    let outs = run_rows(&state, &p.worker, &p.planes).await?;
+    let outs = run_rows(&state, &p, &p.planes).await?;
     use geossl_models::io::{OUTPUT_LOGITS, OUTPUT_PROBABILITIES};
     let (t, is_prob) = match output(info, &outs, OUTPUT_PROBABILITIES) {
         Some(t) => (t, true),
@@ -256,7 +260,7 @@ pub async fn segment(
         return Err(ServeError::BadRequest(format!("format {format:?}; use png or rle")));
     }
     // Images of different sizes go as separate requests; the batcher merges equal sizes.
-    let futures = p.planes.iter().map(|pl| run_rows(&state, &p.worker, std::slice::from_ref(pl)));
+    let futures = p.planes.iter().map(|pl| run_rows(&state, &p, std::slice::from_ref(pl)));
     let results = try_join_all(futures).await?;
     let mut masks = Vec::with_capacity(results.len());
     for (pl, outs) in p.planes.iter().zip(&results) {

@@ -344,6 +344,7 @@ pub async fn infer(
 ) -> Result<HttpResponse, ServeError> {
     state.authorize(&req)?;
     let worker = route_model(&state, &req)?.clone();
+    let arrival = worker.announce();
     let _permit = state.permit()?;
     let header_len = match req.headers().get(HEADER_LEN) {
         None => None,
@@ -362,6 +363,6 @@ pub async fn infer(
         .map_err(|e| ServeError::Internal(format!("parser task failed: {e}")))??;
     let mut parsed = parsed;
     let input = std::mem::replace(&mut parsed.input, Tensor::u8(vec![0], Vec::new()));
-    let outputs = worker.infer(input, state.limits.request_timeout).await?;
+    let outputs = worker.infer(input, state.limits.request_timeout, Some(&arrival)).await?;
     Ok(build_response(&worker.info, &parsed, &outputs))
 }
