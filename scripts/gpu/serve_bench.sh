@@ -11,7 +11,8 @@
 #   2. makes a ResNet-50 224² model repository there (random init; speed does not
 #      depend on the weights): fp16 compute, uint8 input, max_batch_size 256;
 #   3. runs the serve_http bench with the CUDA EP (error_on_failure: no silent CPU
-#      fallback): raw ORT session vs geossl-serve over HTTP, same batch;
+#      fallback): the raw ORT session with NHWC kernels and pinned-memory IO binding
+#      each on and off, then raw ORT (defaults: both on) vs geossl-serve over HTTP, same batch;
 #      target ≥ 20,000 img/s ResNet-50 embeddings on an H200.
 #   Output: $OUT/serve-gpu.json (or docs/benchmarks/serve-gpu.json).
 set -euo pipefail
@@ -44,8 +45,8 @@ case "${1:-}" in
     # The bench finds geossl-serve next to itself (target/<profile>/ layout).
     mkdir -p $W/target/release/deps && cp .gpus/release/* $W/target/release/ && mv $W/target/release/serve_http $W/target/release/deps/
     out=${OUT:-docs/benchmarks}/serve-gpu.json
-    GEOSSL_BENCH_REPO=$W/repo GEOSSL_BENCH_MODEL=resnet50 GEOSSL_BENCH_BATCH=256 GEOSSL_BENCH_SECONDS=15 \
-    GEOSSL_BENCH_EP=cuda $W/target/release/deps/serve_http | tee "$out"
+    GEOSSL_BENCH_REPO=$W/repo GEOSSL_BENCH_MODEL=resnet50 GEOSSL_BENCH_BATCH=256 GEOSSL_BENCH_SECONDS=10 \
+    GEOSSL_BENCH_EP=cuda GEOSSL_BENCH_RAW_VARIANTS=1 $W/target/release/deps/serve_http | tee "$out"
     ;;
   *) echo "usage: $0 build|run" >&2; exit 2 ;;
 esac

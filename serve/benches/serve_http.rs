@@ -6,7 +6,9 @@
 //! Env: GEOSSL_BENCH_REPO (model repository with GEOSSL_BENCH_MODEL, default
 //! `resnet50`), GEOSSL_BENCH_BATCH (8), GEOSSL_BENCH_SECONDS (20),
 //! GEOSSL_BENCH_FASTAPI (host:port of a running FastAPI server, optional),
-//! GEOSSL_BENCH_EP (cpu), GEOSSL_BENCH_SERVER_ARGS (extra `serve` flags).
+//! GEOSSL_BENCH_EP (cpu), GEOSSL_BENCH_SERVER_ARGS (extra `serve` flags),
+//! GEOSSL_BENCH_RAW_VARIANTS (1: also time the raw session with CUDA NHWC
+//! kernels and IO binding each on and off).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geossl_serve::ort_backend::{self, EpPreference, OrtBackend, SessionOptions};
+use geossl_serve::ort_backend::{self, EpPreference, IoBindingMode, OrtBackend, SessionOptions};
 use geossl_serve::{Backend, Tensor};
 use geossl_tests::http::{oip_u8_binary_request, request};
 use geossl_tests::server::Server;
@@ -163,6 +165,20 @@ fn main() {
         }
         n as f64 / t.elapsed().as_secs_f64()
     };
+    // Which session options matter (on a GPU: NHWC kernels, pinned-memory IO binding).
+    let mut variants = Vec::new();
+    if env("GEOSSL_BENCH_RAW_VARIANTS", 0) == 1 {
+        for nhwc in [false, true] {
+            for io in [IoBindingMode::Off, IoBindingMode::On] {
+                let o = SessionOptions { cuda_nhwc: nhwc, io_binding: io, ..opts.clone() };
+                let (mut v, sig) = OrtBackend::load(envr, &model, &o).expect("model");
+                let ips = raw_phase(&mut v);
+                eprintln!("raw ORT, nhwc {nhwc}, io binding {io:?} ({}): {ips:.1} images/s", sig.execution_provider);
+                variants.push(json!({ "cuda_nhwc": nhwc, "io_binding": format!("{io:?}"),
+                    "execution_provider": sig.execution_provider, "images_per_s": ips }));
+            }
+        }
+    }
     // Raw ORT before and after the served phases (this machine's speed drifts); the mean is the reference.
     let raw_before = raw_phase(&mut b);
     eprintln!("raw ORT: {raw_before:.1} images/s");
@@ -195,8 +211,8 @@ fn main() {
     let ratio = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let report = json!({
         "model": name, "input": [c, h, w], "batch": batch, "seconds_per_phase": secs,
-        "execution_provider": ep_flag, "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-        "raw_ort_images_per_s": raw, "raw_ort_before_after": [raw_before, raw_after],
+        "execution_provider": sig.execution_provider, "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "raw_ort_images_per_s": raw, "raw_ort_before_after": [raw_before, raw_after], "raw_ort_variants": variants,
         "served": served,
         "served_over_raw": ratio(&served, "images_per_s_batch_requests") / raw,
         "fastapi": fastapi,

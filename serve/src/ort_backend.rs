@@ -5,7 +5,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use ort::ep::{ArenaExtendStrategy, ExecutionProviderDispatch, CUDA};
-use ort::session::Session;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::backend::{Backend, BackendError, ModelInfo, TensorSpec};
@@ -24,6 +25,19 @@ pub enum EpPreference {
     Cpu,
 }
 
+/// Whether inference goes through an ONNX Runtime IO binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IoBindingMode {
+    /// On for CUDA sessions (inputs staged in pinned host memory, copied to the
+    /// device asynchronously; outputs copied back into pinned memory), off on CPU.
+    #[default]
+    Auto,
+    /// Always (on CPU: staged in ONNX Runtime's CPU allocator; for tests).
+    On,
+    /// Never: plain `run` over borrowed host buffers.
+    Off,
+}
+
 /// Session options.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -36,11 +50,23 @@ pub struct SessionOptions {
     /// Let idle intra-op threads spin (ONNX Runtime's default); off frees
     /// cores for HTTP and decoding at some latency cost.
     pub spinning: bool,
+    /// CUDA: prefer NHWC (channels-last) convolution kernels, which keep fp16
+    /// tensor cores busy without per-layer layout transposes.
+    pub cuda_nhwc: bool,
+    pub io_binding: IoBindingMode,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { ep: EpPreference::Auto, device_id: 0, intra_threads: 0, gpu_mem_limit: 0, spinning: true }
+        Self {
+            ep: EpPreference::Auto,
+            device_id: 0,
+            intra_threads: 0,
+            gpu_mem_limit: 0,
+            spinning: true,
+            cuda_nhwc: true,
+            io_binding: IoBindingMode::Auto,
+        }
     }
 }
 
@@ -71,6 +97,52 @@ pub struct OrtBackend {
     session: Session,
     input_name: String,
     output_names: Vec<String>,
+    binding: Option<Binding>,
+}
+
+/// An IO binding with its staging allocator (pinned host memory under CUDA).
+#[derive(Debug)]
+struct Binding {
+    io: IoBinding,
+    input: Allocator,
+    output: MemoryInfo<'static>,
+    outputs: Vec<String>,
+}
+
+impl Binding {
+    fn new(session: &Session, cuda: bool, device_id: i32, outputs: &[String]) -> ort::Result<Self> {
+        let (input, output) = if cuda {
+            let pinned = |t| MemoryInfo::new(AllocationDevice::CUDA_PINNED, device_id, AllocatorType::Device, t);
+            (Allocator::new(session, pinned(MemoryType::CPUInput)?)?, pinned(MemoryType::CPUOutput)?)
+        } else {
+            let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
+            (Allocator::default(), cpu)
+        };
+        Ok(Self { io: session.create_binding()?, input, output, outputs: outputs.to_vec() })
+    }
+
+    /// Copies `input` into staging memory and binds it as `name`; outputs are
+    /// bound afresh (to the output device, shape unknown) because a binding
+    /// keeps the previous run's outputs, whose batch size may differ.
+    fn stage(&mut self, name: &str, input: &Tensor) -> ort::Result<()> {
+        self.io.clear_outputs();
+        for o in &self.outputs {
+            self.io.bind_output_to_device(o.as_str(), &self.output)?;
+        }
+        let shape: Vec<i64> = input.shape.iter().map(|&d| d as i64).collect();
+        match &input.data {
+            Data::U8(v) => {
+                let mut t = ort::value::Tensor::<u8>::new(&self.input, shape)?;
+                t.extract_tensor_mut().1.copy_from_slice(v);
+                self.io.bind_input(name, &t)
+            }
+            Data::F32(v) => {
+                let mut t = ort::value::Tensor::<f32>::new(&self.input, shape)?;
+                t.extract_tensor_mut().1.copy_from_slice(v);
+                self.io.bind_input(name, &t)
+            }
+        }
+    }
 }
 
 fn dtype(t: TensorElementType) -> Option<DType> {
@@ -108,6 +180,7 @@ fn build(
     if cuda {
         let mut ep = CUDA::default()
             .with_device_id(opts.device_id)
+            .with_prefer_nhwc(opts.cuda_nhwc)
             .with_arena_extend_strategy(ArenaExtendStrategy::SameAsRequested);
         if opts.gpu_mem_limit > 0 {
             ep = ep.with_memory_limit(opts.gpu_mem_limit);
@@ -167,11 +240,24 @@ impl OrtBackend {
                 }
             }
         }
-        let sig =
-            ModelSignature { input: input.clone(), outputs: outputs.clone(), metadata, execution_provider: ep.into() };
-        let backend =
-            Self { session, input_name: input.name, output_names: outputs.into_iter().map(|o| o.name).collect() };
-        Ok((backend, sig))
+        let output_names: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
+        let cuda = ep == "CUDA";
+        let bind = match opts.io_binding {
+            IoBindingMode::Auto => cuda,
+            IoBindingMode::On => true,
+            IoBindingMode::Off => false,
+        };
+        let binding = if bind {
+            Some(
+                Binding::new(&session, cuda, opts.device_id, &output_names)
+                    .map_err(|e| format!("{}: IO binding: {e}", path.display()))?,
+            )
+        } else {
+            None
+        };
+        let execution_provider = if binding.is_some() { format!("{ep}+iobinding") } else { ep.to_string() };
+        let sig = ModelSignature { input: input.clone(), outputs, metadata, execution_provider };
+        Ok((Self { session, input_name: input.name, output_names, binding }, sig))
     }
 }
 
@@ -214,13 +300,18 @@ impl ModelSignature {
 
 impl Backend for OrtBackend {
     fn infer(&mut self, input: &Tensor) -> Result<Vec<Tensor>, BackendError> {
-        let shape: Vec<i64> = input.shape.iter().map(|&d| d as i64).collect();
         let err = |e: ort::Error| BackendError(e.to_string());
-        let value = match &input.data {
-            Data::U8(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
-            Data::F32(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
+        let outputs = if let Some(b) = &mut self.binding {
+            b.stage(&self.input_name, input).map_err(err)?;
+            self.session.run_binding(&b.io).map_err(err)?
+        } else {
+            let shape: Vec<i64> = input.shape.iter().map(|&d| d as i64).collect();
+            let value = match &input.data {
+                Data::U8(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
+                Data::F32(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
+            };
+            self.session.run(vec![(self.input_name.as_str(), value)]).map_err(err)?
         };
-        let outputs = self.session.run(vec![(self.input_name.as_str(), value)]).map_err(err)?;
         let mut out = Vec::with_capacity(self.output_names.len());
         for name in &self.output_names {
             let (shape, data) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(err)?;

@@ -219,7 +219,17 @@ fn every_endpoint_on_real_models_and_imagery() {
 
 #[test]
 fn tritonclient_infers_with_json_and_binary_tensors() {
-    let s = Server::start(repo(), &[]);
+    // Plain `run` over borrowed buffers (the CPU default) and the IO-binding path (the CUDA default,
+    // forced on here) must both give onnxruntime's outputs.
+    for (flags, ep) in [(&[][..], "CPU"), (&["--io-binding", "on"][..], "CPU+iobinding")] {
+        let s = Server::start(repo(), flags);
+        let md = get(s.addr, "/v2/models/embed").json();
+        assert_eq!(md["parameters"]["execution_provider"], ep, "{md}");
+        tritonclient_conformance(&s);
+    }
+}
+
+fn tritonclient_conformance(s: &Server) {
     for m in ["embed", "classify", "segment", "embed_f32"] {
         let o = std::process::Command::new(python())
             .arg(geossl_tests::workspace().join("scripts/reference/oip_client.py"))

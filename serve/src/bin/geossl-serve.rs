@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use geossl_serve::ort_backend::{EpPreference, SessionOptions};
+use geossl_serve::ort_backend::{EpPreference, IoBindingMode, SessionOptions};
 use geossl_serve::server::{self, ServeOptions};
 use geossl_serve::Limits;
 
@@ -58,6 +58,13 @@ struct ServeArgs {
     /// HTTP and decoding on small machines).
     #[arg(long, env = "GEOSSL_ORT_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
     ort_spinning: bool,
+    /// CUDA: prefer NHWC (channels-last) convolution kernels (fp16 tensor cores without layout transposes).
+    #[arg(long, env = "GEOSSL_CUDA_NHWC", default_value_t = true, action = clap::ArgAction::Set)]
+    cuda_nhwc: bool,
+    /// ONNX Runtime IO binding: auto (on for CUDA: inputs staged in pinned host memory and copied to the GPU
+    /// asynchronously, outputs copied back into pinned memory), on, off.
+    #[arg(long, env = "GEOSSL_IO_BINDING", value_enum, default_value = "auto")]
+    io_binding: IoBindingMode,
     /// ONNX Runtime shared library (libonnxruntime.so.1.31.1; onnxruntime-gpu's for CUDA).
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = default_ort_lib())]
     ort_lib: PathBuf,
@@ -192,6 +199,8 @@ fn serve(a: ServeArgs) -> Result<()> {
             intra_threads: a.intra_threads,
             gpu_mem_limit: a.gpu_mem_limit_mb << 20,
             spinning: a.ort_spinning,
+            cuda_nhwc: a.cuda_nhwc,
+            io_binding: a.io_binding,
         },
         limits: Limits {
             max_body_bytes: a.max_body_mb.checked_mul(1 << 20).context("--max-body-mb too large")?,
