@@ -6,7 +6,7 @@
 #   the Python reference script.
 # There (GPU host, repo root, .gpu carried):   bash scripts/gpu/moco_bench.sh run
 #   1. runs geossl's MoCo step vs PyTorch eager on ResNet-50, 224 px, batch 256,
-#      queue 65536, fp16 autocast, ABAB rounds, and appends to docs/benchmarks/moco_step.md
+#      queue 65536, bf16 autocast, channels-last, ABAB rounds, and appends to docs/benchmarks/moco_step.md
 #      ($OUT/moco_step.md when $OUT is set);
 #   2. runs `geossl-train pretrain` end to end (PNG decoding + augmentation every
 #      step, scripts/gpu/pretrain_e2e.toml) on real chips cut here from ../shared/data,
@@ -37,7 +37,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
     report=${OUT:-docs/benchmarks}/moco_step.md
     .gpu/moco_step --device cuda --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 \
-      --amp --warmup 5 --steps 20 --rounds 3 --report "$report"
+      --amp --amp-dtype bf16 --channels-last --warmup 5 --steps 20 --rounds 3 --report "$report"
     .gpu/geossl-train pretrain --config scripts/gpu/pretrain_e2e.toml --data .gpu/chips/manifest.csv \
       --out /tmp/e2e --no-progress
     tail -n 3 /tmp/e2e/metrics.jsonl | tee "${OUT:-/tmp}/e2e_metrics.jsonl"

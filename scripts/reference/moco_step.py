@@ -38,7 +38,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", action="store_true", help="fp16 autocast (CUDA)")
+    ap.add_argument("--amp", action="store_true", help="autocast (CUDA)")
+    ap.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16", help="fp16 adds a GradScaler")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last weights and inputs (CUDA)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     torch.manual_seed(0)
@@ -46,15 +48,23 @@ def main():
     k_enc = copy.deepcopy(q_enc)
     for p in k_enc.parameters():
         p.requires_grad = False
+    amp_dtype = torch.bfloat16 if a.amp_dtype == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(dev.type, enabled=a.amp and a.amp_dtype == "fp16")
+    if a.channels_last:
+        q_enc = q_enc.to(memory_format=torch.channels_last)
+        k_enc = k_enc.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(q_enc.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     queue = F.normalize(torch.randn(a.queue, 128, device=dev), dim=1)
     ptr = 0
     xq = torch.randn(a.batch, 3, a.size, a.size, device=dev)
     xk = torch.randn(a.batch, 3, a.size, a.size, device=dev)
+    if a.channels_last:
+        xq = xq.contiguous(memory_format=torch.channels_last)
+        xk = xk.contiguous(memory_format=torch.channels_last)
 
     def step():
         nonlocal ptr
-        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=a.amp):
+        with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=a.amp):
             q = F.normalize(q_enc(xq).float(), dim=1)
             with torch.no_grad():
                 for pk, pq in zip(k_enc.parameters(), q_enc.parameters()):
@@ -68,8 +78,9 @@ def main():
             logits = torch.cat([l_pos, l_neg], 1) / 0.2
             loss = F.cross_entropy(logits, torch.zeros(a.batch, dtype=torch.long, device=dev))
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         queue[ptr : ptr + a.batch] = k
         ptr = (ptr + a.batch) % a.queue
         return loss

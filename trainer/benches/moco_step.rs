@@ -1,7 +1,7 @@
 //! MoCo step throughput: geossl (tch) vs the identical step in PyTorch eager
 //! (`scripts/reference/moco_step.py`, the venv's torch), same machine, same run.
 //!
-//! `cargo bench -p geossl-trainer --bench moco_step [-- --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 --device cuda --amp --report FILE]`
+//! `cargo bench -p geossl-trainer --bench moco_step [-- --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 --device cuda --amp [--amp-dtype bf16|fp16] --channels-last --report FILE]`
 //!
 //! Steps alternate between the two implementations (ABAB…) so load changes on
 //! the machine hit both alike; the report gives the median of the rounds.
@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use geossl_models::Arch;
+use geossl_trainer::amp::AmpDtype;
 use geossl_trainer::config::PretrainConfig;
 use geossl_trainer::pretrain::{run_spec, Moco};
 use tch::{Device, Kind, Tensor};
@@ -26,6 +27,8 @@ struct Args {
     rounds: usize,
     device: String,
     amp: bool,
+    amp_dtype: AmpDtype,
+    channels_last: bool,
     report: Option<PathBuf>,
 }
 
@@ -41,6 +44,8 @@ fn parse() -> Args {
         rounds: 3,
         device: "cpu".into(),
         amp: false,
+        amp_dtype: AmpDtype::Bf16,
+        channels_last: false,
         report: None,
     };
     let mut it = std::env::args().skip(1);
@@ -57,6 +62,14 @@ fn parse() -> Args {
             "--rounds" => a.rounds = v().parse().expect("--rounds"),
             "--device" => a.device = v(),
             "--amp" => a.amp = true,
+            "--amp-dtype" => {
+                a.amp_dtype = match v().as_str() {
+                    "bf16" => AmpDtype::Bf16,
+                    "fp16" => AmpDtype::Fp16,
+                    o => panic!("--amp-dtype {o}: bf16 or fp16"),
+                }
+            }
+            "--channels-last" => a.channels_last = true,
             // Relative to the repository root (cargo runs benches in the package folder).
             "--report" => a.report = Some(PathBuf::from(env!("GEOSSL_ROOT")).join(v())),
             "--bench" => {}
@@ -75,6 +88,8 @@ fn ours(a: &Args) -> f64 {
     cfg.moco.temperature = 0.2;
     cfg.optim.batch_size = a.batch as usize;
     cfg.run.amp = a.amp;
+    cfg.run.amp_dtype = a.amp_dtype;
+    cfg.run.channels_last = a.channels_last;
     let dev = geossl_trainer::device::parse_device(&a.device).expect("device");
     tch::manual_seed(0);
     let spec = run_spec(&cfg, None).expect("spec");
@@ -122,7 +137,10 @@ fn reference(a: &Args) -> (f64, String) {
         if a.device.starts_with("cuda") { "cuda" } else { "cpu" },
     ]);
     if a.amp {
-        c.arg("--amp");
+        c.args(["--amp", "--amp-dtype", if a.amp_dtype == AmpDtype::Fp16 { "fp16" } else { "bf16" }]);
+    }
+    if a.channels_last {
+        c.arg("--channels-last");
     }
     let out = c.output().expect("run the PyTorch reference");
     assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -164,9 +182,15 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let amp = match (a.amp, a.amp_dtype) {
+        (false, _) => "off",
+        (true, AmpDtype::Bf16) => "bf16",
+        (true, AmpDtype::Fp16) => "fp16",
+    };
+    let layout = if a.channels_last { ", channels-last" } else { "" };
     let report = format!(
-        "| {when} | {} | {} | {}×{} | batch {} | queue {} | groups {} | amp {} | {:.3} ({:.1} pairs/s) | {:.3} ({:.1} pairs/s) | **{r:.3}** |\n",
-        a.device, a.arch, a.size, a.size, a.batch, a.queue, a.groups, a.amp, o, o * a.batch as f64, p, p * a.batch as f64
+        "| {when} | {} | {} | {}×{} | batch {} | queue {} | groups {} | amp {amp}{layout} | {:.3} ({:.1} pairs/s) | {:.3} ({:.1} pairs/s) | **{r:.3}** |\n",
+        a.device, a.arch, a.size, a.size, a.batch, a.queue, a.groups, o, o * a.batch as f64, p, p * a.batch as f64
     );
     println!("median of {} rounds: geossl {o:.3} steps/s, pytorch eager {p:.3} steps/s, ratio {r:.3}", a.rounds);
     println!("machine: {host}, {} threads; reference: {ref_line}", tch::get_num_threads());

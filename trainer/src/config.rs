@@ -155,8 +155,13 @@ pub struct RunConfig {
     pub workers: usize,
     /// Batches prepared ahead per worker.
     pub prefetch: usize,
-    /// Mixed precision on CUDA (libtorch autocast; tch 0.24 exposes its default CUDA dtype, fp16).
+    /// Mixed precision on CUDA (libtorch autocast).
     pub amp: bool,
+    /// Autocast type: `bf16` (default; no loss scaling) or `fp16` (dynamic loss scaling).
+    pub amp_dtype: crate::amp::AmpDtype,
+    /// On CUDA, keep convolution weights and inputs channels-last (NHWC), which
+    /// cuDNN's tensor-core kernels prefer.
+    pub channels_last: bool,
 }
 
 impl Default for RunConfig {
@@ -169,6 +174,8 @@ impl Default for RunConfig {
             workers: 4,
             prefetch: 2,
             amp: true,
+            amp_dtype: crate::amp::AmpDtype::Bf16,
+            channels_last: true,
         }
     }
 }

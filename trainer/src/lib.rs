@@ -4,6 +4,7 @@
 //!
 //! Tensor shapes are given as `[N, C, H, W]` (batch, bands, height, width).
 
+pub mod amp;
 pub mod augment;
 pub mod backbone;
 pub mod checkpoint;

@@ -147,3 +147,25 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
     let n = x.norm_scalaropt_dim(2.0, [1i64], true).clamp_min(1e-12);
     x / n
 }
+
+/// `[N, C, H, W]` with channels-last (NHWC) strides: same values and shape,
+/// the layout cuDNN's tensor-core convolutions use without transposes.
+pub fn channels_last(x: &Tensor) -> Tensor {
+    if x.dim() != 4 {
+        return x.shallow_clone();
+    }
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Re-lays every 4-D variable of `vs` (the convolution weights) channels-last,
+/// in place: shallow clones (optimizer, momentum lists) see the new layout.
+pub fn to_channels_last(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                let cl = channels_last(&v);
+                v.set_data(&cl);
+            }
+        }
+    });
+}

@@ -13,6 +13,7 @@ use geossl_models::{sha256_hex, EmbeddingHead, GeoHead, HeadSpec, ModelSpec, Pro
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::amp::{AmpDtype, LossScale};
 use crate::checkpoint::{copy_into, load_state_dict, save_checkpoint, state_dict, to_named, CheckpointError};
 use crate::config::PretrainConfig;
 use crate::data::{read_manifest, PairStats, TemporalIndex};
@@ -53,6 +54,9 @@ pub struct TrainState {
     pub queue_ptr: i64,
     pub pairs: PairStats,
     pub bad_images: u64,
+    /// fp16 dynamic loss scale (absent without fp16 autocast).
+    #[serde(default)]
+    pub loss_scale: Option<LossScale>,
 }
 
 /// What a run reports when it ends.
@@ -143,6 +147,10 @@ pub struct StepOut {
     pub info_nce: f64,
     pub geo_ce: Option<f64>,
     pub positive_top1: f64,
+    /// fp16 loss scale after this step (`None` without fp16 autocast).
+    pub loss_scale: Option<f64>,
+    /// The gradients overflowed at the current loss scale: no parameter moved.
+    pub skipped: bool,
 }
 
 /// The query encoder (trained), the key encoder (momentum copy, no geo head),
@@ -164,6 +172,10 @@ pub struct Moco {
     groups: i64,
     geo_weight: f64,
     amp: bool,
+    amp_dtype: AmpDtype,
+    /// Dynamic loss scaling, with fp16 autocast only.
+    pub loss_scale: Option<LossScale>,
+    channels_last: bool,
 }
 
 impl Moco {
@@ -177,6 +189,13 @@ impl Moco {
         let key = Model::new(&vs_k.root(), &key_spec);
         let sd = state_dict(&vs_q, &key_spec)?;
         load_state_dict(&vs_k, &key_spec, &sd, Path::new("<query encoder>"))?;
+        let channels_last = cfg.run.channels_last && dev.is_cuda();
+        if channels_last {
+            // Before the optimizer exists, so its momentum buffers follow the layout.
+            crate::model::to_channels_last(&vs_q);
+            crate::model::to_channels_last(&vs_k);
+        }
+        let amp = cfg.run.amp && dev.is_cuda();
         let sgd = Sgd::new(&vs_q, spec, cfg.optim.momentum, cfg.optim.weight_decay);
         let queue = Queue::new(cfg.moco.queue_size as i64, cfg.moco.dim as i64, dev);
         let (qvars, kvars) = (vs_q.variables(), vs_k.variables());
@@ -202,7 +221,10 @@ impl Moco {
             temperature: cfg.moco.temperature,
             groups: cfg.moco.shuffle_bn_groups as i64,
             geo_weight: cfg.geo.loss_weight,
-            amp: cfg.run.amp && dev.is_cuda(),
+            amp,
+            amp_dtype: cfg.run.amp_dtype,
+            loss_scale: (amp && cfg.run.amp_dtype == AmpDtype::Fp16).then(LossScale::default),
+            channels_last,
         })
     }
 
@@ -210,6 +232,15 @@ impl Moco {
     /// with optional geo-cluster labels `[B]`; `loss` is non-finite if training diverged
     /// (then nothing was updated).
     pub fn step(&mut self, q_in: &Tensor, k_in: &Tensor, geo: Option<&Tensor>, lr: f64) -> StepOut {
+        let (q_in, k_in) = if self.channels_last {
+            (&crate::model::channels_last(q_in), &crate::model::channels_last(k_in))
+        } else {
+            (q_in, k_in)
+        };
+        if self.amp {
+            // libtorch keeps the autocast type per thread: set it on the stepping thread.
+            crate::amp::set_cuda_autocast_dtype(self.amp_dtype);
+        }
         let (loss, nce, geo_loss, acc, keys) = tch::autocast(self.amp, || {
             let feats = self.query.backbone.pooled(q_in, true);
             let q_proj =
@@ -245,18 +276,39 @@ impl Moco {
             let acc = positive_top1(&logits.detach());
             (loss, nce, geo_loss, acc, k)
         });
-        let out = StepOut {
+        let mut out = StepOut {
             loss: loss.double_value(&[]),
             info_nce: nce.double_value(&[]),
             geo_ce: geo_loss.as_ref().map(|g| g.double_value(&[])),
             positive_top1: acc,
+            loss_scale: None,
+            skipped: false,
         };
         if !out.loss.is_finite() {
             return out;
         }
         // Gradients straight from autograd (nothing accumulates in `.grad`, nothing to zero).
-        let grads = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
-        self.sgd.step(&grads, lr);
+        match &mut self.loss_scale {
+            None => {
+                let grads = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
+                self.sgd.step(&grads, lr);
+            }
+            Some(ls) => {
+                let scale = ls.scale;
+                let grads = Tensor::run_backward(&[&(&loss * scale)], self.sgd.params(), false, false);
+                if ls.update(crate::amp::all_finite(&grads)) {
+                    tch::no_grad(|| {
+                        for g in grads.iter().filter(|g| g.defined()) {
+                            let _ = g.shallow_clone().g_mul_scalar_(1.0 / scale);
+                        }
+                    });
+                    self.sgd.step(&grads, lr);
+                } else {
+                    out.skipped = true;
+                }
+                out.loss_scale = Some(ls.scale);
+            }
+        }
         // Keys join the queue after the optimizer step, as in MoCo; the batch
         // size divides the queue (checked by the config).
         if let Err(e) = self.queue.enqueue(&keys) {
@@ -416,6 +468,9 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     let (mut step, mut pairs, mut bad_images) = (0u64, PairStats::default(), 0u64);
     if let Some((_, st)) = &resumed {
         moco.load(&ck_dir, st.queue_ptr)?;
+        if let (Some(ls), Some(saved)) = (moco.loss_scale.as_mut(), st.loss_scale) {
+            *ls = saved;
+        }
         step = st.step;
         pairs = st.pairs;
         bad_images = st.bad_images;
@@ -490,6 +545,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             queue_ptr: moco.queue.ptr,
             pairs,
             bad_images: bad,
+            loss_scale: moco.loss_scale,
         };
         save_checkpoint(&ck_dir, &s, &moco.vs_q, |dir| {
             let p = CheckpointPaths::new(dir);
@@ -502,6 +558,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         })
     };
 
+    let mut skipped_steps = 0u64;
     while step < end {
         let batch = loader.next_batch().map_err(PretrainError::Invalid)?;
         // Augmentation randomness on the device is a function of (seed, step) too.
@@ -513,6 +570,10 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let loss_v = out.loss;
         if !loss_v.is_finite() {
             return Err(PretrainError::NonFinite { step, loss: loss_v, checkpoint: ck_dir.display().to_string() });
+        }
+        if out.skipped {
+            skipped_steps += 1;
+            tracing::warn!(step, scale = ?out.loss_scale, "fp16 gradients overflowed: step skipped, loss scale halved");
         }
         step += 1;
         last_loss = loss_v;
@@ -528,6 +589,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
                 "geo_ce": out.geo_ce,
                 "positive_top1": out.positive_top1, "lr": lr, "img_per_s": ips,
                 "temporal_partner_rate": pairs.rate(), "bad_images": bad_images,
+                "loss_scale": out.loss_scale, "overflow_skipped_steps": skipped_steps,
             });
             writeln!(metrics, "{line}").map_err(io(&opts.out.join(METRICS_FILE)))?;
             tracing::info!(
@@ -557,5 +619,114 @@ fn test_hook_kill(point: &str) {
     if std::env::var("GEOSSL_TEST_KILL_AT").as_deref() == Ok(point) {
         let _ = std::process::Command::new("kill").args(["-KILL", &std::process::id().to_string()]).status();
         std::thread::sleep(std::time::Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tiny() -> (ModelSpec, PretrainConfig) {
+        let (mut cfg, _) = PretrainConfig::load(Path::new("moco")).unwrap();
+        cfg.model.arch = geossl_models::Arch::Resnet18;
+        cfg.model.input_size = 32;
+        cfg.moco.queue_size = 64;
+        cfg.moco.shuffle_bn_groups = 1;
+        cfg.moco.temperature = 0.2;
+        cfg.optim.batch_size = 8;
+        let spec = run_spec(&cfg, None).unwrap();
+        (spec, cfg)
+    }
+
+    /// A fresh MoCo, or one holding exactly `like`'s weights and queue (tests
+    /// run in parallel and share libtorch's generator, so seeds can't make twins).
+    fn moco(spec: &ModelSpec, cfg: &PretrainConfig, like: Option<&Moco>) -> Moco {
+        let m = Moco::new(spec, cfg, Device::Cpu).unwrap();
+        if let Some(src) = like {
+            let p = Path::new("twin");
+            load_state_dict(&m.vs_q, &m.spec, &state_dict(&src.vs_q, &src.spec).unwrap(), p).unwrap();
+            load_state_dict(&m.vs_k, &m.key_spec, &state_dict(&src.vs_k, &src.key_spec).unwrap(), p).unwrap();
+            tch::no_grad(|| m.queue.keys.shallow_clone().copy_(&src.queue.keys));
+        }
+        m
+    }
+
+    /// One step on fixed inputs. With one shuffle-BN group the random
+    /// permutation cannot change the keys.
+    fn step(m: &mut Moco) -> StepOut {
+        let x = |phase: f64| {
+            (Tensor::arange(8 * 3 * 32 * 32, (Kind::Float, Device::Cpu)) * 0.37 + phase).sin().view([8, 3, 32, 32])
+        };
+        m.step(&x(0.0), &x(1.0), None, 0.5)
+    }
+
+    /// Largest difference between the trainable parameters of `a` and `b`
+    /// (BN statistics move in every forward, trained or not).
+    fn max_diff(a: &Moco, b: &Moco) -> f64 {
+        a.sgd
+            .params()
+            .iter()
+            .zip(b.sgd.params())
+            .map(|(x, y)| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn loss_scaling_steps_like_no_scaling_and_skips_overflowing_steps() {
+        let (spec, cfg) = tiny();
+        let mut plain = moco(&spec, &cfg, None);
+        let before = moco(&spec, &cfg, Some(&plain));
+        let mut scaled = moco(&spec, &cfg, Some(&plain));
+        scaled.loss_scale = Some(LossScale::default());
+        let mut huge = moco(&spec, &cfg, Some(&plain));
+        assert_eq!(max_diff(&plain, &scaled), 0.0);
+        let (a, b) = (step(&mut plain), step(&mut scaled));
+        assert!(!a.skipped && a.loss_scale.is_none(), "{a:?}");
+        assert!(!b.skipped && b.loss_scale == Some(65536.0), "{b:?}");
+        assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
+        let moved = max_diff(&before, &plain);
+        assert!(moved > 1e-4, "the step moved nothing: {moved}");
+        // ×2^16 then ÷2^16 is exact: the scaled step lands where the plain one did.
+        let d = max_diff(&plain, &scaled);
+        assert!(d < 1e-3 * moved, "scaled step differs by {d}; the step moved {moved}");
+        // A scale at which the gradients overflow: step skipped, nothing trained, scale halved.
+        huge.loss_scale = Some(LossScale { scale: f64::MAX, ..LossScale::default() });
+        let c = step(&mut huge);
+        assert!(c.skipped && c.loss.is_finite(), "{c:?}");
+        assert_eq!(c.loss_scale, Some(f64::MAX * 0.5));
+        assert_eq!(max_diff(&before, &huge), 0.0);
+    }
+
+    #[test]
+    fn channels_last_layout_computes_the_same_forward_and_gradients() {
+        let (spec, _) = tiny();
+        tch::manual_seed(3);
+        let vs_a = nn::VarStore::new(Device::Cpu);
+        let a = Model::new(&vs_a.root(), &spec);
+        let vs_b = nn::VarStore::new(Device::Cpu);
+        let b = Model::new(&vs_b.root(), &spec);
+        load_state_dict(&vs_b, &spec, &state_dict(&vs_a, &spec).unwrap(), Path::new("a")).unwrap();
+        crate::model::to_channels_last(&vs_b);
+        let w = &vs_b.variables()["conv1.weight"];
+        let (o, i, kh, kw) = w.size4().unwrap();
+        assert_eq!(w.stride(), vec![i * kh * kw, 1, kw * i, i], "not channels-last: {:?} {:?}", w.size(), w.stride());
+        assert_eq!(o, 64);
+        // A checkpoint of channels-last weights holds the same values in the same (logical) order.
+        let (sa, sb) = (state_dict(&vs_a, &spec).unwrap(), state_dict(&vs_b, &spec).unwrap());
+        assert!(sa.tensors == sb.tensors);
+        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let xl = crate::model::channels_last(&x);
+        assert_eq!(xl.stride(), vec![3 * 32 * 32, 1, 32 * 3, 3]);
+        for train in [false, true] {
+            let (fa, fb) = (a.backbone.pooled(&x, train), b.backbone.pooled(&xl, train));
+            let d = (&fa - &fb).abs().max().double_value(&[]) / fa.abs().max().double_value(&[]);
+            assert!(d < 1e-4, "train {train}: relative difference {d}");
+            let ga = Tensor::run_backward(&[fa.sum(Kind::Float)], &[&vs_a.variables()["conv1.weight"]], false, false);
+            let gb = Tensor::run_backward(&[fb.sum(Kind::Float)], &[&vs_b.variables()["conv1.weight"]], false, false);
+            let d = (&ga[0] - &gb[0]).abs().max().double_value(&[]);
+            let scale = ga[0].abs().max().double_value(&[]);
+            assert!(d <= 1e-3 * scale.max(1.0), "train {train}: grad diff {d} of {scale}");
+        }
     }
 }
