@@ -5,8 +5,10 @@
 //!
 //! The window is adaptive: handlers [announce](Worker::announce) a request as
 //! soon as they know its model, before reading and decoding its body. A worker
-//! holding a partial batch waits only while announced requests are still on
-//! their way; a lone request runs at once instead of paying the whole window.
+//! holding a partial batch waits while announced requests are still on their
+//! way, or while its previous batch merged several requests (sustained
+//! concurrent load: clients are re-sending, company is coming); otherwise a
+//! lone request runs at once instead of paying the whole window.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -202,14 +204,15 @@ const ARRIVAL_POLL: Duration = Duration::from_micros(250);
 
 impl Queue {
     /// The next job within `until`, or `None` when the window closed, the
-    /// queue is empty with nothing announced, or the queue shut down.
-    fn next_before(&self, until: Instant) -> Option<Job> {
+    /// queue shut down, or (unless `patient`) the queue is empty with nothing
+    /// announced.
+    fn next_before(&self, until: Instant, patient: bool) -> Option<Job> {
         loop {
             if let Ok(j) = self.rx.try_recv() {
                 return Some(j);
             }
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.arriving.load(Ordering::SeqCst) == 0 {
+            if left.is_zero() || (!patient && self.arriving.load(Ordering::SeqCst) == 0) {
                 return None;
             }
             match self.rx.recv_timeout(left.min(ARRIVAL_POLL)) {
@@ -223,6 +226,8 @@ impl Queue {
 
 fn run_worker(mut backend: Box<dyn Backend>, queue: Queue, config: BatchConfig, metrics: Arc<Metrics>, label: String) {
     let mut held: Option<Job> = None;
+    // Requests merged into the previous batch: more than one means load.
+    let mut last_jobs = 1usize;
     loop {
         let first = match held.take() {
             Some(j) => j,
@@ -239,7 +244,7 @@ fn run_worker(mut backend: Box<dyn Backend>, queue: Queue, config: BatchConfig, 
         let mut jobs = vec![first];
         let until = Instant::now() + config.max_queue_delay;
         while rows < config.max_batch_size {
-            let Some(next) = queue.next_before(until) else { break };
+            let Some(next) = queue.next_before(until, last_jobs > 1) else { break };
             let Some(next) = expired(next, &metrics, &label, Instant::now()) else { continue };
             if !still_wanted(&next, &metrics, &label) {
                 continue;
@@ -255,6 +260,7 @@ fn run_worker(mut backend: Box<dyn Backend>, queue: Queue, config: BatchConfig, 
             jobs.push(next);
         }
         metrics.queue_depth.with_label_values(&[&label]).set(queue.rx.len() as i64);
+        last_jobs = jobs.len();
         run_batch(backend.as_mut(), jobs, &metrics, &label);
     }
 }

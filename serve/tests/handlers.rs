@@ -532,16 +532,16 @@ async fn full_queue_and_expired_deadline_answer_429() {
     assert!(text.contains("geossl_rejected_total"), "{text}");
 }
 
-fn long_window(name: &'static str) -> Harness {
+fn long_window(name: &'static str, max_batch_size: usize) -> Harness {
     let mut m = model(name, Task::Embedding);
     m.batch =
-        BatchConfig { max_batch_size: 16, max_queue_delay: Duration::from_secs(20), queue_capacity: 64, instances: 1 };
+        BatchConfig { max_batch_size, max_queue_delay: Duration::from_secs(20), queue_capacity: 64, instances: 1 };
     harness(vec![m], Limits::default(), None)
 }
 
 #[actix_web::test]
 async fn lone_request_does_not_wait_out_the_batching_window() {
-    let h = long_window("emb");
+    let h = long_window("emb", 16);
     let app = test::init_service(app(h.state.clone())).await;
     let started = std::time::Instant::now();
     let (status, _) = post(&app, "/v1/models/emb/embed", &[], png(8, 8, |_, _| [1, 2, 3])).await;
@@ -552,29 +552,41 @@ async fn lone_request_does_not_wait_out_the_batching_window() {
 }
 
 #[actix_web::test]
-async fn worker_waits_for_announced_requests_only() {
-    let h = long_window("emb");
+async fn worker_waits_for_announced_requests_and_under_load() {
+    // Batches of two: a full batch runs without waiting out the 20 s window.
+    let h = long_window("emb", 2);
     let worker = h.state.models["emb"][&1].clone();
     let x = || Tensor::u8(vec![1, 3, 8, 8], vec![7; 192]);
     let timeout = Duration::from_secs(60);
+    let calls = || h.calls["emb"].lock().unwrap().clone();
+    // An announced request that gives up (dropped, e.g. a bad body) stops the wait.
+    let (c, d) = (worker.announce(), worker.announce());
+    let started = std::time::Instant::now();
+    let w = worker.clone();
+    let lone = tokio::spawn(async move { w.infer(x(), timeout, Some(&c)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(calls().is_empty(), "ran before the announced request gave up");
+    drop(d);
+    lone.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(calls(), vec![1]);
     // Two requests announced; the first is queued, the second arrives 300 ms later:
     // the worker holds the first for it and runs both in one call.
     let (a, b) = (worker.announce(), worker.announce());
     let w = worker.clone();
     let first = tokio::spawn(async move { w.infer(x(), timeout, Some(&a)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(h.calls["emb"].lock().unwrap().is_empty(), "ran before the announced request arrived");
+    assert_eq!(calls(), vec![1], "ran before the announced request arrived");
     worker.infer(x(), timeout, Some(&b)).await.unwrap();
     first.await.unwrap().unwrap();
-    assert_eq!(*h.calls["emb"].lock().unwrap(), vec![2]);
-    // An announced request that gives up (dropped, e.g. a bad body) stops the wait.
-    let (c, d) = (worker.announce(), worker.announce());
-    let started = std::time::Instant::now();
+    assert_eq!(calls(), vec![1, 2]);
+    // After a merged batch the worker expects company: a lone request now waits for
+    // the window (or a batch-mate), here a second request sent 500 ms later.
     let w = worker.clone();
-    let third = tokio::spawn(async move { w.infer(x(), timeout, Some(&c)).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(d);
+    let third = tokio::spawn(async move { w.infer(x(), timeout, None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(calls(), vec![1, 2], "did not wait under load");
+    worker.infer(x(), timeout, None).await.unwrap();
     third.await.unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    assert_eq!(*h.calls["emb"].lock().unwrap(), vec![2, 1]);
+    assert_eq!(calls(), vec![1, 2, 2]);
 }
