@@ -110,9 +110,10 @@ struct Binding {
 }
 
 impl Binding {
-    fn new(session: &Session, cuda: bool, device_id: i32, outputs: &[String]) -> ort::Result<Self> {
+    fn new(session: &Session, cuda: bool, outputs: &[String]) -> ort::Result<Self> {
         let (input, output) = if cuda {
-            let pinned = |t| MemoryInfo::new(AllocationDevice::CUDA_PINNED, device_id, AllocatorType::Device, t);
+            // Pinned host memory is a host allocation: ONNX Runtime registers it as device 0.
+            let pinned = |t| MemoryInfo::new(AllocationDevice::CUDA_PINNED, 0, AllocatorType::Device, t);
             (Allocator::new(session, pinned(MemoryType::CPUInput)?)?, pinned(MemoryType::CPUOutput)?)
         } else {
             let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?;
@@ -191,6 +192,18 @@ fn build(
     b.commit_from_file(path).map_err(e)
 }
 
+/// A CUDA session; when NHWC kernels were asked for and the provider refuses
+/// them, once more without (speed is lost, the GPU is not).
+fn build_cuda(env: &ort::environment::Environment, path: &Path, opts: &SessionOptions) -> Result<Session, String> {
+    match build(env, path, opts, true) {
+        Err(e) if opts.cuda_nhwc => {
+            tracing::warn!(model = %path.display(), reason = %e, "CUDA with NHWC kernels failed; retrying without");
+            build(env, path, &SessionOptions { cuda_nhwc: false, ..opts.clone() }, true)
+        }
+        r => r,
+    }
+}
+
 impl OrtBackend {
     /// Opens `path` with the execution provider `opts` asks for. Returns the
     /// session, what it accepts and produces, and the provider it got.
@@ -204,8 +217,8 @@ impl OrtBackend {
         }
         let (session, ep) = match opts.ep {
             EpPreference::Cpu => (build(env, path, opts, false)?, "CPU"),
-            EpPreference::Cuda => (build(env, path, opts, true).map_err(|e| format!("CUDA requested: {e}"))?, "CUDA"),
-            EpPreference::Auto => match build(env, path, opts, true) {
+            EpPreference::Cuda => (build_cuda(env, path, opts).map_err(|e| format!("CUDA requested: {e}"))?, "CUDA"),
+            EpPreference::Auto => match build_cuda(env, path, opts) {
                 Ok(s) => (s, "CUDA"),
                 Err(err) => {
                     tracing::info!(model = %path.display(), reason = %err, "CUDA execution provider unavailable; using CPU");
@@ -242,18 +255,20 @@ impl OrtBackend {
         }
         let output_names: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
         let cuda = ep == "CUDA";
-        let bind = match opts.io_binding {
-            IoBindingMode::Auto => cuda,
-            IoBindingMode::On => true,
-            IoBindingMode::Off => false,
-        };
-        let binding = if bind {
-            Some(
-                Binding::new(&session, cuda, opts.device_id, &output_names)
+        let binding = match (opts.io_binding, cuda) {
+            (IoBindingMode::Off, _) | (IoBindingMode::Auto, false) => None,
+            (IoBindingMode::On, _) => Some(
+                Binding::new(&session, cuda, &output_names)
                     .map_err(|e| format!("{}: IO binding: {e}", path.display()))?,
-            )
-        } else {
-            None
+            ),
+            // Auto under CUDA: a binding that can't be made costs speed, not service.
+            (IoBindingMode::Auto, true) => match Binding::new(&session, cuda, &output_names) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!(model = %path.display(), reason = %e, "IO binding unavailable; plain run");
+                    None
+                }
+            },
         };
         let execution_provider = if binding.is_some() { format!("{ep}+iobinding") } else { ep.to_string() };
         let sig = ModelSignature { input: input.clone(), outputs, metadata, execution_provider };
