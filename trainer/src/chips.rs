@@ -66,6 +66,7 @@ pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Chi
                 lon,
                 timestamp: opt.timestamp.clone(),
                 location_id: format!("{lat:.5}_{lon:.5}"),
+                label: None,
             });
         }
     }

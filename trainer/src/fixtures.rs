@@ -23,6 +23,8 @@ pub struct Chip {
     pub lon: f64,
     pub timestamp: Option<String>,
     pub location_id: String,
+    /// Class label, when the source has one.
+    pub label: Option<String>,
 }
 
 fn offset(lat: f64, lon: f64, dy_m: f64, dx_m: f64) -> (f64, f64) {
@@ -60,17 +62,55 @@ pub fn sentinel2_chips(data: &Path, out: &Path, side: usize, stride: usize) -> R
                         img.put_pixel(x as u32, y as u32, image::Rgb(px));
                     }
                 }
-                let path = out.join(format!("s2_{gy}{gx}_{date}.png"));
+                let path = out.join(format!("s2_{gy}_{gx}_{date}.png"));
                 img.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 chips.push(Chip {
                     path,
                     lat,
                     lon,
                     timestamp: Some(date.to_string()),
-                    location_id: format!("s2_{gy}{gx}"),
+                    location_id: format!("s2_{gy}_{gx}"),
+                    label: None,
                 });
             }
         }
+    }
+    Ok(chips)
+}
+
+/// Land-cover names of the patch's `LULC.npy` codes (eo-learn's Slovenia example).
+pub const LULC_NAMES: [(u32, &str); 6] =
+    [(0, "no_data"), (1, "cultivated"), (2, "forest"), (3, "grassland"), (4, "shrubland"), (8, "artificial")];
+
+/// [`sentinel2_chips`] labelled with the majority land-cover class of each
+/// window (`TestEOPatch/mask_timeless/LULC.npy`, the same 101×100 grid).
+pub fn sentinel2_landcover_chips(data: &Path, out: &Path, side: usize, stride: usize) -> Result<Vec<Chip>, String> {
+    let lulc = read_npy(&data.join("eolearn/TestEOPatch/mask_timeless/LULC.npy"))?;
+    let (h, w) = match lulc.shape[..] {
+        [h, w, 1] => (h, w),
+        _ => return Err(format!("unexpected LULC shape {:?}", lulc.shape)),
+    };
+    let mut chips = sentinel2_chips(data, out, side, stride)?;
+    for c in &mut chips {
+        // location_id is `s2_{gy}_{gx}`: window (gy, gx) starts at (gy·stride, gx·stride).
+        let grid: Vec<usize> =
+            c.location_id.trim_start_matches("s2_").split('_').filter_map(|v| v.parse().ok()).collect();
+        let [gy, gx] = grid[..] else { return Err(format!("unexpected chip id {}", c.location_id)) };
+        let (y0, x0) = (gy * stride, gx * stride);
+        if y0 + side > h || x0 + side > w {
+            return Err(format!("window {} is outside the {h}×{w} land-cover grid", c.location_id));
+        }
+        let mut counts = std::collections::BTreeMap::<u32, usize>::new();
+        for y in y0..y0 + side {
+            for x in x0..x0 + side {
+                *counts.entry(lulc.data[y * w + x] as u32).or_default() += 1;
+            }
+        }
+        // Most frequent class; ties go to the smaller code.
+        let code = counts.into_iter().max_by_key(|&(code, n)| (n, std::cmp::Reverse(code))).map_or(0, |(c, _)| c);
+        let name =
+            LULC_NAMES.iter().find(|(c, _)| *c == code).map_or_else(|| format!("class_{code}"), |(_, n)| n.to_string());
+        c.label = Some(name);
     }
     Ok(chips)
 }
@@ -87,21 +127,32 @@ pub fn real_chips(data: &Path, out: &Path) -> Result<PathBuf, String> {
     write_manifest(&chips, &out.join("manifest.csv"))
 }
 
-/// Writes a CSV manifest (`path,lat,lon,timestamp,location_id`) with paths relative to its folder.
+/// Writes a CSV manifest (`path,lat,lon,timestamp,location_id[,label]`) with
+/// paths relative to its folder; the label column when any chip has a label.
 pub fn write_manifest(chips: &[Chip], path: &Path) -> Result<PathBuf, String> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut s = String::from("path,lat,lon,timestamp,location_id\n");
+    let labelled = chips.iter().any(|c| c.label.is_some());
+    let mut s = String::from(if labelled {
+        "path,lat,lon,timestamp,location_id,label\n"
+    } else {
+        "path,lat,lon,timestamp,location_id\n"
+    });
     for c in chips {
         let rel = c.path.strip_prefix(dir).unwrap_or(&c.path);
         s.push_str(&format!(
-            "{},{:.7},{:.7},{},{}\n",
+            "{},{:.7},{:.7},{},{}",
             rel.display(),
             c.lat,
             c.lon,
             c.timestamp.as_deref().unwrap_or(""),
             c.location_id
         ));
+        if labelled {
+            s.push(',');
+            s.push_str(c.label.as_deref().unwrap_or(""));
+        }
+        s.push('\n');
     }
     f.write_all(s.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path.to_owned())

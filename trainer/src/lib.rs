@@ -20,6 +20,7 @@ pub mod moco;
 pub mod model;
 pub mod npy;
 pub mod pretrain;
+pub mod probe;
 pub mod rng;
 
 pub use backbone::Backbone;

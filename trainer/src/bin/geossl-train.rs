@@ -27,8 +27,10 @@ struct Cli {
 enum Command {
     /// Self-supervised pretraining (MoCo-v2, temporal positives, geo pretext).
     Pretrain(PretrainArgs),
-    /// Linear probe of a frozen backbone on labelled data.
-    Probe(Pending),
+    /// Linear probe of a frozen backbone on labelled data: hyper-parameters chosen on a validation split
+    /// (given, or held out by location), the test split evaluated once; writes probe.json, predictions.csv and
+    /// checkpoint/ (backbone + the probe as classifier head).
+    Probe(ProbeArgs),
     /// Fine-tune a backbone with a classification head.
     Finetune(Pending),
     /// Train a segmentation head on a backbone.
@@ -70,6 +72,47 @@ struct ChipsArgs {
 struct Pending {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     rest: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct ProbeArgs {
+    /// Checkpoint directory of the backbone (e.g. a pretraining run's checkpoint/).
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Labelled training manifest (path,lat,lon,timestamp,location_id,label).
+    #[arg(long, env = "GEOSSL_TRAIN")]
+    train: PathBuf,
+    /// Labelled validation manifest; without it, --val-fraction of the training locations are held out.
+    #[arg(long, env = "GEOSSL_VAL")]
+    val: Option<PathBuf>,
+    /// Labelled test manifest: evaluated once with the model chosen on validation.
+    #[arg(long, env = "GEOSSL_TEST")]
+    test: Option<PathBuf>,
+    /// Manifest format: csv, geo (path,lat,lon,label) or fmow (an fMoW-RGB split folder).
+    #[arg(long, env = "GEOSSL_FORMAT", default_value = "csv")]
+    format: String,
+    /// Output directory: probe.json, predictions.csv, checkpoint/.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    /// Share of training locations held out for validation when --val is not given.
+    #[arg(long, env = "GEOSSL_VAL_FRACTION", default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Epochs per grid point (the best validation epoch is kept).
+    #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 100)]
+    epochs: usize,
+    #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 256)]
+    batch_size: usize,
+    /// Learning rates searched (comma-separated).
+    #[arg(long, env = "GEOSSL_LRS", value_delimiter = ',', default_value = "0.1,0.03,0.01")]
+    lr: Vec<f64>,
+    /// Weight decays searched (comma-separated).
+    #[arg(long, env = "GEOSSL_WEIGHT_DECAYS", value_delimiter = ',', default_value = "0,0.0001")]
+    weight_decay: Vec<f64>,
+    #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
+    device: String,
 }
 
 #[derive(Debug, Args)]
@@ -159,17 +202,17 @@ fn run(cli: Cli) -> Result<()> {
         .init();
     match cli.command {
         Command::Pretrain(a) => pretrain(a),
-        Command::Probe(_) => pending("probe", 3),
-        Command::Finetune(_) => pending("finetune", 3),
-        Command::Segment(_) => pending("segment", 3),
+        Command::Probe(a) => probe(a),
+        Command::Finetune(_) => pending("finetune"),
+        Command::Segment(_) => pending("segment"),
         Command::Init(a) => init(a),
         Command::Info(a) => info(a),
         Command::Chips(a) => chips(a),
     }
 }
 
-fn pending(what: &str, issue: u32) -> Result<()> {
-    bail!("`geossl-train {what}` is not implemented yet (tracked in issue #{issue})")
+fn pending(what: &str) -> Result<()> {
+    bail!("`geossl-train {what}` is not implemented yet; `probe` evaluates a backbone with a linear classifier")
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
@@ -193,6 +236,34 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     };
     let s = pretrain(&cfg, &text, &opts)?;
     println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+fn probe(a: ProbeArgs) -> Result<()> {
+    use geossl_trainer::probe::{run, ProbeOptions};
+    let format = match a.format.as_str() {
+        "csv" => geossl_trainer::data::Format::Csv,
+        "geo" => geossl_trainer::data::Format::Geo,
+        "fmow" => geossl_trainer::data::Format::Fmow,
+        f => bail!("--format {f}: csv, geo or fmow"),
+    };
+    let opts = ProbeOptions {
+        checkpoint: a.checkpoint,
+        train: a.train,
+        val: a.val,
+        test: a.test,
+        format,
+        out: a.out,
+        val_fraction: a.val_fraction,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        learning_rates: a.lr,
+        weight_decays: a.weight_decay,
+        seed: a.seed,
+        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+    };
+    let r = run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
 
