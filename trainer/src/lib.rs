@@ -15,6 +15,7 @@ pub mod device;
 pub mod fixtures;
 pub mod geo;
 pub mod image_io;
+pub mod labelled;
 pub mod loader;
 pub mod moco;
 pub mod model;

@@ -74,29 +74,39 @@ struct Pending {
     rest: Vec<String>,
 }
 
+/// Labelled data of `probe` and `finetune`.
 #[derive(Debug, Args)]
-struct ProbeArgs {
-    /// Checkpoint directory of the backbone (e.g. a pretraining run's checkpoint/).
-    #[arg(long, env = "GEOSSL_CHECKPOINT")]
-    checkpoint: PathBuf,
+struct DataArgs {
     /// Labelled training manifest (path,lat,lon,timestamp,location_id,label).
     #[arg(long, env = "GEOSSL_TRAIN")]
     train: PathBuf,
     /// Labelled validation manifest; without it, --val-fraction of the training locations are held out.
     #[arg(long, env = "GEOSSL_VAL")]
     val: Option<PathBuf>,
-    /// Labelled test manifest: evaluated once with the model chosen on validation.
+    /// Labelled test manifest: scored once, with the model chosen on validation.
     #[arg(long, env = "GEOSSL_TEST")]
     test: Option<PathBuf>,
     /// Manifest format: csv, geo (path,lat,lon,label) or fmow (an fMoW-RGB split folder).
     #[arg(long, env = "GEOSSL_FORMAT", default_value = "csv")]
     format: String,
-    /// Output directory: probe.json, predictions.csv, checkpoint/.
-    #[arg(long, env = "GEOSSL_OUT")]
-    out: PathBuf,
     /// Share of training locations held out for validation when --val is not given.
     #[arg(long, env = "GEOSSL_VAL_FRACTION", default_value_t = 0.2)]
     val_fraction: f64,
+    /// Seed of the validation split and the data order.
+    #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+struct ProbeArgs {
+    /// Checkpoint directory of the backbone (e.g. a pretraining run's checkpoint/).
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output directory: probe.json, predictions.csv, checkpoint/.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
     /// Epochs per grid point (the best validation epoch is kept).
     #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 100)]
     epochs: usize,
@@ -108,8 +118,6 @@ struct ProbeArgs {
     /// Weight decays searched (comma-separated).
     #[arg(long, env = "GEOSSL_WEIGHT_DECAYS", value_delimiter = ',', default_value = "0,0.0001")]
     weight_decay: Vec<f64>,
-    #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
-    seed: u64,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
     device: String,
@@ -239,28 +247,35 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn probe(a: ProbeArgs) -> Result<()> {
-    use geossl_trainer::probe::{run, ProbeOptions};
-    let format = match a.format.as_str() {
-        "csv" => geossl_trainer::data::Format::Csv,
-        "geo" => geossl_trainer::data::Format::Geo,
-        "fmow" => geossl_trainer::data::Format::Fmow,
+fn data_options(d: DataArgs) -> Result<geossl_trainer::labelled::DataOptions> {
+    use geossl_trainer::data::Format;
+    let format = match d.format.as_str() {
+        "csv" => Format::Csv,
+        "geo" => Format::Geo,
+        "fmow" => Format::Fmow,
         f => bail!("--format {f}: csv, geo or fmow"),
     };
+    Ok(geossl_trainer::labelled::DataOptions {
+        train: d.train,
+        val: d.val,
+        test: d.test,
+        format,
+        val_fraction: d.val_fraction,
+        seed: d.seed,
+    })
+}
+
+fn probe(a: ProbeArgs) -> Result<()> {
+    use geossl_trainer::probe::{run, ProbeOptions};
     let opts = ProbeOptions {
         checkpoint: a.checkpoint,
-        train: a.train,
-        val: a.val,
-        test: a.test,
-        format,
+        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        data: data_options(a.data)?,
         out: a.out,
-        val_fraction: a.val_fraction,
         epochs: a.epochs,
         batch_size: a.batch_size,
         learning_rates: a.lr,
         weight_decays: a.weight_decay,
-        seed: a.seed,
-        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
     };
     let r = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&r)?);

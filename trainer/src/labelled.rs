@@ -1,0 +1,258 @@
+//! Labelled evaluation data shared by `probe` and `finetune`: manifests with a
+//! label on every row, a validation split (given, or held out by location so
+//! no place is on both sides), class indices, the eval-time input transform
+//! and per-split results. Model selection uses the validation split only; the
+//! test split is scored once, at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use geossl_models::{ClassifierHead, HeadKind, HeadSpec, ModelSpec};
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use crate::checkpoint::CheckpointError;
+use crate::data::{read_manifest, DataError, Format, Sample};
+use crate::image_io;
+use crate::rng::Rng;
+
+/// Errors of a probe or fine-tuning run; each names what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+}
+
+pub fn invalid(msg: impl Into<String>) -> EvalError {
+    EvalError::Invalid(msg.into())
+}
+
+/// Sizes and accuracy of one split.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SplitResult {
+    pub images: usize,
+    /// Images that could not be read (skipped, named in the log).
+    pub unreadable: usize,
+    pub top1: f64,
+    /// Top-1 of always answering the most frequent training class.
+    pub majority_top1: f64,
+}
+
+/// Where the data come from and how validation is made.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    /// Labelled manifests (`label` column filled on every row).
+    pub train: PathBuf,
+    pub val: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+    pub format: Format,
+    /// Share of training locations held out for validation when `val` is not given.
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+/// The three splits and their classes.
+#[derive(Debug, Clone)]
+pub struct Labelled {
+    /// Classes of the training split, sorted; index = class id.
+    pub classes: Vec<String>,
+    index: BTreeMap<String, i64>,
+    pub train: Vec<Sample>,
+    pub val: Vec<Sample>,
+    pub test: Option<Vec<Sample>>,
+    /// How the validation split was made, for reports.
+    pub validation: String,
+}
+
+fn read_labelled(path: &Path, format: Format) -> Result<Vec<Sample>, EvalError> {
+    let samples = read_manifest(path, format)?;
+    let missing = samples.iter().filter(|s| s.label.is_none()).count();
+    if missing > 0 {
+        return Err(invalid(format!(
+            "{}: {missing} of {} rows have no label; a `label` column filled on every row is needed",
+            path.display(),
+            samples.len()
+        )));
+    }
+    Ok(samples)
+}
+
+impl Labelled {
+    /// Reads and checks the manifests: every row labelled, two classes or
+    /// more in training, no validation or test label unknown to training.
+    pub fn load(o: &DataOptions) -> Result<Self, EvalError> {
+        if o.val.is_none() && !(o.val_fraction > 0.0 && o.val_fraction < 1.0) {
+            return Err(invalid(format!("--val-fraction {} must be between 0 and 1", o.val_fraction)));
+        }
+        let all = read_labelled(&o.train, o.format)?;
+        let (train, val, validation) = match &o.val {
+            Some(v) => (all, read_labelled(v, o.format)?, format!("given ({})", v.display())),
+            None => {
+                let (t, v) = split_by_location(all, o.val_fraction, o.seed);
+                (t, v, format!("{:.0} % of the training locations held out", o.val_fraction * 100.0))
+            }
+        };
+        let test = o.test.as_ref().map(|p| read_labelled(p, o.format)).transpose()?;
+        if train.is_empty() || val.is_empty() {
+            return Err(invalid(format!(
+                "{} training and {} validation images: both splits need images (several labelled locations)",
+                train.len(),
+                val.len()
+            )));
+        }
+        let mut classes: Vec<String> = train.iter().filter_map(|s| s.label.clone()).collect();
+        classes.sort();
+        classes.dedup();
+        if classes.len() < 2 {
+            return Err(invalid(format!("{}: one class ({classes:?}); at least two are needed", o.train.display())));
+        }
+        let index: BTreeMap<String, i64> = classes.iter().cloned().zip(0..).collect();
+        for (name, split) in [("validation", Some(&val)), ("test", test.as_ref())] {
+            if let Some(bad) =
+                split.and_then(|s| s.iter().find(|s| !index.contains_key(s.label.as_deref().unwrap_or(""))))
+            {
+                return Err(invalid(format!(
+                    "{name} label {:?} ({}) does not occur in the training split; classes: {classes:?}",
+                    bad.label.as_deref().unwrap_or(""),
+                    bad.path.display()
+                )));
+            }
+        }
+        Ok(Self { classes, index, train, val, test, validation })
+    }
+
+    /// Class ids of `samples` (all labelled with known classes, see [`Labelled::load`]).
+    pub fn targets(&self, samples: &[Sample]) -> Vec<i64> {
+        samples.iter().map(|s| self.index.get(s.label.as_deref().unwrap_or("")).copied().unwrap_or(-1)).collect()
+    }
+
+    /// The most frequent training class (ties: the first).
+    pub fn majority(&self) -> i64 {
+        let mut counts = vec![0usize; self.classes.len()];
+        for t in self.targets(&self.train) {
+            counts[t as usize] += 1;
+        }
+        counts.iter().enumerate().max_by_key(|&(i, n)| (n, std::cmp::Reverse(i))).map_or(0, |(i, _)| i as i64)
+    }
+
+    /// Accuracy of `pred` against the classes of `samples`.
+    pub fn result(&self, samples: &[Sample], pred: &[i64], unreadable: usize) -> SplitResult {
+        let y = self.targets(samples);
+        let n = y.len().max(1) as f64;
+        let m = self.majority();
+        SplitResult {
+            images: y.len(),
+            unreadable,
+            top1: if y.is_empty() { f64::NAN } else { y.iter().zip(pred).filter(|(a, b)| a == b).count() as f64 / n },
+            majority_top1: if y.is_empty() { f64::NAN } else { y.iter().filter(|&&a| a == m).count() as f64 / n },
+        }
+    }
+}
+
+/// Deterministic split of `samples` by location: about `fraction` of the
+/// locations (and all their images) go to validation.
+pub fn split_by_location(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+    let mut locations: Vec<String> = samples.iter().map(|s| s.location_id.clone()).collect();
+    locations.sort();
+    locations.dedup();
+    Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15).shuffle(&mut locations);
+    let n_val = ((locations.len() as f64 * fraction).round() as usize).clamp(1, locations.len().saturating_sub(1));
+    let val: std::collections::HashSet<&String> = locations.iter().take(n_val).collect();
+    samples.into_iter().partition(|s| !val.contains(&s.location_id))
+}
+
+/// Decodes `s` (its window when it has one) in stored units, `[C, H, W]`.
+pub fn decode(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
+    let mut img = image_io::decode(&s.path, spec.bands.len())?;
+    if let Some(w) = s.crop {
+        img = img.crop(w)?;
+    }
+    Ok(img.tensor())
+}
+
+/// `[C, H, W]` or `[N, C, H, W]` in stored units → normalized with the spec.
+pub fn normalize(x: &Tensor, spec: &ModelSpec) -> Tensor {
+    let n = &spec.normalization;
+    let c = spec.bands.len() as i64;
+    let shape: &[i64] = if x.dim() == 4 { &[1, c, 1, 1] } else { &[c, 1, 1] };
+    let mean = Tensor::from_slice(&n.mean).reshape(shape).to_device(x.device());
+    let std = Tensor::from_slice(&n.std).reshape(shape).to_device(x.device());
+    (x * f64::from(n.scale) - mean) / std
+}
+
+/// Normalized model input `[C, S, S]` of one image: the window, shorter side
+/// resized to `S` (antialiased bilinear), centre crop — what the image
+/// endpoints of geossl-serve do.
+pub fn eval_input(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
+    let img = decode(s, spec)?;
+    let size = spec.input_size[0] as i64;
+    let (h, w) = (img.size()[1] as f64, img.size()[2] as f64);
+    let k = size as f64 / h.min(w);
+    let (nh, nw) = (((h * k).round() as i64).max(size), ((w * k).round() as i64).max(size));
+    let x = img.unsqueeze(0).internal_upsample_bilinear2d_aa([nh, nw], false, None, None);
+    let x = x.narrow(2, (nh - size) / 2, size).narrow(3, (nw - size) / 2, size).squeeze_dim(0);
+    Ok(normalize(&x, spec))
+}
+
+/// Eval inputs of the readable samples (the others are skipped, logged and
+/// counted): `(kept samples, inputs [C, S, S] each, unreadable)`.
+pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec) -> (Vec<Sample>, Vec<Tensor>, usize) {
+    let (mut kept, mut xs, mut bad) = (Vec::new(), Vec::new(), 0);
+    for s in samples {
+        match eval_input(s, spec) {
+            Ok(x) => {
+                kept.push(s.clone());
+                xs.push(x);
+            }
+            Err(e) => {
+                tracing::warn!("skipping unreadable image: {e}");
+                bad += 1;
+            }
+        }
+    }
+    (kept, xs, bad)
+}
+
+/// Top-1 accuracy of logits `[N, K]` against class ids `[N]`.
+pub fn top1(logits: &Tensor, y: &Tensor) -> f64 {
+    if y.size()[0] == 0 {
+        return f64::NAN;
+    }
+    logits.argmax(1, false).eq_tensor(y).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+}
+
+/// `predictions.csv`: `split,path,label,predicted` for each `(split, samples, predicted class ids)`.
+pub fn write_predictions(
+    path: &Path,
+    rows: &[(&str, &[Sample], Vec<i64>)],
+    classes: &[String],
+) -> Result<(), EvalError> {
+    let mut out = String::from("split,path,label,predicted\n");
+    for (name, samples, pred) in rows {
+        for (s, &p) in samples.iter().zip(pred) {
+            let predicted = usize::try_from(p).ok().and_then(|p| classes.get(p)).map_or("", String::as_str);
+            out.push_str(&format!("{name},{},{},{predicted}\n", s.path.display(), s.label.as_deref().unwrap_or("")));
+        }
+    }
+    std::fs::write(path, out).map_err(|error| EvalError::Io { path: path.to_owned(), error })
+}
+
+/// `spec` with a classifier over `classes` in place of any it had.
+pub fn with_classifier(spec: &ModelSpec, classes: &[String]) -> ModelSpec {
+    let mut s = spec.clone();
+    s.heads.retain(|h| h.kind() != HeadKind::Classifier);
+    s.heads.push(HeadSpec::Classifier(ClassifierHead { num_classes: classes.len(), labels: classes.to_vec() }));
+    s
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), EvalError> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| invalid(e.to_string()))?;
+    std::fs::write(path, json).map_err(|error| EvalError::Io { path: path.to_owned(), error })
+}
