@@ -12,6 +12,7 @@ pub mod chips;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod finetune;
 pub mod fixtures;
 pub mod geo;
 pub mod image_io;

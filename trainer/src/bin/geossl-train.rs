@@ -31,8 +31,10 @@ enum Command {
     /// (given, or held out by location), the test split evaluated once; writes probe.json, predictions.csv and
     /// checkpoint/ (backbone + the probe as classifier head).
     Probe(ProbeArgs),
-    /// Fine-tune a backbone with a classification head.
-    Finetune(Pending),
+    /// Fine-tune a backbone end to end with a new classifier head (RandomResizedCrop + flip, SGD, cosine); the
+    /// epoch is chosen on validation, the test split scored once; writes finetune.json, predictions.csv and
+    /// checkpoint/.
+    Finetune(FinetuneArgs),
     /// Train a segmentation head on a backbone.
     Segment(Pending),
     /// Create a checkpoint directory from an architecture (random init) or from
@@ -118,6 +120,33 @@ struct ProbeArgs {
     /// Weight decays searched (comma-separated).
     #[arg(long, env = "GEOSSL_WEIGHT_DECAYS", value_delimiter = ',', default_value = "0,0.0001")]
     weight_decay: Vec<f64>,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
+    device: String,
+}
+
+#[derive(Debug, Args)]
+struct FinetuneArgs {
+    /// Checkpoint directory of the backbone (e.g. a pretraining run's checkpoint/).
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output directory: finetune.json, predictions.csv, checkpoint/.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 30)]
+    epochs: usize,
+    #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate (cosine schedule).
+    #[arg(long, env = "GEOSSL_LR", default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, env = "GEOSSL_WEIGHT_DECAY", default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// RandomResizedCrop area range, min,max.
+    #[arg(long, env = "GEOSSL_CROP_SCALE", value_delimiter = ',', default_value = "0.2,1.0")]
+    crop_scale: Vec<f64>,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
     device: String,
@@ -211,7 +240,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain(a) => pretrain(a),
         Command::Probe(a) => probe(a),
-        Command::Finetune(_) => pending("finetune"),
+        Command::Finetune(a) => finetune(a),
         Command::Segment(_) => pending("segment"),
         Command::Init(a) => init(a),
         Command::Info(a) => info(a),
@@ -220,7 +249,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn pending(what: &str) -> Result<()> {
-    bail!("`geossl-train {what}` is not implemented yet; `probe` evaluates a backbone with a linear classifier")
+    bail!("`geossl-train {what}` is not implemented yet; `probe` and `finetune` train classifiers on a backbone")
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
@@ -276,6 +305,25 @@ fn probe(a: ProbeArgs) -> Result<()> {
         batch_size: a.batch_size,
         learning_rates: a.lr,
         weight_decays: a.weight_decay,
+    };
+    let r = run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+fn finetune(a: FinetuneArgs) -> Result<()> {
+    use geossl_trainer::finetune::{run, FinetuneOptions};
+    let [lo, hi] = a.crop_scale[..] else { bail!("--crop-scale takes two numbers: min,max") };
+    let opts = FinetuneOptions {
+        checkpoint: a.checkpoint,
+        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        data: data_options(a.data)?,
+        out: a.out,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        learning_rate: a.lr,
+        weight_decay: a.weight_decay,
+        crop_scale: [lo, hi],
     };
     let r = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&r)?);

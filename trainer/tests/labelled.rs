@@ -1,7 +1,8 @@
-//! `geossl-train probe` on real imagery with real labels: Sentinel-2 chips of
-//! the shared 5-date series, each labelled with the majority class of the
-//! patch's land-cover map. Checks model selection on validation only, the
-//! location split, the saved classifier checkpoint, and bad inputs.
+//! `geossl-train probe` and `finetune` on real imagery with real labels:
+//! Sentinel-2 chips of the shared 5-date series, each labelled with the
+//! majority class of the patch's land-cover map. Checks model selection on
+//! validation only, the location split, the saved classifier checkpoints, and
+//! bad inputs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -50,12 +51,16 @@ fn data(dir: &Path) -> (PathBuf, PathBuf, Vec<Chip>) {
 }
 
 fn probe(ck: &Path, train: &Path, test: Option<&Path>, out: &Path, extra: &[&str]) -> Output {
+    train_cmd("probe", ck, train, test, out, &[&["--epochs", "60"], extra].concat())
+}
+
+fn train_cmd(cmd: &str, ck: &Path, train: &Path, test: Option<&Path>, out: &Path, extra: &[&str]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_geossl-train"));
-    c.arg("probe").arg("--checkpoint").arg(ck).arg("--train").arg(train).arg("--out").arg(out);
+    c.arg(cmd).arg("--checkpoint").arg(ck).arg("--train").arg(train).arg("--out").arg(out);
     if let Some(t) = test {
         c.arg("--test").arg(t);
     }
-    c.args(["--epochs", "60", "--device", "cpu"]).args(extra);
+    c.args(["--device", "cpu"]).args(extra);
     c.output().unwrap()
 }
 
@@ -122,8 +127,14 @@ fn probe_selects_on_validation_and_saves_a_classifier_that_predicts_the_same() {
     assert_eq!(r2["val"], r["val"]);
 
     // checkpoint/ = backbone + the probe as classifier: it predicts what predictions.csv says.
+    saved_model_predicts(&out, &test, &classes);
+}
+
+/// `out/checkpoint` classifies the images of `manifest` as `out/predictions.csv` says, with `classes` as labels.
+fn saved_model_predicts(out: &Path, manifest: &Path, classes: &[String]) {
+    let preds = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
     let loaded = load_checkpoint(&out.join("checkpoint"), Device::Cpu).unwrap();
-    let samples = read_manifest(&test, Format::Csv).unwrap();
+    let samples = read_manifest(manifest, Format::Csv).unwrap();
     let x = Tensor::stack(&samples.iter().map(|s| eval_input(s, &loaded.spec).unwrap()).collect::<Vec<_>>(), 0);
     let logits = tch::no_grad(|| loaded.model.classify(&x, false)).unwrap();
     let pred: Vec<i64> = Vec::try_from(logits.argmax(1, false)).unwrap();
@@ -173,4 +184,37 @@ fn probe_refuses_bad_inputs_by_name() {
     let o = probe(&ck, &train, None, &out, &["--lr", "0"]);
     assert!(!o.status.success() && text(&o).contains("learning rates"), "{}", text(&o));
     assert!(!out.join("probe.json").exists(), "a failed probe wrote a report");
+}
+
+#[test]
+fn finetune_trains_the_backbone_chooses_on_validation_and_saves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = checkpoint(dir.path());
+    let (train, test, test_chips) = data(dir.path());
+    let out = dir.path().join("ft");
+    let args = ["--epochs", "3", "--batch-size", "32", "--lr", "0.05"];
+    let o = train_cmd("finetune", &ck, &train, Some(&test), &out, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = json(&out.join("finetune.json"));
+    let curve = r["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 3, "{r}");
+    assert!(curve.iter().all(|e| e["train_loss"].as_f64().unwrap().is_finite()), "{r}");
+    // The kept epoch is the first with the best validation top-1, and its weights are what was saved.
+    let vals: Vec<f64> = curve.iter().map(|e| e["val_top1"].as_f64().unwrap()).collect();
+    let best = vals.iter().copied().fold(f64::MIN, f64::max);
+    let chosen = r["chosen_epoch"].as_u64().unwrap() as usize;
+    assert_eq!(chosen, vals.iter().position(|&v| v == best).unwrap() + 1, "{r}");
+    assert!((r["val"]["top1"].as_f64().unwrap() - best).abs() < 1e-9, "{r}");
+    assert_eq!(r["test"]["images"].as_u64().unwrap() as usize, test_chips.len());
+    let classes: Vec<String> = serde_json::from_value(r["classes"].clone()).unwrap();
+    saved_model_predicts(&out, &test, &classes);
+    // The backbone itself was trained (unlike the probe's).
+    let before = geossl_models::StateDict::read(&ck.join("model.safetensors")).unwrap();
+    let after = geossl_models::StateDict::read(&out.join("checkpoint/model.safetensors")).unwrap();
+    let (b, a) = (before.get("conv1.weight").unwrap(), after.get("conv1.weight").unwrap());
+    assert_ne!(b.data, a.data, "conv1 did not move");
+    // Bad hyper-parameters are refused by name, before anything is written.
+    let o = train_cmd("finetune", &ck, &train, None, &dir.path().join("bad"), &["--crop-scale", "0.5,0.1"]);
+    assert!(!o.status.success() && text(&o).contains("crop scale"), "{}", text(&o));
+    assert!(!dir.path().join("bad").exists());
 }

@@ -1,0 +1,217 @@
+//! Fine-tuning: the whole backbone plus a new classifier head trained end to
+//! end on labelled data (RandomResizedCrop + horizontal flip, SGD with
+//! momentum, cosine schedule). The epoch is chosen on the validation split
+//! (see [`crate::labelled`]); the test split is scored once, with it.
+//!
+//! Writes `finetune.json` (report with the validation curve),
+//! `predictions.csv` and `checkpoint/` (the fine-tuned model with its
+//! classifier head).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Tensor};
+
+use crate::augment::{random_view, AugConfig};
+use crate::checkpoint::{load_checkpoint, save_checkpoint};
+use crate::data::Sample;
+use crate::labelled::{
+    decode, eval_inputs, invalid, normalize, with_classifier, write_json, write_predictions, DataOptions, EvalError,
+    Labelled, SplitResult,
+};
+use crate::model::Model;
+use crate::rng::Rng;
+
+/// What [`run`] needs.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    pub checkpoint: PathBuf,
+    pub data: DataOptions,
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// RandomResizedCrop area range.
+    pub crop_scale: [f64; 2],
+    pub device: Device,
+}
+
+/// One epoch of the validation curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct Epoch {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_top1: f64,
+}
+
+/// `finetune.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneReport {
+    pub checkpoint: PathBuf,
+    pub classes: Vec<String>,
+    pub validation: String,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    pub curve: Vec<Epoch>,
+    /// The epoch whose weights were kept (best validation top-1).
+    pub chosen_epoch: usize,
+    /// Training images that could not be read (skipped every epoch).
+    pub unreadable_train: usize,
+    pub train: SplitResult,
+    pub val: SplitResult,
+    pub test: Option<SplitResult>,
+}
+
+/// Class ids predicted for eval inputs `[C, S, S]` each, 64 at a time, eval mode.
+fn predict(model: &Model, xs: &[Tensor], dev: Device) -> Vec<i64> {
+    let mut out = Vec::with_capacity(xs.len());
+    for c in xs.chunks(64) {
+        let x = Tensor::stack(c, 0).to_device(dev);
+        if let Some(l) = tch::no_grad(|| model.classify(&x, false)) {
+            out.extend(Vec::<i64>::try_from(l.argmax(1, false).to_device(Device::Cpu)).unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn accuracy(pred: &[i64], y: &[i64]) -> f64 {
+    if y.is_empty() {
+        return f64::NAN;
+    }
+    pred.iter().zip(y).filter(|(a, b)| a == b).count() as f64 / y.len() as f64
+}
+
+/// Runs fine-tuning and writes its outputs into `opts.out`.
+pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
+    let lr_ok = opts.learning_rate.is_finite() && opts.learning_rate > 0.0;
+    let wd_ok = opts.weight_decay.is_finite() && opts.weight_decay >= 0.0;
+    if opts.epochs == 0 || opts.batch_size == 0 || !lr_ok || !wd_ok {
+        return Err(invalid("epochs and batch size must be positive, the learning rate positive, weight decay ≥ 0"));
+    }
+    let [lo, hi] = opts.crop_scale;
+    if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+        return Err(invalid(format!("crop scale [{lo}, {hi}] must satisfy 0 < min ≤ max ≤ 1")));
+    }
+    let data = Labelled::load(&opts.data)?;
+    let dev = opts.device;
+    let source = load_checkpoint(&opts.checkpoint, Device::Cpu)?;
+    let spec = with_classifier(&source.spec, &data.classes);
+    let vs = nn::VarStore::new(dev);
+    let model = Model::new(&vs.root(), &spec);
+    {
+        // Everything but the new head from the checkpoint.
+        let src = source.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                if let Some(t) = src.get(&name).filter(|_| !name.starts_with("fc.")) {
+                    v.copy_(&t.to_device(dev));
+                }
+            }
+        });
+    }
+    drop(source);
+    let mut sgd = (nn::Sgd { momentum: 0.9, dampening: 0.0, wd: opts.weight_decay, nesterov: false })
+        .build(&vs, opts.learning_rate)
+        .map_err(|e| invalid(format!("optimizer: {e}")))?;
+
+    // Evaluation inputs are fixed: prepared once.
+    let (val_s, val_x, val_bad) = eval_inputs(&data.val, &spec);
+    let val_y = data.targets(&val_s);
+    if val_s.is_empty() {
+        return Err(invalid("no readable image in the validation split"));
+    }
+    let aug = AugConfig { crop_scale: opts.crop_scale, ..AugConfig::default() };
+    let size = spec.input_size[0] as i64;
+    let mut rng = Rng::new(opts.data.seed);
+    let mut order: Vec<usize> = (0..data.train.len()).collect();
+    let train_y = data.targets(&data.train);
+    let mut unreadable = std::collections::BTreeSet::new();
+    let mut curve = Vec::new();
+    let mut best: Option<(usize, f64, geossl_models::StateDict)> = None;
+    for epoch in 1..=opts.epochs {
+        sgd.set_lr(crate::pretrain::cosine_lr(opts.learning_rate, epoch as u64 - 1, opts.epochs as u64));
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut batches) = (0.0, 0usize);
+        for idx in order.chunks(opts.batch_size) {
+            let mut xs = Vec::with_capacity(idx.len());
+            let mut ys = Vec::with_capacity(idx.len());
+            for &i in idx {
+                match decode(&data.train[i], &spec) {
+                    Ok(img) => {
+                        let mut v = random_view(&img, size, &aug, &mut rng);
+                        if rng.next_f64() < aug.flip_p {
+                            v = v.flip([2]);
+                        }
+                        xs.push(normalize(&v, &spec));
+                        ys.push(train_y[i]);
+                    }
+                    Err(e) => {
+                        if unreadable.insert(i) {
+                            tracing::warn!("skipping unreadable image: {e}");
+                        }
+                    }
+                }
+            }
+            if xs.len() < 2 {
+                continue; // BatchNorm needs two samples; the next epoch reshuffles
+            }
+            let x = Tensor::stack(&xs, 0).to_device(dev);
+            let y = Tensor::from_slice(&ys).to_device(dev);
+            let Some(logits) = model.classify(&x, true) else { return Err(invalid("model has no classifier")) };
+            let loss = logits.cross_entropy_for_logits(&y);
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(invalid(format!(
+                    "loss became {l} in epoch {epoch}; stopped (lower the learning rate); nothing was saved"
+                )));
+            }
+            sgd.backward_step(&loss);
+            loss_sum += l;
+            batches += 1;
+        }
+        let val_top1 = accuracy(&predict(&model, &val_x, dev), &val_y);
+        let train_loss = loss_sum / batches.max(1) as f64;
+        tracing::info!(epoch, train_loss, val_top1, "fine-tuning");
+        curve.push(Epoch { epoch, train_loss, val_top1 });
+        if best.as_ref().is_none_or(|b| val_top1 > b.1) {
+            best = Some((epoch, val_top1, crate::checkpoint::state_dict(&vs, &spec)?));
+        }
+    }
+    let Some((chosen_epoch, _, weights)) = best else { return Err(invalid("no epoch ran")) };
+    crate::checkpoint::load_state_dict(&vs, &spec, &weights, &opts.out.join("best epoch"))?;
+
+    let (train_s, train_x, _) = eval_inputs(&data.train, &spec);
+    let p_train = predict(&model, &train_x, dev);
+    let p_val = predict(&model, &val_x, dev);
+    let test = data.test.as_deref().map(|t| {
+        let (s, x, bad) = eval_inputs(t, &spec);
+        let p = predict(&model, &x, dev);
+        (s, p, bad)
+    });
+    let report = FinetuneReport {
+        checkpoint: opts.checkpoint.clone(),
+        classes: data.classes.clone(),
+        validation: data.validation.clone(),
+        learning_rate: opts.learning_rate,
+        weight_decay: opts.weight_decay,
+        batch_size: opts.batch_size,
+        curve,
+        chosen_epoch,
+        unreadable_train: unreadable.len(),
+        train: data.result(&train_s, &p_train, unreadable.len()),
+        val: data.result(&val_s, &p_val, val_bad),
+        test: test.as_ref().map(|(s, p, bad)| data.result(s, p, *bad)),
+    };
+    std::fs::create_dir_all(&opts.out).map_err(|error| EvalError::Io { path: opts.out.clone(), error })?;
+    let mut rows: Vec<(&str, &[Sample], Vec<i64>)> = vec![("train", &train_s, p_train), ("val", &val_s, p_val)];
+    if let Some((s, p, _)) = &test {
+        rows.push(("test", s, p.clone()));
+    }
+    write_predictions(&opts.out.join("predictions.csv"), &rows, &data.classes)?;
+    save_checkpoint(&opts.out.join("checkpoint"), &spec, &vs, |_| Ok(()))?;
+    write_json(&opts.out.join("finetune.json"), &report)?;
+    Ok(report)
+}
