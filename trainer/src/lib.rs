@@ -24,6 +24,7 @@ pub mod npy;
 pub mod pretrain;
 pub mod probe;
 pub mod rng;
+pub mod segment;
 
 pub use backbone::Backbone;
 pub use checkpoint::{load_checkpoint, save_checkpoint, CheckpointError, Loaded};

@@ -35,8 +35,9 @@ enum Command {
     /// epoch is chosen on validation, the test split scored once; writes finetune.json, predictions.csv and
     /// checkpoint/.
     Finetune(FinetuneArgs),
-    /// Train a segmentation head on a backbone.
-    Segment(Pending),
+    /// Train an FCN segmentation head with its backbone on image/mask pairs (manifest: path,mask[,location_id]);
+    /// the epoch is chosen on validation mIoU, the test split scored once; writes segment.json and checkpoint/.
+    Segment(SegmentArgs),
     /// Create a checkpoint directory from an architecture (random init) or from
     /// a torchvision state dict saved as safetensors.
     Init(InitArgs),
@@ -67,13 +68,6 @@ struct ChipsArgs {
     /// Output folder (chips and manifest.csv).
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
-}
-
-/// Accepts anything until the subcommand is implemented.
-#[derive(Debug, Args)]
-struct Pending {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
 }
 
 /// Labelled data of `probe` and `finetune`.
@@ -147,6 +141,48 @@ struct FinetuneArgs {
     /// RandomResizedCrop area range, min,max.
     #[arg(long, env = "GEOSSL_CROP_SCALE", value_delimiter = ',', default_value = "0.2,1.0")]
     crop_scale: Vec<f64>,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
+    device: String,
+}
+
+#[derive(Debug, Args)]
+struct SegmentArgs {
+    /// Checkpoint directory of the backbone (e.g. a pretraining run's checkpoint/).
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Training manifest: CSV with `path` and `mask` columns (optional `location_id`), paths relative to it.
+    #[arg(long, env = "GEOSSL_TRAIN")]
+    train: PathBuf,
+    /// Validation manifest; without it, --val-fraction of the training locations are held out.
+    #[arg(long, env = "GEOSSL_VAL")]
+    val: Option<PathBuf>,
+    /// Test manifest: scored once, with the epoch chosen on validation.
+    #[arg(long, env = "GEOSSL_TEST")]
+    test: Option<PathBuf>,
+    /// Share of training locations held out for validation when --val is not given.
+    #[arg(long, env = "GEOSSL_VAL_FRACTION", default_value_t = 0.2)]
+    val_fraction: f64,
+    #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Class names, comma-separated; mask value i is class i.
+    #[arg(long, env = "GEOSSL_CLASSES", value_delimiter = ',', required = true)]
+    classes: Vec<String>,
+    /// Mask value of unlabelled pixels (not scored, no loss).
+    #[arg(long, env = "GEOSSL_IGNORE_INDEX", default_value_t = 255)]
+    ignore_index: u8,
+    /// Output directory: segment.json, checkpoint/.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 30)]
+    epochs: usize,
+    #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate (cosine schedule).
+    #[arg(long, env = "GEOSSL_LR", default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, env = "GEOSSL_WEIGHT_DECAY", default_value_t = 1e-4)]
+    weight_decay: f64,
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
     device: String,
@@ -241,15 +277,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain(a),
         Command::Probe(a) => probe(a),
         Command::Finetune(a) => finetune(a),
-        Command::Segment(_) => pending("segment"),
+        Command::Segment(a) => segment(a),
         Command::Init(a) => init(a),
         Command::Info(a) => info(a),
         Command::Chips(a) => chips(a),
     }
-}
-
-fn pending(what: &str) -> Result<()> {
-    bail!("`geossl-train {what}` is not implemented yet; `probe` and `finetune` train classifiers on a backbone")
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
@@ -324,6 +356,29 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         learning_rate: a.lr,
         weight_decay: a.weight_decay,
         crop_scale: [lo, hi],
+    };
+    let r = run(&opts)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
+fn segment(a: SegmentArgs) -> Result<()> {
+    use geossl_trainer::segment::{run, SegmentOptions};
+    let opts = SegmentOptions {
+        checkpoint: a.checkpoint,
+        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        train: a.train,
+        val: a.val,
+        test: a.test,
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+        out: a.out,
+        classes: a.classes,
+        ignore_index: a.ignore_index,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        learning_rate: a.lr,
+        weight_decay: a.weight_decay,
     };
     let r = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&r)?);

@@ -1,0 +1,377 @@
+//! Semantic segmentation: an FCN head (see `geossl_models::SegmentationHead`)
+//! on a pretrained backbone, trained end to end on image/mask pairs (random
+//! crops of the input size, shared flips, per-pixel cross-entropy with an
+//! ignore value). The epoch is chosen on the validation split's mean IoU; the
+//! test split is scored once, with it. Evaluation runs on whole images, as
+//! geossl-serve's `/segment` does.
+//!
+//! Manifest: CSV with a header naming `path` and `mask` (and optionally
+//! `location_id`, used to hold out validation places; paths relative to the
+//! manifest). A mask is a one-band 8-bit PNG/TIFF of class ids, aligned with
+//! its image; `ignore_index` marks pixels without a label.
+//!
+//! Writes `segment.json` (curve, chosen epoch, pixel accuracy, per-class IoU
+//! and mIoU per split) and `checkpoint/` (for `geossl-export onnx --head segment`).
+
+use std::path::{Path, PathBuf};
+
+use geossl_models::{HeadKind, HeadSpec, ModelSpec, SegmentationHead};
+use serde::Serialize;
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::checkpoint::{load_checkpoint, load_state_dict, save_checkpoint, state_dict};
+use crate::image_io;
+use crate::labelled::{invalid, normalize, write_json, EvalError};
+use crate::model::Model;
+use crate::rng::Rng;
+
+/// What [`run`] needs.
+#[derive(Debug, Clone)]
+pub struct SegmentOptions {
+    pub checkpoint: PathBuf,
+    pub train: PathBuf,
+    pub val: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+    /// Share of training locations held out for validation when `val` is not given.
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub out: PathBuf,
+    /// Class names; their number is the number of classes (mask values 0..K-1).
+    pub classes: Vec<String>,
+    /// Mask value of unlabelled pixels.
+    pub ignore_index: u8,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub device: Device,
+}
+
+/// One image/mask pair.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub image: PathBuf,
+    pub mask: PathBuf,
+    pub location_id: String,
+}
+
+/// Segmentation quality of one split.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegResult {
+    pub images: usize,
+    pub unreadable: usize,
+    /// Labelled pixels scored.
+    pub pixels: u64,
+    pub pixel_accuracy: f64,
+    /// Per class, `NaN` (JSON null) when the class is absent from both truth and prediction.
+    pub iou: Vec<f64>,
+    /// Mean over classes that occur.
+    pub miou: f64,
+}
+
+/// One epoch of the validation curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct Epoch {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_miou: f64,
+}
+
+/// `segment.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentReport {
+    pub checkpoint: PathBuf,
+    pub classes: Vec<String>,
+    pub validation: String,
+    pub curve: Vec<Epoch>,
+    pub chosen_epoch: usize,
+    pub train: SegResult,
+    pub val: SegResult,
+    pub test: Option<SegResult>,
+}
+
+/// Reads a `path,mask[,location_id]` manifest.
+pub fn read_pairs(manifest: &Path) -> Result<Vec<Pair>, EvalError> {
+    let text = std::fs::read_to_string(manifest).map_err(|error| EvalError::Io { path: manifest.to_owned(), error })?;
+    let dir = manifest.parent().unwrap_or(Path::new("."));
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').map(str::trim).collect();
+    let col = |n: &str| header.iter().position(|h| *h == n);
+    let (Some(ci), Some(cm)) = (col("path"), col("mask")) else {
+        return Err(invalid(format!("{}: the header must name `path` and `mask` columns", manifest.display())));
+    };
+    let cl = col("location_id");
+    let mut out = Vec::new();
+    for (n, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let get = |i: usize| f.get(i).copied().filter(|s| !s.is_empty());
+        let (Some(i), Some(m)) = (get(ci), get(cm)) else {
+            return Err(invalid(format!("{} line {}: empty path or mask", manifest.display(), n + 2)));
+        };
+        out.push(Pair {
+            image: dir.join(i),
+            mask: dir.join(m),
+            location_id: cl.and_then(get).unwrap_or(i).to_string(),
+        });
+    }
+    if out.is_empty() {
+        return Err(invalid(format!("{}: no rows", manifest.display())));
+    }
+    Ok(out)
+}
+
+/// Image `[C, H, W]` (stored units) and mask `[H, W]` (int64 class ids) of a pair.
+fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), String> {
+    let img = image_io::decode(&p.image, spec.bands.len())?;
+    let m = image_io::decode(&p.mask, 1).map_err(|e| format!("mask {e}"))?;
+    if (m.h, m.w) != (img.h, img.w) {
+        return Err(format!(
+            "{}: mask is {}×{}, image {} is {}×{}",
+            p.mask.display(),
+            m.w,
+            m.h,
+            p.image.display(),
+            img.w,
+            img.h
+        ));
+    }
+    if let Some(v) = m.data.iter().find(|&&v| v != f32::from(ignore) && (v < 0.0 || v >= k as f32 || v.fract() != 0.0))
+    {
+        return Err(format!("{}: mask value {v} is not a class id (0..{}) or {ignore}", p.mask.display(), k - 1));
+    }
+    let mask = m.tensor().squeeze_dim(0).to_kind(Kind::Int64);
+    Ok((img.tensor(), mask))
+}
+
+/// Confusion-matrix scores of predicted `[H, W]` class ids against `truth`.
+#[derive(Debug, Clone)]
+struct Confusion {
+    k: usize,
+    m: Vec<u64>,
+}
+
+impl Confusion {
+    fn new(k: usize) -> Self {
+        Self { k, m: vec![0; k * k] }
+    }
+
+    fn add(&mut self, pred: &Tensor, truth: &Tensor, ignore: u8) {
+        let keep = truth.ne(i64::from(ignore));
+        let t = truth.masked_select(&keep);
+        let p = pred.masked_select(&keep);
+        let idx = (t * self.k as i64 + p).bincount::<Tensor>(None, (self.k * self.k) as i64);
+        let counts = Vec::<i64>::try_from(idx.to_device(Device::Cpu)).unwrap_or_default();
+        for (c, n) in self.m.iter_mut().zip(counts) {
+            *c += n as u64;
+        }
+    }
+
+    fn result(&self, images: usize, unreadable: usize) -> SegResult {
+        let k = self.k;
+        let total: u64 = self.m.iter().sum();
+        let correct: u64 = (0..k).map(|i| self.m[i * k + i]).sum();
+        let iou: Vec<f64> = (0..k)
+            .map(|c| {
+                let tp = self.m[c * k + c] as f64;
+                let fn_: f64 = (0..k).map(|j| self.m[c * k + j] as f64).sum::<f64>() - tp;
+                let fp: f64 = (0..k).map(|i| self.m[i * k + c] as f64).sum::<f64>() - tp;
+                if tp + fn_ + fp == 0.0 {
+                    f64::NAN
+                } else {
+                    tp / (tp + fn_ + fp)
+                }
+            })
+            .collect();
+        let present: Vec<f64> = iou.iter().copied().filter(|v| !v.is_nan()).collect();
+        SegResult {
+            images,
+            unreadable,
+            pixels: total,
+            pixel_accuracy: if total == 0 { f64::NAN } else { correct as f64 / total as f64 },
+            miou: if present.is_empty() { f64::NAN } else { present.iter().sum::<f64>() / present.len() as f64 },
+            iou,
+        }
+    }
+}
+
+/// Scores `pairs` on whole images, one at a time, in eval mode (`k` classes,
+/// `ignore` = the unlabelled mask value).
+pub fn evaluate(model: &Model, spec: &ModelSpec, pairs: &[Pair], k: usize, ignore: u8, dev: Device) -> SegResult {
+    let mut conf = Confusion::new(k);
+    let (mut n, mut bad) = (0, 0);
+    for p in pairs {
+        match load_pair(p, spec, k, ignore) {
+            Ok((img, mask)) => {
+                let x = normalize(&img, spec).unsqueeze(0).to_device(dev);
+                if let Some(logits) = tch::no_grad(|| model.segment(&x, false)) {
+                    conf.add(&logits.argmax(1, false).squeeze_dim(0), &mask.to_device(dev), ignore);
+                    n += 1;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("skipping unreadable pair: {e}");
+                bad += 1;
+            }
+        }
+    }
+    conf.result(n, bad)
+}
+
+/// A random `size`×`size` window of image and mask, flipped together half the time.
+fn random_crop(img: &Tensor, mask: &Tensor, size: i64, rng: &mut Rng) -> Option<(Tensor, Tensor)> {
+    let (h, w) = (img.size()[1], img.size()[2]);
+    if h < size || w < size {
+        return None;
+    }
+    let y = rng.below((h - size + 1) as usize) as i64;
+    let x = rng.below((w - size + 1) as usize) as i64;
+    let (mut i, mut m) = (img.narrow(1, y, size).narrow(2, x, size), mask.narrow(0, y, size).narrow(1, x, size));
+    if rng.next_f64() < 0.5 {
+        i = i.flip([2]);
+        m = m.flip([1]);
+    }
+    Some((i, m))
+}
+
+/// Runs segmentation training and writes its outputs into `opts.out`.
+pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
+    let k = opts.classes.len();
+    if k < 2 || usize::from(opts.ignore_index) < k {
+        return Err(invalid(format!(
+            "{k} classes with ignore value {}: name at least two classes (--classes), and the ignore value must not be a class id",
+            opts.ignore_index
+        )));
+    }
+    if opts.epochs == 0 || opts.batch_size == 0 || !(opts.learning_rate > 0.0) || !(opts.weight_decay >= 0.0) {
+        return Err(invalid("epochs and batch size must be positive, the learning rate positive, weight decay ≥ 0"));
+    }
+    let all = read_pairs(&opts.train)?;
+    let (train, val, validation) = match &opts.val {
+        Some(v) => (all, read_pairs(v)?, format!("given ({})", v.display())),
+        None => {
+            if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
+                return Err(invalid(format!("--val-fraction {} must be between 0 and 1", opts.val_fraction)));
+            }
+            let mut locs: Vec<String> = all.iter().map(|p| p.location_id.clone()).collect();
+            locs.sort();
+            locs.dedup();
+            if locs.len() < 2 {
+                return Err(invalid("one location: give --val or more places"));
+            }
+            Rng::new(opts.seed ^ 0x9e37_79b9_7f4a_7c15).shuffle(&mut locs);
+            let n_val = ((locs.len() as f64 * opts.val_fraction).round() as usize).clamp(1, locs.len() - 1);
+            let held: std::collections::HashSet<&String> = locs.iter().take(n_val).collect();
+            let (t, v): (Vec<Pair>, Vec<Pair>) = all.into_iter().partition(|p| !held.contains(&p.location_id));
+            (t, v, format!("{:.0} % of the training locations held out", opts.val_fraction * 100.0))
+        }
+    };
+    let test = opts.test.as_deref().map(read_pairs).transpose()?;
+
+    let dev = opts.device;
+    let source = load_checkpoint(&opts.checkpoint, Device::Cpu)?;
+    let mut spec = source.spec.clone();
+    spec.heads.retain(|h| h.kind() != HeadKind::Segmentation);
+    spec.heads.push(HeadSpec::Segmentation(SegmentationHead {
+        num_classes: k,
+        hidden: 64,
+        labels: opts.classes.clone(),
+    }));
+    spec.validate().map_err(invalid)?;
+    let vs = nn::VarStore::new(dev);
+    let model = Model::new(&vs.root(), &spec);
+    {
+        let src = source.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut v) in vs.variables() {
+                if let Some(t) = src.get(&name).filter(|_| !name.starts_with("seg.")) {
+                    v.copy_(&t.to_device(dev));
+                }
+            }
+        });
+    }
+    drop(source);
+    let mut sgd = (nn::Sgd { momentum: 0.9, dampening: 0.0, wd: opts.weight_decay, nesterov: false })
+        .build(&vs, opts.learning_rate)
+        .map_err(|e| invalid(format!("optimizer: {e}")))?;
+    let size = spec.input_size[0] as i64;
+    let mut rng = Rng::new(opts.seed);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut skipped = std::collections::BTreeSet::new();
+    let mut curve = Vec::new();
+    let mut best: Option<(usize, f64, geossl_models::StateDict)> = None;
+    for epoch in 1..=opts.epochs {
+        sgd.set_lr(crate::pretrain::cosine_lr(opts.learning_rate, epoch as u64 - 1, opts.epochs as u64));
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut batches) = (0.0, 0usize);
+        for idx in order.chunks(opts.batch_size) {
+            let (mut xs, mut ms) = (Vec::new(), Vec::new());
+            for &i in idx {
+                let pair = load_pair(&train[i], &spec, k, opts.ignore_index).and_then(|(img, m)| {
+                    random_crop(&img, &m, size, &mut rng).ok_or_else(|| {
+                        format!("{} is smaller than the {size}×{size} training crop", train[i].image.display())
+                    })
+                });
+                match pair {
+                    Ok((img, m)) => {
+                        xs.push(normalize(&img, &spec));
+                        ms.push(m);
+                    }
+                    Err(e) => {
+                        if skipped.insert(i) {
+                            tracing::warn!("skipping pair: {e}");
+                        }
+                    }
+                }
+            }
+            if xs.len() < 2 {
+                continue; // BatchNorm needs two samples
+            }
+            let x = Tensor::stack(&xs, 0).to_device(dev);
+            let m = Tensor::stack(&ms, 0).to_device(dev);
+            let Some(logits) = model.segment(&x, true) else { return Err(invalid("model has no segmentation head")) };
+            let loss =
+                logits.cross_entropy_loss::<Tensor>(&m, None, Reduction::Mean, i64::from(opts.ignore_index), 0.0);
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(invalid(format!(
+                    "loss became {l} in epoch {epoch}; stopped (lower the learning rate, check the masks); nothing was saved"
+                )));
+            }
+            sgd.backward_step(&loss);
+            loss_sum += l;
+            batches += 1;
+        }
+        if batches == 0 {
+            return Err(invalid(format!(
+                "no training batch: {} of {} pairs unreadable or smaller than {size}×{size}",
+                skipped.len(),
+                train.len()
+            )));
+        }
+        let v = evaluate(&model, &spec, &val, k, opts.ignore_index, dev);
+        let train_loss = loss_sum / batches as f64;
+        tracing::info!(epoch, train_loss, val_miou = v.miou, "segmentation");
+        curve.push(Epoch { epoch, train_loss, val_miou: v.miou });
+        if best.as_ref().is_none_or(|b| v.miou > b.1 || b.1.is_nan()) {
+            best = Some((epoch, v.miou, state_dict(&vs, &spec)?));
+        }
+    }
+    let Some((chosen_epoch, _, weights)) = best else { return Err(invalid("no epoch ran")) };
+    load_state_dict(&vs, &spec, &weights, &opts.out.join("best epoch"))?;
+    let ev = |pairs: &[Pair]| evaluate(&model, &spec, pairs, k, opts.ignore_index, dev);
+    let report = SegmentReport {
+        checkpoint: opts.checkpoint.clone(),
+        classes: opts.classes.clone(),
+        validation,
+        curve,
+        chosen_epoch,
+        train: ev(&train),
+        val: ev(&val),
+        test: test.as_deref().map(ev),
+    };
+    std::fs::create_dir_all(&opts.out).map_err(|error| EvalError::Io { path: opts.out.clone(), error })?;
+    save_checkpoint(&opts.out.join("checkpoint"), &spec, &vs, |_| Ok(()))?;
+    write_json(&opts.out.join("segment.json"), &report)?;
+    Ok(report)
+}
