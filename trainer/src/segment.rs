@@ -243,7 +243,9 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
             opts.ignore_index
         )));
     }
-    if opts.epochs == 0 || opts.batch_size == 0 || !(opts.learning_rate > 0.0) || !(opts.weight_decay >= 0.0) {
+    let lr_ok = opts.learning_rate.is_finite() && opts.learning_rate > 0.0;
+    let wd_ok = opts.weight_decay.is_finite() && opts.weight_decay >= 0.0;
+    if opts.epochs == 0 || opts.batch_size == 0 || !lr_ok || !wd_ok {
         return Err(invalid("epochs and batch size must be positive, the learning rate positive, weight decay ≥ 0"));
     }
     let all = read_pairs(&opts.train)?;
