@@ -10,15 +10,14 @@
 use std::path::PathBuf;
 
 use serde::Serialize;
-use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Tensor};
 
 use crate::augment::{random_view, AugConfig};
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::data::Sample;
 use crate::labelled::{
-    decode, eval_inputs, invalid, normalize, with_classifier, write_json, write_predictions, DataOptions, EvalError,
-    Labelled, SplitResult,
+    check_training, decode, eval_inputs, invalid, model_from, normalize, sgd, with_classifier, write_json,
+    write_predictions, DataOptions, EvalError, Labelled, SplitResult,
 };
 use crate::model::Model;
 use crate::rng::Rng;
@@ -86,11 +85,7 @@ fn accuracy(pred: &[i64], y: &[i64]) -> f64 {
 
 /// Runs fine-tuning and writes its outputs into `opts.out`.
 pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
-    let lr_ok = opts.learning_rate.is_finite() && opts.learning_rate > 0.0;
-    let wd_ok = opts.weight_decay.is_finite() && opts.weight_decay >= 0.0;
-    if opts.epochs == 0 || opts.batch_size == 0 || !lr_ok || !wd_ok {
-        return Err(invalid("epochs and batch size must be positive, the learning rate positive, weight decay ≥ 0"));
-    }
+    check_training(opts.epochs, opts.batch_size, opts.learning_rate, opts.weight_decay)?;
     let [lo, hi] = opts.crop_scale;
     if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
         return Err(invalid(format!("crop scale [{lo}, {hi}] must satisfy 0 < min ≤ max ≤ 1")));
@@ -99,23 +94,9 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
     let dev = opts.device;
     let source = load_checkpoint(&opts.checkpoint, Device::Cpu)?;
     let spec = with_classifier(&source.spec, &data.classes);
-    let vs = nn::VarStore::new(dev);
-    let model = Model::new(&vs.root(), &spec);
-    {
-        // Everything but the new head from the checkpoint.
-        let src = source.vs.variables();
-        tch::no_grad(|| {
-            for (name, mut v) in vs.variables() {
-                if let Some(t) = src.get(&name).filter(|_| !name.starts_with("fc.")) {
-                    v.copy_(&t.to_device(dev));
-                }
-            }
-        });
-    }
+    let (vs, model) = model_from(&source, &spec, "fc.", dev);
     drop(source);
-    let mut sgd = (nn::Sgd { momentum: 0.9, dampening: 0.0, wd: opts.weight_decay, nesterov: false })
-        .build(&vs, opts.learning_rate)
-        .map_err(|e| invalid(format!("optimizer: {e}")))?;
+    let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
 
     // Evaluation inputs are fixed: prepared once.
     let (val_s, val_x, val_bad) = eval_inputs(&data.val, &spec);

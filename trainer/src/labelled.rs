@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 
 use geossl_models::{ClassifierHead, HeadKind, HeadSpec, ModelSpec};
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint::{CheckpointError, Loaded};
 use crate::data::{read_manifest, DataError, Format, Sample};
 use crate::image_io;
+use crate::model::Model;
 use crate::rng::Rng;
 
 /// Errors of a probe or fine-tuning run; each names what is wrong.
@@ -255,4 +257,41 @@ pub fn with_classifier(spec: &ModelSpec, classes: &[String]) -> ModelSpec {
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), EvalError> {
     let json = serde_json::to_vec_pretty(value).map_err(|e| invalid(e.to_string()))?;
     std::fs::write(path, json).map_err(|error| EvalError::Io { path: path.to_owned(), error })
+}
+
+/// Positive epochs and batch size, a positive finite learning rate, a finite
+/// non-negative weight decay.
+pub fn check_training(epochs: usize, batch_size: usize, lr: f64, wd: f64) -> Result<(), EvalError> {
+    let lr_ok = lr.is_finite() && lr > 0.0;
+    let wd_ok = wd.is_finite() && wd >= 0.0;
+    if epochs == 0 || batch_size == 0 || !lr_ok || !wd_ok {
+        return Err(invalid(format!(
+            "epochs ({epochs}) and batch size ({batch_size}) must be positive, the learning rate ({lr}) positive, \
+             weight decay ({wd}) ≥ 0"
+        )));
+    }
+    Ok(())
+}
+
+/// A model of `spec` on `dev` holding `source`'s weights for every parameter
+/// except those under `new_head` (e.g. `fc.`), which keep their initialisation.
+pub fn model_from(source: &Loaded, spec: &ModelSpec, new_head: &str, dev: Device) -> (nn::VarStore, Model) {
+    let vs = nn::VarStore::new(dev);
+    let model = Model::new(&vs.root(), spec);
+    let src = source.vs.variables();
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if let Some(t) = src.get(&name).filter(|_| !name.starts_with(new_head)) {
+                v.copy_(&t.to_device(dev));
+            }
+        }
+    });
+    (vs, model)
+}
+
+/// SGD with momentum 0.9 and weight decay `wd` over the trainable variables of `vs`.
+pub fn sgd(vs: &nn::VarStore, lr: f64, wd: f64) -> Result<nn::Optimizer, EvalError> {
+    (nn::Sgd { momentum: 0.9, dampening: 0.0, wd, nesterov: false })
+        .build(vs, lr)
+        .map_err(|e| invalid(format!("optimizer: {e}")))
 }

@@ -17,12 +17,11 @@ use std::path::{Path, PathBuf};
 
 use geossl_models::{HeadKind, HeadSpec, ModelSpec, SegmentationHead};
 use serde::Serialize;
-use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{load_checkpoint, load_state_dict, save_checkpoint, state_dict};
 use crate::image_io;
-use crate::labelled::{invalid, normalize, write_json, EvalError};
+use crate::labelled::{check_training, invalid, model_from, normalize, sgd, write_json, EvalError};
 use crate::model::Model;
 use crate::rng::Rng;
 
@@ -243,11 +242,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
             opts.ignore_index
         )));
     }
-    let lr_ok = opts.learning_rate.is_finite() && opts.learning_rate > 0.0;
-    let wd_ok = opts.weight_decay.is_finite() && opts.weight_decay >= 0.0;
-    if opts.epochs == 0 || opts.batch_size == 0 || !lr_ok || !wd_ok {
-        return Err(invalid("epochs and batch size must be positive, the learning rate positive, weight decay ≥ 0"));
-    }
+    check_training(opts.epochs, opts.batch_size, opts.learning_rate, opts.weight_decay)?;
     let all = read_pairs(&opts.train)?;
     let (train, val, validation) = match &opts.val {
         Some(v) => (all, read_pairs(v)?, format!("given ({})", v.display())),
@@ -280,22 +275,9 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
         labels: opts.classes.clone(),
     }));
     spec.validate().map_err(invalid)?;
-    let vs = nn::VarStore::new(dev);
-    let model = Model::new(&vs.root(), &spec);
-    {
-        let src = source.vs.variables();
-        tch::no_grad(|| {
-            for (name, mut v) in vs.variables() {
-                if let Some(t) = src.get(&name).filter(|_| !name.starts_with("seg.")) {
-                    v.copy_(&t.to_device(dev));
-                }
-            }
-        });
-    }
+    let (vs, model) = model_from(&source, &spec, "seg.", dev);
     drop(source);
-    let mut sgd = (nn::Sgd { momentum: 0.9, dampening: 0.0, wd: opts.weight_decay, nesterov: false })
-        .build(&vs, opts.learning_rate)
-        .map_err(|e| invalid(format!("optimizer: {e}")))?;
+    let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
     let size = spec.input_size[0] as i64;
     let mut rng = Rng::new(opts.seed);
     let mut order: Vec<usize> = (0..train.len()).collect();

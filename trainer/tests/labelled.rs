@@ -12,13 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use geossl_models::{Arch, EmbeddingHead, HeadSpec, ModelSpec};
+use geossl_models::{Arch, HeadSpec, ModelSpec};
 use geossl_trainer::data::{read_manifest, Format};
 use geossl_trainer::fixtures::{sentinel2_landcover_chips, write_manifest, Chip};
 use geossl_trainer::labelled::eval_input;
-use geossl_trainer::{load_checkpoint, save_checkpoint, Model};
+use geossl_trainer::load_checkpoint;
 use serde_json::Value;
-use tch::{nn, Device, Tensor};
+use tch::{Device, Tensor};
 
 fn shared_data() -> PathBuf {
     let p = common::repo_root().join("../shared/data");
@@ -26,16 +26,9 @@ fn shared_data() -> PathBuf {
     p
 }
 
-/// A random-init ResNet-18 checkpoint at 32 px (the probe's mechanics don't depend on pretraining).
+/// A random-init ResNet-18 checkpoint at 32 px (the mechanics don't depend on pretraining).
 fn checkpoint(dir: &Path) -> PathBuf {
-    let mut spec = ModelSpec::rgb(Arch::Resnet18, 32);
-    spec.heads.push(HeadSpec::Embedding(EmbeddingHead { projection: None, l2_normalize: false }));
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _m = Model::new(&vs.root(), &spec);
-    let ck = dir.join("ck");
-    save_checkpoint(&ck, &spec, &vs, |_| Ok(())).unwrap();
-    ck
+    common::random_checkpoint(dir, ModelSpec::rgb(Arch::Resnet18, 32))
 }
 
 /// Labelled chips split by location: (train manifest, test manifest, test chips).

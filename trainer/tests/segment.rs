@@ -8,11 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use geossl_models::{Arch, EmbeddingHead, HeadKind, HeadSpec, ModelSpec, Normalization};
+use geossl_models::{Arch, HeadKind, ModelSpec, Normalization};
+use geossl_trainer::load_checkpoint;
 use geossl_trainer::segment::{evaluate, read_pairs};
-use geossl_trainer::{load_checkpoint, save_checkpoint, Model};
 use serde_json::Value;
-use tch::{nn, Device};
+use tch::Device;
 
 const TILE: u32 = 128;
 
@@ -62,13 +62,7 @@ fn checkpoint(dir: &Path, mean: f32, std: f32) -> PathBuf {
     spec.backbone.in_channels = 1;
     spec.bands = vec!["pan".into()];
     spec.normalization = Normalization::per_band(1.0, vec![mean], vec![std]);
-    spec.heads.push(HeadSpec::Embedding(EmbeddingHead { projection: None, l2_normalize: false }));
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _m = Model::new(&vs.root(), &spec);
-    let ck = dir.join("ck");
-    save_checkpoint(&ck, &spec, &vs, |_| Ok(())).unwrap();
-    ck
+    common::random_checkpoint(dir, spec)
 }
 
 fn segment(ck: &Path, train: &Path, test: Option<&Path>, out: &Path, extra: &[&str]) -> Output {

@@ -40,3 +40,18 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
 pub fn tmp(path: &Path) -> String {
     path.to_str().expect("utf-8 temp path").to_owned()
 }
+
+/// Saves a random-init model of `spec` (plus a plain embedding head) as `dir/ck`
+/// and returns that path.
+pub fn random_checkpoint(dir: &Path, mut spec: geossl_models::ModelSpec) -> PathBuf {
+    use geossl_models::{EmbeddingHead, HeadSpec};
+    spec.heads.push(HeadSpec::Embedding(EmbeddingHead { projection: None, l2_normalize: false }));
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _m = geossl_trainer::Model::new(&vs.root(), &spec);
+    let ck = dir.join("ck");
+    if let Err(e) = geossl_trainer::save_checkpoint(&ck, &spec, &vs, |_| Ok(())) {
+        panic!("saving {}: {e}", ck.display());
+    }
+    ck
+}
