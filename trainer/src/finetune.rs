@@ -16,11 +16,10 @@ use crate::augment::{random_view, AugConfig};
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::data::Sample;
 use crate::labelled::{
-    check_training, decode, eval_inputs, invalid, model_from, normalize, sgd, with_classifier, write_json,
-    write_predictions, DataOptions, EvalError, Labelled, SplitResult,
+    check_training, decode, eval_inputs, invalid, model_from, normalize, sgd, train_best_epoch, with_classifier,
+    write_json, write_predictions, DataOptions, EvalError, Labelled, Schedule, SplitResult,
 };
 use crate::model::Model;
-use crate::rng::Rng;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -106,63 +105,35 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
     }
     let aug = AugConfig { crop_scale: opts.crop_scale, ..AugConfig::default() };
     let size = spec.input_size[0] as i64;
-    let mut rng = Rng::new(opts.data.seed);
-    let mut order: Vec<usize> = (0..data.train.len()).collect();
     let train_y = data.targets(&data.train);
-    let mut unreadable = std::collections::BTreeSet::new();
-    let mut curve = Vec::new();
-    let mut best: Option<(usize, f64, geossl_models::StateDict)> = None;
-    for epoch in 1..=opts.epochs {
-        sgd.set_lr(crate::pretrain::cosine_lr(opts.learning_rate, epoch as u64 - 1, opts.epochs as u64));
-        rng.shuffle(&mut order);
-        let (mut loss_sum, mut batches) = (0.0, 0usize);
-        for idx in order.chunks(opts.batch_size) {
-            let mut xs = Vec::with_capacity(idx.len());
-            let mut ys = Vec::with_capacity(idx.len());
-            for &i in idx {
-                match decode(&data.train[i], &spec) {
-                    Ok(img) => {
-                        let mut v = random_view(&img, size, &aug, &mut rng);
-                        if rng.next_f64() < aug.flip_p {
-                            v = v.flip([2]);
-                        }
-                        xs.push(normalize(&v, &spec));
-                        ys.push(train_y[i]);
-                    }
-                    Err(e) => {
-                        if unreadable.insert(i) {
-                            tracing::warn!("skipping unreadable image: {e}");
-                        }
-                    }
-                }
+    let schedule = Schedule {
+        epochs: opts.epochs,
+        batch_size: opts.batch_size,
+        learning_rate: opts.learning_rate,
+        seed: opts.data.seed,
+    };
+    let trained = train_best_epoch(
+        &vs,
+        &spec,
+        &mut sgd,
+        schedule,
+        data.train.len(),
+        |i, rng| {
+            let mut v = random_view(&decode(&data.train[i], &spec)?, size, &aug, rng);
+            if rng.next_f64() < aug.flip_p {
+                v = v.flip([2]);
             }
-            if xs.len() < 2 {
-                continue; // BatchNorm needs two samples; the next epoch reshuffles
-            }
+            Ok((normalize(&v, &spec), train_y[i]))
+        },
+        |batch| {
+            let (xs, ys): (Vec<Tensor>, Vec<i64>) = batch.into_iter().unzip();
             let x = Tensor::stack(&xs, 0).to_device(dev);
             let y = Tensor::from_slice(&ys).to_device(dev);
-            let Some(logits) = model.classify(&x, true) else { return Err(invalid("model has no classifier")) };
-            let loss = logits.cross_entropy_for_logits(&y);
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                return Err(invalid(format!(
-                    "loss became {l} in epoch {epoch}; stopped (lower the learning rate); nothing was saved"
-                )));
-            }
-            sgd.backward_step(&loss);
-            loss_sum += l;
-            batches += 1;
-        }
-        let val_top1 = accuracy(&predict(&model, &val_x, dev), &val_y);
-        let train_loss = loss_sum / batches.max(1) as f64;
-        tracing::info!(epoch, train_loss, val_top1, "fine-tuning");
-        curve.push(Epoch { epoch, train_loss, val_top1 });
-        if best.as_ref().is_none_or(|b| val_top1 > b.1) {
-            best = Some((epoch, val_top1, crate::checkpoint::state_dict(&vs, &spec)?));
-        }
-    }
-    let Some((chosen_epoch, _, weights)) = best else { return Err(invalid("no epoch ran")) };
-    crate::checkpoint::load_state_dict(&vs, &spec, &weights, &opts.out.join("best epoch"))?;
+            let logits = model.classify(&x, true).ok_or_else(|| invalid("model has no classifier"))?;
+            Ok(logits.cross_entropy_for_logits(&y))
+        },
+        || accuracy(&predict(&model, &val_x, dev), &val_y),
+    )?;
 
     let (train_s, train_x, _) = eval_inputs(&data.train, &spec);
     let p_train = predict(&model, &train_x, dev);
@@ -179,10 +150,14 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
         learning_rate: opts.learning_rate,
         weight_decay: opts.weight_decay,
         batch_size: opts.batch_size,
-        curve,
-        chosen_epoch,
-        unreadable_train: unreadable.len(),
-        train: data.result(&train_s, &p_train, unreadable.len()),
+        curve: trained
+            .curve
+            .iter()
+            .map(|&(epoch, train_loss, val_top1)| Epoch { epoch, train_loss, val_top1 })
+            .collect(),
+        chosen_epoch: trained.chosen_epoch,
+        unreadable_train: trained.skipped,
+        train: data.result(&train_s, &p_train, trained.skipped),
         val: data.result(&val_s, &p_val, val_bad),
         test: test.as_ref().map(|(s, p, bad)| data.result(s, p, *bad)),
     };

@@ -89,16 +89,10 @@ impl Labelled {
     /// Reads and checks the manifests: every row labelled, two classes or
     /// more in training, no validation or test label unknown to training.
     pub fn load(o: &DataOptions) -> Result<Self, EvalError> {
-        if o.val.is_none() && !(o.val_fraction > 0.0 && o.val_fraction < 1.0) {
-            return Err(invalid(format!("--val-fraction {} must be between 0 and 1", o.val_fraction)));
-        }
         let all = read_labelled(&o.train, o.format)?;
         let (train, val, validation) = match &o.val {
             Some(v) => (all, read_labelled(v, o.format)?, format!("given ({})", v.display())),
-            None => {
-                let (t, v) = split_by_location(all, o.val_fraction, o.seed);
-                (t, v, format!("{:.0} % of the training locations held out", o.val_fraction * 100.0))
-            }
+            None => split_by_location(all, o.val_fraction, o.seed, |s| s.location_id.as_str())?,
         };
         let test = o.test.as_ref().map(|p| read_labelled(p, o.format)).transpose()?;
         if train.is_empty() || val.is_empty() {
@@ -157,16 +151,29 @@ impl Labelled {
     }
 }
 
-/// Deterministic split of `samples` by location: about `fraction` of the
-/// locations (and all their images) go to validation.
-pub fn split_by_location(samples: Vec<Sample>, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
-    let mut locations: Vec<String> = samples.iter().map(|s| s.location_id.clone()).collect();
-    locations.sort();
+/// Deterministic validation split by location: about `fraction` of the
+/// locations of `items` (by `location`), with all their items, go to
+/// validation. Returns `(train, val, how)`, `how` for reports.
+pub fn split_by_location<T>(
+    items: Vec<T>,
+    fraction: f64,
+    seed: u64,
+    location: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, Vec<T>, String), EvalError> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(invalid(format!("--val-fraction {fraction} must be between 0 and 1")));
+    }
+    let mut locations: Vec<&str> = items.iter().map(&location).collect();
+    locations.sort_unstable();
     locations.dedup();
+    if locations.len() < 2 {
+        return Err(invalid(format!("{} location(s): give a validation manifest or more places", locations.len())));
+    }
     Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15).shuffle(&mut locations);
-    let n_val = ((locations.len() as f64 * fraction).round() as usize).clamp(1, locations.len().saturating_sub(1));
-    let val: std::collections::HashSet<&String> = locations.iter().take(n_val).collect();
-    samples.into_iter().partition(|s| !val.contains(&s.location_id))
+    let n_val = ((locations.len() as f64 * fraction).round() as usize).clamp(1, locations.len() - 1);
+    let val: std::collections::HashSet<String> = locations.iter().take(n_val).map(|l| l.to_string()).collect();
+    let (train, val): (Vec<T>, Vec<T>) = items.into_iter().partition(|x| !val.contains(location(x)));
+    Ok((train, val, format!("{:.0} % of the training locations held out", fraction * 100.0)))
 }
 
 /// Decodes `s` (its window when it has one) in stored units, `[C, H, W]`.
@@ -294,4 +301,117 @@ pub fn sgd(vs: &nn::VarStore, lr: f64, wd: f64) -> Result<nn::Optimizer, EvalErr
     (nn::Sgd { momentum: 0.9, dampening: 0.0, wd, nesterov: false })
         .build(vs, lr)
         .map_err(|e| invalid(format!("optimizer: {e}")))
+}
+
+/// Length, batch size, peak learning rate and seed of an end-to-end training run.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub seed: u64,
+}
+
+/// What [`train_best_epoch`] reports: per epoch `(epoch, mean training loss,
+/// validation score)`, the chosen epoch, and the training examples skipped.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    pub curve: Vec<(usize, f64, f64)>,
+    pub chosen_epoch: usize,
+    pub skipped: usize,
+}
+
+/// Trains the model of `vs` (spec `spec`) with `sgd` on a cosine schedule over
+/// shuffled batches of the training indices `0..n`: `example(i, rng)`
+/// prepares one training example (an error skips it, logged once per
+/// example), `loss(batch)` gives a batch's loss, `score()` the validation score
+/// after each epoch. The weights of the best-scoring epoch (the first of
+/// equals) are restored at the end. A non-finite loss, or an epoch without a
+/// batch, stops with an error; nothing is saved then.
+#[allow(clippy::too_many_arguments)]
+pub fn train_best_epoch<E>(
+    vs: &nn::VarStore,
+    spec: &ModelSpec,
+    sgd: &mut nn::Optimizer,
+    s: Schedule,
+    n: usize,
+    mut example: impl FnMut(usize, &mut Rng) -> Result<E, String>,
+    mut loss: impl FnMut(Vec<E>) -> Result<Tensor, EvalError>,
+    mut score: impl FnMut() -> f64,
+) -> Result<Trained, EvalError> {
+    let mut rng = Rng::new(s.seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut skipped = std::collections::BTreeSet::new();
+    let mut curve = Vec::with_capacity(s.epochs);
+    let mut best: Option<(usize, f64, geossl_models::StateDict)> = None;
+    for epoch in 1..=s.epochs {
+        sgd.set_lr(crate::pretrain::cosine_lr(s.learning_rate, epoch as u64 - 1, s.epochs as u64));
+        rng.shuffle(&mut order);
+        let (mut loss_sum, mut batches) = (0.0, 0usize);
+        for idx in order.chunks(s.batch_size) {
+            let mut batch = Vec::with_capacity(idx.len());
+            for &i in idx {
+                match example(i, &mut rng) {
+                    Ok(e) => batch.push(e),
+                    Err(e) => {
+                        if skipped.insert(i) {
+                            tracing::warn!("skipping training example: {e}");
+                        }
+                    }
+                }
+            }
+            if batch.len() < 2 {
+                continue; // BatchNorm needs two samples; the next epoch reshuffles
+            }
+            let l = loss(batch)?;
+            let v = l.double_value(&[]);
+            if !v.is_finite() {
+                return Err(invalid(format!(
+                    "loss became {v} in epoch {epoch}; stopped (lower the learning rate, check the data); nothing was saved"
+                )));
+            }
+            sgd.backward_step(&l);
+            loss_sum += v;
+            batches += 1;
+        }
+        if batches == 0 {
+            return Err(invalid(format!(
+                "no training batch in epoch {epoch}: {} of {n} training examples unusable (see the warnings)",
+                skipped.len()
+            )));
+        }
+        let sc = score();
+        let train_loss = loss_sum / batches as f64;
+        tracing::info!(epoch, train_loss, score = sc, "epoch");
+        curve.push((epoch, train_loss, sc));
+        if best.as_ref().is_none_or(|b| sc > b.1 || b.1.is_nan()) {
+            best = Some((epoch, sc, crate::checkpoint::state_dict(vs, spec)?));
+        }
+    }
+    let Some((chosen_epoch, _, weights)) = best else { return Err(invalid("no epoch ran")) };
+    crate::checkpoint::load_state_dict(vs, spec, &weights, std::path::Path::new("<best epoch>"))?;
+    Ok(Trained { curve, chosen_epoch, skipped: skipped.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_by_location_keeps_places_whole_and_refuses_one_place() {
+        let items: Vec<(String, usize)> = (0..50).map(|i| (format!("loc{}", i % 10), i)).collect();
+        let (train, val, how) = match split_by_location(items, 0.2, 3, |x| x.0.as_str()) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let places = |v: &[(String, usize)]| v.iter().map(|x| x.0.clone()).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!((places(&train).len(), places(&val).len()), (8, 2), "{how}");
+        assert!(places(&train).is_disjoint(&places(&val)));
+        assert_eq!(train.len() + val.len(), 50);
+        let one: Vec<(String, usize)> = (0..5).map(|i| ("same".to_string(), i)).collect();
+        let err = split_by_location(one, 0.2, 3, |x| x.0.as_str()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("1 location"), "{err}");
+        let err = split_by_location(vec![("a".to_string(), 0)], 1.5, 0, |x| x.0.as_str()).err().map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("--val-fraction 1.5"));
+    }
 }

@@ -16,8 +16,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint, Loaded};
 use crate::labelled::{
-    eval_inputs, invalid, top1, with_classifier, write_json, write_predictions, DataOptions, EvalError, Labelled,
-    SplitResult,
+    check_training, eval_inputs, invalid, top1, with_classifier, write_json, write_predictions, DataOptions, EvalError,
+    Labelled, SplitResult,
 };
 use crate::model::Model;
 use crate::rng::Rng;
@@ -117,15 +117,20 @@ fn fit(train: &Split, val: &Split, k: i64, lr: f64, wd: f64, opts: &ProbeOptions
     (best, weights.0, weights.1)
 }
 
-/// Checks the grid and sizes of a run.
+/// Checks the grid and sizes of a run: every grid point as a training run.
 fn check(opts: &ProbeOptions) -> Result<(), EvalError> {
-    if opts.epochs == 0 || opts.batch_size == 0 || opts.learning_rates.is_empty() || opts.weight_decays.is_empty() {
-        return Err(invalid("epochs, batch size and the learning-rate and weight-decay grids must be non-empty"));
+    if opts.learning_rates.is_empty() || opts.weight_decays.is_empty() {
+        return Err(invalid("the learning-rate and weight-decay grids must be non-empty"));
     }
-    let lr_ok = opts.learning_rates.iter().all(|v| v.is_finite() && *v > 0.0);
-    let wd_ok = opts.weight_decays.iter().all(|v| v.is_finite() && *v >= 0.0);
-    if !lr_ok || !wd_ok {
-        return Err(invalid("learning rates must be positive and weight decays non-negative"));
+    for &lr in &opts.learning_rates {
+        for &wd in &opts.weight_decays {
+            check_training(opts.epochs, opts.batch_size, lr, wd).map_err(|e| {
+                invalid(format!(
+                    "grid of learning rates {:?} × weight decays {:?}: {e}",
+                    opts.learning_rates, opts.weight_decays
+                ))
+            })?;
+        }
     }
     Ok(())
 }

@@ -19,9 +19,12 @@ use geossl_models::{HeadKind, HeadSpec, ModelSpec, SegmentationHead};
 use serde::Serialize;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::checkpoint::{load_checkpoint, load_state_dict, save_checkpoint, state_dict};
+use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::image_io;
-use crate::labelled::{check_training, invalid, model_from, normalize, sgd, write_json, EvalError};
+use crate::labelled::{
+    check_training, invalid, model_from, normalize, sgd, split_by_location, train_best_epoch, write_json, EvalError,
+    Schedule,
+};
 use crate::model::Model;
 use crate::rng::Rng;
 
@@ -246,22 +249,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
     let all = read_pairs(&opts.train)?;
     let (train, val, validation) = match &opts.val {
         Some(v) => (all, read_pairs(v)?, format!("given ({})", v.display())),
-        None => {
-            if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
-                return Err(invalid(format!("--val-fraction {} must be between 0 and 1", opts.val_fraction)));
-            }
-            let mut locs: Vec<String> = all.iter().map(|p| p.location_id.clone()).collect();
-            locs.sort();
-            locs.dedup();
-            if locs.len() < 2 {
-                return Err(invalid("one location: give --val or more places"));
-            }
-            Rng::new(opts.seed ^ 0x9e37_79b9_7f4a_7c15).shuffle(&mut locs);
-            let n_val = ((locs.len() as f64 * opts.val_fraction).round() as usize).clamp(1, locs.len() - 1);
-            let held: std::collections::HashSet<&String> = locs.iter().take(n_val).collect();
-            let (t, v): (Vec<Pair>, Vec<Pair>) = all.into_iter().partition(|p| !held.contains(&p.location_id));
-            (t, v, format!("{:.0} % of the training locations held out", opts.val_fraction * 100.0))
-        }
+        None => split_by_location(all, opts.val_fraction, opts.seed, |p| p.location_id.as_str())?,
     };
     let test = opts.test.as_deref().map(read_pairs).transpose()?;
 
@@ -279,77 +267,45 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
     drop(source);
     let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
     let size = spec.input_size[0] as i64;
-    let mut rng = Rng::new(opts.seed);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut skipped = std::collections::BTreeSet::new();
-    let mut curve = Vec::new();
-    let mut best: Option<(usize, f64, geossl_models::StateDict)> = None;
-    for epoch in 1..=opts.epochs {
-        sgd.set_lr(crate::pretrain::cosine_lr(opts.learning_rate, epoch as u64 - 1, opts.epochs as u64));
-        rng.shuffle(&mut order);
-        let (mut loss_sum, mut batches) = (0.0, 0usize);
-        for idx in order.chunks(opts.batch_size) {
-            let (mut xs, mut ms) = (Vec::new(), Vec::new());
-            for &i in idx {
-                let pair = load_pair(&train[i], &spec, k, opts.ignore_index).and_then(|(img, m)| {
-                    random_crop(&img, &m, size, &mut rng).ok_or_else(|| {
-                        format!("{} is smaller than the {size}×{size} training crop", train[i].image.display())
-                    })
-                });
-                match pair {
-                    Ok((img, m)) => {
-                        xs.push(normalize(&img, &spec));
-                        ms.push(m);
-                    }
-                    Err(e) => {
-                        if skipped.insert(i) {
-                            tracing::warn!("skipping pair: {e}");
-                        }
-                    }
-                }
-            }
-            if xs.len() < 2 {
-                continue; // BatchNorm needs two samples
-            }
+    let schedule = Schedule {
+        epochs: opts.epochs,
+        batch_size: opts.batch_size,
+        learning_rate: opts.learning_rate,
+        seed: opts.seed,
+    };
+    let trained = train_best_epoch(
+        &vs,
+        &spec,
+        &mut sgd,
+        schedule,
+        train.len(),
+        |i, rng| {
+            let (img, m) = load_pair(&train[i], &spec, k, opts.ignore_index)?;
+            let (img, m) = random_crop(&img, &m, size, rng).ok_or_else(|| {
+                format!("{} is smaller than the {size}×{size} training crop", train[i].image.display())
+            })?;
+            Ok((normalize(&img, &spec), m))
+        },
+        |batch| {
+            let (xs, ms): (Vec<Tensor>, Vec<Tensor>) = batch.into_iter().unzip();
             let x = Tensor::stack(&xs, 0).to_device(dev);
             let m = Tensor::stack(&ms, 0).to_device(dev);
-            let Some(logits) = model.segment(&x, true) else { return Err(invalid("model has no segmentation head")) };
-            let loss =
-                logits.cross_entropy_loss::<Tensor>(&m, None, Reduction::Mean, i64::from(opts.ignore_index), 0.0);
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                return Err(invalid(format!(
-                    "loss became {l} in epoch {epoch}; stopped (lower the learning rate, check the masks); nothing was saved"
-                )));
-            }
-            sgd.backward_step(&loss);
-            loss_sum += l;
-            batches += 1;
-        }
-        if batches == 0 {
-            return Err(invalid(format!(
-                "no training batch: {} of {} pairs unreadable or smaller than {size}×{size}",
-                skipped.len(),
-                train.len()
-            )));
-        }
-        let v = evaluate(&model, &spec, &val, k, opts.ignore_index, dev);
-        let train_loss = loss_sum / batches as f64;
-        tracing::info!(epoch, train_loss, val_miou = v.miou, "segmentation");
-        curve.push(Epoch { epoch, train_loss, val_miou: v.miou });
-        if best.as_ref().is_none_or(|b| v.miou > b.1 || b.1.is_nan()) {
-            best = Some((epoch, v.miou, state_dict(&vs, &spec)?));
-        }
-    }
-    let Some((chosen_epoch, _, weights)) = best else { return Err(invalid("no epoch ran")) };
-    load_state_dict(&vs, &spec, &weights, &opts.out.join("best epoch"))?;
+            let logits = model.segment(&x, true).ok_or_else(|| invalid("model has no segmentation head"))?;
+            Ok(logits.cross_entropy_loss::<Tensor>(&m, None, Reduction::Mean, i64::from(opts.ignore_index), 0.0))
+        },
+        || evaluate(&model, &spec, &val, k, opts.ignore_index, dev).miou,
+    )?;
     let ev = |pairs: &[Pair]| evaluate(&model, &spec, pairs, k, opts.ignore_index, dev);
     let report = SegmentReport {
         checkpoint: opts.checkpoint.clone(),
         classes: opts.classes.clone(),
         validation,
-        curve,
-        chosen_epoch,
+        curve: trained
+            .curve
+            .iter()
+            .map(|&(epoch, train_loss, val_miou)| Epoch { epoch, train_loss, val_miou })
+            .collect(),
+        chosen_epoch: trained.chosen_epoch,
         train: ev(&train),
         val: ev(&val),
         test: test.as_deref().map(ev),
