@@ -200,24 +200,42 @@ impl Confusion {
 /// Scores `pairs` on whole images, one at a time, in eval mode (`k` classes,
 /// `ignore` = the unlabelled mask value).
 pub fn evaluate(model: &Model, spec: &ModelSpec, pairs: &[Pair], k: usize, ignore: u8, dev: Device) -> SegResult {
-    let mut conf = Confusion::new(k);
-    let (mut n, mut bad) = (0, 0);
-    for p in pairs {
-        match load_pair(p, spec, k, ignore) {
-            Ok((img, mask)) => {
-                let x = normalize(&img, spec).unsqueeze(0).to_device(dev);
-                if let Some(logits) = tch::no_grad(|| model.segment(&x, false)) {
-                    conf.add(&logits.argmax(1, false).squeeze_dim(0), &mask.to_device(dev), ignore);
-                    n += 1;
+    score(model, &Decoded::new(pairs, spec, k, ignore), k, ignore, dev)
+}
+
+/// Evaluation pairs decoded once: normalized images `[C, H, W]` and masks `[H, W]`.
+struct Decoded {
+    items: Vec<(Tensor, Tensor)>,
+    unreadable: usize,
+}
+
+impl Decoded {
+    fn new(pairs: &[Pair], spec: &ModelSpec, k: usize, ignore: u8) -> Self {
+        let (mut items, mut unreadable) = (Vec::with_capacity(pairs.len()), 0);
+        for p in pairs {
+            match load_pair(p, spec, k, ignore) {
+                Ok((img, mask)) => items.push((normalize(&img, spec), mask)),
+                Err(e) => {
+                    tracing::warn!("skipping unreadable pair: {e}");
+                    unreadable += 1;
                 }
             }
-            Err(e) => {
-                tracing::warn!("skipping unreadable pair: {e}");
-                bad += 1;
-            }
+        }
+        Self { items, unreadable }
+    }
+}
+
+fn score(model: &Model, data: &Decoded, k: usize, ignore: u8, dev: Device) -> SegResult {
+    let mut conf = Confusion::new(k);
+    let mut n = 0;
+    for (img, mask) in &data.items {
+        let x = img.unsqueeze(0).to_device(dev);
+        if let Some(logits) = tch::no_grad(|| model.segment(&x, false)) {
+            conf.add(&logits.argmax(1, false).squeeze_dim(0), &mask.to_device(dev), ignore);
+            n += 1;
         }
     }
-    conf.result(n, bad)
+    conf.result(n, data.unreadable)
 }
 
 /// A random `size`×`size` window of image and mask, flipped together half the time.
@@ -267,6 +285,8 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
     drop(source);
     let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
     let size = spec.input_size[0] as i64;
+    // Validation is scored after every epoch: decoded once.
+    let val_data = Decoded::new(&val, &spec, k, opts.ignore_index);
     let schedule = Schedule {
         epochs: opts.epochs,
         batch_size: opts.batch_size,
@@ -293,7 +313,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
             let logits = model.segment(&x, true).ok_or_else(|| invalid("model has no segmentation head"))?;
             Ok(logits.cross_entropy_loss::<Tensor>(&m, None, Reduction::Mean, i64::from(opts.ignore_index), 0.0))
         },
-        || evaluate(&model, &spec, &val, k, opts.ignore_index, dev).miou,
+        || score(&model, &val_data, k, opts.ignore_index, dev).miou,
     )?;
     let ev = |pairs: &[Pair]| evaluate(&model, &spec, pairs, k, opts.ignore_index, dev);
     let report = SegmentReport {
@@ -307,7 +327,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
             .collect(),
         chosen_epoch: trained.chosen_epoch,
         train: ev(&train),
-        val: ev(&val),
+        val: score(&model, &val_data, k, opts.ignore_index, dev),
         test: test.as_deref().map(ev),
     };
     std::fs::create_dir_all(&opts.out).map_err(|error| EvalError::Io { path: opts.out.clone(), error })?;
