@@ -2,8 +2,8 @@
 # One-command setup for geossl, idempotent.
 #
 # Creates the project venv `.venv/` with the pinned packages of
-# scripts/requirements.txt and links the two native libraries the Rust build
-# needs to stable paths inside the repository:
+# scripts/requirements.lock (scripts/requirements.txt resolved) and links the
+# two native libraries the Rust build needs to stable paths inside the repository:
 #   .libtorch -> .venv/.../site-packages/torch   (LIBTORCH for tch, see .cargo/config.toml)
 #   .ort      -> .venv/.../site-packages/onnxruntime/capi (libonnxruntime for ort)
 # After this, `cargo build` / `cargo test` work without activating anything.
@@ -23,12 +23,27 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.geossl-requirements
-if [ ! -f "$stamp" ] || ! cmp -s scripts/requirements.txt "$stamp"; then
-  echo "setup: installing scripts/requirements.txt into .venv (torch is large; first run takes minutes)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
-  cp scripts/requirements.txt "$stamp"
+lock=scripts/requirements.lock
+if [ ! -f "$stamp" ] || ! cmp -s "$lock" "$stamp"; then
+  # The venv takes ~4.3 GB; pip briefly needs room for one download beside it.
+  need_mb=5500
+  free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "setup: only ${free_mb} MB free on the disk of $root; installing the venv needs about ${need_mb} MB" >&2
+    exit 1
+  fi
+  echo "setup: installing $lock into .venv (torch is large; first run takes minutes)"
+  pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps)
+  # Large wheels (over ~100 MB installed) one pip call each: a call keeps its
+  # downloads until it ends, and all of them at once would need ~3 GB more.
+  big='^(torch|nvidia-[a-z0-9-]+)=='
+  grep -E "$big" "$lock" | while read -r req; do
+    "${pip[@]}" "$req" || { echo "setup: pip could not install $req" >&2; exit 1; }
+  done
+  "${pip[@]}" -r <(grep -Ev "^#|^$|$big" "$lock") || { echo "setup: pip could not install $lock" >&2; exit 1; }
+  cp "$lock" "$stamp"
 else
-  echo "setup: .venv already has scripts/requirements.txt"
+  echo "setup: .venv already has $lock"
 fi
 
 site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
