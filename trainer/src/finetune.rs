@@ -16,10 +16,11 @@ use crate::augment::{random_view, AugConfig};
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::data::Sample;
 use crate::labelled::{
-    check_training, decode, eval_inputs, invalid, model_from, normalize, sgd, train_best_epoch, with_classifier,
-    write_json, write_predictions, DataOptions, EvalError, Labelled, Schedule, SplitResult,
+    check_training, decode, eval_batches, eval_inputs, invalid, model_from, normalize, sgd, train_best_epoch,
+    with_classifier, write_json, write_predictions, DataOptions, EvalError, Labelled, Schedule, SplitResult,
 };
 use crate::model::Model;
+use geossl_models::ModelSpec;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct FinetuneOptions {
     /// RandomResizedCrop area range.
     pub crop_scale: [f64; 2],
     pub device: Device,
+    /// Threads decoding and augmenting images while the model trains.
+    pub workers: usize,
 }
 
 /// One epoch of the validation curve.
@@ -63,17 +66,28 @@ pub struct FinetuneReport {
     pub test: Option<SplitResult>,
 }
 
-/// Class ids predicted for eval inputs `[C, S, S]` each, 64 at a time, eval mode.
-fn predict(model: &Model, xs: &[Tensor], dev: Device) -> Vec<i64> {
-    let mut out = Vec::with_capacity(xs.len());
-    for c in xs.chunks(64) {
-        let x = Tensor::stack(c, 0).to_device(dev);
-        if let Some(l) = tch::no_grad(|| model.classify(&x, false)) {
-            out.extend(Vec::<i64>::try_from(l.argmax(1, false).to_device(Device::Cpu)).unwrap_or_default());
-        }
-    }
-    out
+/// Class ids `[n]` (CPU) predicted for a batch of eval inputs `[n, C, S, S]`, eval mode.
+fn predict_batch(model: &Model, x: &Tensor, dev: Device) -> Tensor {
+    tch::no_grad(|| model.classify(&x.to_device(dev), false))
+        .map_or_else(|| Tensor::zeros([x.size()[0]], (tch::Kind::Int64, Device::Cpu)), |l| l.argmax(1, false))
+        .to_device(Device::Cpu)
 }
+
+/// Class ids predicted for eval inputs `[C, S, S]` each, 64 at a time.
+fn predict(model: &Model, xs: &[Tensor], dev: Device) -> Vec<i64> {
+    xs.chunks(64)
+        .flat_map(|c| Vec::<i64>::try_from(predict_batch(model, &Tensor::stack(c, 0), dev)).unwrap_or_default())
+        .collect()
+}
+
+/// Predictions for the readable `samples`, decoded on `workers` threads:
+/// `(kept samples, class ids, unreadable)`.
+fn predict_samples(model: &Model, samples: &[Sample], spec: &ModelSpec, workers: usize, dev: Device) -> Predicted {
+    let (kept, p, bad) = eval_batches(samples, spec, workers, 64, |x| predict_batch(model, x, dev));
+    (kept, p.and_then(|p| Vec::<i64>::try_from(p).ok()).unwrap_or_default(), bad)
+}
+
+type Predicted = (Vec<Sample>, Vec<i64>, usize);
 
 fn accuracy(pred: &[i64], y: &[i64]) -> f64 {
     if y.is_empty() {
@@ -93,12 +107,12 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
     let dev = opts.device;
     let source = load_checkpoint(&opts.checkpoint, Device::Cpu)?;
     let spec = with_classifier(&source.spec, &data.classes);
-    let (vs, model) = model_from(&source, &spec, "fc.", dev);
+    let (vs, model) = model_from(&source, &spec, "fc.", opts.data.seed, dev);
     drop(source);
     let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
 
     // Evaluation inputs are fixed: prepared once.
-    let (val_s, val_x, val_bad) = eval_inputs(&data.val, &spec);
+    let (val_s, val_x, val_bad) = eval_inputs(&data.val, &spec, opts.workers);
     let val_y = data.targets(&val_s);
     if val_s.is_empty() {
         return Err(invalid("no readable image in the validation split"));
@@ -111,6 +125,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
         batch_size: opts.batch_size,
         learning_rate: opts.learning_rate,
         seed: opts.data.seed,
+        workers: opts.workers,
     };
     let trained = train_best_epoch(
         &vs,
@@ -135,14 +150,9 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
         || accuracy(&predict(&model, &val_x, dev), &val_y),
     )?;
 
-    let (train_s, train_x, _) = eval_inputs(&data.train, &spec);
-    let p_train = predict(&model, &train_x, dev);
+    let (train_s, p_train, _) = predict_samples(&model, &data.train, &spec, opts.workers, dev);
     let p_val = predict(&model, &val_x, dev);
-    let test = data.test.as_deref().map(|t| {
-        let (s, x, bad) = eval_inputs(t, &spec);
-        let p = predict(&model, &x, dev);
-        (s, p, bad)
-    });
+    let test = data.test.as_deref().map(|t| predict_samples(&model, t, &spec, opts.workers, dev));
     let report = FinetuneReport {
         checkpoint: opts.checkpoint.clone(),
         classes: data.classes.clone(),

@@ -209,12 +209,13 @@ pub fn eval_input(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
     Ok(normalize(&x, spec))
 }
 
-/// Eval inputs of the readable samples (the others are skipped, logged and
-/// counted): `(kept samples, inputs [C, S, S] each, unreadable)`.
-pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec) -> (Vec<Sample>, Vec<Tensor>, usize) {
+/// Eval inputs of the readable samples, decoded on `workers` threads (the
+/// others are skipped, logged and counted): `(kept samples, inputs [C, S, S]
+/// each, unreadable)`.
+pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec, workers: usize) -> (Vec<Sample>, Vec<Tensor>, usize) {
     let (mut kept, mut xs, mut bad) = (Vec::new(), Vec::new(), 0);
-    for s in samples {
-        match eval_input(s, spec) {
+    for (s, x) in samples.iter().zip(crate::parallel::map_ordered(samples, workers, |s| eval_input(s, spec))) {
+        match x {
             Ok(x) => {
                 kept.push(s.clone());
                 xs.push(x);
@@ -226,6 +227,49 @@ pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec) -> (Vec<Sample>, Vec<Te
         }
     }
     (kept, xs, bad)
+}
+
+/// `forward` over the eval inputs of `samples`, `batch` at a time (inputs
+/// `[n, C, S, S]` on the CPU), while `workers` threads decode the next batches;
+/// memory holds a few batches of pixels, never the whole split. Returns the
+/// readable samples, `forward`'s outputs concatenated along dim 0 (`None`
+/// when no sample was readable) and the number of unreadable samples
+/// (skipped and logged).
+pub fn eval_batches(
+    samples: &[Sample],
+    spec: &ModelSpec,
+    workers: usize,
+    batch: usize,
+    mut forward: impl FnMut(&Tensor) -> Tensor,
+) -> (Vec<Sample>, Option<Tensor>, usize) {
+    let batch = batch.max(1);
+    let (mut kept, mut outs, mut bad) = (Vec::new(), Vec::new(), 0);
+    let decode_chunk = |b: usize| {
+        let chunk = &samples[b * batch..((b + 1) * batch).min(samples.len())];
+        chunk.iter().map(|s| (s, eval_input(s, spec))).collect::<Vec<_>>()
+    };
+    let run = crate::parallel::pipeline(samples.len().div_ceil(batch), workers, decode_chunk, |_, decoded| {
+        let mut xs = Vec::with_capacity(decoded.len());
+        for (s, x) in decoded {
+            match x {
+                Ok(x) => {
+                    kept.push(s.clone());
+                    xs.push(x);
+                }
+                Err(e) => {
+                    tracing::warn!("skipping unreadable image: {e}");
+                    bad += 1;
+                }
+            }
+        }
+        if !xs.is_empty() {
+            outs.push(forward(&Tensor::stack(&xs, 0)));
+        }
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let Ok(()) = run;
+    let out = (!outs.is_empty()).then(|| Tensor::cat(&outs, 0));
+    (kept, out, bad)
 }
 
 /// Top-1 accuracy of logits `[N, K]` against class ids `[N]`.
@@ -281,8 +325,11 @@ pub fn check_training(epochs: usize, batch_size: usize, lr: f64, wd: f64) -> Res
 }
 
 /// A model of `spec` on `dev` holding `source`'s weights for every parameter
-/// except those under `new_head` (e.g. `fc.`), which keep their initialisation.
-pub fn model_from(source: &Loaded, spec: &ModelSpec, new_head: &str, dev: Device) -> (nn::VarStore, Model) {
+/// except those under `new_head` (e.g. `fc.`), which keep their initialisation
+/// (drawn from `seed`).
+pub fn model_from(source: &Loaded, spec: &ModelSpec, new_head: &str, seed: u64, dev: Device) -> (nn::VarStore, Model) {
+    // The new head's initialization follows the run's seed: runs repeat exactly.
+    tch::manual_seed(seed as i64);
     let vs = nn::VarStore::new(dev);
     let model = Model::new(&vs.root(), spec);
     let src = source.vs.variables();
@@ -303,13 +350,16 @@ pub fn sgd(vs: &nn::VarStore, lr: f64, wd: f64) -> Result<nn::Optimizer, EvalErr
         .map_err(|e| invalid(format!("optimizer: {e}")))
 }
 
-/// Length, batch size, peak learning rate and seed of an end-to-end training run.
+/// Length, batch size, peak learning rate, seed and data workers of an
+/// end-to-end training run.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub seed: u64,
+    /// Threads preparing training batches while the current one trains.
+    pub workers: usize,
 }
 
 /// What [`train_best_epoch`] reports: per epoch `(epoch, mean training loss,
@@ -323,19 +373,21 @@ pub struct Trained {
 
 /// Trains the model of `vs` (spec `spec`) with `sgd` on a cosine schedule over
 /// shuffled batches of the training indices `0..n`: `example(i, rng)`
-/// prepares one training example (an error skips it, logged once per
-/// example), `loss(batch)` gives a batch's loss, `score()` the validation score
-/// after each epoch. The weights of the best-scoring epoch (the first of
-/// equals) are restored at the end. A non-finite loss, or an epoch without a
-/// batch, stops with an error; nothing is saved then.
+/// prepares one training example on one of `s.workers` threads (an error
+/// skips it, logged once per example; each example draws from its own RNG,
+/// so results do not depend on the number of workers), `loss(batch)` gives a
+/// batch's loss, `score()` the validation score after each epoch. The weights
+/// of the best-scoring epoch (the first of equals) are restored at the end. A
+/// non-finite loss, or an epoch without a batch, stops with an error; nothing
+/// is saved then.
 #[allow(clippy::too_many_arguments)]
-pub fn train_best_epoch<E>(
+pub fn train_best_epoch<E: Send>(
     vs: &nn::VarStore,
     spec: &ModelSpec,
     sgd: &mut nn::Optimizer,
     s: Schedule,
     n: usize,
-    mut example: impl FnMut(usize, &mut Rng) -> Result<E, String>,
+    example: impl Fn(usize, &mut Rng) -> Result<E, String> + Sync,
     mut loss: impl FnMut(Vec<E>) -> Result<Tensor, EvalError>,
     mut score: impl FnMut() -> f64,
 ) -> Result<Trained, EvalError> {
@@ -347,11 +399,18 @@ pub fn train_best_epoch<E>(
     for epoch in 1..=s.epochs {
         sgd.set_lr(crate::pretrain::cosine_lr(s.learning_rate, epoch as u64 - 1, s.epochs as u64));
         rng.shuffle(&mut order);
-        let (mut loss_sum, mut batches) = (0.0, 0usize);
-        for idx in order.chunks(s.batch_size) {
-            let mut batch = Vec::with_capacity(idx.len());
-            for &i in idx {
-                match example(i, &mut rng) {
+        let seeds: Vec<u64> = order.iter().map(|_| rng.next_u64()).collect();
+        let (order, seeds) = (&order, &seeds);
+        let batches = order.len().div_ceil(s.batch_size.max(1));
+        let (mut loss_sum, mut stepped) = (0.0, 0usize);
+        let prepare = |b: usize| {
+            let range = b * s.batch_size..((b + 1) * s.batch_size).min(order.len());
+            range.map(|k| (order[k], example(order[k], &mut Rng::new(seeds[k])))).collect::<Vec<_>>()
+        };
+        crate::parallel::pipeline(batches, s.workers, prepare, |_, prepared| {
+            let mut batch = Vec::with_capacity(prepared.len());
+            for (i, e) in prepared {
+                match e {
                     Ok(e) => batch.push(e),
                     Err(e) => {
                         if skipped.insert(i) {
@@ -361,7 +420,7 @@ pub fn train_best_epoch<E>(
                 }
             }
             if batch.len() < 2 {
-                continue; // BatchNorm needs two samples; the next epoch reshuffles
+                return Ok(()); // BatchNorm needs two samples; the next epoch reshuffles
             }
             let l = loss(batch)?;
             let v = l.double_value(&[]);
@@ -372,16 +431,17 @@ pub fn train_best_epoch<E>(
             }
             sgd.backward_step(&l);
             loss_sum += v;
-            batches += 1;
-        }
-        if batches == 0 {
+            stepped += 1;
+            Ok(())
+        })?;
+        if stepped == 0 {
             return Err(invalid(format!(
                 "no training batch in epoch {epoch}: {} of {n} training examples unusable (see the warnings)",
                 skipped.len()
             )));
         }
         let sc = score();
-        let train_loss = loss_sum / batches as f64;
+        let train_loss = loss_sum / stepped as f64;
         tracing::info!(epoch, train_loss, score = sc, "epoch");
         curve.push((epoch, train_loss, sc));
         if best.as_ref().is_none_or(|b| sc > b.1 || b.1.is_nan()) {

@@ -21,6 +21,7 @@ pub mod loader;
 pub mod moco;
 pub mod model;
 pub mod npy;
+pub mod parallel;
 pub mod pretrain;
 pub mod probe;
 pub mod rng;

@@ -16,8 +16,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint, Loaded};
 use crate::labelled::{
-    check_training, eval_inputs, invalid, top1, with_classifier, write_json, write_predictions, DataOptions, EvalError,
-    Labelled, SplitResult,
+    check_training, eval_batches, invalid, top1, with_classifier, write_json, write_predictions, DataOptions,
+    EvalError, Labelled, SplitResult,
 };
 use crate::model::Model;
 use crate::rng::Rng;
@@ -34,6 +34,8 @@ pub struct ProbeOptions {
     pub learning_rates: Vec<f64>,
     pub weight_decays: Vec<f64>,
     pub device: Device,
+    /// Threads decoding images ahead of feature extraction.
+    pub workers: usize,
 }
 
 /// One grid point: its best validation top-1 and the epoch it was reached at.
@@ -69,17 +71,20 @@ struct Split {
     unreadable: usize,
 }
 
-/// Pooled backbone features `[N, D]` of `samples`, in eval mode, 32 at a time.
-fn features(model: &Model, xs: &[Tensor], d: i64, dev: Device) -> Tensor {
-    let feats: Vec<Tensor> = xs
-        .chunks(32)
-        .map(|c| tch::no_grad(|| model.backbone.pooled(&Tensor::stack(c, 0).to_device(dev), false)))
-        .collect();
-    if feats.is_empty() {
-        Tensor::zeros([0, d], (Kind::Float, dev))
-    } else {
-        Tensor::cat(&feats, 0)
-    }
+/// Pooled backbone features `[N, D]` of the readable `samples`, in eval mode,
+/// 32 at a time, decoded on `workers` threads: `(kept samples, features,
+/// unreadable)`.
+fn features(
+    model: &Model,
+    samples: &[crate::data::Sample],
+    spec: &geossl_models::ModelSpec,
+    workers: usize,
+    dev: Device,
+) -> (Vec<crate::data::Sample>, Tensor, usize) {
+    let (kept, x, bad) =
+        eval_batches(samples, spec, workers, 32, |x| tch::no_grad(|| model.backbone.pooled(&x.to_device(dev), false)));
+    let d = spec.backbone.feature_dim() as i64;
+    (kept, x.unwrap_or_else(|| Tensor::zeros([0, d], (Kind::Float, dev))), bad)
 }
 
 /// Trains `[D → K]` on standardized features for `epochs` (SGD, momentum 0.9,
@@ -151,8 +156,7 @@ pub fn run(opts: &ProbeOptions) -> Result<ProbeReport, EvalError> {
         "extracting frozen features"
     );
     let mk = |samples: &[crate::data::Sample]| -> Split {
-        let (samples, xs, unreadable) = eval_inputs(samples, spec);
-        let x = features(&loaded.model, &xs, d, dev);
+        let (samples, x, unreadable) = features(&loaded.model, samples, spec, opts.workers, dev);
         Split { y: Tensor::from_slice(&data.targets(&samples)).to_device(dev), samples, x, unreadable }
     };
     let (mut train, mut val) = (mk(&data.train), mk(&data.val));

@@ -48,6 +48,8 @@ pub struct SegmentOptions {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub device: Device,
+    /// Threads decoding and cropping images while the model trains.
+    pub workers: usize,
 }
 
 /// One image/mask pair.
@@ -198,22 +200,55 @@ impl Confusion {
 }
 
 /// Scores `pairs` on whole images, one at a time, in eval mode (`k` classes,
-/// `ignore` = the unlabelled mask value).
-pub fn evaluate(model: &Model, spec: &ModelSpec, pairs: &[Pair], k: usize, ignore: u8, dev: Device) -> SegResult {
-    score(model, &Decoded::new(pairs, spec, k, ignore), k, ignore, dev)
+/// `ignore` = the unlabelled mask value), while `workers` threads decode the
+/// next pairs.
+pub fn evaluate(
+    model: &Model,
+    spec: &ModelSpec,
+    pairs: &[Pair],
+    k: usize,
+    ignore: u8,
+    workers: usize,
+    dev: Device,
+) -> SegResult {
+    let mut conf = Confusion::new(k);
+    let (mut n, mut unreadable) = (0, 0);
+    let decode = |i: usize| load_pair(&pairs[i], spec, k, ignore).map(|(img, m)| (normalize(&img, spec), m));
+    let run = crate::parallel::pipeline(pairs.len(), workers, decode, |_, pair| {
+        match pair {
+            Ok((img, mask)) => n += usize::from(score_one(model, &img, &mask, &mut conf, ignore, dev)),
+            Err(e) => {
+                tracing::warn!("skipping unreadable pair: {e}");
+                unreadable += 1;
+            }
+        }
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let Ok(()) = run;
+    conf.result(n, unreadable)
 }
 
-/// Evaluation pairs decoded once: normalized images `[C, H, W]` and masks `[H, W]`.
+/// Adds the prediction for one normalized image `[C, H, W]` against its mask
+/// `[H, W]` to `conf`; false when the model has no segmentation head.
+fn score_one(model: &Model, img: &Tensor, mask: &Tensor, conf: &mut Confusion, ignore: u8, dev: Device) -> bool {
+    let Some(logits) = tch::no_grad(|| model.segment(&img.unsqueeze(0).to_device(dev), false)) else { return false };
+    conf.add(&logits.argmax(1, false).squeeze_dim(0), &mask.to_device(dev), ignore);
+    true
+}
+
+/// Evaluation pairs decoded once (on `workers` threads): normalized images
+/// `[C, H, W]` and masks `[H, W]`.
 struct Decoded {
     items: Vec<(Tensor, Tensor)>,
     unreadable: usize,
 }
 
 impl Decoded {
-    fn new(pairs: &[Pair], spec: &ModelSpec, k: usize, ignore: u8) -> Self {
+    fn new(pairs: &[Pair], spec: &ModelSpec, k: usize, ignore: u8, workers: usize) -> Self {
         let (mut items, mut unreadable) = (Vec::with_capacity(pairs.len()), 0);
-        for p in pairs {
-            match load_pair(p, spec, k, ignore) {
+        let decoded = crate::parallel::map_ordered(pairs, workers, |p| load_pair(p, spec, k, ignore));
+        for pair in decoded {
+            match pair {
                 Ok((img, mask)) => items.push((normalize(&img, spec), mask)),
                 Err(e) => {
                     tracing::warn!("skipping unreadable pair: {e}");
@@ -227,14 +262,7 @@ impl Decoded {
 
 fn score(model: &Model, data: &Decoded, k: usize, ignore: u8, dev: Device) -> SegResult {
     let mut conf = Confusion::new(k);
-    let mut n = 0;
-    for (img, mask) in &data.items {
-        let x = img.unsqueeze(0).to_device(dev);
-        if let Some(logits) = tch::no_grad(|| model.segment(&x, false)) {
-            conf.add(&logits.argmax(1, false).squeeze_dim(0), &mask.to_device(dev), ignore);
-            n += 1;
-        }
-    }
+    let n = data.items.iter().filter(|(img, mask)| score_one(model, img, mask, &mut conf, ignore, dev)).count();
     conf.result(n, data.unreadable)
 }
 
@@ -281,17 +309,18 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
         labels: opts.classes.clone(),
     }));
     spec.validate().map_err(invalid)?;
-    let (vs, model) = model_from(&source, &spec, "seg.", dev);
+    let (vs, model) = model_from(&source, &spec, "seg.", opts.seed, dev);
     drop(source);
     let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
     let size = spec.input_size[0] as i64;
     // Validation is scored after every epoch: decoded once.
-    let val_data = Decoded::new(&val, &spec, k, opts.ignore_index);
+    let val_data = Decoded::new(&val, &spec, k, opts.ignore_index, opts.workers);
     let schedule = Schedule {
         epochs: opts.epochs,
         batch_size: opts.batch_size,
         learning_rate: opts.learning_rate,
         seed: opts.seed,
+        workers: opts.workers,
     };
     let trained = train_best_epoch(
         &vs,
@@ -315,7 +344,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
         },
         || score(&model, &val_data, k, opts.ignore_index, dev).miou,
     )?;
-    let ev = |pairs: &[Pair]| evaluate(&model, &spec, pairs, k, opts.ignore_index, dev);
+    let ev = |pairs: &[Pair]| evaluate(&model, &spec, pairs, k, opts.ignore_index, opts.workers, dev);
     let report = SegmentReport {
         checkpoint: opts.checkpoint.clone(),
         classes: opts.classes.clone(),

@@ -206,6 +206,20 @@ fn finetune_trains_the_backbone_chooses_on_validation_and_saves_it() {
     let after = geossl_models::StateDict::read(&out.join("checkpoint/model.safetensors")).unwrap();
     let (b, a) = (before.get("conv1.weight").unwrap(), after.get("conv1.weight").unwrap());
     assert_ne!(b.data, a.data, "conv1 did not move");
+    // Batches are prepared on worker threads (default 4) with one RNG per example: one worker
+    // gives the same first epoch (its learning rate does not depend on the number of epochs).
+    let one = dir.path().join("ft1");
+    let o = train_cmd(
+        "finetune",
+        &ck,
+        &train,
+        None,
+        &one,
+        &["--epochs", "1", "--batch-size", "32", "--lr", "0.05", "--workers", "1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let r1 = json(&one.join("finetune.json"));
+    assert_eq!(r1["curve"][0], curve[0], "{r1}\nvs\n{r}");
     // Bad hyper-parameters are refused by name, before anything is written.
     let o = train_cmd("finetune", &ck, &train, None, &dir.path().join("bad"), &["--crop-scale", "0.5,0.1"]);
     assert!(!o.status.success() && text(&o).contains("crop scale"), "{}", text(&o));

@@ -112,7 +112,7 @@ fn segment_trains_chooses_on_validation_miou_and_saves_the_chosen_weights() {
     // checkpoint/ holds the chosen weights: rescoring the test tiles with it gives the report's numbers.
     let loaded = load_checkpoint(&out.join("checkpoint"), Device::Cpu).unwrap();
     assert!(loaded.spec.heads.iter().any(|h| h.kind() == HeadKind::Segmentation));
-    let again = evaluate(&loaded.model, &loaded.spec, &read_pairs(&test).unwrap(), 2, 255, Device::Cpu);
+    let again = evaluate(&loaded.model, &loaded.spec, &read_pairs(&test).unwrap(), 2, 255, 2, Device::Cpu);
     assert!((again.pixel_accuracy - acc).abs() < 1e-9 && again.pixels == n * u64::from(TILE * TILE), "{again:?}");
 }
 

@@ -117,6 +117,9 @@ struct ProbeArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
     device: String,
+    /// Threads decoding (and augmenting) images while the model works.
+    #[arg(long, env = "GEOSSL_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +147,9 @@ struct FinetuneArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
     device: String,
+    /// Threads decoding (and augmenting) images while the model works.
+    #[arg(long, env = "GEOSSL_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +192,9 @@ struct SegmentArgs {
     /// Device: auto, cpu, cuda, cuda:N.
     #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
     device: String,
+    /// Threads decoding (and augmenting) images while the model works.
+    #[arg(long, env = "GEOSSL_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +346,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
         batch_size: a.batch_size,
         learning_rates: a.lr,
         weight_decays: a.weight_decay,
+        workers: a.workers.into(),
     };
     let r = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&r)?);
@@ -356,6 +366,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         learning_rate: a.lr,
         weight_decay: a.weight_decay,
         crop_scale: [lo, hi],
+        workers: a.workers.into(),
     };
     let r = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&r)?);
@@ -379,6 +390,7 @@ fn segment(a: SegmentArgs) -> Result<()> {
         batch_size: a.batch_size,
         learning_rate: a.lr,
         weight_decay: a.weight_decay,
+        workers: a.workers.into(),
     };
     let r = run(&opts)?;
     println!("{}", serde_json::to_string_pretty(&r)?);
