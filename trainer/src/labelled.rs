@@ -214,7 +214,20 @@ pub fn eval_input(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
 /// each, unreadable)`.
 pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec, workers: usize) -> (Vec<Sample>, Vec<Tensor>, usize) {
     let (mut kept, mut xs, mut bad) = (Vec::new(), Vec::new(), 0);
-    for (s, x) in samples.iter().zip(crate::parallel::map_ordered(samples, workers, |s| eval_input(s, spec))) {
+    let decoded = samples.iter().zip(crate::parallel::map_ordered(samples, workers, |s| eval_input(s, spec)));
+    keep_readable(decoded, &mut kept, &mut xs, &mut bad);
+    (kept, xs, bad)
+}
+
+/// Sorts decoded samples: readable ones into `kept` and `xs`, the others
+/// logged and counted in `bad`.
+fn keep_readable<'a>(
+    decoded: impl IntoIterator<Item = (&'a Sample, Result<Tensor, String>)>,
+    kept: &mut Vec<Sample>,
+    xs: &mut Vec<Tensor>,
+    bad: &mut usize,
+) {
+    for (s, x) in decoded {
         match x {
             Ok(x) => {
                 kept.push(s.clone());
@@ -222,11 +235,10 @@ pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec, workers: usize) -> (Vec
             }
             Err(e) => {
                 tracing::warn!("skipping unreadable image: {e}");
-                bad += 1;
+                *bad += 1;
             }
         }
     }
-    (kept, xs, bad)
 }
 
 /// `forward` over the eval inputs of `samples`, `batch` at a time (inputs
@@ -250,18 +262,7 @@ pub fn eval_batches(
     };
     let run = crate::parallel::pipeline(samples.len().div_ceil(batch), workers, decode_chunk, |_, decoded| {
         let mut xs = Vec::with_capacity(decoded.len());
-        for (s, x) in decoded {
-            match x {
-                Ok(x) => {
-                    kept.push(s.clone());
-                    xs.push(x);
-                }
-                Err(e) => {
-                    tracing::warn!("skipping unreadable image: {e}");
-                    bad += 1;
-                }
-            }
-        }
+        keep_readable(decoded, &mut kept, &mut xs, &mut bad);
         if !xs.is_empty() {
             outs.push(forward(&Tensor::stack(&xs, 0)));
         }
