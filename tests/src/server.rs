@@ -62,7 +62,10 @@ impl Server {
     /// Starts `geossl-serve serve --model-repository repo` with `extra`
     /// flags on free ports and waits (≤ 120 s) for its "listening" line.
     pub fn start(repo: &Path, extra: &[&str]) -> Server {
-        let log = repo.join(format!(".serve-{}.log", std::process::id()));
+        // One log per server: tests of one process share a repository and run at once.
+        static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = repo.join(format!(".serve-{}-{n}.log", std::process::id()));
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(bin("geossl-serve"))
             .args(["serve", "--model-repository", repo.to_str().expect("utf-8"), "--host", "127.0.0.1"])
