@@ -156,8 +156,33 @@ fn window(p: &Planes, x: usize, y: usize, w: usize, h: usize) -> Vec<u8> {
     out
 }
 
+/// One input scene, read and decoded.
+struct Scene {
+    /// The path as given (for messages).
+    label: String,
+    /// The canonical path (recorded in rows).
+    source: String,
+    georef: Georef,
+    planes: Planes,
+    datetime: Option<i64>,
+}
+
+/// Reads, georeferences and decodes `file` to `c` bands; the error names the file.
+fn read_scene(file: &Path, c: usize) -> Result<Scene, String> {
+    let label = file.display().to_string();
+    let bytes = std::fs::read(file).map_err(|e| format!("{label}: {e}"))?;
+    let georef = georef_from_tiff(std::io::Cursor::new(&bytes), &label)?;
+    let planes = image_io::decode(&bytes, c, u64::MAX).map_err(|e| format!("{label}: {e}"))?;
+    let datetime = tiff_datetime(&bytes);
+    let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display().to_string();
+    Ok(Scene { label, source, georef, planes, datetime })
+}
+
 /// Embeds every window of every input and writes the GeoParquet file
-/// atomically (nothing is left at `out` on failure).
+/// atomically (nothing is left at `out` on failure). Scenes are read and
+/// decoded on a second thread while the model embeds the previous one, and
+/// rows go to the file as they are made (memory holds one batch, one row
+/// group and two scenes, however large the archive).
 pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if opts.batch_size == 0 || opts.batch_size > 4096 {
         return Err(format!("batch size {} (must be 1..=4096)", opts.batch_size));
@@ -187,197 +212,231 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if stride == 0 {
         return Err("stride must be at least 1".into());
     }
-    let mut rows: Vec<Row> = Vec::new();
-    let mut embeddings: Vec<f32> = Vec::new();
+    let mut sink = GeoParquetSink::create(&opts.out, d, [&name, &version, &model_sha])?;
     let mut summary = Summary::default();
     let mut pending: Vec<(Row, Vec<u8>)> = Vec::new();
-    let mut flush =
-        |pending: &mut Vec<(Row, Vec<u8>)>, rows: &mut Vec<Row>, emb: &mut Vec<f32>| -> Result<(), String> {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let n = pending.len();
-            let mut px = Vec::with_capacity(n * c * h * w);
-            for (_, p) in pending.iter() {
-                px.extend_from_slice(p);
-            }
-            let input = info.input_from_u8([n, c, h, w], px)?;
-            let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
-            emb.extend_from_slice(out[0].as_f32().ok_or("embedding is not float32")?);
-            rows.extend(pending.drain(..).map(|(r, _)| r));
-            Ok(())
-        };
-    for file in &files {
-        let label = file.display().to_string();
-        let bytes = match std::fs::read(file) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(file = %label, error = %e, "skipped");
-                summary.skipped_files.push(format!("{label}: {e}"));
-                continue;
-            }
-        };
-        let g = match georef_from_tiff(std::io::Cursor::new(&bytes), &label) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(error = %e, "skipped");
-                summary.skipped_files.push(e);
-                continue;
-            }
-        };
-        let planes = match image_io::decode(&bytes, c, u64::MAX) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(file = %label, error = %e, "skipped");
-                summary.skipped_files.push(format!("{label}: {e}"));
-                continue;
-            }
-        };
-        let datetime = tiff_datetime(&bytes);
-        drop(bytes);
-        summary.files += 1;
-        let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.clone()).display().to_string();
-        if planes.h < h || planes.w < w {
-            tracing::warn!(file = %label, "smaller than one window; no rows");
-            continue;
+    let mut flush = |pending: &mut Vec<(Row, Vec<u8>)>, sink: &mut GeoParquetSink| -> Result<(), String> {
+        if pending.is_empty() {
+            return Ok(());
         }
-        let before = rows.len() + pending.len();
-        for y in (0..=planes.h - h).step_by(stride) {
-            for x in (0..=planes.w - w).step_by(stride) {
-                let px = window(&planes, x, y, w, h);
-                let hw = h * w;
-                let nodata = (0..hw).filter(|&i| (0..c).all(|ch| px[ch * hw + i] == 0)).count();
-                if nodata as f64 > opts.max_nodata * hw as f64 {
-                    summary.nodata_windows += 1;
+        let n = pending.len();
+        let mut px = Vec::with_capacity(n * c * h * w);
+        for (_, p) in pending.iter() {
+            px.extend_from_slice(p);
+        }
+        let input = info.input_from_u8([n, c, h, w], px)?;
+        let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
+        let emb = out[0].as_f32().ok_or("embedding is not float32")?;
+        let rows: Vec<Row> = pending.drain(..).map(|(r, _)| r).collect();
+        sink.write(&rows, emb)
+    };
+    std::thread::scope(|s| -> Result<(), String> {
+        let (tx, scenes) = std::sync::mpsc::sync_channel(1);
+        s.spawn(move || {
+            for file in &files {
+                if tx.send(read_scene(file, c)).is_err() {
+                    break; // embedding stopped
+                }
+            }
+        });
+        for scene in scenes {
+            let scene = match scene {
+                Ok(scene) => scene,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipped");
+                    summary.skipped_files.push(e);
                     continue;
                 }
-                let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
-                let corners = footprint(&g, xf, yf, wf, hf)?;
-                let center = g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?;
-                let row = Row {
-                    source: source.clone(),
-                    window: [x as u32, y as u32, w as u32, h as u32],
-                    corners,
-                    center,
-                    datetime,
-                };
-                pending.push((row, px));
-                if pending.len() == opts.batch_size {
-                    flush(&mut pending, &mut rows, &mut embeddings)?;
+            };
+            summary.files += 1;
+            let (planes, g) = (&scene.planes, &scene.georef);
+            if planes.h < h || planes.w < w {
+                tracing::warn!(file = %scene.label, "smaller than one window; no rows");
+                continue;
+            }
+            let before = sink.rows + pending.len();
+            for y in (0..=planes.h - h).step_by(stride) {
+                for x in (0..=planes.w - w).step_by(stride) {
+                    let px = window(planes, x, y, w, h);
+                    let hw = h * w;
+                    let nodata = (0..hw).filter(|&i| (0..c).all(|ch| px[ch * hw + i] == 0)).count();
+                    if nodata as f64 > opts.max_nodata * hw as f64 {
+                        summary.nodata_windows += 1;
+                        continue;
+                    }
+                    let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
+                    let row = Row {
+                        source: scene.source.clone(),
+                        window: [x as u32, y as u32, w as u32, h as u32],
+                        corners: footprint(g, xf, yf, wf, hf)?,
+                        center: g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?,
+                        datetime: scene.datetime,
+                    };
+                    pending.push((row, px));
+                    if pending.len() == opts.batch_size {
+                        flush(&mut pending, &mut sink)?;
+                    }
                 }
             }
+            tracing::info!(file = %scene.label, windows = sink.rows + pending.len() - before, "embedded");
         }
-        tracing::info!(file = %label, windows = rows.len() + pending.len() - before, "embedded");
-    }
-    flush(&mut pending, &mut rows, &mut embeddings)?;
+        flush(&mut pending, &mut sink)
+    })?;
     if summary.files == 0 {
         return Err(format!("no input could be read: {}", summary.skipped_files.join("; ")));
     }
-    summary.rows = rows.len();
-    write_geoparquet(&opts.out, &rows, &embeddings, d, (&name, &version, &model_sha))?;
+    summary.rows = sink.rows;
+    sink.finish()?;
     Ok(summary)
 }
 
-fn write_geoparquet(
-    out: &Path,
-    rows: &[Row],
-    embeddings: &[f32],
-    d: usize,
-    model: (&str, &str, &str),
-) -> Result<(), String> {
-    use arrow_array::Array;
-    use parquet::arrow::ArrowWriter;
-    use parquet::file::metadata::KeyValue;
-    use parquet::file::properties::WriterProperties;
+/// Rows per Parquet row group: bounds the writer's memory (with D = 2048,
+/// 8192 rows of embeddings are 64 MiB).
+const ROW_GROUP_ROWS: usize = 8192;
 
-    let n = rows.len();
-    let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
-    let window_fields: Fields =
-        ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into();
-    let window = StructArray::new(window_fields.clone(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
-    let chip_ids: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let key = format!("{}\n{}\n{:?}", model.2, r.source, r.window);
-            geossl_models::sha256_hex(key.as_bytes())[..32].to_string()
-        })
-        .collect();
-    let mut emb = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
-        .with_field(Arc::new(Field::new("element", DataType::Float32, false)));
-    for row in embeddings.chunks(d) {
-        emb.values().append_slice(row);
-        emb.append(true);
+/// The GeoParquet output, written as rows come into a temporary file beside
+/// `out`; [`GeoParquetSink::finish`] adds the GeoParquet metadata (with the
+/// bounding box of all rows) and renames it to `out`. Dropped unfinished, it
+/// removes the temporary file and leaves `out` as it was.
+struct GeoParquetSink {
+    writer: Option<parquet::arrow::ArrowWriter<std::fs::File>>,
+    schema: Arc<Schema>,
+    tmp: PathBuf,
+    out: PathBuf,
+    d: usize,
+    /// Model name, version and SHA-256, recorded in every row.
+    model: [String; 3],
+    bbox: [f64; 4],
+    rows: usize,
+}
+
+fn window_fields() -> Fields {
+    ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
+}
+
+impl GeoParquetSink {
+    fn create(out: &Path, d: usize, model: [&str; 3]) -> Result<Self, String> {
+        use parquet::file::properties::WriterProperties;
+        let element = Arc::new(Field::new("element", DataType::Float32, false));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("chip_id", DataType::Utf8, false),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("window", DataType::Struct(window_fields()), false),
+            Field::new("geometry", DataType::Binary, false),
+            Field::new("center_lat", DataType::Float64, false),
+            Field::new("center_lon", DataType::Float64, false),
+            Field::new("datetime", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+            Field::new("model_name", DataType::Utf8, false),
+            Field::new("model_version", DataType::Utf8, false),
+            Field::new("model_sha256", DataType::Utf8, false),
+            Field::new("embedding", DataType::FixedSizeList(element, d as i32), false),
+        ]));
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let props = WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let mut sink = Self {
+            writer: None,
+            schema: schema.clone(),
+            tmp,
+            out: out.to_path_buf(),
+            d,
+            model: model.map(str::to_string),
+            bbox: [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY],
+            rows: 0,
+        };
+        sink.writer = Some(parquet::arrow::ArrowWriter::try_new(f, schema, Some(props)).map_err(parquet_err)?);
+        Ok(sink)
     }
-    let emb = emb.finish();
-    let mut bbox = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
-    for r in rows {
-        for &(x, y) in &r.corners {
-            bbox = [bbox[0].min(x), bbox[1].min(y), bbox[2].max(x), bbox[3].max(y)];
+
+    /// Appends `rows` with their embeddings (`rows.len() × D`, row-major).
+    fn write(&mut self, rows: &[Row], embeddings: &[f32]) -> Result<(), String> {
+        let (n, d) = (rows.len(), self.d);
+        if embeddings.len() != n * d {
+            return Err(format!("the model gave {} values for {n} rows of {d}", embeddings.len()));
+        }
+        let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
+        let window = StructArray::new(window_fields(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
+        let chip_ids = rows.iter().map(|r| {
+            let key = format!("{}\n{}\n{:?}", self.model[2], r.source, r.window);
+            geossl_models::sha256_hex(key.as_bytes())[..32].to_string()
+        });
+        let mut emb = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
+            .with_field(Arc::new(Field::new("element", DataType::Float32, false)));
+        for row in embeddings.chunks(d) {
+            emb.values().append_slice(row);
+            emb.append(true);
+        }
+        for r in rows {
+            for &(x, y) in &r.corners {
+                let b = &mut self.bbox;
+                *b = [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)];
+            }
+        }
+        let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(chip_ids)),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
+            Arc::new(window),
+            Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| wkb_polygon(&r.corners)))),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.0))),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.1))),
+            Arc::new(
+                TimestampMicrosecondArray::from(rows.iter().map(|r| r.datetime).collect::<Vec<_>>())
+                    .with_timezone("UTC"),
+            ),
+            constant(&self.model[0]),
+            constant(&self.model[1]),
+            constant(&self.model[2]),
+            Arc::new(emb.finish()),
+        ];
+        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| format!("building rows: {e}"))?;
+        self.writer.as_mut().ok_or("the output is already closed")?.write(&batch).map_err(parquet_err)?;
+        self.rows += n;
+        Ok(())
+    }
+
+    /// Adds the GeoParquet metadata, syncs and renames the file to `out`.
+    fn finish(mut self) -> Result<(), String> {
+        let geo = serde_json::json!({
+            "version": "1.1.0",
+            "primary_column": "geometry",
+            "columns": { "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon"],
+                "orientation": "counterclockwise",
+                "bbox": if self.rows > 0 { serde_json::json!(self.bbox) } else { serde_json::json!(null) },
+            } },
+        });
+        let mut w = self.writer.take().ok_or("the output is already closed")?;
+        w.append_key_value_metadata(parquet::file::metadata::KeyValue::new("geo".to_string(), geo.to_string()));
+        let f = w.into_inner().map_err(parquet_err)?;
+        f.sync_all().map_err(|e| format!("{}: {e}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.out).map_err(|e| format!("{}: {e}", self.out.display()))?;
+        self.tmp = PathBuf::new(); // renamed: nothing to remove
+        Ok(())
+    }
+}
+
+impl Drop for GeoParquetSink {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            self.writer = None;
+            let _ = std::fs::remove_file(&self.tmp);
         }
     }
-    let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("chip_id", DataType::Utf8, false),
-        Field::new("source", DataType::Utf8, false),
-        Field::new("window", DataType::Struct(window_fields), false),
-        Field::new("geometry", DataType::Binary, false),
-        Field::new("center_lat", DataType::Float64, false),
-        Field::new("center_lon", DataType::Float64, false),
-        Field::new("datetime", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
-        Field::new("model_name", DataType::Utf8, false),
-        Field::new("model_version", DataType::Utf8, false),
-        Field::new("model_sha256", DataType::Utf8, false),
-        Field::new("embedding", emb.data_type().clone(), false),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(chip_ids)),
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
-        Arc::new(window),
-        Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| wkb_polygon(&r.corners)))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.0))),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.1))),
-        Arc::new(
-            TimestampMicrosecondArray::from(rows.iter().map(|r| r.datetime).collect::<Vec<_>>()).with_timezone("UTC"),
-        ),
-        constant(model.0),
-        constant(model.1),
-        constant(model.2),
-        Arc::new(emb),
-    ];
-    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| format!("building rows: {e}"))?;
-    let geo = serde_json::json!({
-        "version": "1.1.0",
-        "primary_column": "geometry",
-        "columns": { "geometry": {
-            "encoding": "WKB",
-            "geometry_types": ["Polygon"],
-            "orientation": "counterclockwise",
-            "bbox": if n > 0 { serde_json::json!(bbox) } else { serde_json::json!(null) },
-        } },
-    });
-    let props = WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::SNAPPY)
-        .set_key_value_metadata(Some(vec![KeyValue::new("geo".to_string(), geo.to_string())]))
-        .build();
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<(), String> {
-        let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let mut w = ArrowWriter::try_new(f, schema, Some(props)).map_err(|e| format!("parquet: {e}"))?;
-        w.write(&batch).map_err(|e| format!("parquet: {e}"))?;
-        let f = w.into_inner().map_err(|e| format!("parquet: {e}"))?;
-        f.sync_all().map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+}
+
+fn parquet_err(e: parquet::errors::ParquetError) -> String {
+    format!("parquet: {e}")
 }
 
 #[cfg(test)]

@@ -197,6 +197,8 @@ fn bad_inputs_name_the_problem_and_keep_existing_output() {
         assert!(!o.status.success(), "{a:?}");
         assert!(text(&o).contains(needle), "{a:?}: {}", text(&o));
         assert_eq!(std::fs::read(&out).unwrap(), b"previous result");
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(!left.iter().any(|f| f.to_string_lossy().contains(".tmp-")), "{a:?} left {left:?}");
     }
     // A directory with a georeferenced scene and one without georeference: the latter is skipped by name.
     let dir = d.path().join("scenes");
