@@ -715,15 +715,23 @@ mod tests {
         // A checkpoint of channels-last weights holds the same values in the same (logical) order.
         let (sa, sb) = (state_dict(&vs_a, &spec).unwrap(), state_dict(&vs_b, &spec).unwrap());
         assert!(sa.tensors == sb.tensors);
-        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        // A fixed input (the global RNG is shared with concurrently running tests).
+        let x = (Tensor::arange(4 * 3 * 32 * 32, (Kind::Float, Device::Cpu)) * 0.37).sin().reshape([4, 3, 32, 32]);
         let xl = crate::model::channels_last(&x);
         assert_eq!(xl.stride(), vec![3 * 32 * 32, 1, 32 * 3, 3]);
         for train in [false, true] {
             let (fa, fb) = (a.backbone.pooled(&x, train), b.backbone.pooled(&xl, train));
             let d = (&fa - &fb).abs().max().double_value(&[]) / fa.abs().max().double_value(&[]);
-            assert!(d < 1e-4, "train {train}: relative difference {d}");
-            let ga = Tensor::run_backward(&[fa.sum(Kind::Float)], &[&vs_a.variables()["conv1.weight"]], false, false);
-            let gb = Tensor::run_backward(&[fb.sum(Kind::Float)], &[&vs_b.variables()["conv1.weight"]], false, false);
+            // Train-mode BatchNorm over 4 samples amplifies the layouts' different summation orders.
+            let tol = if train { 1e-3 } else { 1e-4 };
+            assert!(d < tol, "train {train}: relative difference {d}");
+            // A fixed weighting of the features (their plain sum nearly cancels through train-mode
+            // BatchNorm, which leaves only rounding noise as gradient).
+            let n = fa.numel() as i64;
+            let probe = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.91).cos().reshape(fa.size());
+            let (la, lb) = ((&fa * &probe).sum(Kind::Float), (&fb * &probe).sum(Kind::Float));
+            let ga = Tensor::run_backward(&[la], &[&vs_a.variables()["conv1.weight"]], false, false);
+            let gb = Tensor::run_backward(&[lb], &[&vs_b.variables()["conv1.weight"]], false, false);
             let d = (&ga[0] - &gb[0]).abs().max().double_value(&[]);
             let scale = ga[0].abs().max().double_value(&[]);
             assert!(d <= 1e-3 * scale.max(1.0), "train {train}: grad diff {d} of {scale}");
