@@ -94,22 +94,33 @@ pub fn rrc_params(h: i64, w: i64, scale: [f64; 2], ratio: [f64; 2], rng: &mut Rn
 
 /// Crops `img [C, H, W]` and resizes to `[C, out, out]` (bilinear, antialiased).
 pub fn crop_resize(img: &Tensor, c: Crop, out: i64) -> Tensor {
-    img.narrow(1, c.top, c.h)
-        .narrow(2, c.left, c.w)
-        .unsqueeze(0)
-        .internal_upsample_bilinear2d_aa([out, out], false, None, None)
-        .squeeze_dim(0)
+    let dst = Tensor::empty([1, img.size()[0], out, out], (img.kind(), img.device()));
+    crop_resize_into(img, c, &dst);
+    dst.squeeze_dim(0)
 }
 
-/// One random view `[C, out, out]` of `img [C, H, W]`.
+/// [`crop_resize`] writing into `dst` `[1, C, S, S]` (e.g. a row of a batch:
+/// no intermediate view to allocate and copy).
+pub fn crop_resize_into(img: &Tensor, c: Crop, dst: &Tensor) {
+    let x = img.narrow(1, c.top, c.h).narrow(2, c.left, c.w).unsqueeze(0);
+    let s = [dst.size()[2], dst.size()[3]];
+    // Antialiasing only changes a downsampling: where both sides grow, its
+    // kernel is plain bilinear (same values to float rounding), ~4× cheaper.
+    // (The `_out` ops return `dst` itself.)
+    let _ = if c.h <= s[0] && c.w <= s[1] {
+        x.upsample_bilinear2d_out(dst, s, false, None, None)
+    } else {
+        x.internal_upsample_bilinear2d_aa_out(dst, s, false, None, None)
+    };
+}
+
+/// The crop of one random view of an `h × w` image.
 ///
-/// Baseline: RandomResizedCrop(out). Temporal path (`cfg.tp_resize` set):
-/// Resize(shorter side → R) → CenterCrop(R) → RandomResizedCrop(out); the
-/// resize and the final crop are fused into one resampling of the original.
-pub fn random_view(img: &Tensor, out: i64, cfg: &AugConfig, rng: &mut Rng) -> Tensor {
-    let s = img.size();
-    let (h, w) = (s[1], s[2]);
-    let crop = match cfg.tp_resize {
+/// Baseline: RandomResizedCrop. Temporal path (`cfg.tp_resize` set):
+/// Resize(shorter side → R) → CenterCrop(R) → RandomResizedCrop; the resize
+/// and the final crop are fused into one resampling of the original.
+fn view_crop(h: i64, w: i64, cfg: &AugConfig, rng: &mut Rng) -> Crop {
+    match cfg.tp_resize {
         None => rrc_params(h, w, cfg.crop_scale, cfg.crop_ratio, rng),
         Some(_) => {
             // Center square of the original, then a random crop inside it.
@@ -118,8 +129,19 @@ pub fn random_view(img: &Tensor, out: i64, cfg: &AugConfig, rng: &mut Rng) -> Te
             let c = rrc_params(side, side, cfg.crop_scale, cfg.crop_ratio, rng);
             Crop { top: top0 + c.top, left: left0 + c.left, h: c.h, w: c.w }
         }
-    };
-    crop_resize(img, crop, out)
+    }
+}
+
+/// One random view `[C, out, out]` of `img [C, H, W]` (see [`view_crop`]).
+pub fn random_view(img: &Tensor, out: i64, cfg: &AugConfig, rng: &mut Rng) -> Tensor {
+    let s = img.size();
+    crop_resize(img, view_crop(s[1], s[2], cfg, rng), out)
+}
+
+/// [`random_view`] written into `dst` `[1, C, S, S]`.
+pub fn random_view_into(img: &Tensor, dst: &Tensor, cfg: &AugConfig, rng: &mut Rng) {
+    let s = img.size();
+    crop_resize_into(img, view_crop(s[1], s[2], cfg, rng), dst);
 }
 
 /// Per-sample uniform in `[lo, hi]`, shaped `[B, 1, 1, 1]`.

@@ -1,19 +1,30 @@
-//! Image decoding into planar float `[C, H, W]` in the file's stored units
-//! (0..255 for 8-bit, 0..65535 for 16-bit, as-is for float TIFF).
+//! Image decoding: 8-bit images keep their samples as decoded (interleaved
+//! `u8`), other sample types become planar float `[C, H, W]` in the file's
+//! stored units (0..65535 for 16-bit, as-is for float TIFF).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use image::{DynamicImage, ImageReader, Limits};
+use tch::{Kind, Tensor};
 
 /// Largest accepted side and decoded size: guards against decompression bombs.
 pub const MAX_SIDE: u32 = 20_000;
 pub const MAX_ALLOC: u64 = 1 << 30;
 
-/// A decoded image, planar `[C, H, W]`.
+/// Samples of a decoded image.
+#[derive(Debug, Clone)]
+pub enum Pixels {
+    /// 8-bit samples, interleaved `[H, W, C]` as the decoder gave them.
+    U8(Arc<Vec<u8>>),
+    /// Other sample types as f32 in stored units, planar `[C, H, W]`.
+    F32(Arc<Vec<f32>>),
+}
+
+/// A decoded image of `c` bands, `h × w` pixels.
 #[derive(Debug, Clone)]
 pub struct Image {
-    pub data: Arc<Vec<f32>>,
+    pub pixels: Pixels,
     pub c: usize,
     pub h: usize,
     pub w: usize,
@@ -21,7 +32,10 @@ pub struct Image {
 
 impl Image {
     pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+        match &self.pixels {
+            Pixels::U8(d) => d.len(),
+            Pixels::F32(d) => d.len() * 4,
+        }
     }
 
     /// The window `[x, y, w, h]`, clamped to the image; empty windows are errors.
@@ -31,29 +45,57 @@ impl Image {
         if x1 <= x0 || y1 <= y0 {
             return Err(format!("crop window {x},{y} {w}×{h} is outside the {}×{} image", self.w, self.h));
         }
-        let (cw, ch) = (x1 - x0, y1 - y0);
-        let mut data = Vec::with_capacity(self.c * cw * ch);
-        for c in 0..self.c {
-            for row in y0..y1 {
-                let base = (c * self.h + row) * self.w;
-                data.extend_from_slice(&self.data[base + x0..base + x1]);
+        let (cw, ch, c) = (x1 - x0, y1 - y0, self.c);
+        let pixels = match &self.pixels {
+            Pixels::U8(d) => {
+                let mut out = Vec::with_capacity(c * cw * ch);
+                for row in y0..y1 {
+                    out.extend_from_slice(&d[(row * self.w + x0) * c..(row * self.w + x1) * c]);
+                }
+                Pixels::U8(Arc::new(out))
             }
-        }
-        Ok(Image { data: Arc::new(data), c: self.c, h: ch, w: cw })
+            Pixels::F32(d) => {
+                let mut out = Vec::with_capacity(c * cw * ch);
+                for band in 0..c {
+                    for row in y0..y1 {
+                        let base = (band * self.h + row) * self.w;
+                        out.extend_from_slice(&d[base + x0..base + x1]);
+                    }
+                }
+                Pixels::F32(Arc::new(out))
+            }
+        };
+        Ok(Image { pixels, c, h: ch, w: cw })
     }
 
-    /// As a tensor `[C, H, W]` (copies).
-    pub fn tensor(&self) -> tch::Tensor {
-        tch::Tensor::from_slice(&self.data).reshape([self.c as i64, self.h as i64, self.w as i64])
+    /// `[C, H, W]` in the samples' own type: `uint8` (a channels-last view of
+    /// the interleaved samples, which libtorch's uint8 resampling is fastest
+    /// on) or `float`.
+    pub fn raw_tensor(&self) -> Tensor {
+        let (c, h, w) = (self.c as i64, self.h as i64, self.w as i64);
+        match &self.pixels {
+            Pixels::U8(d) => Tensor::from_slice(d).reshape([h, w, c]).permute([2, 0, 1]),
+            Pixels::F32(d) => Tensor::from_slice(d).reshape([c, h, w]),
+        }
+    }
+
+    /// As a contiguous float tensor `[C, H, W]` in stored units (copies).
+    pub fn tensor(&self) -> Tensor {
+        let t = self.raw_tensor();
+        if t.kind() == Kind::Float {
+            t
+        } else {
+            t.to_kind(Kind::Float).contiguous()
+        }
     }
 }
 
-fn planar<T: Copy + Into<f64>>(raw: &[T], c_in: usize, c_out: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; c_out * h * w];
-    for (p, px) in raw.chunks_exact(c_in).enumerate() {
-        for c in 0..c_out {
-            out[c * h * w + p] = px[c].into() as f32;
-        }
+/// Interleaved `[H, W, c_in]` samples → planar `[c_out, H, W]` f32 (the first
+/// `c_out` channels), channel by channel.
+fn planar<T: Copy + Into<f32>>(raw: &[T], c_in: usize, c_out: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(c_out * h * w);
+    for c in 0..c_out {
+        out.extend(raw[c..].iter().step_by(c_in).take(h * w).map(|&v| v.into()));
     }
     out
 }
@@ -80,23 +122,35 @@ pub fn decode(path: &Path, bands: usize) -> Result<Image, String> {
     if c_out != bands {
         return Err(format!("{}: image has {c_out} bands, the model expects {bands}", path.display()));
     }
-    let data = match &img {
+    let pixels = match img {
         DynamicImage::ImageLuma8(_)
         | DynamicImage::ImageLumaA8(_)
         | DynamicImage::ImageRgb8(_)
-        | DynamicImage::ImageRgba8(_) => planar(img.as_bytes(), c_in, c_out, h, w),
-        DynamicImage::ImageLuma16(b) => planar(b.as_raw(), c_in, c_out, h, w),
-        DynamicImage::ImageLumaA16(b) => planar(b.as_raw(), c_in, c_out, h, w),
-        DynamicImage::ImageRgb16(b) => planar(b.as_raw(), c_in, c_out, h, w),
-        DynamicImage::ImageRgba16(b) => planar(b.as_raw(), c_in, c_out, h, w),
-        DynamicImage::ImageRgb32F(b) => planar(b.as_raw(), c_in, c_out, h, w),
-        DynamicImage::ImageRgba32F(b) => planar(b.as_raw(), c_in, c_out, h, w),
+        | DynamicImage::ImageRgba8(_) => {
+            let raw = img.into_bytes();
+            Pixels::U8(Arc::new(if c_in == c_out {
+                raw
+            } else {
+                raw.chunks_exact(c_in).flat_map(|px| &px[..c_out]).copied().collect()
+            }))
+        }
+        DynamicImage::ImageLuma16(b) => Pixels::F32(Arc::new(planar(b.as_raw(), c_in, c_out, h, w))),
+        DynamicImage::ImageLumaA16(b) => Pixels::F32(Arc::new(planar(b.as_raw(), c_in, c_out, h, w))),
+        DynamicImage::ImageRgb16(b) => Pixels::F32(Arc::new(planar(b.as_raw(), c_in, c_out, h, w))),
+        DynamicImage::ImageRgba16(b) => Pixels::F32(Arc::new(planar(b.as_raw(), c_in, c_out, h, w))),
+        DynamicImage::ImageRgb32F(b) => finite(path, planar(b.as_raw(), c_in, c_out, h, w))?,
+        DynamicImage::ImageRgba32F(b) => finite(path, planar(b.as_raw(), c_in, c_out, h, w))?,
         other => return Err(format!("{}: unsupported pixel format {:?}", path.display(), other.color())),
     };
+    Ok(Image { pixels, c: c_out, h, w })
+}
+
+/// Float samples, refused when any is NaN or infinite.
+fn finite(path: &Path, data: Vec<f32>) -> Result<Pixels, String> {
     if data.iter().any(|x| !x.is_finite()) {
         return Err(format!("{}: image has non-finite pixel values", path.display()));
     }
-    Ok(Image { data: Arc::new(data), c: c_out, h, w })
+    Ok(Pixels::F32(Arc::new(data)))
 }
 
 #[cfg(test)]
@@ -112,7 +166,27 @@ mod tests {
         img.save(&p).unwrap();
         let d = decode(&p, 3).unwrap();
         assert_eq!((d.c, d.h, d.w), (3, 2, 3));
-        assert_eq!([d.data[1], d.data[6 + 1], d.data[12 + 1]], [10.0, 20.0, 30.0]);
+        assert!(matches!(d.pixels, Pixels::U8(_)), "8-bit samples stay 8-bit");
+        let t = d.tensor();
+        assert_eq!((t.size(), t.kind()), (vec![3, 2, 3], Kind::Float));
+        assert_eq!(
+            Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()[..],
+            {
+                let mut want = vec![0.0; 18];
+                (want[1], want[6 + 1], want[12 + 1]) = (10.0, 20.0, 30.0); // alpha dropped, planar
+                want
+            }[..]
+        );
+        assert_eq!(d.raw_tensor().kind(), Kind::Uint8);
+        // 16-bit samples become float in stored units.
+        let mut img16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::new(2, 1);
+        img16.put_pixel(1, 0, image::Rgb([1000, 40000, 65535]));
+        let p16 = dir.path().join("b.png");
+        img16.save(&p16).unwrap();
+        let d16 = decode(&p16, 3).unwrap();
+        assert!(matches!(d16.pixels, Pixels::F32(_)));
+        let t16 = Vec::<f32>::try_from(d16.tensor().flatten(0, -1)).unwrap();
+        assert_eq!(t16, vec![0.0, 1000.0, 0.0, 40000.0, 0.0, 65535.0]);
         assert!(decode(&p, 4).unwrap_err().contains("has 3 bands, the model expects 4"));
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
@@ -120,10 +194,18 @@ mod tests {
         std::fs::write(&p, b"").unwrap();
         assert!(decode(&p, 3).is_err());
         assert!(decode(&dir.path().join("missing.png"), 3).unwrap_err().contains("missing.png"));
-        let img = Image { data: Arc::new((0..24).map(|x| x as f32).collect()), c: 2, h: 3, w: 4 };
+        // Crops: planar float and interleaved u8 cut the same window.
+        let img = Image { pixels: Pixels::F32(Arc::new((0..24).map(|x| x as f32).collect())), c: 2, h: 3, w: 4 };
         let c = img.crop([1, 1, 2, 5]).unwrap();
         assert_eq!((c.c, c.h, c.w), (2, 2, 2));
-        assert_eq!(*c.data, vec![5.0, 6.0, 9.0, 10.0, 17.0, 18.0, 21.0, 22.0]);
+        let want = vec![5.0, 6.0, 9.0, 10.0, 17.0, 18.0, 21.0, 22.0];
+        assert_eq!(Vec::<f32>::try_from(c.tensor().flatten(0, -1)).unwrap(), want);
         assert!(img.crop([9, 0, 2, 2]).unwrap_err().contains("outside"));
+        let hwc: Vec<u8> = (0..12).flat_map(|p| [p as u8, 12 + p as u8]).collect();
+        let img8 = Image { pixels: Pixels::U8(Arc::new(hwc)), c: 2, h: 3, w: 4 };
+        assert!(img.tensor().equal(&img8.tensor()));
+        let c8 = img8.crop([1, 1, 2, 5]).unwrap();
+        assert_eq!((c8.c, c8.h, c8.w), (2, 2, 2));
+        assert_eq!(Vec::<f32>::try_from(c8.tensor().flatten(0, -1)).unwrap(), want);
     }
 }

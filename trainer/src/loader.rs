@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::augment::{random_view, AugConfig};
+use crate::augment::{random_view_into, AugConfig};
 use crate::data::{Sample, TemporalIndex};
 use crate::image_io::{decode, Image};
 use crate::rng::Rng;
@@ -21,9 +21,10 @@ use crate::rng::Rng;
 #[derive(Debug)]
 pub struct Batch {
     pub step: u64,
-    /// Query views `[B, C, S, S]`.
+    /// Query views `[B, C, S, S]`: uint8 when every image of the batch is
+    /// 8-bit, else float.
     pub q: Tensor,
-    /// Key views `[B, C, S, S]`: the temporal partner's, or a second view of the anchor.
+    /// Key views `[B, C, S, S]` (as `q`): the temporal partner's, or a second view of the anchor.
     pub k: Tensor,
     /// Geo-cluster label of each anchor `[B]` (int64; zeros without geo).
     pub geo: Tensor,
@@ -93,11 +94,16 @@ impl Shared {
     fn batch(&self, step: u64) -> Result<Batch, String> {
         let mut rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5151);
         let s = self.cfg.input_size;
-        let mut qs = Vec::new();
-        let mut ks = Vec::new();
+        let b = self.cfg.batch_size as i64;
+        // Views are resampled straight into their batch rows: uint8 while every
+        // image so far is 8-bit (libtorch resamples uint8 fastest, and the batch
+        // is a quarter of the bytes to move), float from the first that is not.
+        let shape = [b, self.cfg.bands as i64, s, s];
+        let (mut q, mut k) =
+            (Tensor::empty(shape, (Kind::Uint8, Device::Cpu)), Tensor::empty(shape, (Kind::Uint8, Device::Cpu)));
         let mut geo = Vec::new();
         let (mut with_partner, mut bad) = (0u64, 0u64);
-        for mut a in self.anchors(step) {
+        for (row, mut a) in self.anchors(step).into_iter().enumerate() {
             // Unreadable images are replaced by random others, a bounded number of times.
             let mut tries = 0;
             let anchor_img = loop {
@@ -127,19 +133,18 @@ impl Shared {
                 }
                 None => anchor_img.clone(),
             };
-            let (at, kt) = (anchor_img.tensor(), key_img.tensor());
-            qs.push(random_view(&at, s, &self.cfg.aug, &mut rng));
-            ks.push(random_view(&kt, s, &self.cfg.aug, &mut rng));
+            let (mut at, mut kt) = (anchor_img.raw_tensor(), key_img.raw_tensor());
+            if q.kind() == Kind::Uint8 && (at.kind() != Kind::Uint8 || kt.kind() != Kind::Uint8) {
+                (q, k) = (q.to_kind(Kind::Float), k.to_kind(Kind::Float));
+            }
+            if q.kind() == Kind::Float {
+                (at, kt) = (at.to_kind(Kind::Float), kt.to_kind(Kind::Float));
+            }
+            random_view_into(&at, &q.narrow(0, row as i64, 1), &self.cfg.aug, &mut rng);
+            random_view_into(&kt, &k.narrow(0, row as i64, 1), &self.cfg.aug, &mut rng);
             geo.push(self.geo_labels[a]);
         }
-        Ok(Batch {
-            step,
-            q: Tensor::stack(&qs, 0),
-            k: Tensor::stack(&ks, 0),
-            geo: Tensor::from_slice(&geo).to_kind(Kind::Int64),
-            with_partner,
-            bad_images: bad,
-        })
+        Ok(Batch { step, q, k, geo: Tensor::from_slice(&geo).to_kind(Kind::Int64), with_partner, bad_images: bad })
     }
 }
 
@@ -192,5 +197,72 @@ impl Loader {
         debug_assert_eq!(b.step, self.next);
         self.next += 1;
         Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn sample(path: PathBuf, loc: &str, time: &str) -> Sample {
+        Sample {
+            path,
+            lat: 0.0,
+            lon: 0.0,
+            timestamp: Some(time.into()),
+            location_id: loc.into(),
+            label: None,
+            crop: None,
+        }
+    }
+
+    fn first_batch(samples: Vec<Sample>) -> Batch {
+        let cfg = LoaderConfig {
+            batch_size: samples.len(),
+            input_size: 16,
+            bands: 3,
+            temporal: true,
+            seed: 7,
+            workers: 1,
+            prefetch: 1,
+            cache_bytes: 0,
+            aug: AugConfig::default(),
+        };
+        let index = TemporalIndex::new(&samples);
+        let n = samples.len();
+        Loader::start(samples, index, vec![0; n], cfg, 0, 1).next_batch().unwrap()
+    }
+
+    /// An 8-bit PNG and the same pixels ×257 as a 16-bit PNG (so 16-bit/257 = 8-bit values).
+    fn pair_of_depths(dir: &Path) -> (PathBuf, PathBuf) {
+        let (w, h) = (40u32, 30u32);
+        let px = |x: u32, y: u32| [(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8];
+        let img8 = image::RgbImage::from_fn(w, h, |x, y| image::Rgb(px(x, y)));
+        let img16 = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(w, h, |x, y| {
+            image::Rgb(px(x, y).map(|v| u16::from(v) * 257))
+        });
+        let (p8, p16) = (dir.join("a8.png"), dir.join("a16.png"));
+        img8.save(&p8).unwrap();
+        img16.save(&p16).unwrap();
+        (p8, p16)
+    }
+
+    #[test]
+    fn eight_bit_batches_stay_uint8_and_mixed_batches_become_float() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p8, p16) = pair_of_depths(dir.path());
+        let eight = first_batch(vec![sample(p8.clone(), "a", "2020"), sample(p8.clone(), "a", "2021")]);
+        assert_eq!((eight.q.kind(), eight.k.kind()), (Kind::Uint8, Kind::Uint8));
+        assert_eq!(eight.q.size(), [2, 3, 16, 16]);
+        assert_eq!(eight.with_partner, 2);
+        // With a 16-bit image in the batch, the whole batch is float (stored units).
+        let mixed = first_batch(vec![sample(p8.clone(), "a", "2020"), sample(p16.clone(), "a", "2021")]);
+        assert_eq!((mixed.q.kind(), mixed.k.kind()), (Kind::Float, Kind::Float));
+        // The same draws on 8-bit pixels resample alike in uint8 and in float (to rounding).
+        let sixteen = first_batch(vec![sample(p16.clone(), "a", "2020"), sample(p16, "a", "2021")]);
+        assert_eq!(sixteen.q.kind(), Kind::Float);
+        let diff = (eight.q.to_kind(Kind::Float) - sixteen.q / 257.0).abs().max().double_value(&[]);
+        assert!(diff <= 1.0, "uint8 vs float resampling differ by {diff}");
     }
 }

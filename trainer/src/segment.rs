@@ -140,11 +140,13 @@ fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor
             img.h
         ));
     }
-    if let Some(v) = m.data.iter().find(|&&v| v != f32::from(ignore) && (v < 0.0 || v >= k as f32 || v.fract() != 0.0))
+    let m = m.tensor();
+    let values = Vec::<f32>::try_from(m.flatten(0, -1)).map_err(|e| format!("{}: {e}", p.mask.display()))?;
+    if let Some(v) = values.iter().find(|&&v| v != f32::from(ignore) && (v < 0.0 || v >= k as f32 || v.fract() != 0.0))
     {
         return Err(format!("{}: mask value {v} is not a class id (0..{}) or {ignore}", p.mask.display(), k - 1));
     }
-    let mask = m.tensor().squeeze_dim(0).to_kind(Kind::Int64);
+    let mask = m.squeeze_dim(0).to_kind(Kind::Int64);
     Ok((img.tensor(), mask))
 }
 
