@@ -8,7 +8,8 @@
 #   1. runs geossl's MoCo step vs PyTorch eager on ResNet-50, 224 px, batch 256,
 #      queue 65536, bf16 autocast, channels-last, ABAB rounds, and appends to docs/benchmarks/moco_step.md
 #      ($OUT/moco_step.md when $OUT is set);
-#   2. runs `geossl-train pretrain` end to end (PNG decoding + augmentation every
+#   2. times the loader alone with 14 threads (appends to docs/benchmarks/loader.md);
+#   3. runs `geossl-train pretrain` end to end (PNG decoding + augmentation every
 #      step, scripts/gpu/pretrain_e2e.toml) on real chips cut here from ../shared/data,
 #      and reports pairs/s from its metrics (target ≥ 3300 pairs/s on an H200).
 set -euo pipefail
@@ -18,6 +19,8 @@ case "${1:-}" in
     cargo bench --locked -p geossl-trainer --bench moco_step --no-run 2>&1 | tee /tmp/geossl-bench-build.log
     bin=$(ls -t target/release/deps/moco_step-* | grep -v '\.d$' | head -n1)
     mkdir -p .gpu && cp "$bin" .gpu/moco_step
+    cargo bench --locked -p geossl-trainer --bench loader --no-run 2>&1 | tail -n 2
+    cp "$(ls -t target/release/deps/loader-* | grep -v '\.d$' | head -n1)" .gpu/loader
     cargo build --locked --release -p geossl-trainer --bin geossl-train
     cp target/release/geossl-train .gpu/
     rm -rf .gpu/chips
@@ -38,6 +41,9 @@ case "${1:-}" in
     report=${OUT:-docs/benchmarks}/moco_step.md
     .gpu/moco_step --device cuda --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 \
       --amp --amp-dtype bf16 --channels-last --warmup 5 --steps 20 --rounds 3 --report "$report"
+    # The loader alone with the e2e run's 14 threads: can the host's CPUs feed 3300 pairs/s?
+    .gpu/loader --manifest .gpu/chips/manifest.csv --batch 256 --batches 24 --workers 14 \
+      --report "${OUT:-docs/benchmarks}/loader.md"
     .gpu/geossl-train pretrain --config scripts/gpu/pretrain_e2e.toml --data .gpu/chips/manifest.csv \
       --out /tmp/e2e --no-progress
     tail -n 3 /tmp/e2e/metrics.jsonl | tee "${OUT:-/tmp}/e2e_metrics.jsonl"

@@ -38,7 +38,8 @@ fn parse() -> Args {
         cache_mib: 0,
         report: None,
     };
-    let root = PathBuf::from(env!("GEOSSL_ROOT"));
+    // The repository root: at run time when set (a binary carried to another host), else where it was built.
+    let root = std::env::var_os("GEOSSL_ROOT").map_or_else(|| PathBuf::from(env!("GEOSSL_ROOT")), PathBuf::from);
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
