@@ -9,6 +9,8 @@
 //! `geossl-train chips`); `--cache-mib 0` decodes every image every time, as
 //! an archive larger than memory would.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -66,14 +68,7 @@ fn main() {
     let samples = read_manifest(&a.manifest, Format::Csv).unwrap_or_else(|e| panic!("{e}"));
     let index = TemporalIndex::new(&samples);
     assert!(samples.len() >= a.batch, "{} samples for batch {}", samples.len(), a.batch);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = common::cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "{} samples, {} locations, partner coverage {:.2}; {cores} cores ({cpu})",
@@ -114,11 +109,7 @@ fn main() {
     }
     if let Some(path) = &a.report {
         use std::io::Write;
-        let when = std::process::Command::new("date")
-            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
+        let when = common::utc_now();
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("report file");
         for (workers, pairs) in rows {
             let line = format!(

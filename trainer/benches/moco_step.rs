@@ -6,6 +6,8 @@
 //! Steps alternate between the two implementations (ABAB…) so load changes on
 //! the machine hit both alike; the report gives the median of the rounds.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -168,20 +170,8 @@ fn main() {
         ratios.push(o / p);
     }
     let (o, p, r) = (median(ours_v), median(ref_v), median(ratios));
-    let host = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let when = Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let host = common::cpu_model();
+    let when = common::utc_now();
     let amp = match (a.amp, a.amp_dtype) {
         (false, _) => "off",
         (true, AmpDtype::Bf16) => "bf16",
