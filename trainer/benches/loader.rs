@@ -113,10 +113,10 @@ fn main() {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("report file");
         for (workers, pairs) in rows {
             let line = format!(
-                "| {when} | {cores} × {cpu} | {}×{} (tp_resize {:?}) | batch {} | cache {} MiB | {workers} | {pairs:.1} | {:.1} | {:.0} |",
+                "| {when} | {cores} × {cpu} | {}×{}, tp_resize {} | batch {} | cache {} MiB | {workers} | {pairs:.1} | {:.1} | {:.0} |",
                 a.size,
                 a.size,
-                a.tp_resize,
+                a.tp_resize.map_or_else(|| "off".to_string(), |r| r.to_string()),
                 a.batch,
                 a.cache_mib,
                 pairs / workers as f64,
