@@ -82,12 +82,16 @@ fn predict(model: &Model, xs: &[Tensor], dev: Device) -> Vec<i64> {
 
 /// Predictions for the readable `samples`, decoded on `workers` threads:
 /// `(kept samples, class ids, unreadable)`.
-fn predict_samples(model: &Model, samples: &[Sample], spec: &ModelSpec, workers: usize, dev: Device) -> Predicted {
+fn predict_samples(
+    model: &Model,
+    samples: &[Sample],
+    spec: &ModelSpec,
+    workers: usize,
+    dev: Device,
+) -> (Vec<Sample>, Vec<i64>, usize) {
     let (kept, p, bad) = eval_batches(samples, spec, workers, 64, |x| predict_batch(model, x, dev));
     (kept, p.and_then(|p| Vec::<i64>::try_from(p).ok()).unwrap_or_default(), bad)
 }
-
-type Predicted = (Vec<Sample>, Vec<i64>, usize);
 
 fn accuracy(pred: &[i64], y: &[i64]) -> f64 {
     if y.is_empty() {

@@ -150,6 +150,11 @@ fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor
     Ok((img.tensor(), mask))
 }
 
+/// [`load_pair`] with the image normalized for the model: what evaluation scores.
+fn load_normalized(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), String> {
+    load_pair(p, spec, k, ignore).map(|(img, mask)| (normalize(&img, spec), mask))
+}
+
 /// Confusion-matrix scores of predicted `[H, W]` class ids against `truth`.
 #[derive(Debug, Clone)]
 struct Confusion {
@@ -215,7 +220,7 @@ pub fn evaluate(
 ) -> SegResult {
     let mut conf = Confusion::new(k);
     let (mut n, mut unreadable) = (0, 0);
-    let decode = |i: usize| load_pair(&pairs[i], spec, k, ignore).map(|(img, m)| (normalize(&img, spec), m));
+    let decode = |i: usize| load_normalized(&pairs[i], spec, k, ignore);
     let run = crate::parallel::pipeline(pairs.len(), workers, decode, |_, pair| {
         match pair {
             Ok((img, mask)) => n += usize::from(score_one(model, &img, &mask, &mut conf, ignore, dev)),
@@ -248,10 +253,9 @@ struct Decoded {
 impl Decoded {
     fn new(pairs: &[Pair], spec: &ModelSpec, k: usize, ignore: u8, workers: usize) -> Self {
         let (mut items, mut unreadable) = (Vec::with_capacity(pairs.len()), 0);
-        let decoded = crate::parallel::map_ordered(pairs, workers, |p| load_pair(p, spec, k, ignore));
-        for pair in decoded {
+        for pair in crate::parallel::map_ordered(pairs, workers, |p| load_normalized(p, spec, k, ignore)) {
             match pair {
-                Ok((img, mask)) => items.push((normalize(&img, spec), mask)),
+                Ok(item) => items.push(item),
                 Err(e) => {
                     tracing::warn!("skipping unreadable pair: {e}");
                     unreadable += 1;
