@@ -11,7 +11,9 @@ build: setup
 quickstart: setup
 	bash scripts/quickstart.sh
 
-# The end-to-end tests drive the binaries, so they are built first.
+# The end-to-end tests drive the binaries, so they are built first. Every test
+# binary runs even when one fails (--no-fail-fast): one red test must not hide
+# the state of the rest; cargo lists all failures at the end.
 test: setup
 	cargo build --workspace --bins --locked
-	cargo test --workspace --locked
+	cargo test --workspace --locked --no-fail-fast

@@ -1,21 +1,161 @@
 #![allow(clippy::unwrap_used)]
-//! The Kubernetes manifests stay in step with the server: every `GEOSSL_*`
-//! variable they set is a flag of `geossl-serve serve`, and every probe path
-//! is a route of the server's OpenAPI document.
+//! The Kubernetes manifests render and validate: every kustomization under
+//! `k8s/` renders with `kubectl kustomize`, and its output validates strictly
+//! (unknown fields rejected) against the schemas of a pinned Kubernetes version
+//! with `kubernetes-validate` from the project venv. The rendered deployments
+//! stay in step with the server (every `GEOSSL_*` variable is a flag of
+//! `geossl-serve serve`, every probe path a route of its OpenAPI document), and
+//! the README's `kubectl apply -k` paths are among the rendered ones.
 
-use geossl_tests::{run, text, workspace};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-fn manifests() -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for dir in [workspace().join("k8s"), workspace().join("k8s/cpu")] {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "yaml") {
-                out.push((p.display().to_string(), std::fs::read_to_string(&p).unwrap()));
-            }
+use geossl_tests::{python, run, text, workspace};
+use serde_json::Value;
+
+/// The Kubernetes version whose schemas the manifests must satisfy.
+const KUBERNETES_VERSION: &str = "1.32.0";
+/// Custom resources that kubernetes-validate has no schema for (their CRDs come
+/// with the operator that owns them).
+const CUSTOM_KINDS: &[&str] = &["ServiceMonitor"];
+
+/// Every directory under `k8s/` with a `kustomization.yaml`, and whether it is a
+/// Component (rendered only through a kustomization that uses it).
+fn kustomizations() -> Vec<(PathBuf, bool)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, bool)>) {
+        let k = dir.join("kustomization.yaml");
+        if k.exists() {
+            let component = std::fs::read_to_string(&k).unwrap().lines().any(|l| l.trim() == "kind: Component");
+            out.push((dir.to_path_buf(), component));
+        }
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for p in entries.into_iter().filter(|p| p.is_dir()) {
+            walk(&p, out);
         }
     }
+    let mut out = Vec::new();
+    walk(&workspace().join("k8s"), &mut out);
     out
+}
+
+fn rel(dir: &Path) -> String {
+    dir.strip_prefix(workspace()).unwrap().display().to_string()
+}
+
+/// `kubectl kustomize dir`: the rendered YAML stream.
+fn render(dir: &Path) -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize", &dir.display().to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl (with kustomize) is needed to render k8s/: {e}"));
+    assert!(out.status.success(), "kubectl kustomize {} failed:\n{}", rel(dir), text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Validates a rendered stream strictly; returns the objects as JSON.
+fn validate(name: &str, yaml: &str, scratch: &Path) -> Vec<Value> {
+    let file = scratch.join(format!("{}.yaml", name.replace('/', "_")));
+    std::fs::write(&file, yaml).unwrap();
+    let validator = python().with_file_name("kubernetes-validate");
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION, &file.display().to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", validator.display()));
+    let report = text(&out);
+    assert!(out.status.success(), "{name}: kubernetes-validate --strict -k {KUBERNETES_VERSION} failed:\n{report}");
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        let known = CUSTOM_KINDS.iter().any(|k| line.contains(&format!("Couldn't find schema for kind {k} ")));
+        assert!(known, "{name}: kubernetes-validate: {line}");
+    }
+    let script = "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
+    let out = Command::new(python()).args(["-c", script]).stdin(std::fs::File::open(&file).unwrap()).output().unwrap();
+    assert!(out.status.success(), "{name}: YAML → JSON: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every kustomization rendered and validated, by path relative to the workspace.
+fn rendered() -> Vec<(String, Vec<Value>)> {
+    let scratch = tempfile::tempdir().unwrap();
+    kustomizations()
+        .into_iter()
+        .filter(|(_, component)| !component)
+        .map(|(dir, _)| {
+            let name = rel(&dir);
+            let objects = validate(&name, &render(&dir), scratch.path());
+            assert!(!objects.is_empty(), "{name} renders nothing");
+            (name, objects)
+        })
+        .collect()
+}
+
+fn deployment<'a>(name: &str, objects: &'a [Value]) -> &'a Value {
+    let d: Vec<_> = objects.iter().filter(|o| o["kind"] == "Deployment").collect();
+    assert_eq!(d.len(), 1, "{name}: one Deployment expected");
+    d[0]
+}
+
+/// `name → value` of the serve container's env.
+fn env(name: &str, objects: &[Value]) -> Vec<(String, Value)> {
+    let c = &deployment(name, objects)["spec"]["template"]["spec"]["containers"][0];
+    c["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].clone())).collect()
+}
+
+#[test]
+fn every_kustomization_renders_and_validates_strictly() {
+    let all = kustomizations();
+    let rendered = rendered();
+    assert!(rendered.len() >= 3, "only {} kustomizations found", rendered.len());
+    // A component is checked through the kustomizations that use it.
+    for (dir, _) in all.iter().filter(|(_, c)| *c) {
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        let used = all.iter().any(|(d, c)| {
+            !c && std::fs::read_to_string(d.join("kustomization.yaml")).unwrap().contains(&format!("components/{name}"))
+        });
+        assert!(used, "component {} is used by no kustomization, so nothing renders it", rel(dir));
+    }
+    for (name, objects) in &rendered {
+        for o in objects {
+            let kind = o["kind"].as_str().unwrap();
+            if kind != "Namespace" {
+                assert_eq!(
+                    o["metadata"]["namespace"], "geossl",
+                    "{name}: {kind} {} outside the namespace",
+                    o["metadata"]["name"]
+                );
+            }
+        }
+        let vars = env(name, objects);
+        let mut names: Vec<_> = vars.iter().map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), vars.len(), "{name}: an env variable is set twice");
+    }
+    let by_name = |n: &str| &rendered.iter().find(|(p, _)| p == n).unwrap_or_else(|| panic!("{n} not found")).1;
+    for (overlay, provider, gpus) in [("k8s/overlays/gpu", "cuda", Some(1)), ("k8s/overlays/cpu", "cpu", None)] {
+        let objects = by_name(overlay);
+        let ep = env(overlay, objects).into_iter().find(|(n, _)| n == "GEOSSL_EXECUTION_PROVIDER").unwrap().1;
+        assert_eq!(ep, provider, "{overlay}: execution provider");
+        let limits = &deployment(overlay, objects)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"];
+        assert_eq!(limits["nvidia.com/gpu"].as_i64(), gpus, "{overlay}: GPU limit");
+        assert!(limits["memory"].is_string(), "{overlay}: the base's memory limit was lost");
+    }
+    assert!(by_name("k8s/overlays/gpu-prometheus").iter().any(|o| o["kind"] == "ServiceMonitor"));
+}
+
+#[test]
+fn readme_deploy_commands_are_rendered_kustomizations() {
+    let ks: Vec<String> = kustomizations().into_iter().filter(|(_, c)| !c).map(|(d, _)| rel(&d)).collect();
+    let mut found = 0;
+    for doc in ["README.md", "k8s/README.md"] {
+        let s = std::fs::read_to_string(workspace().join(doc)).unwrap();
+        for rest in s.split("kubectl apply -k ").skip(1) {
+            let path = rest.split(|c: char| c.is_whitespace() || c == '`').next().unwrap().trim_end_matches('/');
+            assert!(ks.iter().any(|k| k == path), "{doc}: `kubectl apply -k {path}` is not a kustomization under k8s/");
+            found += 1;
+        }
+    }
+    assert!(found >= 2, "the READMEs name {found} deploy commands");
 }
 
 #[test]
@@ -23,27 +163,18 @@ fn env_vars_are_serve_flags_and_probes_are_routes() {
     let help = run("geossl-serve", &["serve", "--help"]);
     assert!(help.status.success(), "{}", text(&help));
     let help = text(&help);
-    let openapi: serde_json::Value =
+    let openapi: Value =
         serde_json::from_str(&std::fs::read_to_string(workspace().join("serve/openapi.json")).unwrap()).unwrap();
-    let mut vars = 0;
-    let mut probes = 0;
-    for (path, yaml) in manifests() {
-        for word in yaml.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if word.starts_with("GEOSSL_") {
-                assert!(help.contains(&format!("env: {word}")), "{path}: {word} is not a `geossl-serve serve` flag");
-                vars += 1;
-            }
+    for (name, objects) in rendered() {
+        let vars = env(&name, &objects);
+        for (var, _) in &vars {
+            assert!(help.contains(&format!("env: {var}")), "{name}: {var} is not a `geossl-serve serve` flag");
         }
-        for line in yaml.lines() {
-            if let Some(rest) = line.split("path: ").nth(1) {
-                let p = rest.split([',', '}', ' ']).next().unwrap();
-                if p.starts_with("/v2") {
-                    assert!(openapi["paths"].get(p).is_some(), "{path}: probe {p} is not a server route");
-                    probes += 1;
-                }
-            }
+        assert!(vars.len() >= 10, "{name}: only {} GEOSSL_ variables", vars.len());
+        let c = &deployment(&name, &objects)["spec"]["template"]["spec"]["containers"][0];
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            let p = c[probe]["httpGet"]["path"].as_str().unwrap_or_else(|| panic!("{name}: no {probe}"));
+            assert!(openapi["paths"].get(p).is_some(), "{name}: {probe} {p} is not a server route");
         }
     }
-    assert!(vars >= 10, "only {vars} GEOSSL_ variables found");
-    assert!(probes >= 3, "only {probes} probes found");
 }

@@ -34,7 +34,9 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     pub fn new(p: nn::Path, c: usize) -> Self {
-        let bn = nn::batch_norm2d(&p, c as i64, Default::default());
+        // torchvision's ResNet init: γ = 1, β = 0 (tch's default draws γ from U(0, 1)).
+        let cfg = nn::BatchNormConfig { ws_init: nn::Init::Const(1.0), ..Default::default() };
+        let bn = nn::batch_norm2d(&p, c as i64, cfg);
         let nbt = Tensor::zeros([], (Kind::Int64, p.device()));
         let num_batches_tracked = p.add("num_batches_tracked", nbt, false);
         Self { bn, num_batches_tracked }

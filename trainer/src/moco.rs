@@ -97,11 +97,12 @@ mod tests {
 
     #[test]
     fn info_nce_equals_direct_computation() {
-        tch::manual_seed(0);
-        let n = |t: Tensor| crate::model::l2_normalize(&t);
-        let q = n(Tensor::randn([3, 4], (Kind::Float, Device::Cpu)));
-        let k = n(Tensor::randn([3, 4], (Kind::Float, Device::Cpu)));
-        let queue = n(Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
+        // Fixed inputs: the global RNG is shared with concurrently running tests.
+        let n = |rows: i64, phase: f64| {
+            let t = (Tensor::arange(rows * 4, (Kind::Float, Device::Cpu)) * 1.7 + phase).sin().reshape([rows, 4]);
+            crate::model::l2_normalize(&t)
+        };
+        let (q, k, queue) = (n(3, 0.0), n(3, 0.5), n(5, 2.0));
         let t = 0.2;
         let (loss, logits) = info_nce(&q, &k, &queue, t);
         assert_eq!(logits.size(), [3, 6]);
