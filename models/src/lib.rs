@@ -37,3 +37,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Whether the binaries' log lines on stderr get ANSI colour: only when stderr
+/// is a terminal, and never when `NO_COLOR` is set to a non-empty value
+/// (<https://no-color.org>), so logs piped to files or CI stay plain text.
+pub fn stderr_colour() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}

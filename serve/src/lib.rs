@@ -7,7 +7,8 @@
 //! (model directory layout and `config.toml`), [`oip`] and [`images`]
 //! (handlers), [`server`] (routes, metrics, lifecycle). [`error`] holds the one
 //! table from error kind to HTTP status. [`embed`] turns GeoTIFF archives into
-//! GeoParquet through the same backend contract.
+//! GeoParquet through the same backend contract; [`map`] draws what an embedded
+//! scene's windows look like to the model (principal components, neighbours).
 
 pub mod backend;
 pub mod batcher;
@@ -15,6 +16,7 @@ pub mod embed;
 pub mod error;
 pub mod image_io;
 pub mod images;
+pub mod map;
 pub mod metrics;
 pub mod oip;
 pub mod ort_backend;

@@ -171,6 +171,92 @@ fn landsat_scene_to_geoparquet() {
     }
     assert_eq!(batch.column_by_name("model_name").unwrap().as_string::<i32>().value(0), "embed");
     assert_eq!(batch.column_by_name("datetime").unwrap().null_count(), n, "this scene has no DateTime tag");
+    check_map(&out, &scene, &batch, d.path());
+}
+
+/// `geossl-serve map` on the rows above: the query is the window nearest the
+/// query pixel, its neighbours are the rows of highest cosine similarity
+/// (recomputed here from the Parquet embeddings), and the PNG shows the scene
+/// with the query outlined; a scene the file has no rows of is refused by
+/// name and leaves an existing picture alone.
+fn check_map(parquet: &Path, scene: &Path, batch: &arrow_array::RecordBatch, dir: &Path) {
+    let png = dir.join("map.png");
+    let (qx, qy) = (400.0, 350.0);
+    let args = |scene: &Path| {
+        let v: Vec<String> = vec![
+            "map".into(),
+            "--embeddings".into(),
+            parquet.display().to_string(),
+            "--scene".into(),
+            scene.display().to_string(),
+            "--out".into(),
+            png.display().to_string(),
+            "--query".into(),
+            format!("{qx},{qy}"),
+            "--neighbours".into(),
+            "4".into(),
+            "--json".into(),
+        ];
+        v
+    };
+    let a = args(scene);
+    let o = run("geossl-serve", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", text(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let n = batch.num_rows();
+    assert_eq!(s["windows"], n);
+    let window = batch.column_by_name("window").unwrap().as_struct();
+    let col = |k: &str| window.column_by_name(k).unwrap().as_primitive::<UInt32Type>().clone();
+    let (wx, wy, ww, wh) = (col("x"), col("y"), col("w"), col("h"));
+    let centre_dist = |i: usize| {
+        let cx = f64::from(wx.value(i)) + f64::from(ww.value(i)) / 2.0;
+        let cy = f64::from(wy.value(i)) + f64::from(wh.value(i)) / 2.0;
+        (cx - qx).powi(2) + (cy - qy).powi(2)
+    };
+    let q = (0..n).min_by(|&a, &b| centre_dist(a).total_cmp(&centre_dist(b))).unwrap();
+    assert_eq!(
+        (s["query"]["x"].as_u64().unwrap(), s["query"]["y"].as_u64().unwrap()),
+        (wx.value(q).into(), wy.value(q).into())
+    );
+    let emb = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
+    let row = |i: usize| {
+        emb.value(i).as_primitive::<Float32Type>().values().iter().map(|&v| f64::from(v)).collect::<Vec<_>>()
+    };
+    let cos = |a: &[f64], b: &[f64]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        dot / (a.iter().map(|x| x * x).sum::<f64>().sqrt() * b.iter().map(|x| x * x).sum::<f64>().sqrt())
+    };
+    let qrow = row(q);
+    let mut sims: Vec<(usize, f64)> = (0..n).filter(|&i| i != q).map(|i| (i, cos(&qrow, &row(i)))).collect();
+    sims.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let got = s["neighbours"].as_array().unwrap();
+    assert_eq!(got.len(), 4);
+    for (k, g) in got.iter().enumerate() {
+        let (i, sim) = sims[k];
+        assert_eq!(
+            (g[0]["x"].as_u64().unwrap(), g[0]["y"].as_u64().unwrap()),
+            (wx.value(i).into(), wy.value(i).into()),
+            "neighbour {k}"
+        );
+        assert!((g[1].as_f64().unwrap() - sim).abs() < 1e-9, "neighbour {k}: cos {} vs {sim}", g[1]);
+    }
+    let ev: Vec<f64> = serde_json::from_value(s["explained_variance"].clone()).unwrap();
+    assert!(ev[0] >= ev[1] && ev[1] >= ev[2] && ev[2] > 0.0 && ev.iter().sum::<f64>() <= 1.0 + 1e-9, "{ev:?}");
+    // The picture: the scene, then (after an 8 px gap) the coloured copy; the query outlined in red on both.
+    let img = image::open(&png).unwrap().to_rgb8();
+    let (sw, sh) = image::image_dimensions(scene).unwrap();
+    let scale = (1000 / sw.max(sh)).clamp(1, 8);
+    assert_eq!(img.dimensions(), (2 * sw * scale + 8, sh * scale));
+    let (x0, y0) = (wx.value(q) * scale, wy.value(q) * scale);
+    assert_eq!(img.get_pixel(x0, y0).0, [255, 40, 40]);
+    assert_eq!(img.get_pixel(x0 + sw * scale + 8, y0).0, [255, 40, 40]);
+    // Refused: a scene with no rows in the file; the picture already written stays.
+    let before = std::fs::read(&png).unwrap();
+    let other = shared_data().join("rasterio/cogeo.tif");
+    let a = args(&other);
+    let o = run("geossl-serve", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success() && text(&o).contains("cogeo.tif"), "{}", text(&o));
+    assert_eq!(std::fs::read(&png).unwrap(), before);
 }
 
 #[test]

@@ -146,7 +146,10 @@ pub struct StepOut {
     pub loss: f64,
     pub info_nce: f64,
     pub geo_ce: Option<f64>,
+    /// Share of queries whose positive key scores above every negative.
     pub positive_top1: f64,
+    /// Share of queries whose geo head predicts their location cluster.
+    pub geo_top1: Option<f64>,
     /// fp16 loss scale after this step (`None` without fp16 autocast).
     pub loss_scale: Option<f64>,
     /// The gradients overflowed at the current loss scale: no parameter moved.
@@ -265,22 +268,28 @@ impl Moco {
                 k.zeros_like().index_copy(0, &perm, &k)
             });
             let (nce, logits) = info_nce(&q, &k, &self.queue.keys, self.temperature);
-            let geo_loss = match (geo, self.query.geo_logits(&q_proj)) {
-                (Some(labels), Some(l)) => Some(l.to_kind(Kind::Float).cross_entropy_for_logits(labels)),
-                _ => None,
+            let (geo_loss, geo_acc) = match (geo, self.query.geo_logits(&q_proj)) {
+                (Some(labels), Some(l)) => {
+                    let l = l.to_kind(Kind::Float);
+                    let hits = l.detach().argmax(1, false).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float);
+                    (Some(l.cross_entropy_for_logits(labels)), Some(hits.double_value(&[])))
+                }
+                _ => (None, None),
             };
             let loss = match &geo_loss {
                 Some(g) => &nce + g * self.geo_weight,
                 None => nce.shallow_clone(),
             };
             let acc = positive_top1(&logits.detach());
-            (loss, nce, geo_loss, acc, k)
+            (loss, nce, (geo_loss, geo_acc), acc, k)
         });
+        let (geo_loss, geo_top1) = geo_loss;
         let mut out = StepOut {
             loss: loss.double_value(&[]),
             info_nce: nce.double_value(&[]),
             geo_ce: geo_loss.as_ref().map(|g| g.double_value(&[])),
             positive_top1: acc,
+            geo_top1,
             loss_scale: None,
             skipped: false,
         };
@@ -559,6 +568,20 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     };
 
     let mut skipped_steps = 0u64;
+    let fill = (cfg.moco.queue_size as u64).div_ceil(b as u64);
+    if step < fill {
+        tracing::info!(
+            "the loss rises while the queue's {} random initial negatives are replaced by real keys (first {fill} \
+             steps; real negatives are harder): learning shows in pos-top1 (chance {:.1}%){}",
+            cfg.moco.queue_size,
+            100.0 / (1.0 + cfg.moco.queue_size as f64),
+            if cfg.geo.enabled {
+                format!(" and geo-acc (chance {:.0}%)", 100.0 / cfg.geo.clusters as f64)
+            } else {
+                String::new()
+            }
+        );
+    }
     while step < end {
         let batch = loader.next_batch().map_err(PretrainError::Invalid)?;
         // Augmentation randomness on the device is a function of (seed, step) too.
@@ -582,18 +605,19 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         bad_images += batch.bad_images;
         let ips = ((step - start_step) * b as u64) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step);
-        bar.set_message(format!("loss {loss_v:.4} lr {lr:.5} {ips:.1} img/s"));
+        bar.set_message(progress_message(&out, ips));
         if step % cfg.run.log_every == 0 || step == end {
             let line = serde_json::json!({
                 "step": step, "loss": loss_v, "info_nce": out.info_nce,
                 "geo_ce": out.geo_ce,
-                "positive_top1": out.positive_top1, "lr": lr, "img_per_s": ips,
+                "positive_top1": out.positive_top1, "geo_top1": out.geo_top1, "lr": lr, "img_per_s": ips,
                 "temporal_partner_rate": pairs.rate(), "bad_images": bad_images,
                 "loss_scale": out.loss_scale, "overflow_skipped_steps": skipped_steps,
             });
             writeln!(metrics, "{line}").map_err(io(&opts.out.join(METRICS_FILE)))?;
             tracing::info!(
-                "step {step}/{total} loss {loss_v:.4} lr {lr:.5} {ips:.1} img/s partner rate {:.3}",
+                "step {step}/{total} {} lr {lr:.5} partner rate {:.3}",
+                progress_message(&out, ips),
                 pairs.rate()
             );
         }
@@ -611,6 +635,14 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         images_per_sec: ((step - start_step) * b as u64) as f64 / elapsed.max(1e-9),
         checkpoint: ck_dir,
     })
+}
+
+/// What a step shows: the loss and what says whether the model learns — the
+/// positive pair's top-1 among the queue's negatives (chance is 1/(1+K)) and the
+/// geo head's cluster accuracy.
+fn progress_message(out: &StepOut, ips: f64) -> String {
+    let geo = out.geo_top1.map(|g| format!(" geo-acc {:.0}%", g * 100.0)).unwrap_or_default();
+    format!("loss {:.3} pos-top1 {:.0}%{geo} {ips:.1} img/s", out.loss, out.positive_top1 * 100.0)
 }
 
 /// Test hook: `GEOSSL_TEST_KILL_AT=<point>` makes the process SIGKILL itself at

@@ -26,6 +26,9 @@ enum Command {
     Serve(ServeArgs),
     /// Embed a GeoTIFF archive into GeoParquet: every window of the model's input size, with its footprint.
     Embed(EmbedArgs),
+    /// Draw an embedded scene as a PNG: its windows coloured by the first three principal components of their
+    /// embeddings, and a query window with its nearest neighbours (cosine) outlined.
+    Map(MapArgs),
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => serve(a),
         Command::Embed(a) => embed(a),
+        Command::Map(a) => map(a),
     }
 }
 
@@ -174,7 +178,7 @@ fn init_logs(filter: &str, format: LogFormat) -> Result<()> {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(geossl_models::stderr_colour());
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -218,6 +222,65 @@ fn serve(a: ServeArgs) -> Result<()> {
         println!("listening http={} metrics={}", b.http, b.metrics);
         tracing::info!(http = %b.http, metrics = %b.metrics, "listening");
     }))
+}
+
+#[derive(Debug, Args)]
+struct MapArgs {
+    /// GeoParquet written by `geossl-serve embed`.
+    #[arg(long, env = "GEOSSL_EMBEDDINGS")]
+    embeddings: PathBuf,
+    /// The scene those rows came from (an RGB GeoTIFF, PNG or JPEG).
+    #[arg(long, env = "GEOSSL_SCENE")]
+    scene: PathBuf,
+    /// PNG to write.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    /// Query pixel X,Y: the window whose centre is nearest is the query (default: the scene's centre).
+    #[arg(long, env = "GEOSSL_QUERY", value_parser = parse_xy)]
+    query: Option<(f64, f64)>,
+    /// How many nearest neighbours of the query to outline.
+    #[arg(long, env = "GEOSSL_NEIGHBOURS", default_value_t = 5)]
+    neighbours: usize,
+    /// Print what the picture shows as JSON instead of text.
+    #[arg(long, env = "GEOSSL_JSON")]
+    json: bool,
+}
+
+/// `X,Y` → pixel coordinates.
+fn parse_xy(s: &str) -> std::result::Result<(f64, f64), String> {
+    let bad = || format!("{s:?}: expected pixel coordinates X,Y (e.g. 400,350)");
+    let (x, y) = s.split_once(',').ok_or_else(bad)?;
+    let (x, y): (f64, f64) = (x.trim().parse().map_err(|_| bad())?, y.trim().parse().map_err(|_| bad())?);
+    if !(x.is_finite() && y.is_finite()) {
+        return Err(bad());
+    }
+    Ok((x, y))
+}
+
+fn map(a: MapArgs) -> Result<()> {
+    let opts = geossl_serve::map::MapOptions {
+        embeddings: a.embeddings,
+        scene: a.scene,
+        out: a.out,
+        query: a.query,
+        neighbours: a.neighbours,
+    };
+    let s = geossl_serve::map::run(&opts).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    let [a1, a2, a3] = s.explained_variance.map(|v| v * 100.0);
+    println!("wrote {}: {} windows of {}", s.out.display(), s.windows, s.source);
+    println!("  left: the scene; right: each window coloured by the first three principal components of its");
+    println!("  embedding (red/green/blue = PC1/PC2/PC3, {a1:.0}/{a2:.0}/{a3:.0}% of the variance): similar colour, similar embedding");
+    let q = &s.query;
+    println!("  red outline: query window at pixel ({}, {}), {:.5}°, {:.5}°", q.x, q.y, q.lat, q.lon);
+    println!("  cyan outlines: its {} nearest neighbours by cosine similarity:", s.neighbours.len());
+    for (w, sim) in &s.neighbours {
+        println!("    ({:>5}, {:>5})  {:.5}°, {:.5}°  cos {sim:.3}", w.x, w.y, w.lat, w.lon);
+    }
+    Ok(())
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {

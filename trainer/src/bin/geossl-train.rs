@@ -281,6 +281,7 @@ fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
+        .with_ansi(geossl_models::stderr_colour())
         .init();
     match cli.command {
         Command::Pretrain(a) => pretrain(a),

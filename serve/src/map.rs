@@ -1,0 +1,354 @@
+//! A picture of what a model sees in a scene: the scene beside the same scene
+//! with each embedded window coloured by the first three principal components of
+//! the window embeddings (similar colour = similar embedding), and one query
+//! window outlined with its nearest neighbours by cosine similarity.
+//!
+//! Input: a GeoParquet file written by [`crate::embed`] (its `source`, `window`,
+//! `center_lat`/`center_lon` and `embedding` columns) and the scene it came from.
+
+use std::path::{Path, PathBuf};
+
+use arrow_array::{Array, FixedSizeListArray, Float32Array, Float64Array, StringArray, StructArray, UInt32Array};
+use image::{Rgb, RgbImage};
+
+use crate::image_io;
+
+/// What to draw.
+#[derive(Debug, Clone)]
+pub struct MapOptions {
+    /// GeoParquet from `geossl-serve embed`.
+    pub embeddings: PathBuf,
+    /// The scene the rows came from (an RGB GeoTIFF, PNG or JPEG).
+    pub scene: PathBuf,
+    /// PNG to write (atomically).
+    pub out: PathBuf,
+    /// Pixel `(x, y)` of the scene; the query is the window whose centre is
+    /// nearest to it (default: the scene's centre).
+    pub query: Option<(f64, f64)>,
+    /// How many nearest neighbours to outline.
+    pub neighbours: usize,
+}
+
+/// One embedded window.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Window {
+    pub x: u32,
+    pub y: u32,
+    pub w: u32,
+    pub h: u32,
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// What the picture shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapSummary {
+    pub out: PathBuf,
+    pub source: String,
+    pub windows: usize,
+    /// Share of the embeddings' variance along each of the three components.
+    pub explained_variance: [f64; 3],
+    pub query: Window,
+    /// Nearest windows to the query, most similar first, with their cosine similarity.
+    pub neighbours: Vec<(Window, f64)>,
+}
+
+/// Rows of one source: windows and embeddings (`n × d`, row-major).
+struct Rows {
+    windows: Vec<Window>,
+    d: usize,
+    emb: Vec<f32>,
+}
+
+/// Reads the rows of `source` (a canonical path as `embed` records it).
+fn read_rows(path: &Path, source: &str) -> Result<Rows, String> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let label = path.display().to_string();
+    let f = std::fs::File::open(path).map_err(|e| format!("{label}: {e}"))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+        .and_then(|b| b.build())
+        .map_err(|e| format!("{label}: not a readable Parquet file: {e}"))?;
+    let mut rows = Rows { windows: Vec::new(), d: 0, emb: Vec::new() };
+    let mut sources = std::collections::BTreeSet::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| format!("{label}: {e}"))?;
+        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("{label}: no `{name}` column"));
+        let typed = |name: &str| format!("{label}: column `{name}` has an unexpected type");
+        let src = col("source")?.as_any().downcast_ref::<StringArray>().ok_or_else(|| typed("source"))?;
+        let win = col("window")?.as_any().downcast_ref::<StructArray>().ok_or_else(|| typed("window"))?;
+        let lat = col("center_lat")?.as_any().downcast_ref::<Float64Array>().ok_or_else(|| typed("center_lat"))?;
+        let lon = col("center_lon")?.as_any().downcast_ref::<Float64Array>().ok_or_else(|| typed("center_lon"))?;
+        let emb = col("embedding")?.as_any().downcast_ref::<FixedSizeListArray>().ok_or_else(|| typed("embedding"))?;
+        let values = emb.values().as_any().downcast_ref::<Float32Array>().ok_or_else(|| typed("embedding"))?;
+        let field = |k: &str| {
+            win.column_by_name(k).and_then(|c| c.as_any().downcast_ref::<UInt32Array>()).ok_or_else(|| typed("window"))
+        };
+        let (x, y, w, h) = (field("x")?, field("y")?, field("w")?, field("h")?);
+        let d = emb.value_length() as usize;
+        rows.d = d;
+        for i in 0..batch.num_rows() {
+            if src.value(i) != source {
+                sources.insert(src.value(i).to_string());
+                continue;
+            }
+            rows.windows.push(Window {
+                x: x.value(i),
+                y: y.value(i),
+                w: w.value(i),
+                h: h.value(i),
+                lat: lat.value(i),
+                lon: lon.value(i),
+            });
+            let start = emb.value_offset_at(i);
+            rows.emb.extend_from_slice(&values.values()[start..start + d]);
+        }
+    }
+    if rows.windows.is_empty() {
+        let others: Vec<_> = sources.into_iter().take(5).collect();
+        return Err(format!("{label} has no rows of {source} (its sources include: {})", others.join(", ")));
+    }
+    Ok(rows)
+}
+
+/// The top `k` principal components of the rows of `x` (`n × d`): for each, the
+/// scores of the rows (`n`) and the share of the total variance it carries.
+/// Power iteration with deflation on the centred data, in f64.
+pub fn principal_components(x: &[f32], n: usize, d: usize, k: usize) -> Vec<(Vec<f64>, f64)> {
+    let mut c: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    for j in 0..d {
+        let mean = (0..n).map(|i| c[i * d + j]).sum::<f64>() / n as f64;
+        (0..n).for_each(|i| c[i * d + j] -= mean);
+    }
+    let total: f64 = c.iter().map(|v| v * v).sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut out = Vec::new();
+    for comp in 0..k {
+        // A fixed start that no component is orthogonal to in practice.
+        let mut v: Vec<f64> = (0..d).map(|j| ((j * 7 + comp * 13 + 1) as f64).sin()).collect();
+        let mut scores = vec![0.0; n];
+        for _ in 0..300 {
+            for (i, s) in scores.iter_mut().enumerate() {
+                *s = (0..d).map(|j| c[i * d + j] * v[j]).sum();
+            }
+            let mut next = vec![0.0; d];
+            for (i, s) in scores.iter().enumerate() {
+                for (j, nj) in next.iter_mut().enumerate() {
+                    *nj += c[i * d + j] * s;
+                }
+            }
+            let norm = next.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                break;
+            }
+            v = next.into_iter().map(|a| a / norm).collect();
+        }
+        for (i, s) in scores.iter_mut().enumerate() {
+            *s = (0..d).map(|j| c[i * d + j] * v[j]).sum();
+        }
+        let var: f64 = scores.iter().map(|s| s * s).sum();
+        for (i, s) in scores.iter().enumerate() {
+            (0..d).for_each(|j| c[i * d + j] -= s * v[j]);
+        }
+        out.push((scores, var / total));
+    }
+    out
+}
+
+/// Indices of the `k` rows most similar to row `q` by cosine similarity
+/// (excluding `q`), most similar first, with the similarity.
+pub fn nearest(emb: &[f32], d: usize, q: usize, k: usize) -> Vec<(usize, f64)> {
+    let row = |i: usize| &emb[i * d..(i + 1) * d];
+    let norm = |r: &[f32]| r.iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>().sqrt().max(1e-300);
+    let qn = norm(row(q));
+    let mut sims: Vec<(usize, f64)> = (0..emb.len() / d)
+        .filter(|&i| i != q)
+        .map(|i| {
+            let dot: f64 = row(q).iter().zip(row(i)).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            (i, dot / (qn * norm(row(i))))
+        })
+        .collect();
+    sims.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    sims.truncate(k);
+    sims
+}
+
+/// Draws the picture and writes it atomically; the error names what is wrong.
+pub fn run(opts: &MapOptions) -> Result<MapSummary, String> {
+    let scene_label = opts.scene.display().to_string();
+    let source = std::fs::canonicalize(&opts.scene).map_err(|e| format!("{scene_label}: {e}"))?.display().to_string();
+    let rows = read_rows(&opts.embeddings, &source)?;
+    let n = rows.windows.len();
+    if n < 2 {
+        return Err(format!(
+            "{}: {scene_label} has {n} embedded window; a map needs at least 2",
+            opts.embeddings.display()
+        ));
+    }
+    let bytes = std::fs::read(&opts.scene).map_err(|e| format!("{scene_label}: {e}"))?;
+    let planes = image_io::decode(&bytes, 3, u64::MAX).map_err(|e| format!("{scene_label}: {e}"))?;
+    let (sw, sh) = (planes.w, planes.h);
+    if let Some(w) = rows.windows.iter().find(|w| (w.x + w.w) as usize > sw || (w.y + w.h) as usize > sh) {
+        return Err(format!(
+            "{}: window at ({}, {}) lies outside {scene_label} ({sw}×{sh}): is this the scene it was embedded from?",
+            opts.embeddings.display(),
+            w.x,
+            w.y
+        ));
+    }
+    let pcs = principal_components(&rows.emb, n, rows.d, 3);
+    let (qx, qy) = opts.query.unwrap_or((sw as f64 / 2.0, sh as f64 / 2.0));
+    let centre = |w: &Window| (f64::from(w.x) + f64::from(w.w) / 2.0, f64::from(w.y) + f64::from(w.h) / 2.0);
+    let dist = |w: &Window| {
+        let (cx, cy) = centre(w);
+        (cx - qx).powi(2) + (cy - qy).powi(2)
+    };
+    let q = (0..n).min_by(|&a, &b| dist(&rows.windows[a]).total_cmp(&dist(&rows.windows[b]))).unwrap_or(0);
+    let near = nearest(&rows.emb, rows.d, q, opts.neighbours);
+
+    // Each window colours the stride × stride cell around its centre, so overlapping windows tile the
+    // scene; pixels outside every cell (nodata windows, margins) stay dimmed.
+    let scale = (1000 / sw.max(sh)).clamp(1, 8);
+    let (pw, ph) = (sw * scale, sh * scale);
+    let gap = 8;
+    let mut img = RgbImage::from_pixel((2 * pw + gap) as u32, ph as u32, Rgb([255, 255, 255]));
+    let hw = sw * sh;
+    let px = |x: usize, y: usize| -> [f64; 3] { [0, 1, 2].map(|c| f64::from(planes.data[c * hw + y * sw + x])) };
+    let mut put = |x: usize, y: usize, panel: usize, rgb: [f64; 3]| {
+        let rgb = Rgb(rgb.map(|v| v.round().clamp(0.0, 255.0) as u8));
+        for dy in 0..scale {
+            for dx in 0..scale {
+                img.put_pixel((panel + x * scale + dx) as u32, (y * scale + dy) as u32, rgb);
+            }
+        }
+    };
+    for y in 0..sh {
+        for x in 0..sw {
+            let p = px(x, y);
+            put(x, y, 0, p);
+            put(x, y, pw + gap, p.map(|v| 0.35 * v));
+        }
+    }
+    let ranges: Vec<(f64, f64)> = pcs
+        .iter()
+        .map(|(s, _)| s.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v))))
+        .collect();
+    let stride = {
+        let mut xs: Vec<u32> = rows.windows.iter().map(|w| w.x).collect();
+        xs.sort_unstable();
+        xs.dedup();
+        let w0 = &rows.windows[0];
+        xs.windows(2).map(|p| p[1] - p[0]).min().unwrap_or(w0.w).min(w0.w) as usize
+    };
+    for (i, w) in rows.windows.iter().enumerate() {
+        let colour = [0, 1, 2].map(|c| {
+            let (lo, hi) = ranges[c];
+            if hi > lo {
+                255.0 * (pcs[c].0[i] - lo) / (hi - lo)
+            } else {
+                128.0
+            }
+        });
+        let x0 = w.x as usize + (w.w as usize).saturating_sub(stride) / 2;
+        let y0 = w.y as usize + (w.h as usize).saturating_sub(stride) / 2;
+        for y in y0..(y0 + stride).min(sh) {
+            for x in x0..(x0 + stride).min(sw) {
+                let p = px(x, y);
+                put(x, y, pw + gap, [0, 1, 2].map(|c| 0.35 * p[c] + 0.65 * colour[c]));
+            }
+        }
+    }
+    let thick = (scale as u32).max(2);
+    for panel in [0, pw + gap] {
+        for (i, _) in &near {
+            outline(&mut img, &rows.windows[*i], scale, panel, thick, Rgb([0, 230, 255]));
+        }
+        outline(&mut img, &rows.windows[q], scale, panel, thick + 1, Rgb([255, 40, 40]));
+    }
+    write_png(&img, &opts.out)?;
+    let explained = [0, 1, 2].map(|c| pcs[c].1);
+    Ok(MapSummary {
+        out: opts.out.clone(),
+        source,
+        windows: n,
+        explained_variance: explained,
+        query: rows.windows[q].clone(),
+        neighbours: near.into_iter().map(|(i, s)| (rows.windows[i].clone(), s)).collect(),
+    })
+}
+
+/// A `thick`-pixel rectangle around window `w` (scene pixels × `scale`) in the panel starting at `x0`.
+fn outline(img: &mut RgbImage, w: &Window, scale: usize, x0: usize, thick: u32, colour: Rgb<u8>) {
+    let s = scale as u32;
+    let (l, t) = (x0 as u32 + w.x * s, w.y * s);
+    let (r, b) = (l + w.w * s - 1, t + w.h * s - 1);
+    for k in 0..thick {
+        for x in l..=r {
+            for y in [t + k, b.saturating_sub(k)] {
+                if x < img.width() && y < img.height() {
+                    img.put_pixel(x, y, colour);
+                }
+            }
+        }
+        for y in t..=b {
+            for x in [l + k, r.saturating_sub(k)] {
+                if x < img.width() && y < img.height() {
+                    img.put_pixel(x, y, colour);
+                }
+            }
+        }
+    }
+}
+
+/// Writes `img` as PNG beside `out`, then renames it there (an earlier file at
+/// `out` stays until the new one is complete).
+fn write_png(img: &RgbImage, out: &Path) -> Result<(), String> {
+    let name = out.file_name().ok_or_else(|| format!("{}: not a file path", out.display()))?;
+    let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    let result = img
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(|e| format!("{}: {e}", out.display()))
+        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display())));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn principal_components_find_the_directions_of_largest_variance() {
+        // 40 points in 5-D: large spread along e1 + e2, smaller along e4, a little noise.
+        let (n, d) = (40, 5);
+        let mut x = vec![0f32; n * d];
+        for i in 0..n {
+            let (a, b) = (((i as f64) * 0.7).sin() * 10.0, ((i as f64) * 1.3).cos() * 3.0);
+            x[i * d] = (a / 2f64.sqrt()) as f32 + 5.0;
+            x[i * d + 1] = (a / 2f64.sqrt()) as f32 - 2.0;
+            x[i * d + 3] = b as f32;
+            x[i * d + 2] = (((i as f64) * 2.9).sin() * 0.01) as f32;
+        }
+        let pcs = principal_components(&x, n, d, 3);
+        // The first component's scores are ± the centred projections on (e1 + e2)/√2.
+        let proj: Vec<f64> = (0..n).map(|i| (f64::from(x[i * d]) + f64::from(x[i * d + 1])) / 2f64.sqrt()).collect();
+        let mean = proj.iter().sum::<f64>() / n as f64;
+        let corr = proj.iter().zip(&pcs[0].0).map(|(p, s)| (p - mean) * s).sum::<f64>()
+            / (proj.iter().map(|p| (p - mean).powi(2)).sum::<f64>().sqrt()
+                * pcs[0].0.iter().map(|s| s * s).sum::<f64>().sqrt());
+        assert!(corr.abs() > 0.999_999, "first component correlation {corr}");
+        assert!(pcs[0].1 > pcs[1].1 && pcs[1].1 > pcs[2].1, "{:?}", pcs.iter().map(|p| p.1).collect::<Vec<_>>());
+        let total: f64 = pcs.iter().map(|p| p.1).sum();
+        assert!(total > 0.999_99 && total <= 1.0 + 1e-9, "three components carry {total} of the variance");
+    }
+
+    #[test]
+    fn nearest_ranks_by_cosine_and_skips_the_query() {
+        let emb =
+            [1.0f32, 0.0, /* 1 */ 0.0, 1.0, /* 2 */ 2.0, 0.1, /* 3 */ -1.0, 0.0, /* 4 */ 1.0, 1.0];
+        let near = nearest(&emb, 2, 0, 3);
+        assert_eq!(near.iter().map(|p| p.0).collect::<Vec<_>>(), vec![2, 4, 1]);
+        assert!((near[1].1 - 0.5f64.sqrt()).abs() < 1e-12);
+    }
+}
