@@ -1,0 +1,548 @@
+//! GeoTIFF reading for geossl: the one decoder that the trainer, the server and
+//! the archive embedder share.
+//!
+//! - any band count; samples kept as stored (`uint8`, `int8`, `uint16`,
+//!   `int16`, `uint32`, `int32`, `float32`, `float64`), never rescaled;
+//! - chunky (pixel-interleaved) and planar (band-sequential) layouts, strips
+//!   and tiles; the compressions of the `tiff` crate (deflate, LZW, zstd,
+//!   PackBits, JPEG — YCbCr-JPEG as GDAL writes it comes out as RGB) with
+//!   horizontal and floating-point predictors;
+//! - **windowed reads**: [`Raster::read_window`] decodes only the strips or
+//!   tiles that a window touches, keeping recently used ones in a bounded cache,
+//!   so memory follows the windows, not the scene;
+//! - the GDAL nodata tag.
+//!
+//! Blocks are planar: `data[band * h * w + y * w + x]`.
+//! Georeferencing stays in `geossl_models::georef` (it reads the same file's
+//! GeoTIFF tags).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, Cursor, Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+use tiff::decoder::{ChunkType, Decoder, DecodingResult, Limits};
+use tiff::tags::Tag;
+
+/// How samples are stored in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleType {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    F64,
+}
+
+impl SampleType {
+    /// The name numpy, GDAL and ONNX users know (`uint16`, `float32`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            SampleType::U8 => "uint8",
+            SampleType::I8 => "int8",
+            SampleType::U16 => "uint16",
+            SampleType::I16 => "int16",
+            SampleType::U32 => "uint32",
+            SampleType::I32 => "int32",
+            SampleType::F32 => "float32",
+            SampleType::F64 => "float64",
+        }
+    }
+
+    /// Bytes per sample.
+    pub fn bytes(self) -> usize {
+        match self {
+            SampleType::U8 | SampleType::I8 => 1,
+            SampleType::U16 | SampleType::I16 => 2,
+            SampleType::U32 | SampleType::I32 | SampleType::F32 => 4,
+            SampleType::F64 => 8,
+        }
+    }
+}
+
+impl std::fmt::Display for SampleType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors name the file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum RasterError {
+    #[error("{file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: not a readable TIFF: {message}")]
+    Decode { file: String, message: String },
+    #[error("{file}: {what} is not supported")]
+    Unsupported { file: String, what: String },
+    #[error("{file}: band {band} does not exist (the file has {bands} band(s), numbered from 0)")]
+    NoSuchBand { file: String, band: usize, bands: usize },
+    #[error("{file}: window x={x} y={y} {w}×{h} is not inside the {width}×{height} raster")]
+    Window { file: String, x: usize, y: usize, w: usize, h: usize, width: usize, height: usize },
+}
+
+macro_rules! samples {
+    ($($v:ident($t:ty)),*) => {
+        /// Samples of one type, as stored.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Samples {
+            $($v(Vec<$t>)),*
+        }
+
+        impl Samples {
+            /// `n` zeros of type `t`.
+            pub fn zeros(t: SampleType, n: usize) -> Samples {
+                match t {
+                    $(SampleType::$v => Samples::$v(vec![<$t>::default(); n])),*
+                }
+            }
+
+            pub fn sample_type(&self) -> SampleType {
+                match self {
+                    $(Samples::$v(_) => SampleType::$v),*
+                }
+            }
+
+            pub fn len(&self) -> usize {
+                match self {
+                    $(Samples::$v(v) => v.len()),*
+                }
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+
+            /// Every sample as f64 (exact for every stored type).
+            pub fn to_f64(&self) -> Vec<f64> {
+                match self {
+                    $(Samples::$v(v) => v.iter().map(|&x| x as f64).collect()),*
+                }
+            }
+
+            /// Every sample as f32 (exact up to 24-bit integers).
+            pub fn to_f32(&self) -> Vec<f32> {
+                match self {
+                    $(Samples::$v(v) => v.iter().map(|&x| x as f32).collect()),*
+                }
+            }
+
+            /// Sample `i` as f64.
+            pub fn get(&self, i: usize) -> f64 {
+                match self {
+                    $(Samples::$v(v) => v[i] as f64),*
+                }
+            }
+        }
+
+        /// Copies `rows` rows of `cols` samples from a decoded chunk (stride
+        /// `src_stride` samples, every `step`-th sample from `src_start`) into
+        /// `dst` (stride `dst_stride`, from `dst_start`).
+        #[allow(clippy::too_many_arguments)]
+        fn copy_block(
+            dst: &mut Samples, dst_start: usize, dst_stride: usize,
+            src: &DecodingResult, src_start: usize, src_stride: usize, step: usize,
+            rows: usize, cols: usize,
+        ) -> bool {
+            match (dst, src) {
+                $((Samples::$v(d), DecodingResult::$v(s)) => {
+                    for r in 0..rows {
+                        let (di, si) = (dst_start + r * dst_stride, src_start + r * src_stride);
+                        if step == 1 {
+                            d[di..di + cols].copy_from_slice(&s[si..si + cols]);
+                        } else {
+                            for (k, v) in d[di..di + cols].iter_mut().enumerate() {
+                                *v = s[si + k * step];
+                            }
+                        }
+                    }
+                    true
+                })*
+                _ => false,
+            }
+        }
+    };
+}
+
+samples!(U8(u8), I8(i8), U16(u16), I16(i16), U32(u32), I32(i32), F32(f32), F64(f64));
+
+/// A planar block of samples: `samples[band * height * width + y * width + x]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    pub bands: usize,
+    pub height: usize,
+    pub width: usize,
+    pub samples: Samples,
+}
+
+/// What a file holds, read from its header.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RasterInfo {
+    pub width: usize,
+    pub height: usize,
+    pub bands: usize,
+    pub sample_type: SampleType,
+    /// Band-sequential (PlanarConfiguration = 2).
+    pub planar: bool,
+    pub tiled: bool,
+    /// Strip or tile size in pixels (a strip spans the width).
+    pub chunk_width: usize,
+    pub chunk_height: usize,
+    /// The GDAL_NODATA value, if any.
+    pub nodata: Option<f64>,
+}
+
+/// Default bytes of decoded strips/tiles kept for the next windows.
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
+/// A TIFF opened for reading windows.
+pub struct Raster<R: Read + Seek> {
+    dec: Decoder<R>,
+    info: RasterInfo,
+    file: String,
+    chunks_across: usize,
+    chunks_per_plane: usize,
+    cache: HashMap<u32, Arc<DecodingResult>>,
+    order: VecDeque<u32>,
+    cached_bytes: usize,
+    cache_limit: usize,
+    /// JPEG-compressed YCbCr: chunks are converted to RGB as they are decoded.
+    ycbcr: bool,
+}
+
+impl<R: Read + Seek> std::fmt::Debug for Raster<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Raster").field("file", &self.file).field("info", &self.info).finish()
+    }
+}
+
+impl Raster<BufReader<std::fs::File>> {
+    /// Opens `path` and reads its header.
+    pub fn open(path: &Path) -> Result<Self, RasterError> {
+        let file = path.display().to_string();
+        let f = std::fs::File::open(path).map_err(|source| RasterError::Io { file: file.clone(), source })?;
+        Raster::new(BufReader::with_capacity(1 << 16, f), file)
+    }
+}
+
+impl Raster<Cursor<Vec<u8>>> {
+    /// A TIFF held in memory (an HTTP body); `label` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, label: &str) -> Result<Self, RasterError> {
+        Raster::new(Cursor::new(bytes), label.to_string())
+    }
+}
+
+fn decode_err(file: &str) -> impl Fn(tiff::TiffError) -> RasterError + '_ {
+    move |e| match e {
+        tiff::TiffError::UnsupportedError(u) => {
+            RasterError::Unsupported { file: file.to_string(), what: u.to_string() }
+        }
+        tiff::TiffError::IoError(source) => RasterError::Io { file: file.to_string(), source },
+        other => RasterError::Decode { file: file.to_string(), message: other.to_string() },
+    }
+}
+
+impl<R: Read + Seek> Raster<R> {
+    /// Reads the header of the first image in `reader`; `file` names it in errors.
+    pub fn new(reader: R, file: String) -> Result<Self, RasterError> {
+        let err = decode_err(&file);
+        let mut limits = Limits::default();
+        // One strip or tile is decoded at a time; a file written as a single strip needs it whole.
+        limits.decoding_buffer_size = 2 << 30;
+        let mut dec = Decoder::new(reader).map_err(&err)?.with_limits(limits);
+        let (w, h) = dec.dimensions().map_err(&err)?;
+        let unsupported = |what: String| RasterError::Unsupported { file: file.clone(), what };
+        let spp: usize = dec.find_tag_unsigned::<u16>(Tag::SamplesPerPixel).map_err(&err)?.unwrap_or(1).into();
+        let bits = dec.find_tag_unsigned_vec::<u16>(Tag::BitsPerSample).map_err(&err)?.unwrap_or_else(|| vec![1]);
+        let format = dec.find_tag_unsigned_vec::<u16>(Tag::SampleFormat).map_err(&err)?.unwrap_or_else(|| vec![1]);
+        if bits.iter().any(|&b| b != bits[0]) || format.iter().any(|&f| f != format[0]) {
+            return Err(unsupported(format!("bands of different sample types (bits {bits:?}, formats {format:?})")));
+        }
+        let sample_type = match (format[0], bits[0]) {
+            (1, 8) => SampleType::U8,
+            (2, 8) => SampleType::I8,
+            (1, 16) => SampleType::U16,
+            (2, 16) => SampleType::I16,
+            (1, 32) => SampleType::U32,
+            (2, 32) => SampleType::I32,
+            (3, 32) => SampleType::F32,
+            (3, 64) => SampleType::F64,
+            (f, b) => {
+                let kind = match f {
+                    1 => "unsigned integer",
+                    2 => "signed integer",
+                    3 => "floating-point",
+                    _ => "untyped",
+                };
+                return Err(unsupported(format!("{b}-bit {kind} samples")));
+            }
+        };
+        let photometric = dec.find_tag_unsigned::<u16>(Tag::PhotometricInterpretation).map_err(&err)?.unwrap_or(1);
+        let compression = dec.find_tag_unsigned::<u16>(Tag::Compression).map_err(&err)?.unwrap_or(1);
+        if photometric == 3 {
+            return Err(unsupported("palette (colour-mapped) images".into()));
+        }
+        if photometric == 6 && compression != 7 {
+            return Err(unsupported("YCbCr samples outside JPEG compression".into()));
+        }
+        let planar = dec.find_tag_unsigned::<u16>(Tag::PlanarConfiguration).map_err(&err)?.unwrap_or(1) == 2;
+        let tiled = dec.get_chunk_type() == ChunkType::Tile;
+        let (cw, ch) = dec.chunk_dimensions();
+        let (cw, ch) = (cw as usize, (ch as usize).min(h as usize).max(1));
+        let (width, height) = (w as usize, h as usize);
+        let nodata = match dec.find_tag(Tag::GdalNodata) {
+            Ok(Some(v)) => {
+                v.into_string().ok().and_then(|s| s.trim_matches(|c: char| c == '\0' || c.is_whitespace()).parse().ok())
+            }
+            _ => None,
+        };
+        let chunks_across = if tiled { width.div_ceil(cw) } else { 1 };
+        let chunks_per_plane = chunks_across * height.div_ceil(ch);
+        let info = RasterInfo {
+            width,
+            height,
+            bands: spp,
+            sample_type,
+            planar,
+            tiled,
+            chunk_width: if tiled { cw } else { width },
+            chunk_height: ch,
+            nodata,
+        };
+        drop(err);
+        Ok(Raster {
+            dec,
+            info,
+            file,
+            chunks_across,
+            chunks_per_plane,
+            cache: HashMap::new(),
+            order: VecDeque::new(),
+            cached_bytes: 0,
+            cache_limit: DEFAULT_CACHE_BYTES,
+            ycbcr: photometric == 6,
+        })
+    }
+
+    pub fn info(&self) -> &RasterInfo {
+        &self.info
+    }
+
+    /// The file's name, as errors give it.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Bytes of decoded strips/tiles to keep between windows (at least one chunk is always kept).
+    pub fn set_cache_limit(&mut self, bytes: usize) {
+        self.cache_limit = bytes;
+        self.evict(0);
+    }
+
+    /// Bytes of decoded chunks held now.
+    pub fn cached_bytes(&self) -> usize {
+        self.cached_bytes
+    }
+
+    fn evict(&mut self, incoming: usize) {
+        while self.cached_bytes + incoming > self.cache_limit {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(c) = self.cache.remove(&old) {
+                self.cached_bytes -= c.len_bytes();
+            }
+        }
+    }
+
+    fn chunk(&mut self, index: u32) -> Result<Arc<DecodingResult>, RasterError> {
+        if let Some(c) = self.cache.get(&index) {
+            return Ok(c.clone());
+        }
+        let mut data = self.dec.read_chunk(index).map_err(decode_err(&self.file))?;
+        if self.ycbcr {
+            match &mut data {
+                DecodingResult::U8(px) if !self.info.planar && self.info.bands == 3 => ycbcr_to_rgb(px),
+                _ => {
+                    return Err(RasterError::Unsupported {
+                        file: self.file.clone(),
+                        what: "YCbCr other than 3 interleaved 8-bit samples".into(),
+                    })
+                }
+            }
+        }
+        let data = Arc::new(data);
+        let bytes = data.len_bytes();
+        self.evict(bytes);
+        self.cache.insert(index, data.clone());
+        self.order.push_back(index);
+        self.cached_bytes += bytes;
+        Ok(data)
+    }
+
+    /// Every band of the whole raster.
+    pub fn read_all(&mut self) -> Result<Block, RasterError> {
+        let bands: Vec<usize> = (0..self.info.bands).collect();
+        let (w, h) = (self.info.width, self.info.height);
+        self.read_window(0, 0, w, h, &bands)
+    }
+
+    /// Bands `bands` (0-based, in that order) of the window at `x, y` of
+    /// `w × h` pixels, decoding only the strips/tiles it touches.
+    pub fn read_window(
+        &mut self,
+        x: usize,
+        y: usize,
+        w: usize,
+        h: usize,
+        bands: &[usize],
+    ) -> Result<Block, RasterError> {
+        let info = self.info.clone();
+        if w == 0 || h == 0 || x + w > info.width || y + h > info.height {
+            return Err(RasterError::Window {
+                file: self.file.clone(),
+                x,
+                y,
+                w,
+                h,
+                width: info.width,
+                height: info.height,
+            });
+        }
+        if let Some(&band) = bands.iter().find(|&&b| b >= info.bands) {
+            return Err(RasterError::NoSuchBand { file: self.file.clone(), band, bands: info.bands });
+        }
+        let (cw, ch) = (info.chunk_width, info.chunk_height);
+        let mut out = Samples::zeros(info.sample_type, bands.len() * w * h);
+        for cy in y / ch..=(y + h - 1) / ch {
+            for cx in x / cw..=(x + w - 1) / cw {
+                // The chunk's pixels and their overlap with the window.
+                let (x0, y0) = (cx * cw, cy * ch);
+                let chunk_w = cw.min(info.width - x0);
+                let (ox0, ox1) = (x.max(x0), (x + w).min(x0 + chunk_w));
+                let (oy0, oy1) = (y.max(y0), (y + h).min(y0 + ch).min(info.height));
+                for (k, &band) in bands.iter().enumerate() {
+                    let (plane, sample, spp) = if info.planar { (band, 0, 1) } else { (0, band, info.bands) };
+                    let index = (plane * self.chunks_per_plane + cy * self.chunks_across + cx) as u32;
+                    let data = self.chunk(index)?;
+                    let copied = copy_block(
+                        &mut out,
+                        k * w * h + (oy0 - y) * w + (ox0 - x),
+                        w,
+                        &data,
+                        ((oy0 - y0) * chunk_w + (ox0 - x0)) * spp + sample,
+                        chunk_w * spp,
+                        spp,
+                        oy1 - oy0,
+                        ox1 - ox0,
+                    );
+                    if !copied {
+                        return Err(RasterError::Decode {
+                            file: self.file.clone(),
+                            message: format!("a chunk decoded to another sample type than {}", info.sample_type),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Block { bands: bands.len(), height: h, width: w, samples: out })
+    }
+}
+
+/// JPEG's (JFIF, full-range ITU-R BT.601) YCbCr → RGB, in place, for
+/// interleaved 8-bit triplets: what libjpeg and GDAL give for YCbCr TIFFs.
+fn ycbcr_to_rgb(px: &mut [u8]) {
+    for p in px.chunks_exact_mut(3) {
+        let (y, cb, cr) = (f32::from(p[0]), f32::from(p[1]) - 128.0, f32::from(p[2]) - 128.0);
+        let c = |v: f32| v.round().clamp(0.0, 255.0) as u8;
+        p[0] = c(y + 1.402 * cr);
+        p[1] = c(y - 0.344_136 * cb - 0.714_136 * cr);
+        p[2] = c(y + 1.772 * cb);
+    }
+}
+
+trait LenBytes {
+    fn len_bytes(&self) -> usize;
+}
+
+impl LenBytes for DecodingResult {
+    fn len_bytes(&self) -> usize {
+        match self {
+            DecodingResult::U8(v) => v.len(),
+            DecodingResult::I8(v) => v.len(),
+            DecodingResult::U16(v) => v.len() * 2,
+            DecodingResult::I16(v) => v.len() * 2,
+            DecodingResult::F16(v) => v.len() * 2,
+            DecodingResult::U32(v) => v.len() * 4,
+            DecodingResult::I32(v) => v.len() * 4,
+            DecodingResult::F32(v) => v.len() * 4,
+            DecodingResult::U64(v) => v.len() * 8,
+            DecodingResult::I64(v) => v.len() * 8,
+            DecodingResult::F64(v) => v.len() * 8,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A small planar and a small chunky uint16 TIFF written with the `tiff`
+    /// crate's encoder (strips of 3 rows), read back whole and by windows.
+    #[test]
+    fn windows_equal_the_whole_image_for_both_layouts() {
+        use tiff::encoder::{colortype, TiffEncoder};
+        let (w, h) = (7u32, 5u32);
+        let px: Vec<u16> = (0..w * h * 3).map(|i| (i * 997 % 65521) as u16).collect();
+        let mut buf = Cursor::new(Vec::new());
+        {
+            let mut enc = TiffEncoder::new(&mut buf).unwrap();
+            let mut img = enc.new_image::<colortype::RGB16>(w, h).unwrap();
+            img.rows_per_strip(3).unwrap();
+            img.write_data(&px).unwrap();
+        }
+        let mut r = Raster::from_bytes(buf.into_inner(), "mem.tif").unwrap();
+        let info = r.info().clone();
+        assert_eq!((info.width, info.height, info.bands, info.sample_type), (7, 5, 3, SampleType::U16));
+        assert!(!info.planar && !info.tiled && info.chunk_height == 3);
+        let all = r.read_all().unwrap();
+        let Samples::U16(all_px) = &all.samples else { panic!("{:?}", all.samples.sample_type()) };
+        for c in 0..3 {
+            for i in 0..(w * h) as usize {
+                assert_eq!(all_px[c * 35 + i], px[i * 3 + c], "band {c} pixel {i}");
+            }
+        }
+        // A window across the strip boundary, bands reordered.
+        let win = r.read_window(2, 1, 4, 3, &[2, 0]).unwrap();
+        for (k, band) in [2usize, 0].iter().enumerate() {
+            for yy in 0..3 {
+                for xx in 0..4 {
+                    let want = px[((1 + yy) * 7 + 2 + xx) * 3 + band];
+                    assert_eq!(win.samples.get(k * 12 + yy * 4 + xx), f64::from(want));
+                }
+            }
+        }
+        assert!(matches!(r.read_window(5, 0, 3, 1, &[0]), Err(RasterError::Window { .. })));
+        let e = r.read_window(0, 0, 1, 1, &[3]).unwrap_err();
+        assert!(e.to_string().contains("mem.tif: band 3 does not exist (the file has 3 band(s)"), "{e}");
+        // A cache smaller than one chunk still reads correctly.
+        r.set_cache_limit(1);
+        assert_eq!(r.read_window(2, 1, 4, 3, &[2, 0]).unwrap(), win);
+        assert!(r.cached_bytes() <= 7 * 3 * 3 * 2);
+    }
+
+    #[test]
+    fn not_a_tiff_is_named() {
+        let e = Raster::from_bytes(b"GIF89a....".to_vec(), "x.gif").unwrap_err();
+        assert!(e.to_string().starts_with("x.gif: "), "{e}");
+        let e = Raster::open(Path::new("/no/such.tif")).unwrap_err();
+        assert!(e.to_string().contains("/no/such.tif"), "{e}");
+    }
+}
