@@ -191,6 +191,7 @@ fn dims(c: &[Dim]) -> Vec<D> {
 fn elem(e: ElemType) -> DataType {
     match e {
         ElemType::Uint8 => DataType::Uint8,
+        ElemType::Uint16 => DataType::Uint16,
         ElemType::Float32 => DataType::Float,
     }
 }
@@ -204,6 +205,14 @@ pub fn build_model(
     source_sha256: &str,
 ) -> Result<ModelProto, ExportError> {
     let contract = IoContract::for_export(spec, opts.head, opts.input).map_err(ExportError::Unsupported)?;
+    // Integer inputs carry stored samples: their type must be the one the normalization was made for.
+    if let (Some(want), Some(trained)) = (opts.input.samples(), spec.sample_type) {
+        if want != trained {
+            return Err(ExportError::Unsupported(format!(
+                "the checkpoint's normalization is for {trained} samples; export with --input {trained} or float32, not {want}"
+            )));
+        }
+    }
     let mut w = HashMap::new();
     for t in &weights.tensors {
         if let TensorData::F32(v) = &t.data {
@@ -217,7 +226,8 @@ pub fn build_model(
     let mut x = INPUT_NAME.to_string();
     let c = spec.backbone.in_channels as i64;
     match opts.input {
-        InputDType::Uint8 => {
+        InputDType::Uint8 | InputDType::Uint16 => {
+            // x * (scale / std) + (offset - mean) / std: the spec's one normalization.
             x = b.g.node("Cast", &[&x], &[("to", Attr::Int(DataType::Float as i64))], None);
             let (mul, add) = spec.normalization.affine();
             let m = b.g.init_f32("normalize.mul", &[1, c, 1, 1], &mul);
@@ -310,6 +320,7 @@ pub fn build_model(
             metadata::INPUT_DTYPE,
             match opts.input {
                 InputDType::Uint8 => "uint8".into(),
+                InputDType::Uint16 => "uint16".into(),
                 InputDType::Float32 => "float32".into(),
             },
         ),

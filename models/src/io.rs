@@ -1,8 +1,10 @@
 //! The ONNX input/output contract shared by the exporter (which writes it) and
 //! the server (which relies on it).
 //!
-//! * one input `images`: `uint8 [N, C, H, W]` by default (normalization inside
-//!   the graph) or `float32 [N, C, H, W]` already normalized;
+//! * one input `images`: `uint8 [N, C, H, W]` by default or `uint16` (stored
+//!   samples, e.g. Sentinel-2 or Landsat digital numbers; scale/offset and
+//!   normalization inside the graph), or `float32 [N, C, H, W]` already
+//!   normalized;
 //! * outputs named by head: `embedding [N, D]`; `logits` and `probabilities
 //!   [N, K]`; `mask_logits [N, K, H, W]`;
 //! * `N` is always dynamic; `H`, `W` are dynamic for segmentation.
@@ -38,8 +40,95 @@ pub enum InputDType {
     /// Raw 8-bit pixels; the graph scales and normalizes.
     #[default]
     Uint8,
+    /// Raw 16-bit samples (e.g. reflectance × 10000); the graph scales and normalizes.
+    Uint16,
     /// Normalized float input.
     Float32,
+}
+
+impl InputDType {
+    /// The stored sample type such an input carries (`None` for normalized float).
+    pub fn samples(self) -> Option<SampleType> {
+        match self {
+            InputDType::Uint8 => Some(SampleType::U8),
+            InputDType::Uint16 => Some(SampleType::U16),
+            InputDType::Float32 => None,
+        }
+    }
+}
+
+/// How samples are stored in a raster (and, for integer model inputs, how the
+/// model takes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleType {
+    #[serde(rename = "uint8")]
+    U8,
+    #[serde(rename = "int8")]
+    I8,
+    #[serde(rename = "uint16")]
+    U16,
+    #[serde(rename = "int16")]
+    I16,
+    #[serde(rename = "uint32")]
+    U32,
+    #[serde(rename = "int32")]
+    I32,
+    #[serde(rename = "float32")]
+    F32,
+    #[serde(rename = "float64")]
+    F64,
+}
+
+impl SampleType {
+    /// The name numpy, GDAL and ONNX users know (`uint16`, `float32`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            SampleType::U8 => "uint8",
+            SampleType::I8 => "int8",
+            SampleType::U16 => "uint16",
+            SampleType::I16 => "int16",
+            SampleType::U32 => "uint32",
+            SampleType::I32 => "int32",
+            SampleType::F32 => "float32",
+            SampleType::F64 => "float64",
+        }
+    }
+
+    /// Bytes per sample.
+    pub fn bytes(self) -> usize {
+        match self {
+            SampleType::U8 | SampleType::I8 => 1,
+            SampleType::U16 | SampleType::I16 => 2,
+            SampleType::U32 | SampleType::I32 | SampleType::F32 => 4,
+            SampleType::F64 => 8,
+        }
+    }
+
+    /// Parses `uint8`, `uint16`, … as written by [`SampleType::name`].
+    pub fn parse(s: &str) -> Result<Self, String> {
+        [
+            SampleType::U8,
+            SampleType::I8,
+            SampleType::U16,
+            SampleType::I16,
+            SampleType::U32,
+            SampleType::I32,
+            SampleType::F32,
+            SampleType::F64,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+        .ok_or_else(|| {
+            format!("unknown sample type `{s}` (expected uint8, int8, uint16, int16, uint32, int32, float32, float64)")
+        })
+    }
+}
+
+impl std::fmt::Display for SampleType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Element types appearing in the contract.
@@ -47,6 +136,7 @@ pub enum InputDType {
 #[serde(rename_all = "lowercase")]
 pub enum ElemType {
     Uint8,
+    Uint16,
     Float32,
 }
 
@@ -86,6 +176,7 @@ impl IoContract {
         let (hd, wd) = if spatial_dynamic { (dynamic("H"), dynamic("W")) } else { (Dim::Fixed(h), Dim::Fixed(w)) };
         let in_dtype = match input {
             InputDType::Uint8 => ElemType::Uint8,
+            InputDType::Uint16 => ElemType::Uint16,
             InputDType::Float32 => ElemType::Float32,
         };
         let inputs = vec![TensorContract {

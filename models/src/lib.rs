@@ -23,7 +23,7 @@ pub mod weights;
 pub use arch::{Arch, BackboneSpec, BlockKind, BlockSpec};
 pub use checkpoint::{CheckpointPaths, SpecError};
 pub use heads::{ClassifierHead, EmbeddingHead, GeoHead, HeadKind, HeadSpec, ProjectionSpec, SegmentationHead};
-pub use io::{Dim, ElemType, InputDType, IoContract, TensorContract};
+pub use io::{Dim, ElemType, InputDType, IoContract, SampleType, TensorContract};
 pub use norm::{BandStats, Normalization};
 pub use spec::{ModelSpec, ParamRole, ParamSpec, TrainingInfo};
 pub use weights::{NamedTensor, StateDict, TensorData, WeightsError};

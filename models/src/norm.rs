@@ -1,8 +1,12 @@
-//! Input normalization: `x_norm[c] = (x[c] * scale - mean[c]) / std[c]`.
+//! Input normalization: `x_norm[c] = (x[c] * scale + offset[c] - mean[c]) / std[c]`.
 //!
-//! `scale` maps stored values to the range the statistics were computed in
-//! (1/255 for 8-bit RGB with ImageNet statistics, 1/10000 for Sentinel-2 L1C
-//! digital numbers to reflectance, 1 for data that is already scaled).
+//! `scale` and `offset` map stored values to physical units, the range the
+//! statistics were computed in (1/255 for 8-bit RGB with ImageNet statistics;
+//! 1/10000 for Sentinel-2 L1C digital numbers to reflectance, with offset −0.1
+//! for L2A since baseline 04.00; 2.75e-5 and −0.2 for Landsat Collection 2 L2;
+//! 1 for data that is already scaled). This is the one definition of
+//! preprocessing: the trainer, the exporter's graph and the server all use
+//! [`Normalization::affine`] or [`Normalization::physical`].
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +16,9 @@ pub struct Normalization {
     /// Name of the preset this came from (`imagenet`, `identity`, `per_band`).
     pub preset: String,
     pub scale: f32,
+    /// Per-band offset added after `scale` (empty = 0 for every band).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offset: Vec<f32>,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
@@ -22,6 +29,7 @@ impl Normalization {
         Self {
             preset: "imagenet".into(),
             scale: 1.0 / 255.0,
+            offset: Vec::new(),
             mean: vec![0.485, 0.456, 0.406],
             std: vec![0.229, 0.224, 0.225],
         }
@@ -29,13 +37,13 @@ impl Normalization {
 
     /// No change beyond `scale` (mean 0, std 1) for `bands` bands.
     pub fn identity(bands: usize, scale: f32) -> Self {
-        Self { preset: "identity".into(), scale, mean: vec![0.0; bands], std: vec![1.0; bands] }
+        Self { preset: "identity".into(), scale, offset: Vec::new(), mean: vec![0.0; bands], std: vec![1.0; bands] }
     }
 
     /// Per-band statistics measured on the user's own data (see [`BandStats`]).
     /// `mean`/`std` are in units of `value * scale`.
     pub fn per_band(scale: f32, mean: Vec<f32>, std: Vec<f32>) -> Self {
-        Self { preset: "per_band".into(), scale, mean, std }
+        Self { preset: "per_band".into(), scale, offset: Vec::new(), mean, std }
     }
 
     /// Look up a named preset for `bands` bands.
@@ -70,6 +78,12 @@ impl Normalization {
         if let Some((i, s)) = self.std.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
             return Err(format!("normalization std of band {i} must be finite and > 0, got {s}"));
         }
+        if !self.offset.is_empty() && self.offset.len() != bands {
+            return Err(format!("normalization has {} offsets for {bands} bands", self.offset.len()));
+        }
+        if let Some((i, o)) = self.offset.iter().enumerate().find(|(_, o)| !o.is_finite()) {
+            return Err(format!("normalization offset of band {i} must be finite, got {o}"));
+        }
         if let Some((i, m)) = self.mean.iter().enumerate().find(|(_, m)| !m.is_finite()) {
             return Err(format!("normalization mean of band {i} must be finite, got {m}"));
         }
@@ -78,15 +92,40 @@ impl Normalization {
 
     /// The affine form `x_norm = x * mul[c] + add[c]`, handy for graph builders
     /// that fold normalization into one `Mul` + `Add`.
+    /// In f64, so that callers computing in float32 round once.
     pub fn affine(&self) -> (Vec<f32>, Vec<f32>) {
-        let mul = self.std.iter().map(|s| self.scale / s).collect();
-        let add = self.mean.iter().zip(&self.std).map(|(m, s)| -m / s).collect();
+        let (mul, add) = self.affine_f64();
+        (mul.iter().map(|&v| v as f32).collect(), add.iter().map(|&v| v as f32).collect())
+    }
+
+    /// [`Normalization::affine`] in f64.
+    pub fn affine_f64(&self) -> (Vec<f64>, Vec<f64>) {
+        let offsets = self.offsets();
+        let mul = self.std.iter().map(|&s| f64::from(self.scale) / f64::from(s)).collect();
+        let add = (0..self.mean.len())
+            .map(|c| (f64::from(offsets[c]) - f64::from(self.mean[c])) / f64::from(self.std[c]))
+            .collect();
         (mul, add)
     }
 
-    /// Normalize one pixel value of band `c`.
+    /// Stored value → physical units: `x * scale + offset[c]` as `(scale, offsets)`.
+    pub fn physical(&self) -> (f32, Vec<f32>) {
+        (self.scale, self.offsets())
+    }
+
+    /// Per-band offsets (zeros when none are set).
+    pub fn offsets(&self) -> Vec<f32> {
+        if self.offset.is_empty() {
+            vec![0.0; self.mean.len()]
+        } else {
+            self.offset.clone()
+        }
+    }
+
+    /// Normalize one stored value of band `c`.
     pub fn apply(&self, c: usize, x: f32) -> f32 {
-        (x * self.scale - self.mean[c]) / self.std[c]
+        let o = self.offset.get(c).copied().unwrap_or(0.0);
+        (x * self.scale + o - self.mean[c]) / self.std[c]
     }
 }
 

@@ -85,6 +85,11 @@ pub struct ModelSpec {
     pub bands: Vec<String>,
     /// Training/export input size `[H, W]`.
     pub input_size: [usize; 2],
+    /// How the training data stored its samples (`uint8` for 8-bit imagery,
+    /// `uint16` for Sentinel-2/Landsat digital numbers, …); `normalization`
+    /// applies to values of this type. Absent in specs written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_type: Option<crate::io::SampleType>,
     pub normalization: Normalization,
     #[serde(default)]
     pub heads: Vec<HeadSpec>,
@@ -100,6 +105,7 @@ impl ModelSpec {
             backbone: BackboneSpec::new(arch, 3),
             bands: vec!["red".into(), "green".into(), "blue".into()],
             input_size: [size, size],
+            sample_type: Some(crate::io::SampleType::U8),
             normalization: Normalization::imagenet(),
             heads: Vec::new(),
             training: None,

@@ -24,51 +24,7 @@ use std::sync::Arc;
 use tiff::decoder::{ChunkType, Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
-/// How samples are stored in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SampleType {
-    U8,
-    I8,
-    U16,
-    I16,
-    U32,
-    I32,
-    F32,
-    F64,
-}
-
-impl SampleType {
-    /// The name numpy, GDAL and ONNX users know (`uint16`, `float32`, …).
-    pub fn name(self) -> &'static str {
-        match self {
-            SampleType::U8 => "uint8",
-            SampleType::I8 => "int8",
-            SampleType::U16 => "uint16",
-            SampleType::I16 => "int16",
-            SampleType::U32 => "uint32",
-            SampleType::I32 => "int32",
-            SampleType::F32 => "float32",
-            SampleType::F64 => "float64",
-        }
-    }
-
-    /// Bytes per sample.
-    pub fn bytes(self) -> usize {
-        match self {
-            SampleType::U8 | SampleType::I8 => 1,
-            SampleType::U16 | SampleType::I16 => 2,
-            SampleType::U32 | SampleType::I32 | SampleType::F32 => 4,
-            SampleType::F64 => 8,
-        }
-    }
-}
-
-impl std::fmt::Display for SampleType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use geossl_models::SampleType;
 
 /// Errors name the file and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +97,21 @@ macro_rules! samples {
                     $(Samples::$v(v) => v[i] as f64),*
                 }
             }
+
+            /// Appends `other`'s samples; false (nothing appended) when its type differs.
+            pub fn extend_from(&mut self, other: &Samples) -> bool {
+                match (self, other) {
+                    $((Samples::$v(a), Samples::$v(b)) => { a.extend_from_slice(b); true })*
+                    _ => false,
+                }
+            }
+
+            /// No samples of type `t`, with room for `n`.
+            pub fn with_capacity(t: SampleType, n: usize) -> Samples {
+                match t {
+                    $(SampleType::$v => Samples::$v(Vec::with_capacity(n))),*
+                }
+            }
         }
 
         /// Copies `rows` rows of `cols` samples from a decoded chunk (stride
@@ -198,6 +169,8 @@ pub struct RasterInfo {
     pub chunk_height: usize,
     /// The GDAL_NODATA value, if any.
     pub nodata: Option<f64>,
+    /// The last band is an alpha channel (ExtraSamples 1 or 2).
+    pub alpha: bool,
 }
 
 /// Default bytes of decoded strips/tiles kept for the next windows.
@@ -304,6 +277,8 @@ impl<R: Read + Seek> Raster<R> {
             }
             _ => None,
         };
+        let extra = dec.find_tag_unsigned_vec::<u16>(Tag::ExtraSamples).map_err(&err)?.unwrap_or_default();
+        let alpha = matches!(extra.last(), Some(1 | 2));
         let chunks_across = if tiled { width.div_ceil(cw) } else { 1 };
         let chunks_per_plane = chunks_across * height.div_ceil(ch);
         let info = RasterInfo {
@@ -316,6 +291,7 @@ impl<R: Read + Seek> Raster<R> {
             chunk_width: if tiled { cw } else { width },
             chunk_height: ch,
             nodata,
+            alpha,
         };
         drop(err);
         Ok(Raster {

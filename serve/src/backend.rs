@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use geossl_raster::{SampleType, Samples};
 use serde::Serialize;
 
 use crate::tensor::{DType, Tensor};
@@ -46,9 +47,11 @@ pub struct ModelInfo {
     pub task: Task,
     /// Class names (classification, segmentation), may be empty.
     pub labels: Vec<String>,
-    /// Per-channel `x * mul + add` applied to uint8 pixels when the model
+    /// Per-channel `x * mul + add` applied to stored samples when the model
     /// takes float32 input (from the exporter's spec metadata).
     pub normalization: Option<(Vec<f32>, Vec<f32>)>,
+    /// The sample type the model's normalization was made for (spec metadata).
+    pub sample_type: Option<SampleType>,
     /// ONNX `metadata_props`.
     pub metadata: BTreeMap<String, String>,
     /// Execution provider the session got (`CUDA`, `CPU`, `fake`).
@@ -62,12 +65,32 @@ impl ModelInfo {
         (d(1).unwrap_or(0), d(2), d(3))
     }
 
-    /// The model input `[N, C, H, W]` from channel-major uint8 pixels: as they
-    /// are for uint8 models, `x * mul + add` per channel for float32 models.
-    pub fn input_from_u8(&self, shape: [usize; 4], px: Vec<u8>) -> Result<Tensor, String> {
-        match self.input.datatype {
-            DType::U8 => Ok(Tensor::u8(shape.to_vec(), px)),
-            DType::F32 => {
+    /// Whether images storing `stored` samples can go to this model: an
+    /// integer-input model takes exactly its own type, a float32 model the
+    /// type its spec's normalization was made for (any, when the spec predates
+    /// that record). The message names both types (422 at the HTTP layer).
+    pub fn check_samples(&self, stored: SampleType) -> Result<(), String> {
+        let want = match self.input.datatype {
+            DType::U8 => Some(SampleType::U8),
+            DType::U16 => Some(SampleType::U16),
+            DType::F32 => self.sample_type,
+        };
+        match want {
+            Some(t) if t != stored => {
+                Err(format!("model {} takes {t} samples; the image stores {stored} samples", self.name))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The model input `[N, C, H, W]` from channel-major samples (checked with
+    /// [`ModelInfo::check_samples`]): as they are for uint8/uint16 models,
+    /// `x * mul + add` per channel for float32 models (the spec's one normalization).
+    pub fn input_from_samples(&self, shape: [usize; 4], px: &Samples) -> Result<Tensor, String> {
+        match (self.input.datatype, px) {
+            (DType::U8, Samples::U8(v)) => Ok(Tensor::u8(shape.to_vec(), v.clone())),
+            (DType::U16, Samples::U16(v)) => Ok(Tensor::u16(shape.to_vec(), v.clone())),
+            (DType::F32, px) => {
                 let c = shape[1];
                 let (mul, add) =
                     self.normalization.as_ref().filter(|(m, a)| m.len() == c && a.len() == c).ok_or_else(|| {
@@ -77,11 +100,14 @@ impl ModelInfo {
                         )
                     })?;
                 let hw = shape[2] * shape[3];
-                let v = px.iter().enumerate().map(|(i, &v)| {
+                let v = px.to_f32().into_iter().enumerate().map(|(i, v)| {
                     let ch = (i / hw) % c;
-                    f32::from(v) * mul[ch] + add[ch]
+                    v * mul[ch] + add[ch]
                 });
                 Ok(Tensor::f32(shape.to_vec(), v.collect()))
+            }
+            (t, px) => {
+                Err(format!("model {} takes {} input; got {} samples", self.name, t.oip_name(), px.sample_type()))
             }
         }
     }

@@ -18,8 +18,9 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use geossl_models::georef::{georef_from_tiff, Georef};
 
-use crate::backend::{Backend, Task};
-use crate::image_io::{self, Planes};
+use geossl_raster::{Raster, Samples};
+
+use crate::backend::{Backend, ModelInfo, Task};
 use crate::ort_backend::{OrtBackend, SessionOptions};
 
 /// What to embed and how.
@@ -96,8 +97,9 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 }
 
 /// TIFF `DateTime` ("YYYY:MM:DD HH:MM:SS") as microseconds since the epoch (UTC).
-fn tiff_datetime(bytes: &[u8]) -> Option<i64> {
-    let mut d = tiff::decoder::Decoder::new(std::io::Cursor::new(bytes)).ok()?;
+fn tiff_datetime(file: &Path) -> Option<i64> {
+    let f = std::io::BufReader::new(std::fs::File::open(file).ok()?);
+    let mut d = tiff::decoder::Decoder::new(f).ok()?;
     let s = d.get_tag_ascii_string(tiff::tags::Tag::DateTime).ok()?;
     parse_tiff_datetime(&s)
 }
@@ -144,45 +146,119 @@ pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
     b
 }
 
-/// Channel-major window `[C, h, w]` at (x, y) of `p`.
-fn window(p: &Planes, x: usize, y: usize, w: usize, h: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(p.c * w * h);
-    for c in 0..p.c {
-        let plane = &p.data[c * p.h * p.w..(c + 1) * p.h * p.w];
-        for yy in y..y + h {
-            out.extend_from_slice(&plane[yy * p.w + x..yy * p.w + x + w]);
-        }
-    }
-    out
-}
-
-/// One input scene, read and decoded.
+/// One input scene, opened: header, georeference and date read; pixels are
+/// read window by window.
 struct Scene {
     /// The path as given (for messages).
     label: String,
     /// The canonical path (recorded in rows).
     source: String,
     georef: Georef,
-    planes: Planes,
+    raster: Raster<std::io::BufReader<std::fs::File>>,
+    bands: Vec<usize>,
     datetime: Option<i64>,
 }
 
-/// Reads, georeferences and decodes `file` to `c` bands; the error names the file.
-fn read_scene(file: &Path, c: usize) -> Result<Scene, String> {
+/// Opens and georeferences `file` for a model of `c` bands taking `info`'s
+/// samples; the error names the file.
+fn open_scene(file: &Path, c: usize, info: &ModelInfo) -> Result<Scene, String> {
     let label = file.display().to_string();
-    let bytes = std::fs::read(file).map_err(|e| format!("{label}: {e}"))?;
-    let georef = georef_from_tiff(std::io::Cursor::new(&bytes), &label)?;
-    let planes = image_io::decode(&bytes, c, u64::MAX).map_err(|e| format!("{label}: {e}"))?;
-    let datetime = tiff_datetime(&bytes);
+    let f = std::fs::File::open(file).map_err(|e| format!("{label}: {e}"))?;
+    let georef = georef_from_tiff(std::io::BufReader::new(f), &label)?;
+    let raster = Raster::open(file).map_err(|e| e.to_string())?;
+    let ri = raster.info();
+    let bands = if ri.bands == c + 1 && ri.alpha { c } else { ri.bands };
+    if bands != c {
+        return Err(format!(
+            "{label}: the model takes {c} band(s); the file has {} ({} samples)",
+            ri.bands, ri.sample_type
+        ));
+    }
+    info.check_samples(ri.sample_type).map_err(|e| format!("{label}: {e}"))?;
     let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display().to_string();
-    Ok(Scene { label, source, georef, planes, datetime })
+    Ok(Scene { label, source, georef, raster, bands: (0..c).collect(), datetime: tiff_datetime(file) })
+}
+
+/// What the reading thread sends: a batch of windows, or the end of a file.
+enum Read {
+    Batch(Vec<Row>, Samples),
+    FileDone { label: String, windows: usize, nodata: usize },
+    Skipped(String),
+}
+
+/// Reads every window of every file, nodata-filtered, in batches of
+/// `opts.batch_size` (each batch within one file).
+fn read_windows(
+    files: &[PathBuf],
+    opts: &EmbedOptions,
+    info: &ModelInfo,
+    [c, h, w, stride]: [usize; 4],
+    tx: &std::sync::mpsc::SyncSender<Read>,
+) -> Result<(), String> {
+    for file in files {
+        let mut scene = match open_scene(file, c, info) {
+            Ok(s) => s,
+            Err(e) => {
+                if tx.send(Read::Skipped(e)).is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let ri = scene.raster.info().clone();
+        if ri.height < h || ri.width < w {
+            tracing::warn!(file = %scene.label, "smaller than one window; no rows");
+        }
+        let nodata_value = ri.nodata.unwrap_or(0.0);
+        let (mut rows, mut px) = (Vec::new(), Samples::with_capacity(ri.sample_type, opts.batch_size * c * h * w));
+        let (mut windows, mut nodata) = (0, 0);
+        let ys: Vec<usize> = if ri.height >= h { (0..=ri.height - h).step_by(stride).collect() } else { vec![] };
+        let xs: Vec<usize> = if ri.width >= w { (0..=ri.width - w).step_by(stride).collect() } else { vec![] };
+        for &y in &ys {
+            for &x in &xs {
+                let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
+                let hw = h * w;
+                let empty = (0..hw).filter(|&i| (0..c).all(|ch| win.samples.get(ch * hw + i) == nodata_value)).count();
+                if empty as f64 > opts.max_nodata * hw as f64 {
+                    nodata += 1;
+                    continue;
+                }
+                let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
+                let g = &scene.georef;
+                rows.push(Row {
+                    source: scene.source.clone(),
+                    window: [x as u32, y as u32, w as u32, h as u32],
+                    corners: footprint(g, xf, yf, wf, hf)?,
+                    center: g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?,
+                    datetime: scene.datetime,
+                });
+                px.extend_from(&win.samples);
+                windows += 1;
+                if rows.len() == opts.batch_size {
+                    let cap = px.len();
+                    let full = std::mem::replace(&mut px, Samples::with_capacity(ri.sample_type, cap));
+                    if tx.send(Read::Batch(std::mem::take(&mut rows), full)).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !rows.is_empty() && tx.send(Read::Batch(rows, px)).is_err() {
+            return Ok(());
+        }
+        if tx.send(Read::FileDone { label: scene.label, windows, nodata }).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Embeds every window of every input and writes the GeoParquet file
-/// atomically (nothing is left at `out` on failure). Scenes are read and
-/// decoded on a second thread while the model embeds the previous one, and
-/// rows go to the file as they are made (memory holds one batch, one row
-/// group and two scenes, however large the archive).
+/// atomically (nothing is left at `out` on failure). A second thread reads
+/// windows (decoding only the strips/tiles they touch) while the model embeds
+/// the previous batch, and rows go to the file as they are made: memory holds
+/// a few batches, the strips/tiles of the current windows and one row group,
+/// however large the scenes and the archive.
 pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if opts.batch_size == 0 || opts.batch_size > 4096 {
         return Err(format!("batch size {} (must be 1..=4096)", opts.batch_size));
@@ -214,73 +290,30 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     }
     let mut sink = GeoParquetSink::create(&opts.out, d, [&name, &version, &model_sha])?;
     let mut summary = Summary::default();
-    let mut pending: Vec<(Row, Vec<u8>)> = Vec::new();
-    let mut flush = |pending: &mut Vec<(Row, Vec<u8>)>, sink: &mut GeoParquetSink| -> Result<(), String> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let n = pending.len();
-        let mut px = Vec::with_capacity(n * c * h * w);
-        for (_, p) in pending.iter() {
-            px.extend_from_slice(p);
-        }
-        let input = info.input_from_u8([n, c, h, w], px)?;
-        let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
-        let emb = out[0].as_f32().ok_or("embedding is not float32")?;
-        let rows: Vec<Row> = pending.drain(..).map(|(r, _)| r).collect();
-        sink.write(&rows, emb)
-    };
     std::thread::scope(|s| -> Result<(), String> {
-        let (tx, scenes) = std::sync::mpsc::sync_channel(1);
-        s.spawn(move || {
-            for file in &files {
-                if tx.send(read_scene(file, c)).is_err() {
-                    break; // embedding stopped
+        let (tx, batches) = std::sync::mpsc::sync_channel(2);
+        let (files, info_r) = (&files, &info);
+        let reader = s.spawn(move || read_windows(files, opts, info_r, [c, h, w, stride], &tx));
+        for msg in batches {
+            match msg {
+                Read::Batch(rows, px) => {
+                    let input = info.input_from_samples([rows.len(), c, h, w], &px)?;
+                    let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
+                    let emb = out[0].as_f32().ok_or("embedding is not float32")?;
+                    sink.write(&rows, emb)?;
                 }
-            }
-        });
-        for scene in scenes {
-            let scene = match scene {
-                Ok(scene) => scene,
-                Err(e) => {
+                Read::FileDone { label, windows, nodata } => {
+                    summary.files += 1;
+                    summary.nodata_windows += nodata;
+                    tracing::info!(file = %label, windows, "embedded");
+                }
+                Read::Skipped(e) => {
                     tracing::warn!(error = %e, "skipped");
                     summary.skipped_files.push(e);
-                    continue;
-                }
-            };
-            summary.files += 1;
-            let (planes, g) = (&scene.planes, &scene.georef);
-            if planes.h < h || planes.w < w {
-                tracing::warn!(file = %scene.label, "smaller than one window; no rows");
-                continue;
-            }
-            let before = sink.rows + pending.len();
-            for y in (0..=planes.h - h).step_by(stride) {
-                for x in (0..=planes.w - w).step_by(stride) {
-                    let px = window(planes, x, y, w, h);
-                    let hw = h * w;
-                    let nodata = (0..hw).filter(|&i| (0..c).all(|ch| px[ch * hw + i] == 0)).count();
-                    if nodata as f64 > opts.max_nodata * hw as f64 {
-                        summary.nodata_windows += 1;
-                        continue;
-                    }
-                    let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
-                    let row = Row {
-                        source: scene.source.clone(),
-                        window: [x as u32, y as u32, w as u32, h as u32],
-                        corners: footprint(g, xf, yf, wf, hf)?,
-                        center: g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?,
-                        datetime: scene.datetime,
-                    };
-                    pending.push((row, px));
-                    if pending.len() == opts.batch_size {
-                        flush(&mut pending, &mut sink)?;
-                    }
                 }
             }
-            tracing::info!(file = %scene.label, windows = sink.rows + pending.len() - before, "embedded");
         }
-        flush(&mut pending, &mut sink)
+        reader.join().map_err(|_| "the reading thread panicked".to_string())?
     })?;
     if summary.files == 0 {
         return Err(format!("no input could be read: {}", summary.skipped_files.join("; ")));

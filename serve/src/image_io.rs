@@ -1,22 +1,37 @@
 //! Image bodies → model input rows, and segmentation masks → PNG / RLE.
 //!
-//! Formats: JPEG, PNG, TIFF/GeoTIFF (8- or 16-bit, any band count for TIFF).
-//! The pixel count is read from the header and checked before anything is
-//! decoded, so a decompression bomb costs nothing.
+//! Formats: JPEG, PNG (8- or 16-bit), TIFF/GeoTIFF through `geossl_raster`
+//! (any band count and sample type, planar or chunky, stripped or tiled,
+//! JPEG-YCbCr). Samples keep their stored type: a 16-bit image is never
+//! squeezed into 8 bits; whether a model can take it is decided against the
+//! model's contract ([`crate::backend::ModelInfo::check_samples`]). The pixel
+//! count is read from the header and checked before anything is decoded, so a
+//! decompression bomb costs nothing.
 
 use std::io::Cursor;
 
-use image::{imageops::FilterType, ImageBuffer, ImageFormat, Luma};
+use geossl_raster::{Raster, SampleType, Samples};
+use image::{imageops::FilterType, DynamicImage, ImageBuffer, ImageFormat, Luma};
 
 use crate::error::ServeError;
 
-/// Decoded pixels, channel-major: `data[c * h * w + y * w + x]`.
+/// Decoded samples, channel-major: `data[c * h * w + y * w + x]`. `stored` is
+/// the type the image stored (resizing may have turned other integer types
+/// into float32 samples).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planes {
     pub c: usize,
     pub h: usize,
     pub w: usize,
-    pub data: Vec<u8>,
+    pub stored: SampleType,
+    pub data: Samples,
+}
+
+impl Planes {
+    /// 8-bit planes.
+    pub fn u8(c: usize, h: usize, w: usize, data: Vec<u8>) -> Self {
+        Planes { c, h, w, stored: SampleType::U8, data: Samples::U8(data) }
+    }
 }
 
 fn sniff(bytes: &[u8]) -> Result<ImageFormat, ServeError> {
@@ -45,49 +60,76 @@ fn header_dims(bytes: &[u8], format: ImageFormat) -> Result<(u32, u32), ServeErr
     reader.into_dimensions().map_err(|e| ServeError::BadRequest(format!("unreadable {format:?} header: {e}")))
 }
 
-/// Decodes `bytes` into `channels` planes. RGB models get RGB (gray is
-/// replicated, alpha dropped); one-band models get luminance; other band
-/// counts need a TIFF with exactly that many samples. 16-bit data is scaled
-/// to 8 bits. Fails with 413 over `max_pixels`, 400 on corrupt data, 415 on
-/// other formats, 422 when the bands don't match.
-pub fn decode(bytes: &[u8], channels: usize, max_pixels: u64) -> Result<Planes, ServeError> {
-    let format = sniff(bytes)?;
-    let (w, h) = header_dims(bytes, format)?;
-    let pixels = u64::from(w) * u64::from(h);
+fn check_pixels(w: u64, h: u64, max_pixels: u64) -> Result<(), ServeError> {
+    let pixels = w * h;
     if pixels > max_pixels {
         return Err(ServeError::TooLarge(format!("image is {w}×{h} = {pixels} pixels; the limit is {max_pixels}")));
     }
     if w == 0 || h == 0 {
         return Err(ServeError::BadRequest(format!("image is {w}×{h}")));
     }
+    Ok(())
+}
+
+/// Decodes `bytes` into `channels` planes of the stored sample type. JPEG and
+/// PNG: RGB models get RGB (8-bit gray is replicated, alpha dropped), one-band
+/// models get luminance. TIFF: the bands must be the model's (an alpha band
+/// beyond them is dropped). Fails with 413 over `max_pixels`, 400 on corrupt
+/// data, 415 on other formats, 422 when the bands don't match.
+pub fn decode(bytes: &[u8], channels: usize, max_pixels: u64) -> Result<Planes, ServeError> {
+    let format = sniff(bytes)?;
+    if format == ImageFormat::Tiff {
+        return decode_tiff(bytes, channels, max_pixels);
+    }
+    let (w, h) = header_dims(bytes, format)?;
+    check_pixels(u64::from(w), u64::from(h), max_pixels)?;
     if format == ImageFormat::Jpeg && !jpeg_complete(bytes) {
         return Err(ServeError::BadRequest("truncated JPEG (no end-of-image marker)".into()));
     }
-    if format == ImageFormat::Tiff && channels != 1 && channels != 3 {
-        return decode_tiff_bands(bytes, channels);
-    }
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
+    limits.max_alloc = Some((u64::from(w) * u64::from(h)).saturating_mul(16).saturating_add(1 << 20));
     reader.limits(limits);
     let img = reader.decode().map_err(|e| ServeError::BadRequest(format!("corrupt {format:?} image: {e}")))?;
     let (w, h) = (w as usize, h as usize);
-    match channels {
-        3 => {
-            let rgb = img.to_rgb8().into_raw();
-            let mut data = vec![0u8; 3 * h * w];
-            for (i, px) in rgb.chunks_exact(3).enumerate() {
-                data[i] = px[0];
-                data[h * w + i] = px[1];
-                data[2 * h * w + i] = px[2];
-            }
-            Ok(Planes { c: 3, h, w, data })
-        }
-        1 => Ok(Planes { c: 1, h, w, data: img.to_luma8().into_raw() }),
-        c => {
+    let sixteen = matches!(
+        img,
+        DynamicImage::ImageLuma16(_)
+            | DynamicImage::ImageLumaA16(_)
+            | DynamicImage::ImageRgb16(_)
+            | DynamicImage::ImageRgba16(_)
+    );
+    let gray = !img.color().has_color();
+    if sixteen && gray && channels == 3 {
+        return Err(ServeError::Unprocessable(
+            "the model takes 3 bands; the image has 1 band of 16-bit samples".into(),
+        ));
+    }
+    match (channels, sixteen) {
+        (3, false) => Ok(Planes::u8(3, h, w, to_planar(&img.to_rgb8().into_raw(), 3))),
+        (1, false) => Ok(Planes::u8(1, h, w, img.to_luma8().into_raw())),
+        (3, true) => Ok(u16_planes(3, h, w, to_planar(&img.to_rgb16().into_raw(), 3))),
+        (1, true) => Ok(u16_planes(1, h, w, img.to_luma16().into_raw())),
+        (c, _) => {
             Err(ServeError::Unprocessable(format!("the model takes {c} bands; send a {c}-band TIFF (got {format:?})")))
         }
     }
+}
+
+fn u16_planes(c: usize, h: usize, w: usize, data: Vec<u16>) -> Planes {
+    Planes { c, h, w, stored: SampleType::U16, data: Samples::U16(data) }
+}
+
+/// Interleaved `[H, W, c]` → channel-major.
+fn to_planar<T: Copy + Default>(px: &[T], c: usize) -> Vec<T> {
+    let n = px.len() / c;
+    let mut data = vec![T::default(); px.len()];
+    for (i, p) in px.chunks_exact(c).enumerate() {
+        for (k, &v) in p.iter().enumerate() {
+            data[k * n + i] = v;
+        }
+    }
+    data
 }
 
 /// A JPEG ends with FF D9 (trailing padding aside); decoders tolerate a
@@ -97,51 +139,41 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
     end >= 2 && bytes[end - 2] == 0xFF && bytes[end - 1] == 0xD9
 }
 
-fn decode_tiff_bands(bytes: &[u8], channels: usize) -> Result<Planes, ServeError> {
-    use tiff::decoder::{Decoder, DecodingResult};
-    let bad = |e: tiff::TiffError| ServeError::BadRequest(format!("corrupt TIFF: {e}"));
-    let mut dec = Decoder::new(Cursor::new(bytes)).map_err(bad)?;
-    let (w, h) = dec.dimensions().map_err(bad)?;
-    let (w, h) = (w as usize, h as usize);
-    let samples = match dec.colortype().map_err(bad)? {
-        tiff::ColorType::Gray(_) => 1,
-        tiff::ColorType::RGB(_) => 3,
-        tiff::ColorType::RGBA(_) => 4,
-        tiff::ColorType::Multiband { num_samples, .. } => num_samples as usize,
-        other => return Err(ServeError::Unprocessable(format!("TIFF colour type {other:?} is not supported"))),
-    };
-    if samples != channels {
-        return Err(ServeError::Unprocessable(format!("the model takes {channels} bands; the TIFF has {samples}")));
-    }
-    let px = dec.read_image().map_err(bad)?;
-    let n = w * h;
-    let interleaved: Vec<u8> = match px {
-        DecodingResult::U8(v) => v,
-        DecodingResult::U16(v) => v.iter().map(|&x| (x >> 8) as u8).collect(),
-        _ => return Err(ServeError::Unprocessable("TIFF sample type must be 8- or 16-bit unsigned".into())),
-    };
-    if interleaved.len() != n * channels {
-        return Err(ServeError::Unprocessable(
-            "planar-configuration TIFFs are not supported; use interleaved samples".into(),
-        ));
-    }
-    let mut data = vec![0u8; n * channels];
-    for (i, px) in interleaved.chunks_exact(channels).enumerate() {
-        for (c, &v) in px.iter().enumerate() {
-            data[c * n + i] = v;
+fn decode_tiff(bytes: &[u8], channels: usize, max_pixels: u64) -> Result<Planes, ServeError> {
+    use geossl_raster::RasterError as E;
+    let to_serve = |e: E| match e {
+        E::Unsupported { what, .. } => ServeError::Unprocessable(format!("TIFF: {what} is not supported")),
+        other => {
+            ServeError::BadRequest(format!("corrupt TIFF: {}", other.to_string().trim_start_matches("TIFF body: ")))
         }
+    };
+    let mut r = Raster::from_bytes(bytes.to_vec(), "TIFF body").map_err(to_serve)?;
+    let info = r.info().clone();
+    check_pixels(info.width as u64, info.height as u64, max_pixels)?;
+    let bands = if info.bands == channels + 1 && info.alpha { channels } else { info.bands };
+    if bands != channels {
+        return Err(ServeError::Unprocessable(format!(
+            "the model takes {channels} band(s); the TIFF has {} ({} samples)",
+            info.bands, info.sample_type
+        )));
     }
-    Ok(Planes { c: channels, h, w, data })
+    let block = r.read_window(0, 0, info.width, info.height, &(0..bands).collect::<Vec<_>>()).map_err(to_serve)?;
+    Ok(Planes { c: bands, h: info.height, w: info.width, stored: info.sample_type, data: block.samples })
 }
 
-fn resize_plane(p: &[u8], w: usize, h: usize, nw: usize, nh: usize) -> Vec<u8> {
-    let img: ImageBuffer<Luma<u8>, &[u8]> = ImageBuffer::from_raw(w as u32, h as u32, p).expect("plane size");
+fn resize_plane<P>(p: &[P::Subpixel], w: usize, h: usize, nw: usize, nh: usize) -> Vec<P::Subpixel>
+where
+    P: image::Pixel + 'static,
+    P::Subpixel: 'static,
+{
+    let img: ImageBuffer<P, &[P::Subpixel]> = ImageBuffer::from_raw(w as u32, h as u32, p).expect("plane size");
     image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle).into_raw()
 }
 
 impl Planes {
     /// Resizes the shorter side to cover `th`×`tw`, then centre-crops to it
     /// (what torchvision's Resize + CenterCrop do). Unchanged at that size.
+    /// 8- and 16-bit samples stay so; other types are resized as float32.
     pub fn fit(self, th: usize, tw: usize) -> Planes {
         if self.h == th && self.w == tw {
             return self;
@@ -151,14 +183,39 @@ impl Planes {
         let nw = ((self.w as f64 * scale).round() as usize).max(tw);
         let (y0, x0) = ((nh - th) / 2, (nw - tw) / 2);
         let n = self.h * self.w;
-        let mut data = Vec::with_capacity(self.c * th * tw);
-        for c in 0..self.c {
-            let r = resize_plane(&self.data[c * n..(c + 1) * n], self.w, self.h, nw, nh);
+        fn crop<T: Copy>(r: &[T], out: &mut Vec<T>, y0: usize, x0: usize, th: usize, tw: usize, nw: usize) {
             for y in y0..y0 + th {
-                data.extend_from_slice(&r[y * nw + x0..y * nw + x0 + tw]);
+                out.extend_from_slice(&r[y * nw + x0..y * nw + x0 + tw]);
             }
         }
-        Planes { c: self.c, h: th, w: tw, data }
+        let data = match &self.data {
+            Samples::U8(v) => {
+                let mut out = Vec::with_capacity(self.c * th * tw);
+                for c in 0..self.c {
+                    let r = resize_plane::<Luma<u8>>(&v[c * n..(c + 1) * n], self.w, self.h, nw, nh);
+                    crop(&r, &mut out, y0, x0, th, tw, nw);
+                }
+                Samples::U8(out)
+            }
+            Samples::U16(v) => {
+                let mut out = Vec::with_capacity(self.c * th * tw);
+                for c in 0..self.c {
+                    let r = resize_plane::<Luma<u16>>(&v[c * n..(c + 1) * n], self.w, self.h, nw, nh);
+                    crop(&r, &mut out, y0, x0, th, tw, nw);
+                }
+                Samples::U16(out)
+            }
+            other => {
+                let v = other.to_f32();
+                let mut out = Vec::with_capacity(self.c * th * tw);
+                for c in 0..self.c {
+                    let r = resize_plane::<Luma<f32>>(&v[c * n..(c + 1) * n], self.w, self.h, nw, nh);
+                    crop(&r, &mut out, y0, x0, th, tw, nw);
+                }
+                Samples::F32(out)
+            }
+        };
+        Planes { c: self.c, h: th, w: tw, stored: self.stored, data }
     }
 }
 
@@ -215,10 +272,10 @@ mod tests {
     #[test]
     fn decodes_png_channel_major() {
         let p = decode(&png(4, 3), 3, 1 << 20).unwrap();
-        assert_eq!((p.c, p.h, p.w), (3, 3, 4));
-        assert_eq!(p.data[1], 1); // R plane, x = 1
-        assert_eq!(p.data[12 + 4], 1); // G plane, y = 1
-        assert_eq!(p.data[24], 7);
+        assert_eq!((p.c, p.h, p.w, p.stored), (3, 3, 4, SampleType::U8));
+        assert_eq!(p.data.get(1), 1.0); // R plane, x = 1
+        assert_eq!(p.data.get(12 + 4), 1.0); // G plane, y = 1
+        assert_eq!(p.data.get(24), 7.0);
     }
 
     #[test]
@@ -235,10 +292,20 @@ mod tests {
 
     #[test]
     fn fit_resizes_short_side_and_centre_crops() {
-        let p = Planes { c: 1, h: 4, w: 8, data: (0..32).map(|v| v as u8).collect() };
+        let p = Planes::u8(1, 4, 8, (0..32).map(|v| v as u8).collect());
         let f = p.clone().fit(2, 2);
         assert_eq!((f.h, f.w, f.data.len()), (2, 2, 4));
         assert_eq!(p.clone().fit(4, 8), p);
+        // 16-bit samples stay 16-bit and keep their range.
+        let p16 = Planes {
+            c: 1,
+            h: 4,
+            w: 8,
+            stored: SampleType::U16,
+            data: Samples::U16((0..32).map(|v| v * 2000).collect()),
+        };
+        let f16 = p16.fit(2, 2);
+        assert!(matches!(&f16.data, Samples::U16(v) if v.iter().any(|&x| x > 20_000)), "{f16:?}");
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn prepare(images: Vec<web::Bytes>, info: &ModelInfo, max_pixels: u64) -> Result
                 }
             };
             let planes = image_io::decode(bytes, c, max_pixels).map_err(name)?;
+            info.check_samples(planes.stored).map_err(|e| name(ServeError::Unprocessable(e)))?;
             Ok(match (h, w) {
                 (Some(h), Some(w)) => planes.fit(h, w),
                 _ => planes,
@@ -106,8 +107,13 @@ fn prepare(images: Vec<web::Bytes>, info: &ModelInfo, max_pixels: u64) -> Result
 /// Stacks same-sized planes into the model's input tensor `[N, C, H, W]`.
 fn to_input(planes: &[Planes], info: &ModelInfo) -> Result<Tensor, ServeError> {
     let shape = [planes.len(), planes[0].c, planes[0].h, planes[0].w];
-    let px = planes.iter().flat_map(|p| p.data.iter().copied()).collect();
-    info.input_from_u8(shape, px).map_err(|e| ServeError::Unprocessable(format!("{e}; use the OIP endpoint")))
+    let mut px = geossl_raster::Samples::with_capacity(planes[0].data.sample_type(), shape.iter().product());
+    for p in planes {
+        if !px.extend_from(&p.data) {
+            return Err(ServeError::Unprocessable("the images of one request store different sample types".into()));
+        }
+    }
+    info.input_from_samples(shape, &px).map_err(|e| ServeError::Unprocessable(format!("{e}; use the OIP endpoint")))
 }
 
 /// Runs `planes` through `worker` in chunks of at most `max_batch_size`,

@@ -166,6 +166,14 @@ pub fn parse_request(
                     .ok_or_else(|| ServeError::Unprocessable("UINT8 data must be integers 0..=255".into()))?;
                 Tensor::u8(shape, v)
             }
+            DType::U16 => {
+                let v = flat
+                    .iter()
+                    .map(|x| x.as_u64().filter(|&u| u <= 65535).map(|u| u as u16))
+                    .collect::<Option<Vec<u16>>>()
+                    .ok_or_else(|| ServeError::Unprocessable("UINT16 data must be integers 0..=65535".into()))?;
+                Tensor::u16(shape, v)
+            }
             DType::F32 => {
                 let v = flat
                     .iter()
@@ -211,6 +219,7 @@ pub fn parse_request(
 enum OutData<'a> {
     F32(&'a [f32]),
     U8(&'a [u8]),
+    U16(&'a [u16]),
 }
 
 #[derive(Serialize)]
@@ -248,6 +257,7 @@ pub fn build_response(info: &ModelInfo, req: &ParsedRequest, outputs: &[Tensor])
             let d = match &t.data {
                 Data::F32(v) => OutData::F32(v),
                 Data::U8(v) => OutData::U8(v),
+                Data::U16(v) => OutData::U16(v),
             };
             (Some(d), None)
         };

@@ -137,6 +137,11 @@ impl Binding {
                 t.extract_tensor_mut().1.copy_from_slice(v);
                 self.io.bind_input(name, &t)
             }
+            Data::U16(v) => {
+                let mut t = ort::value::Tensor::<u16>::new(&self.input, shape)?;
+                t.extract_tensor_mut().1.copy_from_slice(v);
+                self.io.bind_input(name, &t)
+            }
             Data::F32(v) => {
                 let mut t = ort::value::Tensor::<f32>::new(&self.input, shape)?;
                 t.extract_tensor_mut().1.copy_from_slice(v);
@@ -149,6 +154,7 @@ impl Binding {
 fn dtype(t: TensorElementType) -> Option<DType> {
     match t {
         TensorElementType::Uint8 => Some(DType::U8),
+        TensorElementType::Uint16 => Some(DType::U16),
         TensorElementType::Float32 => Some(DType::F32),
         _ => None,
     }
@@ -293,11 +299,9 @@ impl ModelSignature {
         let labels = labels_override
             .or_else(|| self.metadata.get(md::LABELS).and_then(|s| serde_json::from_str(s).ok()))
             .unwrap_or_default();
-        let normalization = self
-            .metadata
-            .get(md::SPEC)
-            .and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok())
-            .map(|spec| spec.normalization.affine());
+        let spec = self.metadata.get(md::SPEC).and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok());
+        let normalization = spec.as_ref().map(|spec| spec.normalization.affine());
+        let sample_type = spec.as_ref().and_then(|spec| spec.sample_type);
         let task = ModelInfo::task_from_outputs(&self.outputs);
         ModelInfo {
             name: name.into(),
@@ -307,6 +311,7 @@ impl ModelSignature {
             task,
             labels,
             normalization,
+            sample_type,
             metadata: self.metadata,
             execution_provider: self.execution_provider,
         }
@@ -323,6 +328,7 @@ impl Backend for OrtBackend {
             let shape: Vec<i64> = input.shape.iter().map(|&d| d as i64).collect();
             let value = match &input.data {
                 Data::U8(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
+                Data::U16(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
                 Data::F32(v) => TensorRef::from_array_view((shape, v.as_slice())).map_err(err)?.into_dyn(),
             };
             self.session.run(vec![(self.input_name.as_str(), value)]).map_err(err)?

@@ -134,6 +134,7 @@ fn warmup_input(info: &ModelInfo, n: usize) -> Tensor {
     let len = shape.iter().product();
     match info.input.datatype {
         DType::U8 => Tensor::u8(shape, vec![0; len]),
+        DType::U16 => Tensor::u16(shape, vec![0; len]),
         DType::F32 => Tensor::f32(shape, vec![0.0; len]),
     }
 }

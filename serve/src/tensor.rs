@@ -6,6 +6,7 @@ use crate::error::ServeError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     U8,
+    U16,
     F32,
 }
 
@@ -14,6 +15,7 @@ impl DType {
     pub fn oip_name(self) -> &'static str {
         match self {
             Self::U8 => "UINT8",
+            Self::U16 => "UINT16",
             Self::F32 => "FP32",
         }
     }
@@ -22,6 +24,7 @@ impl DType {
     pub fn from_oip(s: &str) -> Option<Self> {
         match s {
             "UINT8" => Some(Self::U8),
+            "UINT16" => Some(Self::U16),
             "FP32" => Some(Self::F32),
             _ => None,
         }
@@ -31,6 +34,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             Self::U8 => 1,
+            Self::U16 => 2,
             Self::F32 => 4,
         }
     }
@@ -40,6 +44,7 @@ impl DType {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Data {
     U8(Vec<u8>),
+    U16(Vec<u16>),
     F32(Vec<f32>),
 }
 
@@ -56,6 +61,11 @@ impl Tensor {
         Self { shape, data: Data::U8(data) }
     }
 
+    pub fn u16(shape: Vec<usize>, data: Vec<u16>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data: Data::U16(data) }
+    }
+
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Self { shape, data: Data::F32(data) }
@@ -64,6 +74,7 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::U8(_) => DType::U8,
+            Data::U16(_) => DType::U16,
             Data::F32(_) => DType::F32,
         }
     }
@@ -76,7 +87,7 @@ impl Tensor {
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             Data::F32(v) => Some(v),
-            Data::U8(_) => None,
+            Data::U8(_) | Data::U16(_) => None,
         }
     }
 
@@ -93,18 +104,24 @@ impl Tensor {
         }
         let mut shape = first.shape.clone();
         shape[0] = n;
-        let data = match first.dtype() {
-            DType::U8 => Data::U8(parts.iter().flat_map(|p| p.bytes_u8()).copied().collect()),
-            DType::F32 => Data::F32(parts.iter().flat_map(|p| p.as_f32().unwrap_or(&[])).copied().collect()),
+        let data = match &first.data {
+            Data::U8(_) => Data::U8(
+                parts
+                    .iter()
+                    .flat_map(|p| if let Data::U8(v) = &p.data { v.as_slice() } else { &[] })
+                    .copied()
+                    .collect(),
+            ),
+            Data::U16(_) => Data::U16(
+                parts
+                    .iter()
+                    .flat_map(|p| if let Data::U16(v) = &p.data { v.as_slice() } else { &[] })
+                    .copied()
+                    .collect(),
+            ),
+            Data::F32(_) => Data::F32(parts.iter().flat_map(|p| p.as_f32().unwrap_or(&[])).copied().collect()),
         };
         Ok(Tensor { shape, data })
-    }
-
-    fn bytes_u8(&self) -> &[u8] {
-        match &self.data {
-            Data::U8(v) => v,
-            Data::F32(_) => &[],
-        }
     }
 
     /// Splits along dimension 0 into consecutive pieces of `sizes` rows.
@@ -124,6 +141,7 @@ impl Tensor {
             shape[0] = n;
             let data = match &self.data {
                 Data::U8(v) => Data::U8(v[at * row..(at + n) * row].to_vec()),
+                Data::U16(v) => Data::U16(v[at * row..(at + n) * row].to_vec()),
                 Data::F32(v) => Data::F32(v[at * row..(at + n) * row].to_vec()),
             };
             out.push(Tensor { shape, data });
@@ -136,6 +154,7 @@ impl Tensor {
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match &self.data {
             Data::U8(v) => v.clone(),
+            Data::U16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
@@ -149,6 +168,7 @@ impl Tensor {
         }
         Some(match dtype {
             DType::U8 => Tensor::u8(shape, bytes.to_vec()),
+            DType::U16 => Tensor::u16(shape, bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
             DType::F32 => Tensor::f32(
                 shape,
                 bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -177,5 +197,9 @@ mod tests {
         assert_eq!(Tensor::from_le_bytes(vec![2], DType::F32, &t.to_le_bytes()), Some(t));
         assert_eq!(Tensor::from_le_bytes(vec![3], DType::F32, &[0; 8]), None);
         assert_eq!(Tensor::from_le_bytes(vec![usize::MAX, 2], DType::F32, &[0; 8]), None);
+        let u = Tensor::u16(vec![3], vec![0, 2047, 65535]);
+        assert_eq!(Tensor::from_le_bytes(vec![3], DType::U16, &u.to_le_bytes()), Some(u.clone()));
+        let both = Tensor::concat(&[&u, &u]).unwrap();
+        assert_eq!(both.split(&[3, 3]).unwrap(), vec![u.clone(), u]);
     }
 }

@@ -27,6 +27,7 @@ struct Fake {
 fn as_f32(t: &Tensor) -> Vec<f32> {
     match &t.data {
         geossl_serve::tensor::Data::U8(v) => v.iter().map(|&x| f32::from(x)).collect(),
+        geossl_serve::tensor::Data::U16(v) => v.iter().map(|&x| f32::from(x)).collect(),
         geossl_serve::tensor::Data::F32(v) => v.clone(),
     }
 }
@@ -82,6 +83,7 @@ fn info(m: &Model) -> ModelInfo {
         task: m.task,
         labels: vec!["bright".into(), "dark".into(), "never".into()],
         normalization: Some((vec![1.0; 3], vec![0.0; 3])),
+        sample_type: None,
         metadata: BTreeMap::new(),
         execution_provider: "fake".into(),
     }

@@ -46,9 +46,19 @@ pub struct ModelConfig {
     /// Band names in channel order; `red`, `green`, `blue` enable the photometric augmentations.
     #[serde(default = "rgb")]
     pub bands: Vec<String>,
-    /// `imagenet`, `identity`, `identity_u8`, or a table `{ scale, mean, std }`.
+    /// How the training images store their samples: `uint8` (default), `uint16`
+    /// (Sentinel-2/Landsat digital numbers), `int16`, `float32`, … — checked
+    /// against the data and recorded in the spec, so that serving refuses other types.
+    #[serde(default = "u8_samples")]
+    pub sample_type: geossl_models::SampleType,
+    /// `imagenet`, `identity`, `identity_u8`, or a table `{ scale, offset, mean, std }`
+    /// (stored value × scale + offset[band] = physical units, in which mean/std are given).
     #[serde(default = "imagenet")]
     pub normalization: NormalizationConfig,
+}
+
+fn u8_samples() -> geossl_models::SampleType {
+    geossl_models::SampleType::U8
 }
 
 fn rgb() -> Vec<String> {
@@ -62,7 +72,13 @@ fn imagenet() -> NormalizationConfig {
 #[serde(untagged)]
 pub enum NormalizationConfig {
     Preset(String),
-    PerBand { scale: f32, mean: Vec<f32>, std: Vec<f32> },
+    PerBand {
+        scale: f32,
+        #[serde(default)]
+        offset: Vec<f32>,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,8 +249,11 @@ impl PretrainConfig {
     pub fn normalization(&self) -> Result<Normalization, String> {
         match &self.model.normalization {
             NormalizationConfig::Preset(p) => Normalization::preset(p, self.model.bands.len()),
-            NormalizationConfig::PerBand { scale, mean, std } => {
-                Ok(Normalization::per_band(*scale, mean.clone(), std.clone()))
+            NormalizationConfig::PerBand { scale, offset, mean, std } => {
+                let mut n = Normalization::per_band(*scale, mean.clone(), std.clone());
+                n.offset = offset.clone();
+                n.validate(self.model.bands.len())?;
+                Ok(n)
             }
         }
     }

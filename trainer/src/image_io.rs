@@ -1,10 +1,15 @@
 //! Image decoding: 8-bit images keep their samples as decoded (interleaved
 //! `u8`), other sample types become planar float `[C, H, W]` in the file's
-//! stored units (0..65535 for 16-bit, as-is for float TIFF).
+//! stored units (0..65535 for 16-bit, as-is for float TIFF). TIFFs go through
+//! `geossl_raster` (the decoder geossl-serve uses too: any band count and
+//! sample type, planar or chunky, stripped or tiled); JPEG and PNG through
+//! `image`.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use geossl_models::SampleType;
+use geossl_raster::{Raster, Samples};
 use image::{DynamicImage, ImageReader, Limits};
 use tch::{Kind, Tensor};
 
@@ -28,6 +33,8 @@ pub struct Image {
     pub c: usize,
     pub h: usize,
     pub w: usize,
+    /// How the file stored its samples.
+    pub stored: SampleType,
 }
 
 impl Image {
@@ -65,7 +72,7 @@ impl Image {
                 Pixels::F32(Arc::new(out))
             }
         };
-        Ok(Image { pixels, c, h: ch, w: cw })
+        Ok(Image { pixels, c, h: ch, w: cw, stored: self.stored })
     }
 
     /// `[C, H, W]` in the samples' own type: `uint8` (a channels-last view of
@@ -101,9 +108,67 @@ fn planar<T: Copy + Into<f32>>(raw: &[T], c_in: usize, c_out: usize, h: usize, w
     out
 }
 
+/// Decodes a TIFF with `geossl_raster`: every band (an alpha band beyond
+/// `bands` dropped), 8-bit as interleaved `u8`, others as planar f32 in stored units.
+fn decode_tiff(path: &Path, bands: usize) -> Result<Image, String> {
+    let mut r = Raster::open(path).map_err(|e| e.to_string())?;
+    let info = r.info().clone();
+    if info.width as u32 > MAX_SIDE || info.height as u32 > MAX_SIDE {
+        return Err(format!(
+            "{}: {}×{} is larger than {MAX_SIDE} pixels a side",
+            path.display(),
+            info.width,
+            info.height
+        ));
+    }
+    let c = if info.bands == bands + 1 && info.alpha { bands } else { info.bands };
+    if c != bands {
+        return Err(format!("{}: image has {c} bands, the model expects {bands}", path.display()));
+    }
+    let block = r.read_window(0, 0, info.width, info.height, &(0..c).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+    let (h, w) = (info.height, info.width);
+    let pixels = match block.samples {
+        Samples::U8(planar) => {
+            let n = h * w;
+            let mut hwc = vec![0u8; planar.len()];
+            for (k, plane) in planar.chunks_exact(n).enumerate() {
+                for (i, &v) in plane.iter().enumerate() {
+                    hwc[i * c + k] = v;
+                }
+            }
+            Pixels::U8(Arc::new(hwc))
+        }
+        other => finite(path, other.to_f32())?,
+    };
+    Ok(Image { pixels, c, h, w, stored: info.sample_type })
+}
+
+/// Decodes `path` for a model of `spec`: its bands, and the sample type its
+/// normalization was made for (when the spec records one).
+pub fn decode_for(path: &Path, spec: &geossl_models::ModelSpec) -> Result<Image, String> {
+    let img = decode(path, spec.bands.len())?;
+    match spec.sample_type {
+        Some(t) if t != img.stored => Err(format!(
+            "{}: stores {} samples; the model's normalization is for {t} (model.sample_type)",
+            path.display(),
+            img.stored
+        )),
+        _ => Ok(img),
+    }
+}
+
+fn is_tiff(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && (magic == *b"II*\0" || magic == *b"MM\0*" || magic == *b"II+\0" || magic == *b"MM\0+")
+}
+
 /// Decodes `path` (JPEG, PNG, TIFF) and checks it has `bands` bands; an alpha
 /// channel is dropped. Errors say what is wrong with the file.
 pub fn decode(path: &Path, bands: usize) -> Result<Image, String> {
+    if is_tiff(path) {
+        return decode_tiff(path, bands);
+    }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -123,6 +188,14 @@ pub fn decode(path: &Path, bands: usize) -> Result<Image, String> {
     if c_out != bands {
         return Err(format!("{}: image has {c_out} bands, the model expects {bands}", path.display()));
     }
+    let stored = match &img {
+        DynamicImage::ImageLuma8(_)
+        | DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageRgb8(_)
+        | DynamicImage::ImageRgba8(_) => SampleType::U8,
+        DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => SampleType::F32,
+        _ => SampleType::U16,
+    };
     let pixels = match img {
         DynamicImage::ImageLuma8(_)
         | DynamicImage::ImageLumaA8(_)
@@ -143,7 +216,7 @@ pub fn decode(path: &Path, bands: usize) -> Result<Image, String> {
         DynamicImage::ImageRgba32F(b) => finite(path, planar(b.as_raw(), c_in, c_out, h, w))?,
         other => return Err(format!("{}: unsupported pixel format {:?}", path.display(), other.color())),
     };
-    Ok(Image { pixels, c: c_out, h, w })
+    Ok(Image { pixels, c: c_out, h, w, stored })
 }
 
 /// Float samples, refused when any is NaN or infinite.
@@ -196,14 +269,20 @@ mod tests {
         assert!(decode(&p, 3).is_err());
         assert!(decode(&dir.path().join("missing.png"), 3).unwrap_err().contains("missing.png"));
         // Crops: planar float and interleaved u8 cut the same window.
-        let img = Image { pixels: Pixels::F32(Arc::new((0..24).map(|x| x as f32).collect())), c: 2, h: 3, w: 4 };
+        let img = Image {
+            pixels: Pixels::F32(Arc::new((0..24).map(|x| x as f32).collect())),
+            c: 2,
+            h: 3,
+            w: 4,
+            stored: SampleType::F32,
+        };
         let c = img.crop([1, 1, 2, 5]).unwrap();
         assert_eq!((c.c, c.h, c.w), (2, 2, 2));
         let want = vec![5.0, 6.0, 9.0, 10.0, 17.0, 18.0, 21.0, 22.0];
         assert_eq!(Vec::<f32>::try_from(c.tensor().flatten(0, -1)).unwrap(), want);
         assert!(img.crop([9, 0, 2, 2]).unwrap_err().contains("outside"));
         let hwc: Vec<u8> = (0..12).flat_map(|p| [p as u8, 12 + p as u8]).collect();
-        let img8 = Image { pixels: Pixels::U8(Arc::new(hwc)), c: 2, h: 3, w: 4 };
+        let img8 = Image { pixels: Pixels::U8(Arc::new(hwc)), c: 2, h: 3, w: 4, stored: SampleType::U8 };
         assert!(img.tensor().equal(&img8.tensor()));
         let c8 = img8.crop([1, 1, 2, 5]).unwrap();
         assert_eq!((c8.c, c8.h, c8.w), (2, 2, 2));

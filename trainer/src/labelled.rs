@@ -178,7 +178,7 @@ pub fn split_by_location<T>(
 
 /// Decodes `s` (its window when it has one) in stored units, `[C, H, W]`.
 pub fn decode(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
-    let mut img = image_io::decode(&s.path, spec.bands.len())?;
+    let mut img = image_io::decode_for(&s.path, spec)?;
     if let Some(w) = s.crop {
         img = img.crop(w)?;
     }
@@ -187,12 +187,12 @@ pub fn decode(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
 
 /// `[C, H, W]` or `[N, C, H, W]` in stored units → normalized with the spec.
 pub fn normalize(x: &Tensor, spec: &ModelSpec) -> Tensor {
-    let n = &spec.normalization;
+    let (mul, add) = spec.normalization.affine();
     let c = spec.bands.len() as i64;
     let shape: &[i64] = if x.dim() == 4 { &[1, c, 1, 1] } else { &[c, 1, 1] };
-    let mean = Tensor::from_slice(&n.mean).reshape(shape).to_device(x.device());
-    let std = Tensor::from_slice(&n.std).reshape(shape).to_device(x.device());
-    (x * f64::from(n.scale) - mean) / std
+    let mul = Tensor::from_slice(&mul).reshape(shape).to_device(x.device());
+    let add = Tensor::from_slice(&add).reshape(shape).to_device(x.device());
+    x * mul + add
 }
 
 /// Normalized model input `[C, S, S]` of one image: the window, shorter side

@@ -381,6 +381,7 @@ pub fn run_spec(cfg: &PretrainConfig, centroids: Option<Vec<[f64; 3]>>) -> Resul
     spec.backbone.in_channels = cfg.model.bands.len();
     spec.bands = cfg.model.bands.clone();
     spec.normalization = cfg.normalization()?;
+    spec.sample_type = Some(cfg.model.sample_type);
     let d = cfg.model.arch.feature_dim();
     spec.heads.push(HeadSpec::Embedding(EmbeddingHead {
         projection: Some(ProjectionSpec { hidden: cfg.moco.hidden.unwrap_or(d), out: cfg.moco.dim }),
@@ -408,6 +409,21 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             opts.manifest.display(),
             samples.len()
         )));
+    }
+    // The data must store the sample type the normalization is for (checked on the first readable
+    // image; unreadable ones are skipped and counted by the loader).
+    let bands = cfg.model.bands.len();
+    if let Some((path, img)) =
+        samples.iter().take(64).find_map(|s| crate::image_io::decode(&s.path, bands).ok().map(|i| (&s.path, i)))
+    {
+        if img.stored != cfg.model.sample_type {
+            return Err(PretrainError::Invalid(format!(
+                "{}: stores {} samples; the config's model.sample_type is {} (set it, with a normalization for that type)",
+                path.display(),
+                img.stored,
+                cfg.model.sample_type
+            )));
+        }
     }
     let steps_per_epoch = (samples.len() / b) as u64;
     let total = opts.max_steps.or(cfg.optim.max_steps).unwrap_or(cfg.optim.epochs as u64 * steps_per_epoch);
@@ -491,7 +507,9 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     let nb = norm.bands() as i64;
     let mean = Tensor::from_slice(&norm.mean).reshape([1, nb, 1, 1]).to_device(dev);
     let std = Tensor::from_slice(&norm.std).reshape([1, nb, 1, 1]).to_device(dev);
-    let scale = norm.scale as f64;
+    let (scale, offsets) = norm.physical();
+    let scale = f64::from(scale);
+    let offset = Tensor::from_slice(&offsets).reshape([1, nb, 1, 1]).to_device(dev);
     let rgb = {
         let f = |n: &str| cfg.model.bands.iter().position(|b| b.eq_ignore_ascii_case(n)).map(|i| i as i64);
         match (f("red"), f("green"), f("blue")) {
@@ -500,7 +518,8 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         }
     };
     let prep = |raw: &Tensor| -> Tensor {
-        let x = raw.to_device(dev) * scale;
+        // Stored samples → physical units (the spec's scale and offset), augmented there, then normalized.
+        let x = raw.to_device(dev) * scale + &offset;
         let x = crate::augment::photometric(&x, rgb, &cfg.aug);
         (x - &mean) / &std
     };

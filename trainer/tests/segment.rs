@@ -62,6 +62,7 @@ fn checkpoint(dir: &Path, mean: f32, std: f32) -> PathBuf {
     spec.backbone.in_channels = 1;
     spec.bands = vec!["pan".into()];
     spec.normalization = Normalization::per_band(1.0, vec![mean], vec![std]);
+    spec.sample_type = Some(geossl_models::SampleType::U16);
     common::random_checkpoint(dir, spec)
 }
 

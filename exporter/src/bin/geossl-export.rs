@@ -43,7 +43,8 @@ struct OnnxArgs {
     /// Output ONNX file.
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
-    /// Input element type: uint8 (normalization inside the graph) or float32 (pre-normalized).
+    /// Input element type: uint8 or uint16 (stored samples; scale, offset and normalization inside the graph,
+    /// the type the checkpoint was trained on) or float32 (pre-normalized).
     #[arg(long, env = "GEOSSL_INPUT", value_enum, default_value = "uint8")]
     input: InputArg,
     /// fp16 weights and compute with fp32 inputs/outputs.
@@ -57,6 +58,7 @@ struct OnnxArgs {
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum InputArg {
     Uint8,
+    Uint16,
     Float32,
 }
 
@@ -64,6 +66,7 @@ impl From<InputArg> for InputDType {
     fn from(a: InputArg) -> Self {
         match a {
             InputArg::Uint8 => InputDType::Uint8,
+            InputArg::Uint16 => InputDType::Uint16,
             InputArg::Float32 => InputDType::Float32,
         }
     }

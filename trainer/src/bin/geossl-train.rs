@@ -236,6 +236,10 @@ struct InitArgs {
     /// Input size (square) in pixels.
     #[arg(long, env = "GEOSSL_INPUT_SIZE", default_value_t = 224)]
     input_size: usize,
+    /// Sample type of the images the model will take (uint8, uint16, int16, float32, …); default uint8
+    /// for 3 bands, unrecorded otherwise.
+    #[arg(long, env = "GEOSSL_SAMPLE_TYPE", value_parser = geossl_models::SampleType::parse)]
+    sample_type: Option<geossl_models::SampleType>,
     /// Add the MoCo-v2 projection head (D → D → 128) to the embedding head.
     #[arg(long, env = "GEOSSL_PROJECTION")]
     projection: bool,
@@ -404,6 +408,10 @@ fn init(a: InitArgs) -> Result<()> {
         spec.backbone.in_channels = a.bands;
         spec.bands = (1..=a.bands).map(|i| format!("band{i}")).collect();
         spec.normalization = Normalization::identity(a.bands, 1.0);
+        spec.sample_type = None;
+    }
+    if a.sample_type.is_some() {
+        spec.sample_type = a.sample_type;
     }
     let d = a.arch.feature_dim();
     spec.heads.push(HeadSpec::Embedding(EmbeddingHead {
