@@ -18,4 +18,4 @@ pub mod pickle;
 pub mod torch_import;
 
 pub use export::{build_model, export_checkpoint, ExportError, ExportOptions};
-pub use torch_import::{import_checkpoint, ImportOptions};
+pub use torch_import::{import_checkpoint, ImportOptions, InputContract};

@@ -223,13 +223,26 @@ fn to_geossl(
 }
 
 /// Options of [`import_checkpoint`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ImportOptions {
     pub arch: Arch,
     /// Input size (square) recorded in the spec; the exported graph's fixed H and W.
     pub input_size: usize,
     /// Keep a MoCo MLP projection as the embedding head's projection (default: backbone features only).
     pub keep_projection: bool,
+    /// The input contract of a checkpoint that is not 8-bit RGB with ImageNet statistics (e.g.
+    /// SSL4EO-S12's 13-band Sentinel-2 ResNet-50): band names in channel order, the stored sample
+    /// type and the normalization the weights were trained with. Required when `conv1` does not take 3 bands.
+    pub input: Option<InputContract>,
+}
+
+/// Band names, stored sample type and normalization of a model's input.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputContract {
+    pub bands: Vec<String>,
+    pub sample_type: geossl_models::SampleType,
+    pub normalization: geossl_models::Normalization,
 }
 
 /// Imports `from` (`.pth`/`.pth.tar`/`.safetensors`) into the checkpoint directory `out`.
@@ -244,6 +257,40 @@ pub fn import_checkpoint(from: &Path, out: &Path, opts: ImportOptions) -> Result
         read_torch_zip(from)?
     };
     let mut spec = ModelSpec::rgb(opts.arch, opts.input_size);
+    // The band count is conv1's: [64, C, 7, 7].
+    let c = tensors
+        .iter()
+        .find(|(k, _)| k.ends_with("conv1.weight") && !k.contains("layer"))
+        .and_then(|(_, t)| (t.shape.len() == 4).then(|| t.shape[1]))
+        .ok_or_else(|| bad(from, "no conv1.weight of shape [64, C, 7, 7]"))?;
+    match &opts.input {
+        Some(contract) => {
+            if contract.bands.len() != c {
+                return Err(bad(
+                    from,
+                    format!(
+                        "conv1 takes {c} bands; the input contract names {}: {:?}",
+                        contract.bands.len(),
+                        contract.bands
+                    ),
+                ));
+            }
+            contract.normalization.validate(c).map_err(|e| bad(from, format!("input contract: {e}")))?;
+            spec.backbone.in_channels = c;
+            spec.bands = contract.bands.clone();
+            spec.sample_type = Some(contract.sample_type);
+            spec.normalization = contract.normalization.clone();
+        }
+        None if c != 3 => {
+            return Err(bad(
+                from,
+                format!(
+                    "conv1 takes {c} bands, not RGB: give the input contract (band names, sample type, normalization)"
+                ),
+            ))
+        }
+        None => {}
+    }
     let (mut sd, unknown, has_proj, has_fc) = to_geossl(tensors, &spec, opts.keep_projection);
     if !unknown.is_empty() {
         let shown: Vec<&str> = unknown.iter().take(12).map(String::as_str).collect();

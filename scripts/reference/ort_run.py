@@ -2,7 +2,7 @@
 
 Checks the file with onnx.checker.check_model(full_check=True), runs it in
 Python onnxruntime (CPU) on `input` from --input (float32 safetensors; cast to
-the model's input type), and writes every output to --out (safetensors).
+the model's input type: uint8, uint16 or float32), and writes every output to --out (safetensors).
 """
 import argparse
 
@@ -22,7 +22,7 @@ def main():
     sess = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     x = load_file(a.input)["input"]
-    x = x.astype(np.uint8) if inp.type == "tensor(uint8)" else x.astype(np.float32)
+    x = x.astype({"tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16}.get(inp.type, np.float32))
     names = [o.name for o in sess.get_outputs()]
     outs = sess.run(names, {inp.name: x})
     meta = sess.get_modelmeta().custom_metadata_map

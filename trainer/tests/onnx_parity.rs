@@ -200,7 +200,12 @@ fn released_gassl_checkpoint_imports_and_exports_torchvision_features() {
     let want = io.get("features").unwrap().data.as_f32().unwrap().to_vec();
     for src in ["checkpoint_0199.pth.tar", "torchvision.pth"] {
         let ck = dir.path().join(format!("{src}.ck"));
-        let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: false };
+        let opts = geossl_exporter::ImportOptions {
+            arch: Arch::Resnet50,
+            input_size: 64,
+            keep_projection: false,
+            input: None,
+        };
         let spec = geossl_exporter::import_checkpoint(&dir.path().join(src), &ck, opts).unwrap();
         assert_eq!(spec.projection_out(), None, "{src}: backbone features by default");
         let onnx = dir.path().join(format!("{src}.onnx"));
@@ -216,19 +221,97 @@ fn released_gassl_checkpoint_imports_and_exports_torchvision_features() {
     }
     // The MLP can be kept as the projection head.
     let ck = dir.path().join("proj.ck");
-    let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: true };
+    let opts =
+        geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: true, input: None };
     let spec = geossl_exporter::import_checkpoint(&dir.path().join("checkpoint_0199.pth.tar"), &ck, opts).unwrap();
     assert_eq!(spec.projection_out(), Some(128));
     // Wrong architecture, corrupt file: clear errors, no output directory.
     let bad = dir.path().join("bad.ck");
-    let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet18, input_size: 64, keep_projection: false };
+    let opts =
+        geossl_exporter::ImportOptions { arch: Arch::Resnet18, input_size: 64, keep_projection: false, input: None };
     let e =
         geossl_exporter::import_checkpoint(&dir.path().join("torchvision.pth"), &bad, opts).unwrap_err().to_string();
     assert!(e.contains("torchvision.pth") && e.contains("unknown keys"), "{e}");
     let bytes = std::fs::read(dir.path().join("torchvision.pth")).unwrap();
     std::fs::write(dir.path().join("cut.pth"), &bytes[..bytes.len() / 2]).unwrap();
-    let opts = geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: false };
+    let opts =
+        geossl_exporter::ImportOptions { arch: Arch::Resnet50, input_size: 64, keep_projection: false, input: None };
     let e = geossl_exporter::import_checkpoint(&dir.path().join("cut.pth"), &bad, opts).unwrap_err().to_string();
     assert!(e.contains("cut.pth"), "{e}");
     assert!(!bad.exists(), "no partial checkpoint");
+}
+
+/// A 13-band Sentinel-2 ResNet-50 in the layout TorchGeo distributes SSL4EO-S12 weights in (written
+/// by PyTorch), imported through the CLI with its band list and normalization, exported with uint16
+/// input: ONNX Runtime on uint16 reflectance × 10000 gives PyTorch's pooled features.
+#[test]
+fn ssl4eo_style_13_band_checkpoint_imports_with_its_input_contract() {
+    use geossl_tests::{run, text};
+    let dir = tempfile::tempdir().unwrap();
+    common::run_reference("ssl4eo_checkpoint.py", &["--out", &common::tmp(dir.path())]);
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("stats.json")).unwrap()).unwrap();
+    let join = |k: &str| {
+        stats[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap().to_string()).collect::<Vec<_>>().join(",")
+    };
+    let bands = "B01,B02,B03,B04,B05,B06,B07,B08,B8A,B09,B10,B11,B12";
+    let src = dir.path().join("ssl4eo_s12_rn50_13band.pth");
+    let ck = dir.path().join("ck");
+    let (mean, std) = (join("mean"), join("std"));
+    let args = |bands: &str| -> Vec<String> {
+        [
+            "import",
+            "--from",
+            src.to_str().unwrap(),
+            "--arch",
+            "resnet50",
+            "--input-size",
+            "64",
+            "--out",
+            ck.to_str().unwrap(),
+            "--bands",
+            bands,
+            "--sample-type",
+            "uint16",
+            "--scale",
+            "0.0001",
+            "--mean",
+            &mean,
+            "--std",
+            &std,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // Without the contract, or with a band list of the wrong length: refused, nothing written.
+    let o = run(
+        "geossl-export",
+        &["import", "--from", src.to_str().unwrap(), "--arch", "resnet50", "--out", ck.to_str().unwrap()],
+    );
+    assert!(!o.status.success() && text(&o).contains("13 bands"), "{}", text(&o));
+    let short = args("B02,B03,B04");
+    let o = run("geossl-export", &short.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success() && text(&o).contains("conv1 takes 13 bands"), "{}", text(&o));
+    assert!(!ck.exists());
+    let a = args(bands);
+    let o = run("geossl-export", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", text(&o));
+    let spec: geossl_models::ModelSpec =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("spec.json")).unwrap()).unwrap();
+    assert_eq!(spec.backbone.in_channels, 13);
+    assert_eq!(spec.bands.join(","), bands);
+    assert_eq!(spec.sample_type, Some(geossl_models::SampleType::U16));
+    let onnx = dir.path().join("s2.onnx");
+    let o = run(
+        "geossl-export",
+        &["onnx", "--checkpoint", ck.to_str().unwrap(), "--input", "uint16", "--out", onnx.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let io = StateDict::read(&dir.path().join("io.safetensors")).unwrap();
+    let x = Tensor::from_slice(io.get("input").unwrap().data.as_f32().unwrap()).reshape([2, 13, 64, 64]);
+    let got = run_ort(&onnx, &x, dir.path());
+    let want = io.get("features").unwrap().data.as_f32().unwrap();
+    let err = common::max_rel_err(got.get("embedding").unwrap().data.as_f32().unwrap(), want);
+    assert!(err <= 1e-4, "uint16 ONNX vs PyTorch on the same samples: {err:e}");
 }

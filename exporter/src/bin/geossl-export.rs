@@ -90,6 +90,28 @@ struct ImportArgs {
     /// (default: the embedding is the pooled backbone features, what downstream tasks use).
     #[arg(long, env = "GEOSSL_KEEP_PROJECTION")]
     keep_projection: bool,
+    /// Input contract of a non-RGB checkpoint as JSON: {"bands": [...], "sample_type": "uint16",
+    /// "normalization": {"preset": "per_band", "scale": 0.0001, "offset": [...], "mean": [...], "std": [...]}}.
+    #[arg(long, env = "GEOSSL_INPUT_CONTRACT", conflicts_with = "bands")]
+    input_contract: Option<PathBuf>,
+    /// Band names in conv1's channel order (e.g. B01,B02,…,B12 with B8A), instead of --input-contract.
+    #[arg(long, env = "GEOSSL_BANDS", value_delimiter = ',', requires_all = ["sample_type", "mean", "std"])]
+    bands: Option<Vec<String>>,
+    /// Stored sample type the weights were trained on (uint8, uint16, int16, float32, …).
+    #[arg(long, env = "GEOSSL_SAMPLE_TYPE", value_parser = geossl_models::SampleType::parse)]
+    sample_type: Option<geossl_models::SampleType>,
+    /// Stored value × scale (+ offset) = the units of --mean/--std (1e-4 for Sentinel-2 L1C).
+    #[arg(long, env = "GEOSSL_SCALE", default_value_t = 1.0)]
+    scale: f32,
+    /// Per-band offset added after --scale.
+    #[arg(long, env = "GEOSSL_OFFSET", value_delimiter = ',')]
+    offset: Vec<f32>,
+    /// Per-band means, in physical units.
+    #[arg(long, env = "GEOSSL_MEAN", value_delimiter = ',')]
+    mean: Option<Vec<f32>>,
+    /// Per-band standard deviations, in physical units.
+    #[arg(long, env = "GEOSSL_STD", value_delimiter = ',')]
+    std: Option<Vec<f32>>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,10 +141,31 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Import(a) => {
+            let input = match (&a.input_contract, a.bands.clone()) {
+                (Some(path), _) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                    Some(
+                        serde_json::from_str::<geossl_exporter::InputContract>(&text)
+                            .with_context(|| format!("{}: not an input contract", path.display()))?,
+                    )
+                }
+                (None, Some(bands)) => {
+                    let mut normalization = geossl_models::Normalization::per_band(
+                        a.scale,
+                        a.mean.clone().unwrap_or_default(),
+                        a.std.clone().unwrap_or_default(),
+                    );
+                    normalization.offset = a.offset.clone();
+                    let sample_type = a.sample_type.context("--bands needs --sample-type")?;
+                    Some(geossl_exporter::InputContract { bands, sample_type, normalization })
+                }
+                (None, None) => None,
+            };
             let opts = geossl_exporter::ImportOptions {
                 arch: a.arch,
                 input_size: a.input_size,
                 keep_projection: a.keep_projection,
+                input,
             };
             let spec = geossl_exporter::import_checkpoint(&a.from, &a.out, opts)
                 .with_context(|| format!("importing {}", a.from.display()))?;
