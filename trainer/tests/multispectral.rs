@@ -58,7 +58,24 @@ fn sentinel2_uint16_trains_exports_and_serves_the_same_embeddings() {
     let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let bands: Vec<String> = serde_json::from_value(meta["bands"].clone()).unwrap();
     assert_eq!(bands.len(), 13);
-    let list = |k: &str| serde_json::to_string(&meta[k]).unwrap();
+    // Per-band statistics with `geossl-train stats`, checked against numpy's over the same chips.
+    let manifest = data.join("chips/manifest.csv");
+    let o = run("geossl-train", &["stats", "--data", manifest.to_str().unwrap(), "--bands", "13", "--scale", "0.0001"]);
+    assert!(o.status.success(), "stats: {}", text(&o));
+    let printed = String::from_utf8(o.stdout.clone()).unwrap();
+    assert!(printed.contains("sample_type = \"uint16\""), "{printed}");
+    let values = |k: &str| -> Vec<f64> {
+        let line = printed.lines().find(|l| l.starts_with(&format!("{k} = ["))).unwrap();
+        line[k.len() + 4..line.len() - 1].split(',').map(|v| v.trim().parse().unwrap()).collect()
+    };
+    for k in ["mean", "std"] {
+        let want: Vec<f64> = serde_json::from_value(meta[k].clone()).unwrap();
+        for (c, (g, w)) in values(k).iter().zip(&want).enumerate() {
+            // Printed with 6 decimals.
+            assert!((g - w).abs() <= 1e-6, "{k} of band {c}: {g} vs numpy {w}");
+        }
+    }
+    let list = |k: &str| format!("{:?}", values(k));
     let quoted: Vec<String> = bands.iter().map(|b| format!("\"{b}\"")).collect();
     let config = d.path().join("s2.toml");
     std::fs::write(
@@ -108,7 +125,6 @@ workers = 2
     )
     .unwrap();
     let out = d.path().join("run");
-    let manifest = data.join("chips/manifest.csv");
     let o = run(
         "geossl-train",
         &[

@@ -46,6 +46,31 @@ enum Command {
     /// Tile georeferenced GeoTIFF scenes into PNG chips and a training manifest
     /// (lat/lon from the georeference; co-registered scenes share location ids).
     Chips(ChipsArgs),
+    /// Per-band mean and standard deviation of a manifest's images (in physical units: stored value ×
+    /// --scale + --offset), printed as the `[model.normalization]` table of a pretraining config.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// Manifest CSV (path,lat,lon,timestamp,location_id[,label]); paths relative to it.
+    #[arg(long, env = "GEOSSL_DATA")]
+    data: PathBuf,
+    /// Number of bands of the images.
+    #[arg(long, env = "GEOSSL_BANDS", default_value_t = 3)]
+    bands: usize,
+    /// Stored value × scale (+ offset) = physical units (1e-4 for Sentinel-2 L1C digital numbers).
+    #[arg(long, env = "GEOSSL_SCALE", default_value_t = 1.0)]
+    scale: f32,
+    /// Per-band offset added after --scale (Sentinel-2 L2A since baseline 04.00: -0.1 with --scale 1e-4).
+    #[arg(long, env = "GEOSSL_OFFSET", value_delimiter = ',')]
+    offset: Vec<f32>,
+    /// Stored value that marks missing pixels (skipped when every band has it); default: none.
+    #[arg(long, env = "GEOSSL_NODATA")]
+    nodata: Option<f64>,
+    /// Use at most this many images (evenly spread over the manifest; 0 = all).
+    #[arg(long, env = "GEOSSL_MAX_IMAGES", default_value_t = 0)]
+    max_images: usize,
 }
 
 #[derive(Debug, Args)]
@@ -295,7 +320,64 @@ fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init(a),
         Command::Info(a) => info(a),
         Command::Chips(a) => chips(a),
+        Command::Stats(a) => stats(a),
     }
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    use geossl_trainer::data::read_manifest;
+    let samples =
+        read_manifest(&a.data, geossl_trainer::data::Format::Csv).with_context(|| a.data.display().to_string())?;
+    if !a.offset.is_empty() && a.offset.len() != a.bands {
+        anyhow::bail!("--offset has {} values for {} bands", a.offset.len(), a.bands);
+    }
+    let step = if a.max_images == 0 { 1 } else { samples.len().div_ceil(a.max_images).max(1) };
+    let mut st = geossl_models::BandStats::new(a.bands);
+    let (mut images, mut skipped, mut stored) = (0usize, 0usize, None);
+    for s in samples.iter().step_by(step) {
+        let img = match geossl_trainer::image_io::decode(&s.path, a.bands) {
+            Ok(img) => img,
+            Err(e) => {
+                tracing::warn!("skipping unreadable image: {e}");
+                skipped += 1;
+                continue;
+            }
+        };
+        if *stored.get_or_insert(img.stored) != img.stored {
+            anyhow::bail!("{}: stores {} samples; earlier images store {:?}", s.path.display(), img.stored, stored);
+        }
+        let x = Vec::<f32>::try_from(img.tensor().flatten(0, -1)).context("decoded image")?;
+        let hw = img.h * img.w;
+        for i in 0..hw {
+            if a.nodata.is_some_and(|nd| (0..a.bands).all(|c| f64::from(x[c * hw + i]) == nd)) {
+                continue;
+            }
+            for c in 0..a.bands {
+                let o = a.offset.get(c).copied().unwrap_or(0.0);
+                st.push(c, f64::from(x[c * hw + i]) * f64::from(a.scale) + f64::from(o));
+            }
+        }
+        images += 1;
+    }
+    if images == 0 {
+        anyhow::bail!("{}: no readable image", a.data.display());
+    }
+    let (mean, std) = st.finish();
+    if let Some(c) = std.iter().position(|&s| s <= 0.0) {
+        anyhow::bail!("band {c} is constant over the images (std 0): no normalization can be derived");
+    }
+    let list = |v: &[f32]| v.iter().map(|x| format!("{x:.6}")).collect::<Vec<_>>().join(", ");
+    eprintln!("{images} images ({skipped} unreadable skipped), {} pixels per band", st.counts()[0]);
+    println!("[model]");
+    println!("sample_type = \"{}\"", stored.map_or("uint8", |t| t.name()));
+    println!("[model.normalization]");
+    println!("scale = {}", a.scale);
+    if !a.offset.is_empty() {
+        println!("offset = [{}]", list(&a.offset));
+    }
+    println!("mean = [{}]", list(&mean));
+    println!("std = [{}]", list(&std));
+    Ok(())
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
