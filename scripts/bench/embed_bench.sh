@@ -18,9 +18,10 @@ mkdir -p "$work"
 [ -f "$work/big.tif" ] || $py scripts/bench/embed_scenes.py big "$work/big.tif"
 [ -f "$work/rgb.tif" ] || $py scripts/bench/embed_scenes.py rgb "$work/rgb.tif" 2048
 
-cargo build --release --locked -p geossl-trainer --bin geossl-train -p geossl-exporter --bin geossl-export
-train=target/release/geossl-train
-export_=target/release/geossl-export
+# Only to make the two models: debug builds do.
+cargo build --locked -p geossl-trainer --bin geossl-train -p geossl-exporter --bin geossl-export
+train=target/debug/geossl-train
+export_=target/debug/geossl-export
 if [ ! -f "$work/m13/1/model.onnx" ]; then
   $train init --arch resnet18 --bands 13 --sample-type uint16 --input-size 64 --seed 1 --out "$work/ck13" >/dev/null
   mkdir -p "$work/m13/1" "$work/rgb/1"
