@@ -41,6 +41,10 @@ pub enum RasterError {
     Unsupported { file: String, what: String },
     #[error("{file}: band {band} does not exist (the file has {bands} band(s), numbered from 0)")]
     NoSuchBand { file: String, band: usize, bands: usize },
+    #[error("{file}: band {name} is missing (the file's bands: {available})")]
+    MissingBand { file: String, name: String, available: String },
+    #[error("{file}: the model takes {want} band(s) ({names}); the file has {have} ({sample_type} samples)")]
+    BandCount { file: String, want: usize, names: String, have: usize, sample_type: SampleType },
     #[error("{file}: window x={x} y={y} {w}×{h} is not inside the {width}×{height} raster")]
     Window { file: String, x: usize, y: usize, w: usize, h: usize, width: usize, height: usize },
 }
@@ -171,6 +175,8 @@ pub struct RasterInfo {
     pub nodata: Option<f64>,
     /// The last band is an alpha channel (ExtraSamples 1 or 2).
     pub alpha: bool,
+    /// Band names from GDAL's band descriptions (GDAL_METADATA), where the file gives them.
+    pub band_names: Vec<Option<String>>,
 }
 
 /// Default bytes of decoded strips/tiles kept for the next windows.
@@ -279,6 +285,16 @@ impl<R: Read + Seek> Raster<R> {
         };
         let extra = dec.find_tag_unsigned_vec::<u16>(Tag::ExtraSamples).map_err(&err)?.unwrap_or_default();
         let alpha = matches!(extra.last(), Some(1 | 2));
+        let mut band_names = vec![None; spp];
+        if let Ok(Some(v)) = dec.find_tag(Tag::Unknown(42112)) {
+            if let Ok(xml) = v.into_string() {
+                for (i, name) in gdal_descriptions(&xml) {
+                    if i < spp {
+                        band_names[i] = Some(name);
+                    }
+                }
+            }
+        }
         let chunks_across = if tiled { width.div_ceil(cw) } else { 1 };
         let chunks_per_plane = chunks_across * height.div_ceil(ch);
         let info = RasterInfo {
@@ -292,6 +308,7 @@ impl<R: Read + Seek> Raster<R> {
             chunk_height: ch,
             nodata,
             alpha,
+            band_names,
         };
         drop(err);
         Ok(Raster {
@@ -362,6 +379,46 @@ impl<R: Read + Seek> Raster<R> {
         Ok(data)
     }
 
+    /// The file's bands that feed a model's `wanted` bands, in the model's order:
+    /// - by name, where the file names its bands (GDAL band descriptions) and
+    ///   any of them is among `wanted` (case-insensitive); every wanted band must
+    ///   then be there, else the error names the missing one and what the file has;
+    /// - by position otherwise (unnamed bands, or names of another vocabulary):
+    ///   the counts must match (an alpha band beyond them is dropped).
+    pub fn select_bands(&self, wanted: &[String]) -> Result<Vec<usize>, RasterError> {
+        let info = &self.info;
+        let named =
+            |w: &String| info.band_names.iter().position(|n| n.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(w)));
+        if wanted.iter().any(|w| named(w).is_some()) {
+            return wanted
+                .iter()
+                .map(|w| {
+                    named(w).ok_or_else(|| RasterError::MissingBand {
+                        file: self.file.clone(),
+                        name: w.clone(),
+                        available: info
+                            .band_names
+                            .iter()
+                            .map(|n| n.as_deref().unwrap_or("(unnamed)"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                })
+                .collect();
+        }
+        let n = wanted.len();
+        if info.bands == n || (info.bands == n + 1 && info.alpha) {
+            return Ok((0..n).collect());
+        }
+        Err(RasterError::BandCount {
+            file: self.file.clone(),
+            want: n,
+            names: wanted.join(", "),
+            have: info.bands,
+            sample_type: info.sample_type,
+        })
+    }
+
     /// Every band of the whole raster.
     pub fn read_all(&mut self) -> Result<Block, RasterError> {
         let bands: Vec<usize> = (0..self.info.bands).collect();
@@ -429,6 +486,24 @@ impl<R: Read + Seek> Raster<R> {
         }
         Ok(Block { bands: bands.len(), height: h, width: w, samples: out })
     }
+}
+
+/// `(band, description)` pairs of GDAL's `<Item name="DESCRIPTION" sample="N" role="description">…</Item>`.
+fn gdal_descriptions(xml: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for item in xml.split("<Item ").skip(1) {
+        let Some((attrs, rest)) = item.split_once('>') else { continue };
+        if !attrs.contains("name=\"DESCRIPTION\"") || !attrs.contains("role=\"description\"") {
+            continue;
+        }
+        let sample = attrs.split("sample=\"").nth(1).and_then(|v| v.split('"').next()).and_then(|v| v.parse().ok());
+        let value = rest.split("</Item>").next().unwrap_or("");
+        let value = value.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&amp;", "&");
+        if let Some(i) = sample {
+            out.push((i, value.trim().to_string()));
+        }
+    }
+    out
 }
 
 /// JPEG's (JFIF, full-range ITU-R BT.601) YCbCr → RGB, in place, for

@@ -6,6 +6,8 @@ From eo-learn's REFERENCE_SCENES.npy (5 acquisitions of one 1 km spot in Sloveni
                              chunky, deflate, with the TIFF DateTime tag;
   OUT/chips/<date>_<x>_<y>.tif  SIZE-px windows (stride STRIDE) of each date, planar (band-sequential),
                              georeferenced; OUT/chips/manifest.csv (path,lat,lon,timestamp,location_id);
+  OUT/variants/reversed.tif  the first date with its bands (and their descriptions) in reverse order;
+  OUT/variants/no_b8a.tif    the first date without band B8A;
 and prints {"bands", "mean", "std" (reflectance units over the chips), "scenes", "chips"} as JSON.
 """
 import argparse
@@ -63,6 +65,15 @@ def main():
                 lon, lat = to_wgs84.transform(cx, cy)
                 rows.append(f"{name},{lat:.7f},{lon:.7f},{DATES[k]}T10:00:00Z,s2_{x}_{y}")
                 chips.append(chip.astype(np.float64) / 10000.0)
+    os.makedirs(os.path.join(a.out, "variants"), exist_ok=True)
+    first = np.clip(np.round(scenes[0] * 10000.0), 0, 65535).astype(np.uint16).transpose(2, 0, 1)
+    keep = [i for i, b in enumerate(BANDS) if b != "B8A"]
+    for name, order in [("reversed", list(range(c))[::-1]), ("no_b8a", keep)]:
+        p = dict(profile, count=len(order))
+        with rasterio.open(os.path.join(a.out, "variants", f"{name}.tif"), "w", **p) as d:
+            d.write(first[order])
+            for k, i in enumerate(order):
+                d.set_band_description(k + 1, BANDS[i])
     with open(os.path.join(a.out, "chips", "manifest.csv"), "w") as f:
         f.write("path,lat,lon,timestamp,location_id\n" + "\n".join(rows) + "\n")
     stack = np.stack(chips)  # (n, 13, s, s)

@@ -52,6 +52,8 @@ pub struct ModelInfo {
     pub normalization: Option<(Vec<f32>, Vec<f32>)>,
     /// The sample type the model's normalization was made for (spec metadata).
     pub sample_type: Option<SampleType>,
+    /// Band names in channel order (spec metadata; empty when unknown): TIFF bands are picked by them.
+    pub bands: Vec<String>,
     /// ONNX `metadata_props`.
     pub metadata: BTreeMap<String, String>,
     /// Execution provider the session got (`CUDA`, `CPU`, `fake`).

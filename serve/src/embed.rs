@@ -166,17 +166,11 @@ fn open_scene(file: &Path, c: usize, info: &ModelInfo) -> Result<Scene, String> 
     let f = std::fs::File::open(file).map_err(|e| format!("{label}: {e}"))?;
     let georef = georef_from_tiff(std::io::BufReader::new(f), &label)?;
     let raster = Raster::open(file).map_err(|e| e.to_string())?;
-    let ri = raster.info();
-    let bands = if ri.bands == c + 1 && ri.alpha { c } else { ri.bands };
-    if bands != c {
-        return Err(format!(
-            "{label}: the model takes {c} band(s); the file has {} ({} samples)",
-            ri.bands, ri.sample_type
-        ));
-    }
-    info.check_samples(ri.sample_type).map_err(|e| format!("{label}: {e}"))?;
+    // The model's bands by name where the file names its bands, else by position.
+    let bands = raster.select_bands(&crate::image_io::band_names(c, &info.bands)).map_err(|e| e.to_string())?;
+    info.check_samples(raster.info().sample_type).map_err(|e| format!("{label}: {e}"))?;
     let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display().to_string();
-    Ok(Scene { label, source, georef, raster, bands: (0..c).collect(), datetime: tiff_datetime(file) })
+    Ok(Scene { label, source, georef, raster, bands, datetime: tiff_datetime(file) })
 }
 
 /// What the reading thread sends: a batch of windows, or the end of a file.

@@ -73,13 +73,15 @@ fn check_pixels(w: u64, h: u64, max_pixels: u64) -> Result<(), ServeError> {
 
 /// Decodes `bytes` into `channels` planes of the stored sample type. JPEG and
 /// PNG: RGB models get RGB (8-bit gray is replicated, alpha dropped), one-band
-/// models get luminance. TIFF: the bands must be the model's (an alpha band
-/// beyond them is dropped). Fails with 413 over `max_pixels`, 400 on corrupt
-/// data, 415 on other formats, 422 when the bands don't match.
-pub fn decode(bytes: &[u8], channels: usize, max_pixels: u64) -> Result<Planes, ServeError> {
+/// models get luminance. TIFF: the model's bands `names` (when given, one per
+/// channel) by name where the file names its bands, else by position with the
+/// counts equal (an alpha band beyond them is dropped). Fails with 413 over
+/// `max_pixels`, 400 on corrupt data, 415 on other formats, 422 when the bands
+/// don't match.
+pub fn decode(bytes: &[u8], channels: usize, names: &[String], max_pixels: u64) -> Result<Planes, ServeError> {
     let format = sniff(bytes)?;
     if format == ImageFormat::Tiff {
-        return decode_tiff(bytes, channels, max_pixels);
+        return decode_tiff(bytes, channels, names, max_pixels);
     }
     let (w, h) = header_dims(bytes, format)?;
     check_pixels(u64::from(w), u64::from(h), max_pixels)?;
@@ -139,26 +141,30 @@ fn jpeg_complete(bytes: &[u8]) -> bool {
     end >= 2 && bytes[end - 2] == 0xFF && bytes[end - 1] == 0xD9
 }
 
-fn decode_tiff(bytes: &[u8], channels: usize, max_pixels: u64) -> Result<Planes, ServeError> {
+/// The model's band names, or `band1..bandN` (matched by position) when unknown.
+pub fn band_names(channels: usize, names: &[String]) -> Vec<String> {
+    if names.len() == channels {
+        names.to_vec()
+    } else {
+        (1..=channels).map(|i| format!("band{i}")).collect()
+    }
+}
+
+fn decode_tiff(bytes: &[u8], channels: usize, names: &[String], max_pixels: u64) -> Result<Planes, ServeError> {
     use geossl_raster::RasterError as E;
-    let to_serve = |e: E| match e {
-        E::Unsupported { what, .. } => ServeError::Unprocessable(format!("TIFF: {what} is not supported")),
-        other => {
-            ServeError::BadRequest(format!("corrupt TIFF: {}", other.to_string().trim_start_matches("TIFF body: ")))
+    let to_serve = |e: E| {
+        let m = e.to_string().trim_start_matches("TIFF body: ").to_string();
+        match e {
+            E::Unsupported { .. } | E::MissingBand { .. } | E::BandCount { .. } => ServeError::Unprocessable(m),
+            _ => ServeError::BadRequest(format!("corrupt TIFF: {m}")),
         }
     };
     let mut r = Raster::from_bytes(bytes.to_vec(), "TIFF body").map_err(to_serve)?;
     let info = r.info().clone();
     check_pixels(info.width as u64, info.height as u64, max_pixels)?;
-    let bands = if info.bands == channels + 1 && info.alpha { channels } else { info.bands };
-    if bands != channels {
-        return Err(ServeError::Unprocessable(format!(
-            "the model takes {channels} band(s); the TIFF has {} ({} samples)",
-            info.bands, info.sample_type
-        )));
-    }
-    let block = r.read_window(0, 0, info.width, info.height, &(0..bands).collect::<Vec<_>>()).map_err(to_serve)?;
-    Ok(Planes { c: bands, h: info.height, w: info.width, stored: info.sample_type, data: block.samples })
+    let bands = r.select_bands(&band_names(channels, names)).map_err(to_serve)?;
+    let block = r.read_window(0, 0, info.width, info.height, &bands).map_err(to_serve)?;
+    Ok(Planes { c: channels, h: info.height, w: info.width, stored: info.sample_type, data: block.samples })
 }
 
 fn resize_plane<P>(p: &[P::Subpixel], w: usize, h: usize, nw: usize, nh: usize) -> Vec<P::Subpixel>
@@ -271,7 +277,7 @@ mod tests {
 
     #[test]
     fn decodes_png_channel_major() {
-        let p = decode(&png(4, 3), 3, 1 << 20).unwrap();
+        let p = decode(&png(4, 3), 3, &[], 1 << 20).unwrap();
         assert_eq!((p.c, p.h, p.w, p.stored), (3, 3, 4, SampleType::U8));
         assert_eq!(p.data.get(1), 1.0); // R plane, x = 1
         assert_eq!(p.data.get(12 + 4), 1.0); // G plane, y = 1
@@ -280,14 +286,14 @@ mod tests {
 
     #[test]
     fn refuses_what_it_should_by_kind() {
-        assert!(matches!(decode(b"", 3, 100), Err(ServeError::BadRequest(_))));
-        assert!(matches!(decode(b"hello world, not an image", 3, 100), Err(ServeError::UnsupportedMediaType(_))));
-        assert!(matches!(decode(&png(20, 20), 3, 100), Err(ServeError::TooLarge(_))));
+        assert!(matches!(decode(b"", 3, &[], 100), Err(ServeError::BadRequest(_))));
+        assert!(matches!(decode(b"hello world, not an image", 3, &[], 100), Err(ServeError::UnsupportedMediaType(_))));
+        assert!(matches!(decode(&png(20, 20), 3, &[], 100), Err(ServeError::TooLarge(_))));
         let mut jpg = Vec::new();
         image::RgbImage::new(16, 16).write_to(&mut Cursor::new(&mut jpg), ImageFormat::Jpeg).unwrap();
-        assert!(decode(&jpg, 3, 1000).is_ok());
-        assert!(matches!(decode(&jpg[..jpg.len() / 2], 3, 1000), Err(ServeError::BadRequest(_))));
-        assert!(matches!(decode(&png(4, 4), 5, 1000), Err(ServeError::Unprocessable(_))));
+        assert!(decode(&jpg, 3, &[], 1000).is_ok());
+        assert!(matches!(decode(&jpg[..jpg.len() / 2], 3, &[], 1000), Err(ServeError::BadRequest(_))));
+        assert!(matches!(decode(&png(4, 4), 5, &[], 1000), Err(ServeError::Unprocessable(_))));
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn prepare(images: Vec<web::Bytes>, info: &ModelInfo, max_pixels: u64) -> Result
                     other => other,
                 }
             };
-            let planes = image_io::decode(bytes, c, max_pixels).map_err(name)?;
+            let planes = image_io::decode(bytes, c, &info.bands, max_pixels).map_err(name)?;
             info.check_samples(planes.stored).map_err(|e| name(ServeError::Unprocessable(e)))?;
             Ok(match (h, w) {
                 (Some(h), Some(w)) => planes.fit(h, w),

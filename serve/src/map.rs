@@ -184,7 +184,7 @@ pub fn run(opts: &MapOptions) -> Result<MapSummary, String> {
         ));
     }
     let bytes = std::fs::read(&opts.scene).map_err(|e| format!("{scene_label}: {e}"))?;
-    let planes = image_io::decode(&bytes, 3, u64::MAX).map_err(|e| format!("{scene_label}: {e}"))?;
+    let planes = image_io::decode(&bytes, 3, &[], u64::MAX).map_err(|e| format!("{scene_label}: {e}"))?;
     let (sw, sh) = (planes.w, planes.h);
     if let Some(w) = rows.windows.iter().find(|w| (w.x + w.w) as usize > sw || (w.y + w.h) as usize > sh) {
         return Err(format!(

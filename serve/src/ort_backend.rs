@@ -302,6 +302,7 @@ impl ModelSignature {
         let spec = self.metadata.get(md::SPEC).and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok());
         let normalization = spec.as_ref().map(|spec| spec.normalization.affine());
         let sample_type = spec.as_ref().and_then(|spec| spec.sample_type);
+        let bands = spec.as_ref().map(|spec| spec.bands.clone()).unwrap_or_default();
         let task = ModelInfo::task_from_outputs(&self.outputs);
         ModelInfo {
             name: name.into(),
@@ -312,6 +313,7 @@ impl ModelSignature {
             labels,
             normalization,
             sample_type,
+            bands,
             metadata: self.metadata,
             execution_provider: self.execution_provider,
         }

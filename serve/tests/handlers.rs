@@ -84,6 +84,7 @@ fn info(m: &Model) -> ModelInfo {
         labels: vec!["bright".into(), "dark".into(), "never".into()],
         normalization: Some((vec![1.0; 3], vec![0.0; 3])),
         sample_type: None,
+        bands: Vec::new(),
         metadata: BTreeMap::new(),
         execution_provider: "fake".into(),
     }

@@ -81,7 +81,7 @@ fn main() {
         let cfg = LoaderConfig {
             batch_size: a.batch,
             input_size: a.size,
-            bands: 3,
+            bands: geossl_trainer::image_io::positional(3),
             temporal: true,
             seed: 0,
             workers,

@@ -33,7 +33,8 @@ fn embed(model: &Model, samples: &[Sample]) -> Tensor {
     let n = &model.spec.normalization;
     let mean = Tensor::from_slice(&n.mean).reshape([1, 3, 1, 1]);
     let std = Tensor::from_slice(&n.std).reshape([1, 3, 1, 1]);
-    let imgs: Vec<Tensor> = samples.iter().map(|x| image_io::decode(&x.path, 3).expect("decode").tensor()).collect();
+    let imgs: Vec<Tensor> =
+        samples.iter().map(|x| image_io::decode(&x.path, &image_io::positional(3)).expect("decode").tensor()).collect();
     let x = Tensor::stack(&imgs, 0).internal_upsample_bilinear2d_aa([s, s], false, None, None);
     let x = (x * n.scale as f64 - mean) / std;
     let f = tch::no_grad(|| model.backbone.pooled(&x, false));

@@ -108,9 +108,10 @@ fn planar<T: Copy + Into<f32>>(raw: &[T], c_in: usize, c_out: usize, h: usize, w
     out
 }
 
-/// Decodes a TIFF with `geossl_raster`: every band (an alpha band beyond
-/// `bands` dropped), 8-bit as interleaved `u8`, others as planar f32 in stored units.
-fn decode_tiff(path: &Path, bands: usize) -> Result<Image, String> {
+/// Decodes a TIFF with `geossl_raster`: the model's `bands` (by name where the
+/// file names its bands, else by position), 8-bit as interleaved `u8`, others
+/// as planar f32 in stored units.
+fn decode_tiff(path: &Path, bands: &[String]) -> Result<Image, String> {
     let mut r = Raster::open(path).map_err(|e| e.to_string())?;
     let info = r.info().clone();
     if info.width as u32 > MAX_SIDE || info.height as u32 > MAX_SIDE {
@@ -121,11 +122,9 @@ fn decode_tiff(path: &Path, bands: usize) -> Result<Image, String> {
             info.height
         ));
     }
-    let c = if info.bands == bands + 1 && info.alpha { bands } else { info.bands };
-    if c != bands {
-        return Err(format!("{}: image has {c} bands, the model expects {bands}", path.display()));
-    }
-    let block = r.read_window(0, 0, info.width, info.height, &(0..c).collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+    let picked = r.select_bands(bands).map_err(|e| e.to_string())?;
+    let c = picked.len();
+    let block = r.read_window(0, 0, info.width, info.height, &picked).map_err(|e| e.to_string())?;
     let (h, w) = (info.height, info.width);
     let pixels = match block.samples {
         Samples::U8(planar) => {
@@ -146,7 +145,7 @@ fn decode_tiff(path: &Path, bands: usize) -> Result<Image, String> {
 /// Decodes `path` for a model of `spec`: its bands, and the sample type its
 /// normalization was made for (when the spec records one).
 pub fn decode_for(path: &Path, spec: &geossl_models::ModelSpec) -> Result<Image, String> {
-    let img = decode(path, spec.bands.len())?;
+    let img = decode(path, &spec.bands)?;
     match spec.sample_type {
         Some(t) if t != img.stored => Err(format!(
             "{}: stores {} samples; the model's normalization is for {t} (model.sample_type)",
@@ -163,11 +162,19 @@ fn is_tiff(path: &Path) -> bool {
         && (magic == *b"II*\0" || magic == *b"MM\0*" || magic == *b"II+\0" || magic == *b"MM\0+")
 }
 
-/// Decodes `path` (JPEG, PNG, TIFF) and checks it has `bands` bands; an alpha
-/// channel is dropped. Errors say what is wrong with the file.
-pub fn decode(path: &Path, bands: usize) -> Result<Image, String> {
+/// Generic names `band1..bandN` for `n` bands matched by position.
+pub fn positional(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("band{i}")).collect()
+}
+
+/// Decodes `path` (JPEG, PNG, TIFF) for a model of `band_names` (TIFF bands
+/// picked by these names where the file names its bands, else by position;
+/// JPEG/PNG by position); an alpha channel is dropped. Errors say what is
+/// wrong with the file.
+pub fn decode(path: &Path, band_names: &[String]) -> Result<Image, String> {
+    let bands = band_names.len();
     if is_tiff(path) {
-        return decode_tiff(path, bands);
+        return decode_tiff(path, band_names);
     }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -238,7 +245,7 @@ mod tests {
         let mut img = image::RgbaImage::new(3, 2);
         img.put_pixel(1, 0, image::Rgba([10, 20, 30, 255]));
         img.save(&p).unwrap();
-        let d = decode(&p, 3).unwrap();
+        let d = decode(&p, &positional(3)).unwrap();
         assert_eq!((d.c, d.h, d.w), (3, 2, 3));
         assert!(matches!(d.pixels, Pixels::U8(_)), "8-bit samples stay 8-bit");
         let t = d.tensor();
@@ -257,17 +264,17 @@ mod tests {
         img16.put_pixel(1, 0, image::Rgb([1000, 40000, 65535]));
         let p16 = dir.path().join("b.png");
         img16.save(&p16).unwrap();
-        let d16 = decode(&p16, 3).unwrap();
+        let d16 = decode(&p16, &positional(3)).unwrap();
         assert!(matches!(d16.pixels, Pixels::F32(_)));
         let t16 = Vec::<f32>::try_from(d16.tensor().flatten(0, -1)).unwrap();
         assert_eq!(t16, vec![0.0, 1000.0, 0.0, 40000.0, 0.0, 65535.0]);
-        assert!(decode(&p, 4).unwrap_err().contains("has 3 bands, the model expects 4"));
+        assert!(decode(&p, &positional(4)).unwrap_err().contains("has 3 bands, the model expects 4"));
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-        assert!(decode(&p, 3).unwrap_err().contains("a.png"));
+        assert!(decode(&p, &positional(3)).unwrap_err().contains("a.png"));
         std::fs::write(&p, b"").unwrap();
-        assert!(decode(&p, 3).is_err());
-        assert!(decode(&dir.path().join("missing.png"), 3).unwrap_err().contains("missing.png"));
+        assert!(decode(&p, &positional(3)).is_err());
+        assert!(decode(&dir.path().join("missing.png"), &positional(3)).unwrap_err().contains("missing.png"));
         // Crops: planar float and interleaved u8 cut the same window.
         let img = Image {
             pixels: Pixels::F32(Arc::new((0..24).map(|x| x as f32).collect())),

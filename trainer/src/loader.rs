@@ -38,7 +38,8 @@ pub struct Batch {
 pub struct LoaderConfig {
     pub batch_size: usize,
     pub input_size: i64,
-    pub bands: usize,
+    /// Band names in channel order (TIFF bands are picked by them).
+    pub bands: Vec<String>,
     pub temporal: bool,
     pub seed: u64,
     pub workers: usize,
@@ -69,7 +70,7 @@ impl Shared {
             return Ok(img.clone());
         }
         let s = &self.samples[i];
-        let mut img = decode(&s.path, self.cfg.bands)?;
+        let mut img = decode(&s.path, &self.cfg.bands)?;
         if let Some(c) = s.crop {
             img = img.crop(c).map_err(|e| format!("{}: {e}", s.path.display()))?;
         }
@@ -98,7 +99,7 @@ impl Shared {
         // Views are resampled straight into their batch rows: uint8 while every
         // image so far is 8-bit (libtorch resamples uint8 fastest, and the batch
         // is a quarter of the bytes to move), float from the first that is not.
-        let shape = [b, self.cfg.bands as i64, s, s];
+        let shape = [b, self.cfg.bands.len() as i64, s, s];
         let (mut q, mut k) =
             (Tensor::empty(shape, (Kind::Uint8, Device::Cpu)), Tensor::empty(shape, (Kind::Uint8, Device::Cpu)));
         let mut geo = Vec::new();
@@ -221,7 +222,7 @@ mod tests {
         let cfg = LoaderConfig {
             batch_size: samples.len(),
             input_size: 16,
-            bands: 3,
+            bands: crate::image_io::positional(3),
             temporal: true,
             seed: 7,
             workers: 1,

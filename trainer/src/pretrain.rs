@@ -412,7 +412,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     }
     // The data must store the sample type the normalization is for (checked on the first readable
     // image; unreadable ones are skipped and counted by the loader).
-    let bands = cfg.model.bands.len();
+    let bands = &cfg.model.bands;
     if let Some((path, img)) =
         samples.iter().take(64).find_map(|s| crate::image_io::decode(&s.path, bands).ok().map(|i| (&s.path, i)))
     {
@@ -527,7 +527,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     let loader_cfg = LoaderConfig {
         batch_size: b,
         input_size: cfg.model.input_size as i64,
-        bands: cfg.model.bands.len(),
+        bands: cfg.model.bands.clone(),
         temporal: cfg.temporal.enabled,
         seed: cfg.run.seed,
         workers: cfg.run.workers,

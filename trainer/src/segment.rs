@@ -128,7 +128,7 @@ pub fn read_pairs(manifest: &Path) -> Result<Vec<Pair>, EvalError> {
 /// Image `[C, H, W]` (stored units) and mask `[H, W]` (int64 class ids) of a pair.
 fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), String> {
     let img = image_io::decode_for(&p.image, spec)?;
-    let m = image_io::decode(&p.mask, 1).map_err(|e| format!("mask {e}"))?;
+    let m = image_io::decode(&p.mask, &image_io::positional(1)).map_err(|e| format!("mask {e}"))?;
     if (m.h, m.w) != (img.h, img.w) {
         return Err(format!(
             "{}: mask is {}×{}, image {} is {}×{}",

@@ -245,6 +245,49 @@ workers = 2
         worst = worst.max(rel(got, &want));
     }
     assert!(worst <= 1e-4, "geossl-serve embed vs the trainer's forward: relative error {worst:e}");
+    // Bands are picked by name: the same scene with its bands (and descriptions) reversed embeds identically;
+    // a scene without B8A is skipped with a message naming the band.
+    let reversed = d.path().join("reversed.parquet");
+    let o = run(
+        "geossl-serve",
+        &[
+            "embed",
+            "--model",
+            onnx.to_str().unwrap(),
+            "--input",
+            data.join("variants/reversed.tif").to_str().unwrap(),
+            "--out",
+            reversed.to_str().unwrap(),
+            "--stride",
+            "17",
+            "--execution-provider",
+            "cpu",
+        ],
+    );
+    assert!(o.status.success(), "embed: {}", text(&o));
+    let again = read_embeddings(&reversed);
+    assert_eq!(again.len(), rows.len());
+    let diff = again
+        .iter()
+        .zip(&rows)
+        .map(|(a, b)| if a.0 == b.0 { rel(&a.1, &b.1) } else { f64::INFINITY })
+        .fold(0.0, f64::max);
+    assert!(diff <= 1e-6, "reversed band order changed the embeddings: {diff:e}");
+    let o = run(
+        "geossl-serve",
+        &[
+            "embed",
+            "--model",
+            onnx.to_str().unwrap(),
+            "--input",
+            data.join("variants/no_b8a.tif").to_str().unwrap(),
+            "--out",
+            d.path().join("none.parquet").to_str().unwrap(),
+            "--execution-provider",
+            "cpu",
+        ],
+    );
+    assert!(!o.status.success() && text(&o).contains("band B8A is missing"), "{}", text(&o));
 
     // The image endpoint on a planar uint16 chip, and refusals naming what is wrong.
     let server = Server::start(&repo, &["--execution-provider", "cpu"]);

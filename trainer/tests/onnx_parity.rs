@@ -23,8 +23,11 @@ fn images(n: i64, real: bool, dir: &Path) -> Tensor {
     let data = common::repo_root().join("../shared/data");
     let opt = geossl_trainer::chips::TileOptions { size: 64, stride: 64, max_nodata: 0.0, timestamp: None };
     let chips = geossl_trainer::chips::tile_scene(&data.join("rasterio/RGB.byte.tif"), dir, &opt).unwrap();
-    let t: Vec<Tensor> =
-        chips.iter().take(n as usize).map(|c| geossl_trainer::image_io::decode(&c.path, 3).unwrap().tensor()).collect();
+    let t: Vec<Tensor> = chips
+        .iter()
+        .take(n as usize)
+        .map(|c| geossl_trainer::image_io::decode(&c.path, &geossl_trainer::image_io::positional(3)).unwrap().tensor())
+        .collect();
     assert_eq!(t.len() as i64, n);
     Tensor::stack(&t, 0)
 }

@@ -335,7 +335,7 @@ fn stats(a: StatsArgs) -> Result<()> {
     let mut st = geossl_models::BandStats::new(a.bands);
     let (mut images, mut skipped, mut stored) = (0usize, 0usize, None);
     for s in samples.iter().step_by(step) {
-        let img = match geossl_trainer::image_io::decode(&s.path, a.bands) {
+        let img = match geossl_trainer::image_io::decode(&s.path, &geossl_trainer::image_io::positional(a.bands)) {
             Ok(img) => img,
             Err(e) => {
                 tracing::warn!("skipping unreadable image: {e}");
