@@ -3,7 +3,11 @@
 //! WGS84 latitude/longitude through `proj4rs` (pure Rust PROJ.4) and the EPSG
 //! definitions of `crs-definitions`: UTM north and south, national grids
 //! (EPSG:2154, 27700, 3035, …), polar stereographic (3031, 3413), Web Mercator.
-//! An EPSG code without a definition is an error naming it and the file.
+//! GeoTIFFs with a user-defined projection (GeoKeys with parameters instead of an
+//! EPSG code, as older GIS exports write) get a PROJ.4 string built from those
+//! keys for the common methods (transverse Mercator, Lambert conformal conic,
+//! Albers, Lambert azimuthal, polar stereographic, Mercator). An EPSG code without
+//! a definition, or a method outside these, is an error naming it and the file.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,10 +18,27 @@ use serde::{Deserialize, Serialize};
 /// An affine georeference: map `x = t[0] + px·t[1] + py·t[2]`,
 /// `y = t[3] + px·t[4] + py·t[5]` (GDAL's geotransform), pixel corners at
 /// integer positions, in the CRS `epsg`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Georef {
     pub transform: [f64; 6],
+    /// EPSG code of the CRS (32767 when the file defines its own projection).
     pub epsg: u32,
+    /// The projection as a PROJ.4 string when the file defines its own (user-defined GeoKeys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proj4: Option<String>,
+}
+
+/// Projections by PROJ.4 string, built once.
+fn projection_of(def: &str) -> Result<Arc<Proj>, String> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Proj>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut m = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = m.get(def) {
+        return Ok(p.clone());
+    }
+    let p = Arc::new(Proj::from_proj_string(def).map_err(|e| format!("projection `{def}` is not supported: {e}"))?);
+    m.insert(def.to_string(), p.clone());
+    Ok(p)
 }
 
 /// Projections by EPSG code, built once.
@@ -42,15 +63,22 @@ impl Georef {
     pub fn north_up(tie_pixel: [f64; 2], tie_map: [f64; 2], scale: [f64; 2], epsg: u32) -> Self {
         let x0 = tie_map[0] - tie_pixel[0] * scale[0];
         let y0 = tie_map[1] + tie_pixel[1] * scale[1];
-        Georef { transform: [x0, scale[0], 0.0, y0, 0.0, -scale[1]], epsg }
+        Georef { transform: [x0, scale[0], 0.0, y0, 0.0, -scale[1]], epsg, proj4: None }
+    }
+
+    fn source(&self) -> Result<Arc<Proj>, String> {
+        match &self.proj4 {
+            Some(def) => projection_of(def),
+            None => projection(self.epsg),
+        }
     }
 
     /// Whether [`Georef::to_latlon`] can convert this CRS; the error names the EPSG code.
     pub fn check_supported(&self) -> Result<(), String> {
-        if self.epsg == 4326 {
+        if self.epsg == 4326 && self.proj4.is_none() {
             return Ok(());
         }
-        projection(self.epsg).map(|_| ())
+        self.source().map(|_| ())
     }
 
     /// Map coordinates of pixel position `(px, py)` (pixel corners at integers; centres at +0.5).
@@ -62,10 +90,10 @@ impl Georef {
     /// WGS84 (lat, lon) in degrees of pixel position `(px, py)`.
     pub fn to_latlon(&self, px: f64, py: f64) -> Result<(f64, f64), String> {
         let (x, y) = self.pixel_to_map(px, py);
-        if self.epsg == 4326 {
+        if self.epsg == 4326 && self.proj4.is_none() {
             return Ok((y, x));
         }
-        let src = projection(self.epsg)?;
+        let src = self.source()?;
         let dst = projection(4326)?;
         let mut p = (x, y, 0.0);
         proj4rs::transform::transform(&src, &dst, &mut p)
@@ -85,17 +113,28 @@ pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> R
     let keys = d
         .get_tag_u16_vec(Tag::GeoKeyDirectoryTag)
         .map_err(|_| err("no GeoKeyDirectory tag: not georeferenced".into()))?;
-    // Key entries are (id, location, count, value) after a 4-value header.
-    let key = |id: u16| keys.chunks_exact(4).skip(1).find(|k| k[0] == id && k[1] == 0).map(|k| k[3] as u32);
-    let epsg = key(3072).or_else(|| key(2048)).ok_or_else(|| err("GeoKey directory has no EPSG code".into()))?;
-    if epsg == 32767 {
-        return Err(err("a user-defined CRS (no EPSG code) is not supported".into()));
-    }
+    let doubles = d.get_tag_f64_vec(Tag::GeoDoubleParamsTag).unwrap_or_default();
+    let geokeys = GeoKeys { keys: &keys, doubles: &doubles };
+    let key = |id: u16| geokeys.short(id);
+    let mut proj4 = None;
+    let epsg = match key(3072) {
+        Some(32767) => {
+            proj4 = Some(geokeys.user_defined_proj4().map_err(err)?);
+            32767
+        }
+        Some(code) => code,
+        None => match key(2048) {
+            // Geographic with a user-defined datum: latitude/longitude as they are.
+            Some(32767) if key(1024) == Some(2) => 4326,
+            Some(code) if code != 32767 && key(1024) != Some(1) => code,
+            _ => return Err(err("GeoKey directory has no EPSG code".into())),
+        },
+    };
     let mut g = if let Ok(m) = d.get_tag_f64_vec(Tag::ModelTransformationTag) {
         if m.len() < 16 {
             return Err(err("malformed ModelTransformation".into()));
         }
-        Georef { transform: [m[3], m[0], m[1], m[7], m[4], m[5]], epsg }
+        Georef { transform: [m[3], m[0], m[1], m[7], m[4], m[5]], epsg, proj4: proj4.clone() }
     } else {
         let tie = d
             .get_tag_f64_vec(Tag::ModelTiepointTag)
@@ -106,7 +145,10 @@ pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> R
         if tie.len() < 6 || scale.len() < 2 {
             return Err(err("malformed tiepoint or pixel scale".into()));
         }
-        Georef::north_up([tie[0], tie[1]], [tie[3], tie[4]], [scale[0], scale[1]], epsg)
+        Georef {
+            proj4: proj4.clone(),
+            ..Georef::north_up([tie[0], tie[1]], [tie[3], tie[4]], [scale[0], scale[1]], epsg)
+        }
     };
     // GTRasterTypeGeoKey 2 = PixelIsPoint: the georeference names pixel centres.
     if key(1025) == Some(2) {
@@ -116,6 +158,107 @@ pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> R
     }
     g.check_supported().map_err(err)?;
     Ok(g)
+}
+
+/// The GeoKey directory with its double parameters.
+struct GeoKeys<'a> {
+    keys: &'a [u16],
+    doubles: &'a [f64],
+}
+
+impl GeoKeys<'_> {
+    /// Key entries are (id, location, count, value) after a 4-value header.
+    fn entry(&self, id: u16) -> Option<&[u16]> {
+        self.keys.chunks_exact(4).skip(1).find(|k| k[0] == id)
+    }
+
+    /// A SHORT key stored in the directory itself.
+    fn short(&self, id: u16) -> Option<u32> {
+        self.entry(id).filter(|k| k[1] == 0).map(|k| u32::from(k[3]))
+    }
+
+    /// A DOUBLE key (stored in GeoDoubleParams).
+    fn double(&self, id: u16) -> Option<f64> {
+        self.entry(id).filter(|k| k[1] == 34736).and_then(|k| self.doubles.get(usize::from(k[3])).copied())
+    }
+
+    fn doubles(&self, id: u16) -> Vec<f64> {
+        self.entry(id)
+            .filter(|k| k[1] == 34736)
+            .and_then(|k| self.doubles.get(usize::from(k[3])..usize::from(k[3]) + usize::from(k[2])))
+            .map(<[f64]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// The ellipsoid and datum shift of the geographic CRS, as PROJ.4 parameters.
+    fn datum(&self) -> Result<String, String> {
+        let t = self.doubles(2062);
+        let towgs84 = if t.is_empty() {
+            String::new()
+        } else {
+            format!(" +towgs84={}", t.iter().map(f64::to_string).collect::<Vec<_>>().join(","))
+        };
+        // Named geographic CRSs and ellipsoids (EPSG codes) that user-defined projections sit on.
+        let named = match (self.short(2048), self.short(2056)) {
+            (Some(4326), _) | (_, Some(7030)) => Some("+ellps=WGS84"),
+            (Some(4269 | 4258 | 4283 | 4617 | 4619 | 4171), _) | (_, Some(7019)) => Some("+ellps=GRS80"),
+            (Some(4267), _) | (_, Some(7008)) => Some("+ellps=clrk66"),
+            (Some(4277), _) | (_, Some(7001)) => Some("+ellps=airy"),
+            (_, Some(7022)) => Some("+ellps=intl"),
+            _ => None,
+        };
+        if let Some(e) = named {
+            return Ok(format!("{e}{towgs84}"));
+        }
+        let a = self.double(2057).ok_or("a user-defined ellipsoid without a semi-major axis")?;
+        match (self.double(2059), self.double(2058)) {
+            (Some(rf), _) if rf > 0.0 => Ok(format!("+a={a} +rf={rf}{towgs84}")),
+            (_, Some(b)) => Ok(format!("+a={a} +b={b}{towgs84}")),
+            _ => Ok(format!("+a={a} +b={a}{towgs84}")),
+        }
+    }
+
+    /// PROJ.4 string of a user-defined projected CRS (ProjectedCSTypeGeoKey = 32767).
+    fn user_defined_proj4(&self) -> Result<String, String> {
+        let p = |id: u16| self.double(id).unwrap_or(0.0);
+        // False origin (LCC 2SP), natural origin or centre keys, whichever the file uses.
+        let lat0 = self.double(3085).or(self.double(3081)).or(self.double(3089)).unwrap_or(0.0);
+        let lon0 = self.double(3084).or(self.double(3080)).or(self.double(3088)).unwrap_or(0.0);
+        let x0 = self.double(3086).or(self.double(3082)).or(self.double(3090)).unwrap_or(0.0);
+        let y0 = self.double(3087).or(self.double(3083)).or(self.double(3091)).unwrap_or(0.0);
+        let k = self.double(3092).or(self.double(3093)).unwrap_or(1.0);
+        let method = self.short(3075).ok_or("a user-defined projection without ProjCoordTransGeoKey")?;
+        let proj = match method {
+            1 => format!("+proj=tmerc +lat_0={lat0} +lon_0={lon0} +k={k} +x_0={x0} +y_0={y0}"),
+            7 => format!("+proj=merc +lon_0={lon0} +k={k} +x_0={x0} +y_0={y0}"),
+            8 => format!(
+                "+proj=lcc +lat_1={} +lat_2={} +lat_0={lat0} +lon_0={lon0} +x_0={x0} +y_0={y0}",
+                p(3078),
+                p(3079)
+            ),
+            9 => format!("+proj=lcc +lat_1={lat0} +lat_0={lat0} +lon_0={lon0} +k_0={k} +x_0={x0} +y_0={y0}"),
+            10 => format!("+proj=laea +lat_0={lat0} +lon_0={lon0} +x_0={x0} +y_0={y0}"),
+            11 => format!(
+                "+proj=aea +lat_1={} +lat_2={} +lat_0={lat0} +lon_0={lon0} +x_0={x0} +y_0={y0}",
+                p(3078),
+                p(3079)
+            ),
+            15 => {
+                let lon = self.double(3095).unwrap_or(lon0);
+                let lat_ts = self.double(3078).unwrap_or(lat0);
+                let pole = if lat_ts < 0.0 || lat0 < 0.0 { -90 } else { 90 };
+                format!("+proj=stere +lat_0={pole} +lat_ts={lat_ts} +lon_0={lon} +k={k} +x_0={x0} +y_0={y0}")
+            }
+            m => return Err(format!("user-defined projection method {m} (ProjCoordTransGeoKey) is not supported")),
+        };
+        let units = match self.short(3076) {
+            None | Some(9001) => "+units=m",
+            Some(9002) => "+units=ft",
+            Some(9003) => "+units=us-ft",
+            Some(u) => return Err(format!("linear unit {u} (ProjLinearUnitsGeoKey) is not supported")),
+        };
+        Ok(format!("{proj} {} {units} +no_defs", self.datum()?))
+    }
 }
 
 /// [`georef_from_tiff`] of a file.

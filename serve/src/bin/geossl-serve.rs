@@ -128,6 +128,10 @@ struct EmbedArgs {
     /// Window step in pixels (default: the model's input size, no overlap).
     #[arg(long, env = "GEOSSL_STRIDE")]
     stride: Option<usize>,
+    /// Each directory of GeoTIFFs is one input whose files are its bands (one file per band, named by their
+    /// band descriptions or the file name's last `_` part, e.g. `…_B04.tif`); the files must share one grid.
+    #[arg(long, env = "GEOSSL_BAND_GROUPS")]
+    band_groups: bool,
     /// Windows per inference batch.
     #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 32)]
     batch_size: usize,
@@ -290,6 +294,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         inputs: a.input,
         out: a.out.clone(),
         stride: a.stride,
+        band_groups: a.band_groups,
         batch_size: a.batch_size,
         max_nodata: a.max_nodata,
         session: SessionOptions { ep: a.execution_provider, device_id: a.cuda_device, ..SessionOptions::default() },
