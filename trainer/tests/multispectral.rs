@@ -273,6 +273,46 @@ workers = 2
         .map(|(a, b)| if a.0 == b.0 { rel(&a.1, &b.1) } else { f64::INFINITY })
         .fold(0.0, f64::max);
     assert!(diff <= 1e-6, "reversed band order changed the embeddings: {diff:e}");
+    // --bands overrides the names: numbers in the file (reversed), or too few names (refused).
+    let by_number = d.path().join("by_number.parquet");
+    let numbers: Vec<String> = (1..=13).rev().map(|k| k.to_string()).collect();
+    let o = run(
+        "geossl-serve",
+        &[
+            "embed",
+            "--model",
+            onnx.to_str().unwrap(),
+            "--input",
+            data.join("variants/reversed.tif").to_str().unwrap(),
+            "--out",
+            by_number.to_str().unwrap(),
+            "--stride",
+            "17",
+            "--execution-provider",
+            "cpu",
+            "--bands",
+            &numbers.join(","),
+        ],
+    );
+    assert!(o.status.success(), "embed --bands: {}", text(&o));
+    assert_eq!(read_embeddings(&by_number), again);
+    let o = run(
+        "geossl-serve",
+        &[
+            "embed",
+            "--model",
+            onnx.to_str().unwrap(),
+            "--input",
+            scene.to_str().unwrap(),
+            "--out",
+            d.path().join("none.parquet").to_str().unwrap(),
+            "--execution-provider",
+            "cpu",
+            "--bands",
+            "B04,B03,B02",
+        ],
+    );
+    assert!(!o.status.success() && text(&o).contains("--bands names 3 band(s); the model takes 13"), "{}", text(&o));
     let o = run(
         "geossl-serve",
         &[

@@ -132,6 +132,10 @@ struct EmbedArgs {
     /// band descriptions or the file name's last `_` part, e.g. `…_B04.tif`); the files must share one grid.
     #[arg(long, env = "GEOSSL_BAND_GROUPS")]
     band_groups: bool,
+    /// The files' bands to feed, by name or 1-based number, in the model's channel order (default: the
+    /// model's band names where the files name their bands, else by position), e.g. B04,B03,B02.
+    #[arg(long, env = "GEOSSL_BANDS", value_delimiter = ',')]
+    bands: Option<Vec<String>>,
     /// Windows per inference batch.
     #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 32)]
     batch_size: usize,
@@ -295,6 +299,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         out: a.out.clone(),
         stride: a.stride,
         band_groups: a.band_groups,
+        bands: a.bands,
         batch_size: a.batch_size,
         max_nodata: a.max_nodata,
         session: SessionOptions { ep: a.execution_provider, device_id: a.cuda_device, ..SessionOptions::default() },
