@@ -30,13 +30,10 @@ fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// Pooled features `[N, D]`, L2-normalized, of every sample.
 fn embed(model: &Model, samples: &[Sample]) -> Tensor {
     let s = model.spec.input_size[0] as i64;
-    let n = &model.spec.normalization;
-    let mean = Tensor::from_slice(&n.mean).reshape([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&n.std).reshape([1, 3, 1, 1]);
     let imgs: Vec<Tensor> =
-        samples.iter().map(|x| image_io::decode(&x.path, &image_io::positional(3)).expect("decode").tensor()).collect();
+        samples.iter().map(|x| image_io::decode_for(&x.path, &model.spec).expect("decode").tensor()).collect();
     let x = Tensor::stack(&imgs, 0).internal_upsample_bilinear2d_aa([s, s], false, None, None);
-    let x = (x * n.scale as f64 - mean) / std;
+    let x = geossl_trainer::labelled::normalize(&x, &model.spec);
     let f = tch::no_grad(|| model.backbone.pooled(&x, false));
     geossl_trainer::model::l2_normalize(&f)
 }
