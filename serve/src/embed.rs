@@ -42,6 +42,9 @@ pub struct EmbedOptions {
     /// The files' bands to feed, by name (or 1-based number), in the model's channel order, instead of
     /// the model's own band names (e.g. `B04,B03,B02` for an RGB model on Sentinel-2 files).
     pub bands: Option<Vec<String>>,
+    /// Rows per Parquet row group (readers skip whole row groups outside their area by the bbox
+    /// column's statistics: smaller groups prune finer, larger ones compress better).
+    pub row_group_rows: usize,
     /// Recorded in every row (default: the model file's parent directory names).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
@@ -348,7 +351,27 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if stride == 0 {
         return Err("stride must be at least 1".into());
     }
-    let mut sink = GeoParquetSink::create(&opts.out, d, [&name, &version, &model_sha])?;
+    if opts.row_group_rows == 0 {
+        return Err("row group size must be at least 1".into());
+    }
+    let spec = info
+        .metadata
+        .get(geossl_models::io::metadata::SPEC)
+        .and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok());
+    let provenance = serde_json::json!({
+        "software": format!("geossl {}", geossl_models::GEOSSL_VERSION),
+        "model": { "name": name, "version": version, "sha256": model_sha, "file": opts.model.display().to_string() },
+        "bands": info.bands,
+        "band_selection": opts.bands,
+        "sample_type": spec.as_ref().and_then(|s| s.sample_type),
+        "normalization": spec.as_ref().map(|s| &s.normalization),
+        "window": [h, w],
+        "stride": stride,
+        "max_nodata": opts.max_nodata,
+        "inputs": files.len(),
+    });
+    let mut sink =
+        GeoParquetSink::create(&opts.out, d, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
     let mut summary = Summary::default();
     std::thread::scope(|s| -> Result<(), String> {
         let (tx, batches) = std::sync::mpsc::sync_channel(2);
@@ -383,14 +406,15 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     Ok(summary)
 }
 
-/// Rows per Parquet row group: bounds the writer's memory (with D = 2048,
-/// 8192 rows of embeddings are 64 MiB).
-const ROW_GROUP_ROWS: usize = 8192;
+/// Default rows per Parquet row group: bounds the writer's memory (with D =
+/// 2048, 8192 rows of embeddings are 64 MiB).
+pub const ROW_GROUP_ROWS: usize = 8192;
 
-/// The GeoParquet output, written as rows come into a temporary file beside
-/// `out`; [`GeoParquetSink::finish`] adds the GeoParquet metadata (with the
-/// bounding box of all rows) and renames it to `out`. Dropped unfinished, it
-/// removes the temporary file and leaves `out` as it was.
+/// The GeoParquet output (ZSTD, the `geo` and `geossl` provenance metadata in
+/// both the Arrow schema and the file's key-value metadata), written as rows
+/// come into a temporary file beside `out`; [`GeoParquetSink::finish`] syncs and
+/// renames it to `out`. Dropped unfinished, it removes the temporary file and
+/// leaves `out` as it was.
 struct GeoParquetSink {
     writer: Option<parquet::arrow::ArrowWriter<std::fs::File>>,
     schema: Arc<Schema>,
@@ -399,8 +423,11 @@ struct GeoParquetSink {
     d: usize,
     /// Model name, version and SHA-256, recorded in every row.
     model: [String; 3],
-    bbox: [f64; 4],
     rows: usize,
+}
+
+fn bbox_fields() -> Fields {
+    ["xmin", "ymin", "xmax", "ymax"].iter().map(|f| Field::new(*f, DataType::Float64, false)).collect::<Vec<_>>().into()
 }
 
 fn window_fields() -> Fields {
@@ -408,22 +435,50 @@ fn window_fields() -> Fields {
 }
 
 impl GeoParquetSink {
-    fn create(out: &Path, d: usize, model: [&str; 3]) -> Result<Self, String> {
+    fn create(
+        out: &Path,
+        d: usize,
+        model: [&str; 3],
+        provenance: &serde_json::Value,
+        row_group_rows: usize,
+    ) -> Result<Self, String> {
+        use parquet::file::metadata::KeyValue;
         use parquet::file::properties::WriterProperties;
         let element = Arc::new(Field::new("element", DataType::Float32, false));
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("chip_id", DataType::Utf8, false),
-            Field::new("source", DataType::Utf8, false),
-            Field::new("window", DataType::Struct(window_fields()), false),
-            Field::new("geometry", DataType::Binary, false),
-            Field::new("center_lat", DataType::Float64, false),
-            Field::new("center_lon", DataType::Float64, false),
-            Field::new("datetime", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
-            Field::new("model_name", DataType::Utf8, false),
-            Field::new("model_version", DataType::Utf8, false),
-            Field::new("model_sha256", DataType::Utf8, false),
-            Field::new("embedding", DataType::FixedSizeList(element, d as i32), false),
-        ]));
+        // GeoParquet 1.1: WKB footprints in OGC:CRS84 and a bbox covering column, whose row-group
+        // statistics let readers skip what lies outside their area.
+        let geo = serde_json::json!({
+            "version": "1.1.0",
+            "primary_column": "geometry",
+            "columns": { "geometry": {
+                "encoding": "WKB",
+                "geometry_types": ["Polygon"],
+                "orientation": "counterclockwise",
+                "covering": { "bbox": {
+                    "xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
+                    "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"],
+                } },
+            } },
+        });
+        // In the Arrow schema (pyarrow, GeoPandas) and in the file's key-value metadata (GDAL, DuckDB).
+        let meta = [("geo".to_string(), geo.to_string()), ("geossl".to_string(), provenance.to_string())];
+        let schema = Arc::new(Schema::new_with_metadata(
+            vec![
+                Field::new("chip_id", DataType::Utf8, false),
+                Field::new("source", DataType::Utf8, false),
+                Field::new("window", DataType::Struct(window_fields()), false),
+                Field::new("geometry", DataType::Binary, false),
+                Field::new("bbox", DataType::Struct(bbox_fields()), false),
+                Field::new("center_lat", DataType::Float64, false),
+                Field::new("center_lon", DataType::Float64, false),
+                Field::new("datetime", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+                Field::new("model_name", DataType::Utf8, false),
+                Field::new("model_version", DataType::Utf8, false),
+                Field::new("model_sha256", DataType::Utf8, false),
+                Field::new("embedding", DataType::FixedSizeList(element, d as i32), false),
+            ],
+            meta.iter().cloned().collect::<std::collections::HashMap<String, String>>(),
+        ));
         let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let tmp = dir.join(format!(
@@ -433,8 +488,11 @@ impl GeoParquetSink {
         ));
         let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
         let props = WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_compression(parquet::basic::Compression::ZSTD(
+                parquet::basic::ZstdLevel::try_new(3).map_err(parquet_err)?,
+            ))
+            .set_max_row_group_row_count(Some(row_group_rows))
+            .set_key_value_metadata(Some(meta.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect()))
             .build();
         let mut sink = Self {
             writer: None,
@@ -443,7 +501,6 @@ impl GeoParquetSink {
             out: out.to_path_buf(),
             d,
             model: model.map(str::to_string),
-            bbox: [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY],
             rows: 0,
         };
         sink.writer = Some(parquet::arrow::ArrowWriter::try_new(f, schema, Some(props)).map_err(parquet_err)?);
@@ -468,18 +525,26 @@ impl GeoParquetSink {
             emb.values().append_slice(row);
             emb.append(true);
         }
-        for r in rows {
-            for &(x, y) in &r.corners {
-                let b = &mut self.bbox;
-                *b = [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)];
-            }
-        }
+        // The covering: each footprint's bounding box in CRS84.
+        let bounds: Vec<[f64; 4]> = rows
+            .iter()
+            .map(|r| {
+                r.corners
+                    .iter()
+                    .fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(x, y)| {
+                        [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)]
+                    })
+            })
+            .collect();
+        let f64s = |k: usize| Arc::new(Float64Array::from_iter_values(bounds.iter().map(|b| b[k]))) as ArrayRef;
+        let bbox = StructArray::new(bbox_fields(), vec![f64s(0), f64s(1), f64s(2), f64s(3)], None);
         let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(chip_ids)),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
             Arc::new(window),
             Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| wkb_polygon(&r.corners)))),
+            Arc::new(bbox),
             Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.0))),
             Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.1))),
             Arc::new(
@@ -497,20 +562,9 @@ impl GeoParquetSink {
         Ok(())
     }
 
-    /// Adds the GeoParquet metadata, syncs and renames the file to `out`.
+    /// Closes the Parquet file, syncs and renames it to `out`.
     fn finish(mut self) -> Result<(), String> {
-        let geo = serde_json::json!({
-            "version": "1.1.0",
-            "primary_column": "geometry",
-            "columns": { "geometry": {
-                "encoding": "WKB",
-                "geometry_types": ["Polygon"],
-                "orientation": "counterclockwise",
-                "bbox": if self.rows > 0 { serde_json::json!(self.bbox) } else { serde_json::json!(null) },
-            } },
-        });
-        let mut w = self.writer.take().ok_or("the output is already closed")?;
-        w.append_key_value_metadata(parquet::file::metadata::KeyValue::new("geo".to_string(), geo.to_string()));
+        let w = self.writer.take().ok_or("the output is already closed")?;
         let f = w.into_inner().map_err(parquet_err)?;
         f.sync_all().map_err(|e| format!("{}: {e}", self.tmp.display()))?;
         std::fs::rename(&self.tmp, &self.out).map_err(|e| format!("{}: {e}", self.out.display()))?;

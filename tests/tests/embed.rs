@@ -57,7 +57,11 @@ fn landsat_scene_to_geoparquet() {
     let geo: serde_json::Value = serde_json::from_str(&kv["geo"]).unwrap();
     assert_eq!(geo["primary_column"], "geometry");
     assert_eq!(geo["columns"]["geometry"]["encoding"], "WKB");
-    let bbox: Vec<f64> = serde_json::from_value(geo["columns"]["geometry"]["bbox"].clone()).unwrap();
+    assert_eq!(geo["version"], "1.1.0");
+    assert_eq!(geo["columns"]["geometry"]["covering"]["bbox"]["xmin"], serde_json::json!(["bbox", "xmin"]));
+    let provenance: serde_json::Value = serde_json::from_str(&kv["geossl"]).unwrap();
+    assert_eq!(provenance["window"], serde_json::json!([64, 64]));
+    assert_eq!(provenance["model"]["name"], "embed");
 
     // The trainer's tiler (same windows, nodata rule 0.5) gives the reference centres and pixels.
     let chips = d.path().join("chips");
@@ -105,7 +109,7 @@ fn landsat_scene_to_geoparquet() {
     for i in 0..n {
         let (_, rlat, rlon) = &reference[&(wx.value(i), wy.value(i))];
         assert!((lat.value(i) - rlat).abs() < 1e-6 && (lon.value(i) - rlon).abs() < 1e-6, "row {i}");
-        // Footprint polygon: closed ring of 5 points around the centre, inside the bbox.
+        // Footprint polygon: closed ring of 5 points around the centre, inside its covering bbox.
         let g = geom.value(i);
         assert_eq!(&g[..13], &[1, 3, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 0]);
         let pts: Vec<(f64, f64)> = g[13..]
@@ -116,7 +120,11 @@ fn landsat_scene_to_geoparquet() {
         let (mx, my) =
             (pts[..4].iter().map(|p| p.0).sum::<f64>() / 4.0, pts[..4].iter().map(|p| p.1).sum::<f64>() / 4.0);
         assert!((mx - lon.value(i)).abs() < 1e-3 && (my - lat.value(i)).abs() < 1e-3, "row {i}");
+        let cover = batch.column_by_name("bbox").unwrap().as_struct();
+        let b = |k: &str| cover.column_by_name(k).unwrap().as_primitive::<Float64Type>().value(i);
+        let bbox = [b("xmin"), b("ymin"), b("xmax"), b("ymax")];
         assert!(pts.iter().all(|p| p.0 >= bbox[0] && p.0 <= bbox[2] && p.1 >= bbox[1] && p.1 <= bbox[3]));
+        assert!(pts.iter().any(|p| p.0 == bbox[0]) && pts.iter().any(|p| p.1 == bbox[3]), "row {i}: bbox not tight");
     }
 
     // Embeddings: the first rows against Python onnxruntime on the tiler's chip pixels.
@@ -418,4 +426,81 @@ fn band_groups_of_real_landsat_files_embed_like_their_multiband_stack() {
     assert!(o.status.success(), "{}", text(&o));
     let o = embed(&d.path().join("scenes"), &d.path().join("bad.parquet"), true);
     assert!(!o.status.success() && text(&o).contains("not co-registered"), "{}", text(&o));
+}
+
+/// The GeoParquet output as users' tools read it: pyarrow's schema metadata and the file's key-value
+/// metadata both carry `geo` (with the bbox covering); ZSTD; with small row groups, the covering column's
+/// statistics let a bbox filter skip most row groups, and GeoPandas' bbox read returns exactly the rows
+/// whose footprint box meets the query.
+#[test]
+fn geoparquet_is_read_and_pruned_by_pyarrow_and_geopandas() {
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 64, &[("embed", "embed", &[])]);
+    let model = d.path().join("embed/1/model.onnx");
+    let scene = shared_data().join("rasterio/RGB.byte.tif");
+    let out = d.path().join("landsat.parquet");
+    let o = run(
+        "geossl-serve",
+        &[
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            scene.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--execution-provider",
+            "cpu",
+            "--row-group-rows",
+            "8",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let (batch, _) = read_parquet(&out);
+    // Query: the covering box of the first row, grown by a little.
+    let cover = batch.column_by_name("bbox").unwrap().as_struct();
+    let b = |k: &str| cover.column_by_name(k).unwrap().as_primitive::<Float64Type>().value(0);
+    let q = format!("{},{},{},{}", b("xmin") - 0.01, b("ymin") - 0.01, b("xmax") + 0.01, b("ymax") + 0.01);
+    let o = std::process::Command::new(python())
+        .arg(workspace().join("scripts/reference/geoparquet_read.py"))
+        .arg(&out)
+        .arg(&q)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["pyarrow_geo"], true, "{r}");
+    assert_eq!(r["file_geo"], true, "{r}");
+    assert_eq!(r["compression"], "ZSTD", "{r}");
+    assert_eq!(r["rows"].as_u64().unwrap() as usize, batch.num_rows());
+    // Row-group pruning by the covering's statistics (read with the parquet crate: pyarrow 26 does not expose
+    // float statistics that parquet-rs writes, so its dataset keeps every group; see the report).
+    let groups = r["row_groups"].as_u64().unwrap() as usize;
+    let meta = parquet::file::serialized_reader::SerializedFileReader::new(std::fs::File::open(&out).unwrap()).unwrap();
+    let meta = parquet::file::reader::FileReader::metadata(&meta);
+    let qv: Vec<f64> = q.split(',').map(|v| v.parse().unwrap()).collect();
+    let mut kept = 0;
+    for g in meta.row_groups() {
+        let stat = |name: &str, max: bool| {
+            let c = g.columns().iter().find(|c| c.column_path().string() == format!("bbox.{name}")).unwrap();
+            match c.statistics() {
+                Some(parquet::file::statistics::Statistics::Double(s)) => {
+                    *(if max { s.max_opt() } else { s.min_opt() }).expect("min/max written")
+                }
+                other => panic!("bbox.{name}: {other:?}"),
+            }
+        };
+        if stat("xmin", false) <= qv[2]
+            && stat("xmax", true) >= qv[0]
+            && stat("ymin", false) <= qv[3]
+            && stat("ymax", true) >= qv[1]
+        {
+            kept += 1;
+        }
+    }
+    assert_eq!(meta.num_row_groups(), groups);
+    assert!(groups >= 8 && kept >= 1 && kept < groups / 2, "row groups a bbox filter keeps: {kept} of {groups}");
+    let (got, want) = (r["geopandas_rows"].as_u64().unwrap(), r["expected_rows"].as_u64().unwrap());
+    assert!(got == want && want >= 1 && want < r["rows"].as_u64().unwrap(), "{r}");
+    assert!(r["crs"].as_str().unwrap().contains("CRS84"), "{r}");
 }

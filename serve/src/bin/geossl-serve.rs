@@ -132,6 +132,9 @@ struct EmbedArgs {
     /// band descriptions or the file name's last `_` part, e.g. `…_B04.tif`); the files must share one grid.
     #[arg(long, env = "GEOSSL_BAND_GROUPS")]
     band_groups: bool,
+    /// Rows per Parquet row group (readers skip groups outside their area by the bbox column's statistics).
+    #[arg(long, env = "GEOSSL_ROW_GROUP_ROWS", default_value_t = geossl_serve::embed::ROW_GROUP_ROWS)]
+    row_group_rows: usize,
     /// The files' bands to feed, by name or 1-based number, in the model's channel order (default: the
     /// model's band names where the files name their bands, else by position), e.g. B04,B03,B02.
     #[arg(long, env = "GEOSSL_BANDS", value_delimiter = ',')]
@@ -300,6 +303,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         stride: a.stride,
         band_groups: a.band_groups,
         bands: a.bands,
+        row_group_rows: a.row_group_rows,
         batch_size: a.batch_size,
         max_nodata: a.max_nodata,
         session: SessionOptions { ep: a.execution_provider, device_id: a.cuda_device, ..SessionOptions::default() },
