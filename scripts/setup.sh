@@ -25,8 +25,8 @@ fi
 stamp=.venv/.geossl-requirements
 lock=scripts/requirements.lock
 if [ ! -f "$stamp" ] || ! cmp -s "$lock" "$stamp"; then
-  # The venv takes ~4.3 GB; pip briefly needs room for one download beside it.
-  need_mb=5500
+  # The venv takes ~4.9 GB; pip briefly needs room for one download beside it.
+  need_mb=6200
   free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
   if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
     echo "setup: only ${free_mb} MB free on the disk of $root; installing the venv needs about ${need_mb} MB" >&2
