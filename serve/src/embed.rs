@@ -45,6 +45,8 @@ pub struct EmbedOptions {
     /// Rows per Parquet row group (readers skip whole row groups outside their area by the bbox
     /// column's statistics: smaller groups prune finer, larger ones compress better).
     pub row_group_rows: usize,
+    /// Inputs already resolved (a shard of a plan), used instead of `inputs`.
+    pub planned: Option<Vec<Input>>,
     /// Recorded in every row (default: the model file's parent directory names).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
@@ -329,7 +331,10 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if !(0.0..=1.0).contains(&opts.max_nodata) {
         return Err(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata));
     }
-    let files = collect_inputs(&opts.inputs, opts.band_groups)?;
+    let files = match &opts.planned {
+        Some(p) => p.clone(),
+        None => collect_inputs(&opts.inputs, opts.band_groups)?,
+    };
     let env = crate::ort_backend::init(&opts.ort_lib)?;
     let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
     let model_bytes = std::fs::read(&opts.model).map_err(|e| format!("{}: {e}", opts.model.display()))?;

@@ -10,6 +10,7 @@
 //! GeoParquet through the same backend contract; [`map`] draws what an embedded
 //! scene's windows look like to the model (principal components, neighbours).
 
+pub mod archive;
 pub mod backend;
 pub mod batcher;
 pub mod embed;

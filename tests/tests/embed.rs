@@ -504,3 +504,109 @@ fn geoparquet_is_read_and_pruned_by_pyarrow_and_geopandas() {
     assert!(got == want && want >= 1 && want < r["rows"].as_u64().unwrap(), "{r}");
     assert!(r["crs"].as_str().unwrap().contains("CRS84"), "{r}");
 }
+
+/// Plan, shard, verify: 3 shards as 3 processes (JOB_COMPLETION_INDEX = 0..2, as an Indexed Job sets it) give
+/// the unsharded run's rows exactly; a finished shard is skipped on rerun; a shard killed with SIGKILL is
+/// redone; a changed plan is refused; verify names a missing shard and a chip id present twice.
+#[test]
+fn sharded_embedding_equals_the_unsharded_run_and_resumes() {
+    use std::collections::BTreeMap;
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 64, &[("embed", "embed", &[])]);
+    let model = d.path().join("embed/1/model.onnx");
+    let scenes = d.path().join("scenes");
+    std::fs::create_dir_all(&scenes).unwrap();
+    for i in 0..4 {
+        std::fs::copy(shared_data().join("rasterio/RGB.byte.tif"), scenes.join(format!("s{i}.tif"))).unwrap();
+    }
+    let plan = d.path().join("plan.json");
+    let o =
+        run("geossl-serve", &["embed", "plan", "--input", scenes.to_str().unwrap(), "--out", plan.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o).contains("4 inputs"), "{}", text(&o));
+    let shard = |dataset: &Path, plan: &Path, i: usize, n: usize| {
+        std::process::Command::new(geossl_tests::bin("geossl-serve"))
+            .args(["embed", "--model", model.to_str().unwrap(), "--plan", plan.to_str().unwrap(), "--out"])
+            .arg(dataset)
+            .args(["--shard-count", &n.to_string(), "--execution-provider", "cpu"])
+            .env("JOB_COMPLETION_INDEX", i.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let rows_of = |dataset: &Path| -> BTreeMap<String, (Vec<u8>, Vec<u32>)> {
+        let mut out = BTreeMap::new();
+        for e in std::fs::read_dir(dataset).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "parquet") {
+                let (b, _) = read_parquet(&e.path());
+                let ids = b.column_by_name("chip_id").unwrap().as_string::<i32>();
+                let geom = b.column_by_name("geometry").unwrap().as_binary::<i32>();
+                let emb = b.column_by_name("embedding").unwrap().as_fixed_size_list();
+                for i in 0..b.num_rows() {
+                    let v = emb.value(i);
+                    let bits = v.as_primitive::<Float32Type>().values().iter().map(|x| x.to_bits()).collect();
+                    assert!(out.insert(ids.value(i).to_string(), (geom.value(i).to_vec(), bits)).is_none());
+                }
+            }
+        }
+        out
+    };
+    let all = d.path().join("all");
+    assert!(shard(&all, &plan, 0, 1).wait().unwrap().success());
+    let ds = d.path().join("ds");
+    let kids: Vec<_> = (0..3).map(|i| shard(&ds, &plan, i, 3)).collect();
+    for mut k in kids {
+        assert!(k.wait().unwrap().success());
+    }
+    let verify = |dataset: &Path| {
+        run(
+            "geossl-serve",
+            &["embed", "verify", "--plan", plan.to_str().unwrap(), "--dataset", dataset.to_str().unwrap()],
+        )
+    };
+    let o = verify(&ds);
+    assert!(o.status.success() && text(&o).contains("3 shards complete"), "{}", text(&o));
+    let want = rows_of(&all);
+    assert!(want.len() > 100);
+    assert_eq!(rows_of(&ds), want, "3 shards differ from the unsharded run");
+    // A finished shard is not redone.
+    let part = ds.join("part-00001.parquet");
+    let before = std::fs::metadata(&part).unwrap().modified().unwrap();
+    let o = shard(&ds, &plan, 1, 3).wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert_eq!(std::fs::metadata(&part).unwrap().modified().unwrap(), before);
+    // SIGKILL in the middle of a shard, then the rerun: the dataset is complete and the same.
+    let killed = d.path().join("killed");
+    let mut k = shard(&killed, &plan, 0, 3);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let _ = k.kill();
+    let _ = k.wait();
+    assert!(!killed.join("_SUCCESS-00000.json").exists() || killed.join("part-00000.parquet").exists());
+    for i in 0..3 {
+        assert!(shard(&killed, &plan, i, 3).wait().unwrap().success());
+    }
+    assert!(verify(&killed).status.success());
+    assert_eq!(rows_of(&killed), want);
+    // A plan that changed under the dataset is refused.
+    let plan2 = d.path().join("plan2.json");
+    std::fs::remove_file(scenes.join("s3.tif")).unwrap();
+    assert!(run(
+        "geossl-serve",
+        &["embed", "plan", "--input", scenes.to_str().unwrap(), "--out", plan2.to_str().unwrap()]
+    )
+    .status
+    .success());
+    std::fs::remove_file(ds.join("_SUCCESS-00002.json")).unwrap();
+    let o = shard(&ds, &plan2, 2, 3).wait_with_output().unwrap();
+    assert!(!o.status.success() && text(&o).contains("another plan"), "{}", text(&o));
+    // verify names the missing shard, then a chip id present twice.
+    let o = verify(&ds);
+    assert!(!o.status.success() && text(&o).contains("[2]"), "{}", text(&o));
+    std::fs::copy(ds.join("part-00000.parquet"), ds.join("part-00002.parquet")).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ds.join("_SUCCESS-00000.json")).unwrap()).unwrap();
+    m["shard_index"] = 2.into();
+    std::fs::write(ds.join("_SUCCESS-00002.json"), m.to_string()).unwrap();
+    let o = verify(&ds);
+    assert!(!o.status.success() && text(&o).contains("occurs twice"), "{}", text(&o));
+}

@@ -114,17 +114,61 @@ fn default_ort_lib() -> &'static str {
     option_env!("ORT_DYLIB_PATH").unwrap_or("libonnxruntime.so.1.31.1")
 }
 
+#[derive(Debug, Subcommand)]
+enum EmbedSub {
+    /// Freeze the resolved inputs (files, or band groups) into a sorted plan file for sharded runs.
+    Plan(PlanArgs),
+    /// Check a sharded dataset against its plan: every shard finished, no chip id twice.
+    Verify(VerifyArgs),
+}
+
 #[derive(Debug, Args)]
-struct EmbedArgs {
-    /// ONNX embedding model (from `geossl-export onnx --head embed`).
-    #[arg(long, env = "GEOSSL_MODEL")]
-    model: PathBuf,
+struct PlanArgs {
     /// GeoTIFF files, or directories searched recursively for .tif/.tiff.
     #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., value_delimiter = ',', required = true)]
     input: Vec<PathBuf>,
-    /// Output GeoParquet file (written atomically).
-    #[arg(long, env = "GEOSSL_OUT")]
+    /// Each directory of GeoTIFFs is one input whose files are its bands.
+    #[arg(long, env = "GEOSSL_BAND_GROUPS")]
+    band_groups: bool,
+    /// Plan file to write (JSON).
+    #[arg(long, env = "GEOSSL_PLAN")]
     out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The plan the dataset was made from.
+    #[arg(long, env = "GEOSSL_PLAN")]
+    plan: PathBuf,
+    /// The dataset directory (part-NNNNN.parquet and _SUCCESS-NNNNN.json).
+    #[arg(long, env = "GEOSSL_DATASET")]
+    dataset: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct EmbedArgs {
+    #[command(subcommand)]
+    sub: Option<EmbedSub>,
+    /// ONNX embedding model (from `geossl-export onnx --head embed`).
+    #[arg(long, env = "GEOSSL_MODEL", required = true)]
+    model: Option<PathBuf>,
+    /// GeoTIFF files, or directories searched recursively for .tif/.tiff.
+    #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., value_delimiter = ',', required_unless_present = "plan")]
+    input: Vec<PathBuf>,
+    /// Output GeoParquet file (written atomically); with --plan, the dataset directory.
+    #[arg(long, env = "GEOSSL_OUT", required = true)]
+    out: Option<PathBuf>,
+    /// Embed one shard of this plan (from `embed plan`) into the dataset directory --out:
+    /// part-NNNNN.parquet, then _SUCCESS-NNNNN.json; a finished shard is skipped, an unfinished one redone.
+    #[arg(long, env = "GEOSSL_PLAN", conflicts_with = "input")]
+    plan: Option<PathBuf>,
+    /// This process's shard (Kubernetes Indexed Jobs set JOB_COMPLETION_INDEX).
+    #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
+    shard_index: usize,
+    /// How many shards the plan is split into.
+    #[arg(long, env = "GEOSSL_SHARD_COUNT", default_value_t = 1)]
+    shard_count: usize,
     /// Window step in pixels (default: the model's input size, no overlap).
     #[arg(long, env = "GEOSSL_STRIDE")]
     stride: Option<usize>,
@@ -296,14 +340,39 @@ fn map(a: MapArgs) -> Result<()> {
 
 fn embed(a: EmbedArgs) -> Result<()> {
     init_logs(&a.log, LogFormat::Text)?;
+    match a.sub {
+        Some(EmbedSub::Plan(p)) => {
+            let plan = geossl_serve::archive::make_plan(&p.input, p.band_groups).map_err(anyhow::Error::msg)?;
+            let sha = geossl_serve::archive::write_plan(&plan, &p.out).map_err(anyhow::Error::msg)?;
+            println!("wrote {} ({} inputs, sha256 {sha})", p.out.display(), plan.inputs.len());
+            return Ok(());
+        }
+        Some(EmbedSub::Verify(v)) => {
+            let r = geossl_serve::archive::verify(&v.plan, &v.dataset).map_err(anyhow::Error::msg)?;
+            for f in &r.failed_inputs {
+                eprintln!("failed input: {f}");
+            }
+            println!(
+                "{}: {} shards complete, {} rows, no duplicate chip ids ({} inputs failed)",
+                v.dataset.display(),
+                r.shards,
+                r.rows,
+                r.failed_inputs.len()
+            );
+            return Ok(());
+        }
+        None => {}
+    }
+    let (model, out) = (a.model.context("--model is required")?, a.out.context("--out is required")?);
     let opts = geossl_serve::embed::EmbedOptions {
-        model: a.model,
+        model,
         inputs: a.input,
-        out: a.out.clone(),
+        out: out.clone(),
         stride: a.stride,
         band_groups: a.band_groups,
         bands: a.bands,
         row_group_rows: a.row_group_rows,
+        planned: None,
         batch_size: a.batch_size,
         max_nodata: a.max_nodata,
         session: SessionOptions { ep: a.execution_provider, device_id: a.cuda_device, ..SessionOptions::default() },
@@ -311,13 +380,33 @@ fn embed(a: EmbedArgs) -> Result<()> {
         model_name: a.model_name,
         model_version: a.model_version,
     };
+    if let Some(plan) = &a.plan {
+        use geossl_serve::archive::{run_shard, ShardOutcome};
+        let (i, n) = (a.shard_index, a.shard_count);
+        match run_shard(&opts, plan, &out, i, n).map_err(anyhow::Error::msg)? {
+            ShardOutcome::AlreadyDone(m) => println!("shard {i} of {n} already done ({} rows); nothing redone", m.rows),
+            ShardOutcome::Done(m) => {
+                for f in &m.failed {
+                    eprintln!("failed {f}");
+                }
+                println!(
+                    "shard {i} of {n}: wrote {} ({} rows from {} inputs; {} failed)",
+                    geossl_serve::archive::part_path(&out, i).display(),
+                    m.rows,
+                    m.files,
+                    m.failed.len()
+                );
+            }
+        }
+        return Ok(());
+    }
     let s = geossl_serve::embed::run(&opts).map_err(anyhow::Error::msg)?;
     for f in &s.skipped_files {
         eprintln!("skipped {f}");
     }
     println!(
         "wrote {} ({} rows from {} files; {} windows over the nodata limit; {} files skipped)",
-        a.out.display(),
+        out.display(),
         s.rows,
         s.files,
         s.nodata_windows,
