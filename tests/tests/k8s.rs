@@ -95,10 +95,30 @@ fn deployment<'a>(name: &str, objects: &'a [Value]) -> &'a Value {
     d[0]
 }
 
+/// `name → value` of a container's env.
+fn container_env(c: &Value) -> Vec<(String, Value)> {
+    c["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].clone())).collect()
+}
+
 /// `name → value` of the serve container's env.
 fn env(name: &str, objects: &[Value]) -> Vec<(String, Value)> {
-    let c = &deployment(name, objects)["spec"]["template"]["spec"]["containers"][0];
-    c["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].clone())).collect()
+    container_env(&deployment(name, objects)["spec"]["template"]["spec"]["containers"][0])
+}
+
+/// Every container and init container of the Deployments and Jobs.
+fn containers(objects: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for o in objects.iter().filter(|o| o["kind"] == "Deployment" || o["kind"] == "Job") {
+        for key in ["initContainers", "containers"] {
+            out.extend(o["spec"]["template"]["spec"][key].as_array().cloned().unwrap_or_default());
+        }
+    }
+    out
+}
+
+/// Whether these objects are the serving deployment (else the archive-embedding Job).
+fn serving(objects: &[Value]) -> bool {
+    objects.iter().any(|o| o["kind"] == "Deployment")
 }
 
 #[test]
@@ -125,11 +145,13 @@ fn every_kustomization_renders_and_validates_strictly() {
                 );
             }
         }
-        let vars = env(name, objects);
-        let mut names: Vec<_> = vars.iter().map(|(n, _)| n.clone()).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), vars.len(), "{name}: an env variable is set twice");
+        for c in containers(objects) {
+            let vars = container_env(&c);
+            let mut names: Vec<_> = vars.iter().map(|(n, _)| n.clone()).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), vars.len(), "{name}: an env variable is set twice in {}", c["name"]);
+        }
     }
     let by_name = |n: &str| &rendered.iter().find(|(p, _)| p == n).unwrap_or_else(|| panic!("{n} not found")).1;
     for (overlay, provider, gpus) in [("k8s/overlays/gpu", "cuda", Some(1)), ("k8s/overlays/cpu", "cpu", None)] {
@@ -165,7 +187,7 @@ fn env_vars_are_serve_flags_and_probes_are_routes() {
     let help = text(&help);
     let openapi: Value =
         serde_json::from_str(&std::fs::read_to_string(workspace().join("serve/openapi.json")).unwrap()).unwrap();
-    for (name, objects) in rendered() {
+    for (name, objects) in rendered().into_iter().filter(|(_, o)| serving(o)) {
         let vars = env(&name, &objects);
         for (var, _) in &vars {
             assert!(help.contains(&format!("env: {var}")), "{name}: {var} is not a `geossl-serve serve` flag");
@@ -177,4 +199,72 @@ fn env_vars_are_serve_flags_and_probes_are_routes() {
             assert!(openapi["paths"].get(p).is_some(), "{name}: {probe} {p} is not a server route");
         }
     }
+}
+
+/// The archive-embedding Indexed Job as rendered (CPU overlay) runs here: each index's plan init container and
+/// embed container, with their args and env from the manifest (volumes mapped to local folders), then
+/// `embed verify` passes; every GEOSSL_ variable of the Job is a flag of the command its container runs.
+#[test]
+fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
+    let scratch = tempfile::tempdir().unwrap();
+    let objects =
+        validate("k8s/embed/overlays/cpu", &render(&workspace().join("k8s/embed/overlays/cpu")), scratch.path());
+    let job = objects.iter().find(|o| o["kind"] == "Job").expect("a Job");
+    assert_eq!(job["spec"]["completionMode"], "Indexed");
+    let completions = job["spec"]["completions"].as_u64().unwrap();
+    let pod = &job["spec"]["template"]["spec"];
+    let (init, main) = (&pod["initContainers"][0], &pod["containers"][0]);
+    let args = |c: &Value| -> Vec<String> {
+        c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+    };
+    // Every GEOSSL_ variable is a flag of the command its container runs.
+    for c in [init, main] {
+        let mut help_args = args(c);
+        help_args.push("--help".into());
+        let help = text(&run("geossl-serve", &help_args.iter().map(String::as_str).collect::<Vec<_>>()));
+        for (var, _) in container_env(c) {
+            assert!(
+                help.contains(&format!("env: {var}")),
+                "{}: {var} is not a flag of geossl-serve {:?}",
+                c["name"],
+                args(c)
+            );
+        }
+    }
+    let shard_count = container_env(main).into_iter().find(|(n, _)| n == "GEOSSL_SHARD_COUNT").unwrap().1;
+    assert_eq!(shard_count.as_str().unwrap().parse::<u64>().unwrap(), completions, "shard count vs completions");
+    // Local stand-ins for the volumes: the archive (4 scenes) and the model repository.
+    let root = scratch.path();
+    let archive = root.join("archive");
+    std::fs::create_dir_all(archive.join("scenes")).unwrap();
+    std::fs::create_dir_all(archive.join("embeddings")).unwrap();
+    for i in 0..4 {
+        std::fs::copy(
+            geossl_tests::shared_data().join("rasterio/RGB.byte.tif"),
+            archive.join(format!("scenes/s{i}.tif")),
+        )
+        .unwrap();
+    }
+    geossl_tests::server::make_repository(&root.join("models"), 64, &[("embed", "embed", &[])]);
+    let local = |v: &str| {
+        v.replace("/archive", &archive.display().to_string())
+            .replace("/models", &root.join("models").display().to_string())
+    };
+    let run_container = |c: &Value, index: u64| {
+        let mut cmd = Command::new(geossl_tests::bin("geossl-serve"));
+        cmd.args(args(c)).env("JOB_COMPLETION_INDEX", index.to_string());
+        for (k, v) in container_env(c) {
+            cmd.env(k, local(v.as_str().unwrap()));
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{} of index {index}: {}", c["name"], text(&o));
+    };
+    for index in 0..completions {
+        run_container(init, index);
+        run_container(main, index);
+    }
+    let plan = local("/archive/embeddings/plan.json");
+    let dataset = local("/archive/embeddings/dataset");
+    let o = run("geossl-serve", &["embed", "verify", "--plan", &plan, "--dataset", &dataset]);
+    assert!(o.status.success() && text(&o).contains(&format!("{completions} shards complete")), "{}", text(&o));
 }

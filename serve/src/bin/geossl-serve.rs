@@ -125,20 +125,23 @@ enum EmbedSub {
 #[derive(Debug, Args)]
 struct PlanArgs {
     /// GeoTIFF files, or directories searched recursively for .tif/.tiff.
-    #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., value_delimiter = ',', required = true)]
+    #[arg(long, env = "GEOSSL_PLAN_INPUT", num_args = 1.., value_delimiter = ',', required = true)]
     input: Vec<PathBuf>,
     /// Each directory of GeoTIFFs is one input whose files are its bands.
-    #[arg(long, env = "GEOSSL_BAND_GROUPS")]
+    #[arg(long, env = "GEOSSL_PLAN_BAND_GROUPS")]
     band_groups: bool,
     /// Plan file to write (JSON).
-    #[arg(long, env = "GEOSSL_PLAN")]
+    #[arg(long, env = "GEOSSL_PLAN_OUT")]
     out: PathBuf,
+    /// Keep a plan already at --out (so every pod of an Indexed Job may run this step: the first fixes the plan).
+    #[arg(long, env = "GEOSSL_KEEP_EXISTING_PLAN")]
+    keep_existing: bool,
 }
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
     /// The plan the dataset was made from.
-    #[arg(long, env = "GEOSSL_PLAN")]
+    #[arg(long, env = "GEOSSL_VERIFY_PLAN")]
     plan: PathBuf,
     /// The dataset directory (part-NNNNN.parquet and _SUCCESS-NNNNN.json).
     #[arg(long, env = "GEOSSL_DATASET")]
@@ -342,6 +345,11 @@ fn embed(a: EmbedArgs) -> Result<()> {
     init_logs(&a.log, LogFormat::Text)?;
     match a.sub {
         Some(EmbedSub::Plan(p)) => {
+            if p.keep_existing && p.out.exists() {
+                let (plan, sha) = geossl_serve::archive::read_plan(&p.out).map_err(anyhow::Error::msg)?;
+                println!("kept {} ({} inputs, sha256 {sha})", p.out.display(), plan.inputs.len());
+                return Ok(());
+            }
             let plan = geossl_serve::archive::make_plan(&p.input, p.band_groups).map_err(anyhow::Error::msg)?;
             let sha = geossl_serve::archive::write_plan(&plan, &p.out).map_err(anyhow::Error::msg)?;
             println!("wrote {} ({} inputs, sha256 {sha})", p.out.display(), plan.inputs.len());
