@@ -508,6 +508,32 @@ fn ycbcr_to_rgb(px: &mut [u8]) {
     }
 }
 
+/// Generic band names `band1..bandN`: bands of a model or file without names, matched by position.
+pub fn positional_names(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("band{i}")).collect()
+}
+
+/// Whether `p` names a GeoTIFF (`.tif`/`.tiff`, any case).
+pub fn is_tiff_path(p: &Path) -> bool {
+    p.extension()
+        .and_then(|x| x.to_str())
+        .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
+}
+
+/// The GeoTIFFs directly in `dir`, sorted by name: a band group's files in band order.
+pub fn group_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, RasterError> {
+    let io = |source| RasterError::Io { file: dir.display().to_string(), source };
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        let p = e.map_err(io)?.path();
+        if p.is_file() && is_tiff_path(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// Co-registered files read as one raster (one file per band, as Sentinel-2
 /// tiles and BigEarthNet patches ship them): each member's bands in order,
 /// named by the member's band descriptions or, for an unnamed single band, by

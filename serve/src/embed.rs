@@ -78,22 +78,12 @@ pub struct Input {
     pub files: Vec<PathBuf>,
 }
 
-fn is_tiff(p: &Path) -> bool {
-    p.extension()
-        .and_then(|x| x.to_str())
-        .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
-}
-
 /// GeoTIFFs named by `inputs`: files as given, directories searched
 /// recursively for `.tif`/`.tiff`, sorted. With `band_groups`, every directory
 /// that holds GeoTIFFs is one input of those files instead.
 pub fn collect_inputs(inputs: &[PathBuf], band_groups: bool) -> Result<Vec<Input>, String> {
     fn walk(dir: &Path, band_groups: bool, out: &mut Vec<Input>) -> Result<(), String> {
-        let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut entries: Vec<PathBuf> =
-            rd.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| format!("{}: {e}", dir.display()))?;
-        entries.sort();
-        let tiffs: Vec<PathBuf> = entries.iter().filter(|p| p.is_file() && is_tiff(p)).cloned().collect();
+        let tiffs = geossl_raster::group_files(dir).map_err(|e| e.to_string())?;
         if band_groups {
             if !tiffs.is_empty() {
                 out.push(Input { path: dir.to_path_buf(), files: tiffs });
@@ -101,7 +91,16 @@ pub fn collect_inputs(inputs: &[PathBuf], band_groups: bool) -> Result<Vec<Input
         } else {
             out.extend(tiffs.into_iter().map(|f| Input { path: f.clone(), files: vec![f] }));
         }
-        for sub in entries.iter().filter(|p| p.is_dir()) {
+        let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut subdirs: Vec<PathBuf> = rd
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .collect();
+        subdirs.sort();
+        for sub in &subdirs {
             walk(sub, band_groups, out)?;
         }
         Ok(())
@@ -252,7 +251,10 @@ enum Read {
 }
 
 /// Reads every window of every file, nodata-filtered, in batches of
-/// `opts.batch_size` (each batch within one file).
+/// `opts.batch_size` (each batch within one file). A file that fails to open,
+/// or whose window cannot be read or georeferenced (a truncated tile, say), is
+/// reported as skipped and the run goes on with the next one (batches of its
+/// earlier windows are already on their way).
 fn read_windows(
     files: &[Input],
     opts: &EmbedOptions,
@@ -260,7 +262,7 @@ fn read_windows(
     [c, h, w, stride]: [usize; 4],
     tx: &std::sync::mpsc::SyncSender<Read>,
 ) -> Result<(), String> {
-    for file in files {
+    'files: for file in files {
         let mut scene = match open_scene(file, c, info, opts.bands.as_deref()) {
             Ok(s) => s,
             Err(e) => {
@@ -281,20 +283,36 @@ fn read_windows(
         let xs: Vec<usize> = if ri.width >= w { (0..=ri.width - w).step_by(stride).collect() } else { vec![] };
         for &y in &ys {
             for &x in &xs {
-                let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
-                let hw = h * w;
-                let empty = win.samples.count_all_equal(c, nodata_value);
-                if empty as f64 > opts.max_nodata * hw as f64 {
-                    nodata += 1;
-                    continue;
-                }
-                let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
-                let g = &scene.georef;
+                // Read, then (for windows over the nodata limit, nothing more) georeference.
+                let read = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string());
+                let placed = read.and_then(|win| {
+                    if win.samples.count_all_equal(c, nodata_value) as f64 > opts.max_nodata * (h * w) as f64 {
+                        return Ok(None);
+                    }
+                    let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
+                    let g = &scene.georef;
+                    Ok(Some((win, footprint(g, xf, yf, wf, hf)?, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?)))
+                });
+                let (win, corners, center) = match placed {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        nodata += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        let e =
+                            format!("{e} (window at {x}, {y}; {windows} earlier windows of {} embedded)", scene.label);
+                        if tx.send(Read::Skipped(e)).is_err() {
+                            return Ok(());
+                        }
+                        continue 'files;
+                    }
+                };
                 rows.push(Row {
                     source: scene.source.clone(),
                     window: [x as u32, y as u32, w as u32, h as u32],
-                    corners: footprint(g, xf, yf, wf, hf)?,
-                    center: g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?,
+                    corners,
+                    center,
                     datetime: scene.datetime,
                 });
                 px.extend_from(&win.samples);

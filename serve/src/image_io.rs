@@ -146,7 +146,7 @@ pub fn band_names(channels: usize, names: &[String]) -> Vec<String> {
     if names.len() == channels {
         names.to_vec()
     } else {
-        (1..=channels).map(|i| format!("band{i}")).collect()
+        geossl_raster::positional_names(channels)
     }
 }
 

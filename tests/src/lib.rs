@@ -19,6 +19,15 @@ pub fn run(name: &str, args: &[&str]) -> Output {
     Command::new(bin(name)).args(args).env_remove("RUST_BACKTRACE").output().expect("spawn binary")
 }
 
+/// `geossl-serve embed --model MODEL --input INPUT --out OUT --execution-provider cpu EXTRA…`.
+pub fn embed(model: &std::path::Path, input: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Output {
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
+    let mut a = vec!["embed".to_owned(), "--model".into(), path(model), "--input".into(), path(input), "--out".into()];
+    a.extend([path(out), "--execution-provider".into(), "cpu".into()]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    run("geossl-serve", &a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// Stdout and stderr as one string.
 pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))

