@@ -10,7 +10,12 @@
 //! - **windowed reads**: [`Raster::read_window`] decodes only the strips or
 //!   tiles that a window touches, keeping recently used ones in a bounded cache,
 //!   so memory follows the windows, not the scene;
-//! - the GDAL nodata tag.
+//! - the GDAL nodata tag;
+//! - any [`Source`] of bytes: a local file, memory, or a remote object read
+//!   by range requests — before decoding a window's strips/tiles, the raster
+//!   tells its source which byte ranges it is about to read
+//!   ([`Source::will_read`]), so a remote source fetches exactly those, in one
+//!   round of requests, and never the whole file.
 //!
 //! Blocks are planar: `data[band * h * w + y * w + x]`.
 //! Georeferencing stays in `geossl_models::georef` (it reads the same file's
@@ -25,6 +30,25 @@ use tiff::decoder::{ChunkType, Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
 pub use geossl_models::SampleType;
+
+/// Bytes a [`Raster`] reads from: seekable, and told ahead which byte ranges a
+/// window needs (a remote source fetches them together; a local one ignores it).
+pub trait Source: Read + Seek {
+    /// The byte ranges `[start, end)` about to be read, in file order.
+    fn will_read(&mut self, _ranges: &[std::ops::Range<u64>]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for BufReader<std::fs::File> {}
+impl Source for std::fs::File {}
+impl Source for Cursor<Vec<u8>> {}
+impl<'a> Source for Cursor<&'a [u8]> {}
+impl<S: Source + ?Sized> Source for Box<S> {
+    fn will_read(&mut self, ranges: &[std::ops::Range<u64>]) -> std::io::Result<()> {
+        (**self).will_read(ranges)
+    }
+}
 
 /// Errors name the file and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +226,7 @@ pub struct RasterInfo {
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 
 /// A TIFF opened for reading windows.
-pub struct Raster<R: Read + Seek> {
+pub struct Raster<R: Source> {
     dec: Decoder<R>,
     info: RasterInfo,
     file: String,
@@ -214,9 +238,11 @@ pub struct Raster<R: Read + Seek> {
     cache_limit: usize,
     /// JPEG-compressed YCbCr: chunks are converted to RGB as they are decoded.
     ycbcr: bool,
+    /// Each chunk's byte range in the file (from the offsets and byte counts tags).
+    ranges: Vec<std::ops::Range<u64>>,
 }
 
-impl<R: Read + Seek> std::fmt::Debug for Raster<R> {
+impl<R: Source> std::fmt::Debug for Raster<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Raster").field("file", &self.file).field("info", &self.info).finish()
     }
@@ -248,7 +274,7 @@ fn decode_err(file: &str) -> impl Fn(tiff::TiffError) -> RasterError + '_ {
     }
 }
 
-impl<R: Read + Seek> Raster<R> {
+impl<R: Source> Raster<R> {
     /// Reads the header of the first image in `reader`; `file` names it in errors.
     pub fn new(reader: R, file: String) -> Result<Self, RasterError> {
         let err = decode_err(&file);
@@ -317,6 +343,23 @@ impl<R: Read + Seek> Raster<R> {
         }
         let chunks_across = if tiled { width.div_ceil(cw) } else { 1 };
         let chunks_per_plane = chunks_across * height.div_ceil(ch);
+        let (offsets_tag, counts_tag) =
+            if tiled { (Tag::TileOffsets, Tag::TileByteCounts) } else { (Tag::StripOffsets, Tag::StripByteCounts) };
+        let offsets = dec.get_tag_u64_vec(offsets_tag).map_err(&err)?;
+        let counts = dec.get_tag_u64_vec(counts_tag).map_err(&err)?;
+        let planes = if planar { spp } else { 1 };
+        if offsets.len() < chunks_per_plane * planes || counts.len() != offsets.len() {
+            return Err(RasterError::Decode {
+                file: file.clone(),
+                message: format!(
+                    "{} chunk offsets and {} byte counts for {} chunks",
+                    offsets.len(),
+                    counts.len(),
+                    chunks_per_plane * planes
+                ),
+            });
+        }
+        let ranges = offsets.iter().zip(&counts).map(|(&o, &n)| o..o.saturating_add(n)).collect();
         let info = RasterInfo {
             width,
             height,
@@ -342,6 +385,7 @@ impl<R: Read + Seek> Raster<R> {
             cached_bytes: 0,
             cache_limit: DEFAULT_CACHE_BYTES,
             ycbcr: photometric == 6,
+            ranges,
         })
     }
 
@@ -442,6 +486,31 @@ impl<R: Read + Seek> Raster<R> {
             return Err(RasterError::NoSuchBand { file: self.file.clone(), band, bands: info.bands });
         }
         let (cw, ch) = (info.chunk_width, info.chunk_height);
+        let (per_plane, across) = (self.chunks_per_plane, self.chunks_across);
+        let index = |band: usize, cx: usize, cy: usize| {
+            let plane = if info.planar { band } else { 0 };
+            (plane * per_plane + cy * across + cx) as u32
+        };
+        // Tell the source which chunks (not yet decoded) come next.
+        let mut wanted: Vec<std::ops::Range<u64>> = Vec::new();
+        for cy in y / ch..=(y + h - 1) / ch {
+            for cx in x / cw..=(x + w - 1) / cw {
+                for &band in bands {
+                    let i = index(band, cx, cy);
+                    if !self.cache.contains_key(&i) {
+                        wanted.extend(self.ranges.get(i as usize).cloned());
+                    }
+                }
+            }
+        }
+        if !wanted.is_empty() {
+            wanted.sort_by_key(|r| r.start);
+            wanted.dedup();
+            self.dec
+                .inner()
+                .will_read(&wanted)
+                .map_err(|source| RasterError::Io { file: self.file.clone(), source })?;
+        }
         let mut out = Samples::zeros(info.sample_type, bands.len() * w * h);
         for cy in y / ch..=(y + h - 1) / ch {
             for cx in x / cw..=(x + w - 1) / cw {
@@ -451,9 +520,8 @@ impl<R: Read + Seek> Raster<R> {
                 let (ox0, ox1) = (x.max(x0), (x + w).min(x0 + chunk_w));
                 let (oy0, oy1) = (y.max(y0), (y + h).min(y0 + ch).min(info.height));
                 for (k, &band) in bands.iter().enumerate() {
-                    let (plane, sample, spp) = if info.planar { (band, 0, 1) } else { (0, band, info.bands) };
-                    let index = (plane * self.chunks_per_plane + cy * self.chunks_across + cx) as u32;
-                    let data = self.chunk(index)?;
+                    let (sample, spp) = if info.planar { (0, 1) } else { (band, info.bands) };
+                    let data = self.chunk(index(band, cx, cy))?;
                     let copied = copy_block(
                         &mut out,
                         k * w * h + (oy0 - y) * w + (ox0 - x),
@@ -540,7 +608,7 @@ pub fn group_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, RasterError> {
 /// its file name's last `_`-separated part (`…_B04.tif` → `B04`). Members must
 /// share size and sample type; the caller checks their georeferences.
 #[derive(Debug)]
-pub struct BandGroup<R: Read + Seek> {
+pub struct BandGroup<R: Source> {
     members: Vec<Raster<R>>,
     /// (member, band within it) of each band of the group.
     bands: Vec<(usize, usize)>,
@@ -563,7 +631,7 @@ impl BandGroup<BufReader<std::fs::File>> {
     }
 }
 
-impl<R: Read + Seek> BandGroup<R> {
+impl<R: Source> BandGroup<R> {
     /// A group of opened `members`; `fallback_names[i]` names member i's band when it is a single unnamed one.
     pub fn new(name: &str, members: Vec<Raster<R>>, fallback_names: &[String]) -> Result<Self, RasterError> {
         let group = |message: String| RasterError::Group { group: name.to_string(), message };

@@ -223,11 +223,7 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&
 }
 
 /// `--bands`: each entry a band name of the files or a 1-based band number; as many as the model's channels.
-fn pick_bands<R: std::io::Read + std::io::Seek>(
-    r: &BandGroup<R>,
-    names: &[String],
-    c: usize,
-) -> Result<Vec<usize>, String> {
+fn pick_bands<R: geossl_raster::Source>(r: &BandGroup<R>, names: &[String], c: usize) -> Result<Vec<usize>, String> {
     if names.len() != c {
         return Err(format!("--bands names {} band(s); the model takes {c}", names.len()));
     }

@@ -99,7 +99,7 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, String> {
                 lat: lat.value(i),
                 lon: lon.value(i),
             });
-            let start = emb.value_offset_at(i);
+            let start = emb.value_offset(i) as usize;
             rows.emb.extend_from_slice(&values.values()[start..start + d]);
         }
     }
