@@ -43,7 +43,7 @@ pub trait Source: Read + Seek {
 impl Source for BufReader<std::fs::File> {}
 impl Source for std::fs::File {}
 impl Source for Cursor<Vec<u8>> {}
-impl<'a> Source for Cursor<&'a [u8]> {}
+impl Source for Cursor<&[u8]> {}
 impl<S: Source + ?Sized> Source for Box<S> {
     fn will_read(&mut self, ranges: &[std::ops::Range<u64>]) -> std::io::Result<()> {
         (**self).will_read(ranges)
@@ -581,6 +581,14 @@ pub fn positional_names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("band{i}")).collect()
 }
 
+/// A single-band file's band name from its name: the last `_`-separated part
+/// of the stem (`T33UUP_20240101_B04.tif` → `B04`, `s3://b/LC08_SR_B5.TIF` → `B5`).
+pub fn band_name_from_file(name: &str) -> String {
+    let file = name.rsplit('/').next().unwrap_or(name);
+    let stem = Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    stem.rsplit('_').next().unwrap_or(&stem).to_string()
+}
+
 /// Whether `p` names a GeoTIFF (`.tif`/`.tiff`, any case).
 pub fn is_tiff_path(p: &Path) -> bool {
     p.extension()
@@ -620,13 +628,7 @@ impl BandGroup<BufReader<std::fs::File>> {
     /// Opens `files` (in band order) as one raster named `name` in errors.
     pub fn open(name: &str, files: &[std::path::PathBuf]) -> Result<Self, RasterError> {
         let members = files.iter().map(|f| Raster::open(f)).collect::<Result<Vec<_>, _>>()?;
-        let stems: Vec<String> = files
-            .iter()
-            .map(|f| {
-                let stem = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                stem.rsplit('_').next().unwrap_or(&stem).to_string()
-            })
-            .collect();
+        let stems: Vec<String> = files.iter().map(|f| band_name_from_file(&f.to_string_lossy())).collect();
         BandGroup::new(name, members, &stems)
     }
 }

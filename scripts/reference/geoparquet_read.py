@@ -1,8 +1,8 @@
 """Reads a geossl GeoParquet file as common readers do (used by tests): pyarrow and GeoPandas.
 
 Prints JSON: whether pyarrow's schema metadata and the file's key-value metadata carry `geo`; the number
-of row groups, and how many pyarrow's dataset keeps for a filter on the bbox covering column with
-XMIN,YMIN,XMAX,YMAX (informative: pyarrow 26 reads no float statistics from parquet-rs files); the rows GeoPandas returns
+of row groups, and how many pyarrow's dataset keeps (by their statistics) for a filter on the bbox covering
+column with XMIN,YMIN,XMAX,YMAX; the rows GeoPandas returns
 for that bbox, and the rows whose covering bbox intersects it (computed here from every row); the CRS.
 """
 import json

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
 use arrow_array::{
@@ -18,7 +19,10 @@ use arrow_array::{
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use geossl_models::georef::{georef_from_tiff, Georef};
 
-use geossl_raster::{BandGroup, Samples};
+use geossl_raster::{BandGroup, Raster, Samples};
+
+pub use crate::inputs::{collect_inputs, Input};
+use crate::store::Location;
 
 use crate::backend::{Backend, ModelInfo, Task};
 use crate::ort_backend::{OrtBackend, SessionOptions};
@@ -27,7 +31,8 @@ use crate::ort_backend::{OrtBackend, SessionOptions};
 #[derive(Debug, Clone)]
 pub struct EmbedOptions {
     pub model: PathBuf,
-    pub inputs: Vec<PathBuf>,
+    /// Paths, directories, globs, object-store URLs or prefixes, STAC Items/ItemCollections.
+    pub inputs: Vec<String>,
     pub out: PathBuf,
     /// Window step in pixels (default: the model's input size, no overlap).
     pub stride: Option<usize>,
@@ -47,18 +52,45 @@ pub struct EmbedOptions {
     pub row_group_rows: usize,
     /// Inputs already resolved (a shard of a plan), used instead of `inputs`.
     pub planned: Option<Vec<Input>>,
+    /// Only windows whose footprint meets this box (`xmin, ymin, xmax, ymax` in lon/lat, CRS84) are read
+    /// and embedded; scenes outside it are not read at all.
+    pub bbox: Option<[f64; 4]>,
     /// Recorded in every row (default: the model file's parent directory names).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub files: usize,
     pub skipped_files: Vec<String>,
     pub rows: usize,
     pub nodata_windows: usize,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// Bytes and requests fetched from object stores.
+    pub fetched_bytes: u64,
+    pub fetch_requests: u64,
+}
+
+impl Summary {
+    /// One line for logs: rows, files, failures, chips/s, bytes fetched.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} rows from {} inputs in {:.1} s ({:.1} chips/s); {} windows over the nodata limit; {} inputs failed",
+            self.rows,
+            self.files,
+            self.seconds,
+            self.rows as f64 / self.seconds.max(1e-9),
+            self.nodata_windows,
+            self.skipped_files.len()
+        );
+        if self.fetch_requests > 0 {
+            s += &format!("; fetched {:.1} MB in {} requests", self.fetched_bytes as f64 / 1e6, self.fetch_requests);
+        }
+        s
+    }
 }
 
 struct Row {
@@ -69,62 +101,9 @@ struct Row {
     datetime: Option<i64>,
 }
 
-/// One input: a GeoTIFF, or a band group (a directory whose GeoTIFFs are its bands, sorted by name).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Input {
-    /// The file or directory, as given or found.
-    pub path: PathBuf,
-    /// Its files in band order (one for a plain GeoTIFF).
-    pub files: Vec<PathBuf>,
-}
-
-/// GeoTIFFs named by `inputs`: files as given, directories searched
-/// recursively for `.tif`/`.tiff`, sorted. With `band_groups`, every directory
-/// that holds GeoTIFFs is one input of those files instead.
-pub fn collect_inputs(inputs: &[PathBuf], band_groups: bool) -> Result<Vec<Input>, String> {
-    fn walk(dir: &Path, band_groups: bool, out: &mut Vec<Input>) -> Result<(), String> {
-        let tiffs = geossl_raster::group_files(dir).map_err(|e| e.to_string())?;
-        if band_groups {
-            if !tiffs.is_empty() {
-                out.push(Input { path: dir.to_path_buf(), files: tiffs });
-            }
-        } else {
-            out.extend(tiffs.into_iter().map(|f| Input { path: f.clone(), files: vec![f] }));
-        }
-        let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut subdirs: Vec<PathBuf> = rd
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .into_iter()
-            .filter(|p| p.is_dir())
-            .collect();
-        subdirs.sort();
-        for sub in &subdirs {
-            walk(sub, band_groups, out)?;
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    for i in inputs {
-        if i.is_dir() {
-            walk(i, band_groups, &mut out)?;
-        } else if i.is_file() {
-            out.push(Input { path: i.clone(), files: vec![i.clone()] });
-        } else {
-            return Err(format!("{}: no such file or directory", i.display()));
-        }
-    }
-    if out.is_empty() {
-        return Err("no GeoTIFF (.tif/.tiff) found in the inputs".into());
-    }
-    Ok(out)
-}
-
 /// TIFF `DateTime` ("YYYY:MM:DD HH:MM:SS") as microseconds since the epoch (UTC).
-fn tiff_datetime(file: &Path) -> Option<i64> {
-    let f = std::io::BufReader::new(std::fs::File::open(file).ok()?);
-    let mut d = tiff::decoder::Decoder::new(f).ok()?;
+fn tiff_datetime(file: &Location) -> Option<i64> {
+    let mut d = tiff::decoder::Decoder::new(file.open().ok()?).ok()?;
     let s = d.get_tag_ascii_string(tiff::tags::Tag::DateTime).ok()?;
     parse_tiff_datetime(&s)
 }
@@ -157,6 +136,13 @@ fn footprint(g: &Georef, x: f64, y: f64, w: f64, h: f64) -> Result<Vec<(f64, f64
         .collect()
 }
 
+/// `[xmin, ymin, xmax, ymax]` of a ring of (lon, lat) points.
+fn ring_bounds(ring: &[(f64, f64)]) -> [f64; 4] {
+    ring.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(x, y)| {
+        [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)]
+    })
+}
+
 /// OGC WKB (little endian) of a one-ring polygon.
 pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
     let mut b = Vec::with_capacity(13 + 16 * ring.len());
@@ -174,12 +160,12 @@ pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
 /// One input scene, opened: header, georeference and date read; pixels are
 /// read window by window.
 struct Scene {
-    /// The path as given (for messages).
+    /// The input as planned (for messages).
     label: String,
-    /// The canonical path (recorded in rows).
+    /// Recorded in rows: the canonical path, URL, or STAC item.
     source: String,
     georef: Georef,
-    raster: BandGroup<std::io::BufReader<std::fs::File>>,
+    raster: BandGroup<Box<dyn geossl_raster::Source + Send>>,
     bands: Vec<usize>,
     datetime: Option<i64>,
 }
@@ -187,13 +173,18 @@ struct Scene {
 /// Opens and georeferences `input` for a model of `c` bands taking `info`'s
 /// samples; the error names the file (or the band group and its member).
 fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&[String]>) -> Result<Scene, String> {
-    let label = input.path.display().to_string();
+    let label = input.path.clone();
+    let model_names = crate::image_io::band_names(c, &info.bands);
+    // STAC assets are picked by name: the --bands names where given as names, else the model's.
+    let wanted = match band_override {
+        Some(n) if n.iter().all(|b| b.parse::<usize>().is_err()) => n.to_vec(),
+        _ => model_names.clone(),
+    };
+    let r = input.resolve(&wanted)?;
     let mut georef: Option<Georef> = None;
-    for f in &input.files {
-        let g = georef_from_tiff(
-            std::io::BufReader::new(std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?),
-            &f.display().to_string(),
-        )?;
+    let mut members = Vec::with_capacity(r.files.len());
+    for f in &r.files {
+        let g = georef_from_tiff(f.open()?, f.as_str())?;
         match &georef {
             None => georef = Some(g),
             Some(first) => {
@@ -202,24 +193,102 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&
                     && first.transform.iter().zip(&g.transform).all(|(a, b)| (a - b).abs() <= 1e-9 * a.abs().max(1.0));
                 if !close {
                     return Err(format!(
-                        "band group {label}: {} is not co-registered with {} (georeference differs)",
-                        f.display(),
-                        input.files[0].display()
+                        "band group {label}: {f} is not co-registered with {} (georeference differs)",
+                        r.files[0]
                     ));
                 }
             }
         }
+        members.push(Raster::new(f.open()?, f.as_str().to_string()).map_err(|e| e.to_string())?);
     }
     let georef = georef.ok_or_else(|| format!("{label}: no files"))?;
-    let raster = BandGroup::open(&label, &input.files).map_err(|e| e.to_string())?;
-    // The model's bands by name where the files name their bands, else by position.
-    let bands = match band_override {
-        Some(names) => pick_bands(&raster, names, c).map_err(|e| format!("{label}: {e}"))?,
-        None => raster.select_bands(&crate::image_io::band_names(c, &info.bands)).map_err(|e| e.to_string())?,
+    if let Some(counts) = &r.band_counts {
+        for (m, &n) in members.iter().zip(counts) {
+            if m.info().bands != n {
+                return Err(format!("{}: {} band(s); its STAC asset declares {n}", m.file(), m.info().bands));
+            }
+        }
+    }
+    let raster = BandGroup::new(&label, members, &r.file_band_names).map_err(|e| e.to_string())?;
+    // The model's bands as the input fixes them (STAC), else by name where the files name their bands,
+    // else by position.
+    let bands = match (&r.bands, band_override) {
+        (Some(b), _) => b.clone(),
+        (None, Some(names)) => pick_bands(&raster, names, c).map_err(|e| format!("{label}: {e}"))?,
+        (None, None) => raster.select_bands(&model_names).map_err(|e| e.to_string())?,
     };
     info.check_samples(raster.info().sample_type).map_err(|e| format!("{label}: {e}"))?;
-    let source = std::fs::canonicalize(&input.path).unwrap_or_else(|_| input.path.clone()).display().to_string();
-    Ok(Scene { label, source, georef, raster, bands, datetime: tiff_datetime(&input.files[0]) })
+    let datetime = r.datetime.or_else(|| tiff_datetime(&r.files[0]));
+    Ok(Scene { label, source: r.source, georef, raster, bands, datetime })
+}
+
+/// Where an input lies (lon, lat of its centre), for ordering: from its STAC
+/// item, else from its first file's header (cached for the read that follows).
+fn input_center(input: &Input) -> Option<(f64, f64)> {
+    if let Some(c) = input.known_center() {
+        return Some(c);
+    }
+    let f = Location::parse(input.files.first()?).ok()?;
+    let r = Raster::new(f.open().ok()?, f.as_str().to_string()).ok()?;
+    let g = georef_from_tiff(f.open().ok()?, f.as_str()).ok()?;
+    let (lat, lon) = g.to_latlon(r.info().width as f64 / 2.0, r.info().height as f64 / 2.0).ok()?;
+    Some((lon, lat))
+}
+
+/// Index of cell `(x, y)` along the Hilbert curve over a `2^order` square grid:
+/// cells close on the curve are close in space, so rows written in this order
+/// fill row groups whose bounding boxes are compact.
+pub fn hilbert_index(order: u32, mut x: u64, mut y: u64) -> u64 {
+    let n = 1u64 << order;
+    let mut d = 0;
+    let mut s = n / 2;
+    while s > 0 {
+        let rx = u64::from(x & s > 0);
+        let ry = u64::from(y & s > 0);
+        d += s * s * ((3 * rx) ^ ry);
+        // Rotate the quadrant so that the curve's pieces join.
+        if ry == 0 {
+            if rx == 1 {
+                x = n - 1 - x;
+                y = n - 1 - y;
+            }
+            std::mem::swap(&mut x, &mut y);
+        }
+        s /= 2;
+    }
+    d
+}
+
+/// Inputs in Hilbert order of their centres on a lon/lat grid (unplaceable ones last, in plan order).
+fn spatial_order(inputs: &[Input]) -> Vec<Input> {
+    let mut keyed: Vec<(u64, usize)> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let key = input_center(input).map_or(u64::MAX, |(lon, lat)| {
+                let q = |v: f64, lo: f64, span: f64| (((v - lo) / span).clamp(0.0, 1.0) * 65535.0) as u64;
+                hilbert_index(16, q(lon, -180.0, 360.0), q(lat, -90.0, 180.0))
+            });
+            (key, i)
+        })
+        .collect();
+    keyed.sort();
+    keyed.into_iter().map(|(_, i)| inputs[i].clone()).collect()
+}
+
+/// The windows' top-left corners of a `width × height` raster, in Hilbert order over the window grid.
+fn window_order(width: usize, height: usize, w: usize, h: usize, stride: usize) -> Vec<(usize, usize)> {
+    let ys: Vec<usize> = if height >= h { (0..=height - h).step_by(stride).collect() } else { vec![] };
+    let xs: Vec<usize> = if width >= w { (0..=width - w).step_by(stride).collect() } else { vec![] };
+    let order = (xs.len().max(ys.len()).max(1) as u64).next_power_of_two().trailing_zeros();
+    let mut cells: Vec<(u64, usize, usize)> = Vec::with_capacity(xs.len() * ys.len());
+    for (iy, &y) in ys.iter().enumerate() {
+        for (ix, &x) in xs.iter().enumerate() {
+            cells.push((hilbert_index(order, ix as u64, iy as u64), x, y));
+        }
+    }
+    cells.sort_unstable();
+    cells.into_iter().map(|(_, x, y)| (x, y)).collect()
 }
 
 /// `--bands`: each entry a band name of the files or a 1-based band number; as many as the model's channels.
@@ -273,52 +342,70 @@ fn read_windows(
             tracing::warn!(file = %scene.label, "smaller than one window; no rows");
         }
         let nodata_value = ri.nodata.unwrap_or(0.0);
+        let meets = |ring: &[(f64, f64)]| {
+            opts.bbox.is_none_or(|[x0, y0, x1, y1]| {
+                let b = ring_bounds(ring);
+                b[0] <= x1 && b[2] >= x0 && b[1] <= y1 && b[3] >= y0
+            })
+        };
+        // A scene outside the box is not read (its outline: corners and edge midpoints).
+        let (sw, sh) = (ri.width as f64, ri.height as f64);
+        let outline: Result<Vec<(f64, f64)>, String> =
+            [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (1.0, 0.5), (1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (0.0, 0.5)]
+                .iter()
+                .map(|&(fx, fy)| scene.georef.to_latlon(fx * sw, fy * sh).map(|(lat, lon)| (lon, lat)))
+                .collect();
+        if opts.bbox.is_some() && outline.is_ok_and(|o| !meets(&o)) {
+            if tx.send(Read::FileDone { label: scene.label, windows: 0, nodata: 0 }).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         let (mut rows, mut px) = (Vec::new(), Samples::with_capacity(ri.sample_type, opts.batch_size * c * h * w));
         let (mut windows, mut nodata) = (0, 0);
-        let ys: Vec<usize> = if ri.height >= h { (0..=ri.height - h).step_by(stride).collect() } else { vec![] };
-        let xs: Vec<usize> = if ri.width >= w { (0..=ri.width - w).step_by(stride).collect() } else { vec![] };
-        for &y in &ys {
-            for &x in &xs {
-                // Read, then (for windows over the nodata limit, nothing more) georeference.
-                let read = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string());
-                let placed = read.and_then(|win| {
-                    if win.samples.count_all_equal(c, nodata_value) as f64 > opts.max_nodata * (h * w) as f64 {
-                        return Ok(None);
-                    }
-                    let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
-                    let g = &scene.georef;
-                    Ok(Some((win, footprint(g, xf, yf, wf, hf)?, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?)))
-                });
-                let (win, corners, center) = match placed {
-                    Ok(Some(p)) => p,
-                    Ok(None) => {
-                        nodata += 1;
-                        continue;
-                    }
-                    Err(e) => {
-                        let e =
-                            format!("{e} (window at {x}, {y}; {windows} earlier windows of {} embedded)", scene.label);
-                        if tx.send(Read::Skipped(e)).is_err() {
-                            return Ok(());
-                        }
-                        continue 'files;
-                    }
-                };
-                rows.push(Row {
-                    source: scene.source.clone(),
-                    window: [x as u32, y as u32, w as u32, h as u32],
-                    corners,
-                    center,
-                    datetime: scene.datetime,
-                });
-                px.extend_from(&win.samples);
-                windows += 1;
-                if rows.len() == opts.batch_size {
-                    let cap = px.len();
-                    let full = std::mem::replace(&mut px, Samples::with_capacity(ri.sample_type, cap));
-                    if tx.send(Read::Batch(std::mem::take(&mut rows), full)).is_err() {
+        for (x, y) in window_order(ri.width, ri.height, w, h, stride) {
+            // Place (windows outside the box are not read), read, drop windows over the nodata limit.
+            let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
+            let g = &scene.georef;
+            let placed = footprint(g, xf, yf, wf, hf).and_then(|ring| {
+                if !meets(&ring) {
+                    return Ok(None);
+                }
+                let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
+                if win.samples.count_all_equal(c, nodata_value) as f64 > opts.max_nodata * (h * w) as f64 {
+                    return Ok(Some(None));
+                }
+                Ok(Some(Some((win, ring, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?))))
+            });
+            let (win, corners, center) = match placed {
+                Ok(Some(Some(p))) => p,
+                Ok(None) => continue,
+                Ok(Some(None)) => {
+                    nodata += 1;
+                    continue;
+                }
+                Err(e) => {
+                    let e = format!("{e} (window at {x}, {y}; {windows} earlier windows of {} embedded)", scene.label);
+                    if tx.send(Read::Skipped(e)).is_err() {
                         return Ok(());
                     }
+                    continue 'files;
+                }
+            };
+            rows.push(Row {
+                source: scene.source.clone(),
+                window: [x as u32, y as u32, w as u32, h as u32],
+                corners,
+                center,
+                datetime: scene.datetime,
+            });
+            px.extend_from(&win.samples);
+            windows += 1;
+            if rows.len() == opts.batch_size {
+                let cap = px.len();
+                let full = std::mem::replace(&mut px, Samples::with_capacity(ri.sample_type, cap));
+                if tx.send(Read::Batch(std::mem::take(&mut rows), full)).is_err() {
+                    return Ok(());
                 }
             }
         }
@@ -345,10 +432,14 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if !(0.0..=1.0).contains(&opts.max_nodata) {
         return Err(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata));
     }
+    let fetched0 = crate::store::fetched();
     let files = match &opts.planned {
         Some(p) => p.clone(),
         None => collect_inputs(&opts.inputs, opts.band_groups)?,
     };
+    // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
+    // row group covers a compact area and readers filtering by the bbox covering skip the others.
+    let files = spatial_order(&files);
     let env = crate::ort_backend::init(&opts.ort_lib)?;
     let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
     let model_bytes = std::fs::read(&opts.model).map_err(|e| format!("{}: {e}", opts.model.display()))?;
@@ -359,6 +450,8 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     let name = opts.model_name.clone().or_else(|| parent(2)).unwrap_or_else(|| "model".into());
     let version = opts.model_version.clone().or_else(|| parent(1)).unwrap_or_else(|| "1".into());
     let info = sig.into_info(&name, 1, None);
+    // Throughput is timed from here: the model is loaded, the inputs are resolved.
+    let started = Instant::now();
     if info.task != Task::Embedding {
         return Err(format!("{}: not an embedding model (outputs {:?})", opts.model.display(), info.outputs));
     }
@@ -387,11 +480,17 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
         "window": [h, w],
         "stride": stride,
         "max_nodata": opts.max_nodata,
+        "bbox": opts.bbox,
         "inputs": files.len(),
     });
     let mut sink =
         GeoParquetSink::create(&opts.out, d, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
     let mut summary = Summary::default();
+    let progress = indicatif::ProgressBar::new(files.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} inputs · {msg} · ETA {eta}")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
     std::thread::scope(|s| -> Result<(), String> {
         let (tx, batches) = std::sync::mpsc::sync_channel(2);
         let (files, info_r) = (&files, &info);
@@ -403,14 +502,18 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
                     let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
                     let emb = out[0].as_f32().ok_or("embedding is not float32")?;
                     sink.write(&rows, emb)?;
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    progress.set_message(format!("{} chips · {:.1} chips/s", sink.rows, sink.rows as f64 / secs));
                 }
                 Read::FileDone { label, windows, nodata } => {
                     summary.files += 1;
                     summary.nodata_windows += nodata;
-                    tracing::info!(file = %label, windows, "embedded");
+                    progress.inc(1);
+                    progress.suspend(|| tracing::info!(file = %label, windows, "embedded"));
                 }
                 Read::Skipped(e) => {
-                    tracing::warn!(error = %e, "skipped");
+                    progress.inc(1);
+                    progress.suspend(|| tracing::warn!(error = %e, "skipped"));
                     summary.skipped_files.push(e);
                 }
             }
@@ -420,8 +523,13 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if summary.files == 0 {
         return Err(format!("no input could be read: {}", summary.skipped_files.join("; ")));
     }
+    progress.finish_and_clear();
     summary.rows = sink.rows;
     sink.finish()?;
+    let fetched = crate::store::fetched();
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.fetched_bytes = fetched.0 - fetched0.0;
+    summary.fetch_requests = fetched.1 - fetched0.1;
     Ok(summary)
 }
 
@@ -545,16 +653,7 @@ impl GeoParquetSink {
             emb.append(true);
         }
         // The covering: each footprint's bounding box in CRS84.
-        let bounds: Vec<[f64; 4]> = rows
-            .iter()
-            .map(|r| {
-                r.corners
-                    .iter()
-                    .fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(x, y)| {
-                        [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)]
-                    })
-            })
-            .collect();
+        let bounds: Vec<[f64; 4]> = rows.iter().map(|r| ring_bounds(&r.corners)).collect();
         let f64s = |k: usize| Arc::new(Float64Array::from_iter_values(bounds.iter().map(|b| b[k]))) as ArrayRef;
         let bbox = StructArray::new(bbox_fields(), vec![f64s(0), f64s(1), f64s(2), f64s(3)], None);
         let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;

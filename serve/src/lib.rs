@@ -17,6 +17,7 @@ pub mod embed;
 pub mod error;
 pub mod image_io;
 pub mod images;
+pub mod inputs;
 pub mod map;
 pub mod metrics;
 pub mod oip;
@@ -24,6 +25,7 @@ pub mod ort_backend;
 pub mod repository;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod tensor;
 
 pub use backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};

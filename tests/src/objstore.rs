@@ -1,0 +1,141 @@
+//! A real S3-compatible server for tests (moto's, from the project venv) on
+//! 127.0.0.1, and a TCP proxy in front of it that counts the bytes the server
+//! sends: the tests' own measure of what a client fetched.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// `moto_server` on a free port of 127.0.0.1; killed when dropped.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Moto {
+    /// Starts the server and waits for its "Running on" line.
+    pub fn start() -> Moto {
+        let exe = crate::python().with_file_name("moto_server");
+        let mut child = Command::new(&exe)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", exe.display()));
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut seen = String::new();
+        let addr = loop {
+            let mut line = String::new();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                panic!("moto_server exited before listening: {seen}");
+            }
+            seen.push_str(&line);
+            if let Some(rest) = line.split("Running on http://").nth(1) {
+                break rest.trim().parse::<SocketAddr>().unwrap_or_else(|e| panic!("{line}: {e}"));
+            }
+        };
+        // Keep draining its log so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = lines.read_to_end(&mut sink);
+        });
+        Moto { child, addr }
+    }
+
+    /// Creates `bucket`.
+    pub fn bucket(&self, bucket: &str) {
+        let r = crate::http::request(self.addr, "PUT", &format!("/{bucket}"), &[], b"").expect("create bucket");
+        assert_eq!(r.status, 200, "create bucket {bucket}: {}", r.text());
+    }
+
+    /// Stores `bytes` at `bucket/key`, readable without credentials (as a public bucket's objects are, so that
+    /// plain HTTP clients can read them too).
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let acl = [("x-amz-acl", "public-read")];
+        let r = crate::http::request(self.addr, "PUT", &format!("/{bucket}/{key}"), &acl, bytes).expect("put");
+        assert_eq!(r.status, 200, "put {bucket}/{key}: {}", r.text());
+    }
+
+    /// The object at `bucket/key`, if any.
+    pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let r = crate::http::request(self.addr, "GET", &format!("/{bucket}/{key}"), &[], b"").expect("get");
+        (r.status == 200).then_some(r.body)
+    }
+
+    /// The keys under `prefix` in `bucket` (from the ListObjectsV2 XML).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let r = crate::http::request(self.addr, "GET", &format!("/{bucket}?list-type=2&prefix={prefix}"), &[], b"")
+            .expect("list");
+        r.text().split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next()).map(str::to_string).collect()
+    }
+
+    /// Environment for clients of `endpoint` (this server, or a proxy before it).
+    pub fn env(endpoint: SocketAddr) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", format!("http://{endpoint}")),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 to `target` that counts the bytes coming back.
+#[derive(Debug, Clone)]
+pub struct CountingProxy {
+    pub addr: SocketAddr,
+    received: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    pub fn start(target: SocketAddr) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::new(AtomicU64::new(0));
+        let count = received.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(target) else { continue };
+                let count = count.clone();
+                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                std::thread::spawn(move || pump(c2, s2, None));
+                std::thread::spawn(move || pump(server, client, Some(count)));
+            }
+        });
+        CountingProxy { addr, received }
+    }
+
+    /// Bytes sent back to clients so far (headers included).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if let Some(c) = &count {
+                    c.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}

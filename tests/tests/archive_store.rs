@@ -1,0 +1,357 @@
+//! Archive embedding from and to object storage, against a real
+//! S3-compatible server (moto's, started here on 127.0.0.1) reached through a
+//! TCP proxy that counts the bytes it sends back; HTTP inputs are read from the
+//! same server's plain URLs (it honours `Range`). Real pixels: the Landsat 7
+//! scene and the aerial COG of rasterio's test data.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, TimestampMicrosecondType, UInt32Type};
+use arrow_array::Array;
+use geossl_tests::objstore::{CountingProxy, Moto};
+use geossl_tests::server::make_repository;
+use geossl_tests::{bin, python, shared_data, text};
+
+/// A row, keyed by its source's file name and window: footprint WKB, embedding bits, datetime.
+type Rows = BTreeMap<(String, [u32; 4]), (Vec<u8>, Vec<u32>, Option<i64>)>;
+
+fn rows(parquet: &[u8]) -> Rows {
+    let b =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(parquet.to_vec()))
+            .unwrap()
+            .build()
+            .unwrap();
+    let mut out = Rows::new();
+    for batch in b {
+        let b = batch.unwrap();
+        let src = b.column_by_name("source").unwrap().as_string::<i32>();
+        let win = b.column_by_name("window").unwrap().as_struct();
+        let w = |k: &str| win.column_by_name(k).unwrap().as_primitive::<UInt32Type>().clone();
+        let (x, y, ww, hh) = (w("x"), w("y"), w("w"), w("h"));
+        let geom = b.column_by_name("geometry").unwrap().as_binary::<i32>();
+        let emb = b.column_by_name("embedding").unwrap().as_fixed_size_list();
+        let dt = b.column_by_name("datetime").unwrap().as_primitive::<TimestampMicrosecondType>();
+        for i in 0..b.num_rows() {
+            let name = src.value(i).rsplit(['/', '#']).next().unwrap().to_string();
+            let bits = emb.value(i).as_primitive::<Float32Type>().values().iter().map(|v| v.to_bits()).collect();
+            let key = (name, [x.value(i), y.value(i), ww.value(i), hh.value(i)]);
+            let dt = dt.is_valid(i).then(|| dt.value(i));
+            assert!(out.insert(key.clone(), (geom.value(i).to_vec(), bits, dt)).is_none(), "{key:?} twice");
+        }
+    }
+    out
+}
+
+/// Renames every row's source file name (the same pixels under another name).
+fn renamed(r: &Rows, from: &str, to: &str) -> Rows {
+    r.iter().filter(|((n, _), _)| n == from).map(|((_, w), v)| ((to.to_string(), *w), v.clone())).collect()
+}
+
+fn without_dates(r: &Rows) -> Rows {
+    r.iter().map(|(k, (g, e, _))| (k.clone(), (g.clone(), e.clone(), None))).collect()
+}
+
+fn serve(args: &[&str], env: &[(&'static str, String)]) -> Command {
+    let mut c = Command::new(bin("geossl-serve"));
+    c.args(args).env("GEOSSL_EXECUTION_PROVIDER", "cpu");
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_SESSION_TOKEN", "AWS_PROFILE"] {
+        c.env_remove(k);
+    }
+    c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    c
+}
+
+fn out(mut c: impl std::borrow::BorrowMut<Command>) -> Output {
+    c.borrow_mut().output().unwrap()
+}
+
+/// Runs Python (with rasterio) on `code`, with `args`.
+fn py(code: &str, args: &[&Path]) {
+    let o = Command::new(python()).arg("-c").arg(code).args(args).output().unwrap();
+    assert!(o.status.success(), "python: {}", text(&o));
+}
+
+/// A 3×3 mosaic of the Landsat scene (2373×2154×3 uint8) written as a COG
+/// (256-pixel tiles, deflate, overviews) by GDAL's COG driver.
+fn mosaic_cog(to: &Path) {
+    let o = Command::new(python())
+        .arg(geossl_tests::workspace().join("scripts/reference/mosaic_cog.py"))
+        .arg(shared_data().join("rasterio/RGB.byte.tif"))
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mosaic_cog.py: {}", text(&o));
+}
+
+fn model(dir: &Path) -> PathBuf {
+    make_repository(dir, 64, &[("embed", "embed", &[])]);
+    dir.join("embed/1/model.onnx")
+}
+
+/// A COG read over S3 and over HTTP gives the local file's rows; for a small
+/// area, the bytes fetched are a small fraction of the file.
+#[test]
+fn cog_over_s3_and_http_reads_by_ranges() {
+    let d = tempfile::tempdir().unwrap();
+    let model = model(d.path());
+    let cog = d.path().join("mosaic.tif");
+    mosaic_cog(&cog);
+    let size = std::fs::metadata(&cog).unwrap().len();
+    let moto = Moto::start();
+    moto.bucket("archive");
+    moto.put("archive", "cog/mosaic.tif", &std::fs::read(&cog).unwrap());
+    let proxy = CountingProxy::start(moto.addr);
+    let env = Moto::env(proxy.addr);
+    let m = model.to_str().unwrap();
+    let local_out = d.path().join("local.parquet");
+    let o = out(serve(&["embed", "--model", m, "--input", cog.to_str().unwrap(), "--out"], &[]).arg(&local_out));
+    assert!(o.status.success(), "{}", text(&o));
+    let local = rows(&std::fs::read(&local_out).unwrap());
+    assert!(local.len() > 500, "{} rows", local.len());
+
+    // The whole scene over S3, the output written to S3 too.
+    let before = proxy.received();
+    let o = out(serve(
+        &["embed", "--model", m, "--input", "s3://archive/cog/mosaic.tif", "--out", "s3://archive/out/whole.parquet"],
+        &env,
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("requests"), "the summary counts fetched bytes: {}", text(&o));
+    assert_eq!(rows(&moto.get("archive", "out/whole.parquet").unwrap()), local, "S3 rows differ from local rows");
+    let whole = proxy.received() - before;
+    assert!(whole >= size, "reading every window fetched {whole} bytes of {size}");
+
+    // A small area: the box of one window well inside the scene, shrunk so that it meets only that window.
+    let ((_, w0), (g0, _, _)) = local.iter().find(|((_, w), _)| w[0] >= 1024 && w[1] >= 1024).unwrap();
+    let xy: Vec<f64> = g0[13..].chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+    let (xs, ys): (Vec<f64>, Vec<f64>) =
+        (xy.iter().step_by(2).copied().collect(), xy.iter().skip(1).step_by(2).copied().collect());
+    let (x0, x1) = (xs.iter().cloned().fold(f64::MAX, f64::min), xs.iter().cloned().fold(f64::MIN, f64::max));
+    let (y0, y1) = (ys.iter().cloned().fold(f64::MAX, f64::min), ys.iter().cloned().fold(f64::MIN, f64::max));
+    let (dx, dy) = ((x1 - x0) * 0.3, (y1 - y0) * 0.3);
+    let bbox = format!("{},{},{},{}", x0 + dx, y0 + dy, x1 - dx, y1 - dy);
+    for (input, label) in [
+        (format!("http://{}/archive/cog/mosaic.tif", proxy.addr), "HTTP"),
+        ("s3://archive/cog/mosaic.tif".to_string(), "S3"),
+    ] {
+        let small = d.path().join(format!("small-{label}.parquet"));
+        let before = proxy.received();
+        let o = out(serve(&["embed", "--model", m, "--input", &input, "--bbox", &bbox, "--out"], &env).arg(&small));
+        let fetched = proxy.received() - before;
+        assert!(o.status.success(), "{label}: {}", text(&o));
+        let got = rows(&std::fs::read(&small).unwrap());
+        assert!(got.contains_key(&("mosaic.tif".to_string(), *w0)), "{label}: the window in the box is missing");
+        assert!(!got.is_empty() && got.len() <= 4, "{label}: {} rows for a box inside one window", got.len());
+        for (k, v) in &got {
+            assert_eq!(Some(v), local.get(k), "{label}: row {k:?} differs from the local file's");
+        }
+        assert!(fetched * 20 < size, "{label}: {fetched} bytes fetched for one window of a {size}-byte COG (over 5 %)");
+        eprintln!("{label}: {fetched} of {size} bytes ({:.2} %) for one window", 100.0 * fetched as f64 / size as f64);
+    }
+}
+
+/// Waits for `child`'s first "embedded" log line (one input done: the shard is under way), then returns it.
+fn wait_until_embedding(child: &mut std::process::Child) -> BufReader<std::process::ChildStderr> {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "the shard ended before embedding anything: {seen}");
+        seen.push_str(&line);
+        if line.contains("embedded") {
+            return err;
+        }
+    }
+}
+
+/// Plan → 3 shards as 3 processes (JOB_COMPLETION_INDEX 0..2) reading scenes from S3 and writing the dataset
+/// to S3; one is killed with SIGKILL mid-shard and rerun; verify passes; the union equals the unsharded local
+/// run row for row. A plan replaced while a shard runs makes that shard publish nothing.
+#[test]
+fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
+    let d = tempfile::tempdir().unwrap();
+    let model = model(d.path());
+    let m = model.to_str().unwrap();
+    let moto = Moto::start();
+    moto.bucket("archive");
+    let scene = std::fs::read(shared_data().join("rasterio/RGB.byte.tif")).unwrap();
+    let local_dir = d.path().join("scenes");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    for i in 0..5 {
+        moto.put("archive", &format!("scenes/s{i}.tif"), &scene);
+        std::fs::write(local_dir.join(format!("s{i}.tif")), &scene).unwrap();
+    }
+    let env = Moto::env(moto.addr);
+    let o = out(serve(&["embed", "plan", "--input", "s3://archive/scenes/", "--out", "s3://archive/plan.json"], &env));
+    assert!(o.status.success() && text(&o).contains("5 inputs"), "{}", text(&o));
+    let shard = |i: usize| {
+        let mut c =
+            serve(&["embed", "--model", m, "--plan", "s3://archive/plan.json", "--out", "s3://archive/ds"], &env);
+        c.args(["--shard-count", "3"]).env("JOB_COMPLETION_INDEX", i.to_string());
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    // Shard 0 (inputs 0 and 3) is killed after its first input, before it can publish.
+    let mut k = shard(0);
+    let _log = wait_until_embedding(&mut k);
+    k.kill().unwrap();
+    k.wait().unwrap();
+    assert!(moto.keys("archive", "ds/").is_empty(), "a killed shard published {:?}", moto.keys("archive", "ds/"));
+    let kids: Vec<_> = (0..3).map(shard).collect();
+    for k in kids {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let verify = |dataset: &str| {
+        out(serve(&["embed", "verify", "--plan", "s3://archive/plan.json", "--dataset", dataset], &env))
+    };
+    let o = verify("s3://archive/ds");
+    assert!(o.status.success() && text(&o).contains("3 shards complete"), "{}", text(&o));
+    let mut union = Rows::new();
+    for i in 0..3 {
+        union.extend(rows(&moto.get("archive", &format!("ds/part-{i:05}.parquet")).unwrap()));
+    }
+    let local_out = d.path().join("local.parquet");
+    let o = out(serve(&["embed", "--model", m, "--input", local_dir.to_str().unwrap(), "--out"], &[]).arg(&local_out));
+    assert!(o.status.success(), "{}", text(&o));
+    let local = rows(&std::fs::read(&local_out).unwrap());
+    assert!(local.len() > 100);
+    assert_eq!(union, local, "the shards in S3 differ from the local run");
+    // A rerun skips finished shards.
+    let o = shard(1).wait_with_output().unwrap();
+    assert!(o.status.success() && text(&o).contains("already done"), "{}", text(&o));
+
+    // The plan is replaced while a shard runs: the shard refuses to publish, the dataset is untouched.
+    let o = out(serve(&["embed", "plan", "--input", "s3://archive/scenes/", "--out", "s3://archive/plan2.json"], &env));
+    assert!(o.status.success(), "{}", text(&o));
+    let mut c = serve(&["embed", "--model", m, "--plan", "s3://archive/plan2.json", "--out", "s3://archive/ds2"], &env);
+    c.args(["--shard-count", "1"]).env("JOB_COMPLETION_INDEX", "0").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut running = c.spawn().unwrap();
+    let mut log = wait_until_embedding(&mut running);
+    let o = out(serve(
+        &["embed", "plan", "--input", "s3://archive/scenes/s1.tif", "--out", "s3://archive/plan2.json"],
+        &env,
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    let status = running.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut log, &mut rest).unwrap();
+    assert!(!status.success() && rest.contains("changed while shard 0 ran"), "{rest}");
+    assert!(moto.keys("archive", "ds2/").is_empty(), "published: {:?}", moto.keys("archive", "ds2/"));
+}
+
+/// Writes the Landsat scene's bands as single-band files and as a reversed 3-band file.
+fn split_bands(dir: &Path) {
+    py(
+        r#"
+import sys, rasterio
+src, d = sys.argv[1], sys.argv[2]
+with rasterio.open(src) as s:
+    a, p = s.read(), s.profile
+p1 = dict(p, count=1)
+for i, name in enumerate(["red", "green", "blue"]):
+    with rasterio.open(f"{d}/LE07_{name}.tif", "w", **p1) as o:
+        o.write(a[i:i + 1])
+with rasterio.open(f"{d}/LE07_bgr.tif", "w", **p) as o:
+    o.write(a[::-1])
+"#,
+        &[&shared_data().join("rasterio/RGB.byte.tif"), dir],
+    );
+}
+
+/// A STAC ItemCollection written here, its assets on the HTTP server: bands picked by name from single-band
+/// assets and from a multi-band asset in another band order give the local scene's rows, dated by the items.
+/// The bad inputs of one run fail alone, named, and the summary lists them: an asset missing a band, an
+/// unreachable URL, a truncated COG, and (another run) S3 without credentials.
+#[test]
+fn stac_items_and_bad_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let model = model(d.path());
+    let m = model.to_str().unwrap();
+    let moto = Moto::start();
+    moto.bucket("archive");
+    let bands = d.path().join("bands");
+    std::fs::create_dir_all(&bands).unwrap();
+    split_bands(&bands);
+    for f in ["LE07_red.tif", "LE07_green.tif", "LE07_blue.tif", "LE07_bgr.tif"] {
+        moto.put("archive", &format!("stac/assets/{f}"), &std::fs::read(bands.join(f)).unwrap());
+    }
+    let band = |name: &str| serde_json::json!({"name": name, "common_name": name});
+    let item = |id: &str, date: &str, assets: serde_json::Value| {
+        serde_json::json!({
+            "type": "Feature", "stac_version": "1.0.0", "id": id,
+            "stac_extensions": ["https://stac-extensions.github.io/eo/v1.1.0/schema.json"],
+            "geometry": null, "bbox": [-78.96, 23.56, -76.57, 25.55],
+            "properties": {"datetime": date}, "links": [], "assets": assets,
+        })
+    };
+    let tif = "image/tiff; application=geotiff";
+    let single = |f: &str, b: &str| serde_json::json!({"href": f, "type": tif, "eo:bands": [band(b)]});
+    let collection = serde_json::json!({
+        "type": "FeatureCollection",
+        "features": [
+            item("bands", "2001-02-03T04:05:06Z", serde_json::json!({
+                "thumbnail": {"href": "assets/none.png", "type": "image/png"},
+                "B1": single("assets/LE07_blue.tif", "blue"),
+                "B2": single("assets/LE07_green.tif", "green"),
+                "B3": single("assets/LE07_red.tif", "red"),
+            })),
+            item("stack", "2001-02-03T04:05:06Z", serde_json::json!({
+                "visual": {"href": "assets/LE07_bgr.tif", "type": tif, "eo:bands": [band("blue"), band("green"), band("red")]},
+            })),
+            item("no-blue", "2001-02-03T04:05:06Z", serde_json::json!({
+                "B2": single("assets/LE07_green.tif", "green"),
+                "B3": single("assets/LE07_red.tif", "red"),
+            })),
+        ],
+    });
+    moto.put("archive", "stac/items.json", collection.to_string().as_bytes());
+    // A COG cut short: its header is whole, its tiles are not.
+    let cog = d.path().join("mosaic.tif");
+    mosaic_cog(&cog);
+    let bytes = std::fs::read(&cog).unwrap();
+    moto.put("archive", "cut/mosaic.tif", &bytes[..bytes.len() * 6 / 10]);
+
+    let local_out = d.path().join("local.parquet");
+    let scene = shared_data().join("rasterio/RGB.byte.tif");
+    let o = out(serve(&["embed", "--model", m, "--input", scene.to_str().unwrap(), "--out"], &[]).arg(&local_out));
+    assert!(o.status.success(), "{}", text(&o));
+    let local = rows(&std::fs::read(&local_out).unwrap());
+
+    let env = Moto::env(moto.addr);
+    let stac = format!("http://{}/archive/stac/items.json", moto.addr);
+    let got_out = d.path().join("stac.parquet");
+    let inputs = format!("{stac},http://127.0.0.1:1/unreachable.tif,s3://archive/cut/mosaic.tif");
+    let o = out(serve(&["embed", "--model", m, "--input", &inputs, "--out"], &env).arg(&got_out));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let got = rows(&std::fs::read(&got_out).unwrap());
+    let date = 981_173_106_000_000i64; // 2001-02-03T04:05:06Z
+    for id in ["bands", "stack"] {
+        let mine = renamed(&got, id, "RGB.byte.tif");
+        assert_eq!(without_dates(&mine), without_dates(&local), "STAC item {id} differs from the local scene");
+        assert!(mine.values().all(|(_, _, dt)| *dt == Some(date)), "item {id}: rows not dated by the item");
+    }
+    assert!(t.contains("3 inputs failed"), "{t}");
+    assert!(t.contains("no-blue") && t.contains("no asset has band blue"), "{t}");
+    assert!(t.contains("http://127.0.0.1:1/unreachable.tif"), "{t}");
+    assert!(t.contains("s3://archive/cut/mosaic.tif") && t.contains("truncated"), "{t}");
+    let cut_rows = got.keys().filter(|(n, _)| n == "mosaic.tif").count();
+    eprintln!("truncated COG: {cut_rows} windows embedded before its tiles ran out");
+
+    // S3 without credentials: that input is named, the local one is embedded.
+    let o = out(serve(
+        &["embed", "--model", m, "--input", &format!("s3://archive/cut/mosaic.tif,{}", scene.display()), "--out"],
+        &[("AWS_ENDPOINT", format!("http://{}", moto.addr)), ("AWS_ALLOW_HTTP", "true".into())],
+    )
+    .arg(d.path().join("nocreds.parquet")));
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("no AWS credentials") && t.contains("1 inputs failed"), "{t}");
+    assert_eq!(rows(&std::fs::read(d.path().join("nocreds.parquet")).unwrap()), local);
+}
