@@ -38,6 +38,9 @@ pub trait Source: Read + Seek {
     fn will_read(&mut self, _ranges: &[std::ops::Range<u64>]) -> std::io::Result<()> {
         Ok(())
     }
+
+    /// Byte ranges a later read will need: start fetching them without waiting (errors surface at the read).
+    fn prefetch(&mut self, _ranges: &[std::ops::Range<u64>]) {}
 }
 
 impl Source for BufReader<std::fs::File> {}
@@ -47,6 +50,10 @@ impl Source for Cursor<&[u8]> {}
 impl<S: Source + ?Sized> Source for Box<S> {
     fn will_read(&mut self, ranges: &[std::ops::Range<u64>]) -> std::io::Result<()> {
         (**self).will_read(ranges)
+    }
+
+    fn prefetch(&mut self, ranges: &[std::ops::Range<u64>]) {
+        (**self).prefetch(ranges)
     }
 }
 
@@ -460,6 +467,39 @@ impl<R: Source> Raster<R> {
         self.read_window(0, 0, w, h, &bands)
     }
 
+    /// Byte ranges of the strips/tiles (not decoded yet) that a window of `bands` needs, sorted.
+    fn chunk_ranges(&self, x: usize, y: usize, w: usize, h: usize, bands: &[usize]) -> Vec<std::ops::Range<u64>> {
+        let info = &self.info;
+        let (cw, ch) = (info.chunk_width, info.chunk_height);
+        if w == 0 || h == 0 || x + w > info.width || y + h > info.height {
+            return Vec::new();
+        }
+        let mut wanted: Vec<std::ops::Range<u64>> = Vec::new();
+        for cy in y / ch..=(y + h - 1) / ch {
+            for cx in x / cw..=(x + w - 1) / cw {
+                for &band in bands.iter().filter(|&&b| b < info.bands) {
+                    let plane = if info.planar { band } else { 0 };
+                    let i = (plane * self.chunks_per_plane + cy * self.chunks_across + cx) as u32;
+                    if !self.cache.contains_key(&i) {
+                        wanted.extend(self.ranges.get(i as usize).cloned());
+                    }
+                }
+            }
+        }
+        wanted.sort_by_key(|r| r.start);
+        wanted.dedup();
+        wanted
+    }
+
+    /// Starts fetching what a later window will need (a remote source fetches in the background, so reading
+    /// overlaps decoding; a local one does nothing). Out-of-range windows are ignored.
+    pub fn prefetch_window(&mut self, x: usize, y: usize, w: usize, h: usize, bands: &[usize]) {
+        let wanted = self.chunk_ranges(x, y, w, h, bands);
+        if !wanted.is_empty() {
+            self.dec.inner().prefetch(&wanted);
+        }
+    }
+
     /// Bands `bands` (0-based, in that order) of the window at `x, y` of
     /// `w × h` pixels, decoding only the strips/tiles it touches.
     pub fn read_window(
@@ -492,20 +532,8 @@ impl<R: Source> Raster<R> {
             (plane * per_plane + cy * across + cx) as u32
         };
         // Tell the source which chunks (not yet decoded) come next.
-        let mut wanted: Vec<std::ops::Range<u64>> = Vec::new();
-        for cy in y / ch..=(y + h - 1) / ch {
-            for cx in x / cw..=(x + w - 1) / cw {
-                for &band in bands {
-                    let i = index(band, cx, cy);
-                    if !self.cache.contains_key(&i) {
-                        wanted.extend(self.ranges.get(i as usize).cloned());
-                    }
-                }
-            }
-        }
+        let wanted = self.chunk_ranges(x, y, w, h, bands);
         if !wanted.is_empty() {
-            wanted.sort_by_key(|r| r.start);
-            wanted.dedup();
             self.dec
                 .inner()
                 .will_read(&wanted)
@@ -682,6 +710,15 @@ impl<R: Source> BandGroup<R> {
     /// As [`Raster::select_bands`], over the group's bands.
     pub fn select_bands(&self, wanted: &[String]) -> Result<Vec<usize>, RasterError> {
         select(&self.info, &self.name, wanted)
+    }
+
+    /// As [`Raster::prefetch_window`], for each member's bands.
+    pub fn prefetch_window(&mut self, x: usize, y: usize, w: usize, h: usize, bands: &[usize]) {
+        for &b in bands {
+            if let Some(&(m, mb)) = self.bands.get(b) {
+                self.members[m].prefetch_window(x, y, w, h, &[mb]);
+            }
+        }
     }
 
     /// As [`Raster::read_window`]: each band from its member.

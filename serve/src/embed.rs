@@ -308,6 +308,9 @@ fn pick_bands<R: geossl_raster::Source>(r: &BandGroup<R>, names: &[String], c: u
     Ok(out)
 }
 
+/// Windows ahead of the current one whose strips/tiles are fetched in the background.
+const PREFETCH_WINDOWS: usize = 8;
+
 /// What the reading thread sends: a batch of windows, or the end of a file.
 enum Read {
     Batch(Vec<Row>, Samples),
@@ -363,7 +366,19 @@ fn read_windows(
         }
         let (mut rows, mut px) = (Vec::new(), Samples::with_capacity(ri.sample_type, opts.batch_size * c * h * w));
         let (mut windows, mut nodata) = (0, 0);
-        for (x, y) in window_order(ri.width, ri.height, w, h, stride) {
+        // Windows in Hilbert order; with a box, only those meeting it (nothing else is read or fetched).
+        let order: Vec<(usize, usize)> = window_order(ri.width, ri.height, w, h, stride)
+            .into_iter()
+            .filter(|&(x, y)| {
+                opts.bbox.is_none()
+                    || footprint(&scene.georef, x as f64, y as f64, w as f64, h as f64).map_or(true, |r| meets(&r))
+            })
+            .collect();
+        for (k, &(x, y)) in order.iter().enumerate() {
+            // Remote tiles of the next windows are fetched while this one is decoded (a no-op for local files).
+            for &(nx, ny) in order.iter().skip(k + 1).take(PREFETCH_WINDOWS) {
+                scene.raster.prefetch_window(nx, ny, w, h, &scene.bands);
+            }
             // Place (windows outside the box are not read), read, drop windows over the nodata limit.
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
             let g = &scene.georef;
@@ -716,6 +731,25 @@ mod tests {
         for bad in ["", "2020:13:01 00:00:00", "yesterday", "2020:01:01"] {
             assert_eq!(parse_tiff_datetime(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn hilbert_order_visits_every_cell_once_through_neighbours() {
+        assert_eq!([(0, 0), (0, 1), (1, 1), (1, 0)].map(|(x, y)| hilbert_index(1, x, y)), [0, 1, 2, 3]);
+        let mut cells: Vec<(u64, u64, u64)> =
+            (0..8).flat_map(|x| (0..8).map(move |y| (hilbert_index(3, x, y), x, y))).collect();
+        cells.sort();
+        assert!(cells.iter().enumerate().all(|(i, c)| c.0 == i as u64), "a bijection onto 0..64");
+        for p in cells.windows(2) {
+            assert_eq!(p[0].1.abs_diff(p[1].1) + p[0].2.abs_diff(p[1].2), 1, "{p:?} are not neighbours");
+        }
+        // Windows of a 5 × 3 grid: all of them, each once, neighbours in turn.
+        let order = window_order(5 * 64, 3 * 64, 64, 64, 64);
+        assert_eq!(order.len(), 15);
+        let mut seen = order.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 15);
     }
 
     #[test]

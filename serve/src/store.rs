@@ -514,7 +514,18 @@ pub struct RangeReader {
     held: usize,
     next_fetch: u64,
     last_end: u64,
+    /// Ends of the strips/tiles announced so far: a decoder that reads on past one (tiff's deflate and zstd
+    /// readers buffer ahead) is at the end of its data, and gets end-of-file instead of a fetch.
+    chunk_ends: std::collections::HashSet<u64>,
+    /// Fetches started by [`geossl_raster::Source::prefetch`], not yet taken.
+    pending: Vec<(Range<u64>, Fetching)>,
 }
+
+/// A background fetch of one byte range.
+type Fetching = tokio::task::JoinHandle<Result<Bytes, String>>;
+
+/// Background fetches one reader keeps in flight at most.
+const MAX_PENDING: usize = 32;
 
 impl std::fmt::Debug for RangeReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -559,6 +570,8 @@ impl RangeReader {
             held: 0,
             next_fetch: HEAD_BYTES,
             last_end: 0,
+            chunk_ends: Default::default(),
+            pending: Vec::new(),
         };
         r.insert(0, head);
         Ok(r)
@@ -593,7 +606,60 @@ impl RangeReader {
     }
 }
 
+impl RangeReader {
+    /// Waits for the background fetches overlapping `ranges` and keeps what they brought.
+    fn settle(&mut self, ranges: &[Range<u64>]) -> std::io::Result<()> {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i].0;
+            if ranges.iter().any(|r| r.start < p.end && p.start < r.end) {
+                let (r, handle) = self.pending.swap_remove(i);
+                let b = block_on(handle)
+                    .map_err(|e| std::io::Error::other(format!("{}: fetch task: {e}", self.label)))?
+                    .map_err(std::io::Error::other)?;
+                self.insert(r.start, b);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `ranges` less what is fetched or being fetched, merged where closer than [`COALESCE_GAP`].
+    fn missing(&self, ranges: &[Range<u64>]) -> std::io::Result<Vec<Range<u64>>> {
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in ranges.iter().filter(|r| r.start < r.end && !self.covered(r)) {
+            if r.end > self.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: the file is {} bytes but its tile/strip index points to bytes {r:?} (truncated?)",
+                        self.label, self.size
+                    ),
+                ));
+            }
+            if self.pending.iter().any(|(p, _)| p.start <= r.start && r.end <= p.end) {
+                continue;
+            }
+            match merged.last_mut() {
+                Some(m) if r.start <= m.end + COALESCE_GAP => m.end = m.end.max(r.end),
+                _ => merged.push(r.clone()),
+            }
+        }
+        Ok(merged)
+    }
+}
+
+impl Drop for RangeReader {
+    fn drop(&mut self) {
+        for (_, h) in &self.pending {
+            h.abort();
+        }
+    }
+}
+
 fn fetch(store: &Arc<dyn ObjectStore>, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, String> {
+    tracing::debug!(object = label, start = r.start, len = r.end - r.start, "fetch");
     let b = block_on(store.get_range(path, r.clone())).map_err(|e| format!("{label}: bytes {r:?}: {e}"))?;
     FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
     FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
@@ -606,6 +672,13 @@ impl Read for RangeReader {
             return Ok(0);
         }
         if self.extent_at(self.pos).is_none() {
+            let at = self.pos..self.pos + 1;
+            self.settle(std::slice::from_ref(&at))?;
+        }
+        if self.extent_at(self.pos).is_none() {
+            if self.chunk_ends.contains(&self.pos) {
+                return Ok(0);
+            }
             // Sequential reads fetch more each time; a jump starts small again.
             self.next_fetch = if self.pos == self.last_end { (self.next_fetch * 2).min(8 << 20) } else { HEAD_BYTES };
             let len = self.next_fetch.max(buf.len() as u64);
@@ -644,25 +717,13 @@ impl Seek for RangeReader {
 
 impl geossl_raster::Source for RangeReader {
     fn will_read(&mut self, ranges: &[Range<u64>]) -> std::io::Result<()> {
-        let mut merged: Vec<Range<u64>> = Vec::new();
-        for r in ranges.iter().filter(|r| r.start < r.end && !self.covered(r)) {
-            if r.end > self.size {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "{}: the file is {} bytes but its tile/strip index points to bytes {r:?} (truncated?)",
-                        self.label, self.size
-                    ),
-                ));
-            }
-            match merged.last_mut() {
-                Some(m) if r.start <= m.end + COALESCE_GAP => m.end = m.end.max(r.end),
-                _ => merged.push(r.clone()),
-            }
-        }
+        self.chunk_ends.extend(ranges.iter().map(|r| r.end));
+        self.settle(ranges)?;
+        let merged = self.missing(ranges)?;
         if merged.is_empty() {
             return Ok(());
         }
+        tracing::debug!(object = %self.label, ranges = ?merged, "fetch announced");
         let (store, path, label) = (&self.store, &self.path, &self.label);
         let got = block_on(futures_util::future::try_join_all(merged.iter().map(|r| async move {
             store.get_range(path, r.clone()).await.map_err(|e| format!("{label}: bytes {r:?}: {e}"))
@@ -676,6 +737,30 @@ impl geossl_raster::Source for RangeReader {
         }
         self.evict(n);
         Ok(())
+    }
+
+    fn prefetch(&mut self, ranges: &[Range<u64>]) {
+        self.chunk_ends.extend(ranges.iter().map(|r| r.end));
+        // A range past the end is reported when it is read.
+        let Ok(merged) = self.missing(ranges) else { return };
+        for r in merged {
+            if self.pending.len() >= MAX_PENDING {
+                break;
+            }
+            tracing::debug!(object = %self.label, range = ?r, "prefetch");
+            let (store, path, label) = (self.store.clone(), self.path.clone(), self.label.clone());
+            let range = r.clone();
+            let task = runtime().spawn(async move {
+                let b = store
+                    .get_range(&path, range.clone())
+                    .await
+                    .map_err(|e| format!("{label}: bytes {range:?}: {e}"))?;
+                FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
+                FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
+                Ok(b)
+            });
+            self.pending.push((r, task));
+        }
     }
 }
 

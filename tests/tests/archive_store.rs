@@ -125,7 +125,8 @@ fn cog_over_s3_and_http_reads_by_ranges() {
     assert!(text(&o).contains("requests"), "the summary counts fetched bytes: {}", text(&o));
     assert_eq!(rows(&moto.get("archive", "out/whole.parquet").unwrap()), local, "S3 rows differ from local rows");
     let whole = proxy.received() - before;
-    assert!(whole >= size, "reading every window fetched {whole} bytes of {size}");
+    // Every full-resolution tile once (the overviews, ~1/4 of a COG, are not read), nothing twice.
+    assert!(whole > size / 2 && whole < size, "reading every window fetched {whole} bytes of {size}");
 
     // A small area: the box of one window well inside the scene, shrunk so that it meets only that window.
     let ((_, w0), (g0, _, _)) = local.iter().find(|((_, w), _)| w[0] >= 1024 && w[1] >= 1024).unwrap();
