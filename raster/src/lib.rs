@@ -491,10 +491,14 @@ impl<R: Source> Raster<R> {
         wanted
     }
 
-    /// Starts fetching what a later window will need (a remote source fetches in the background, so reading
-    /// overlaps decoding; a local one does nothing). Out-of-range windows are ignored.
-    pub fn prefetch_window(&mut self, x: usize, y: usize, w: usize, h: usize, bands: &[usize]) {
-        let wanted = self.chunk_ranges(x, y, w, h, bands);
+    /// Starts fetching what later windows (top-left corners, all `w × h`) will need, in one request per run
+    /// of nearby byte ranges: a remote source fetches in the background, so reading overlaps decoding; a local
+    /// one does nothing. Windows outside the raster are ignored.
+    pub fn prefetch_windows(&mut self, windows: &[(usize, usize)], w: usize, h: usize, bands: &[usize]) {
+        let mut wanted: Vec<std::ops::Range<u64>> =
+            windows.iter().flat_map(|&(x, y)| self.chunk_ranges(x, y, w, h, bands)).collect();
+        wanted.sort_by_key(|r| r.start);
+        wanted.dedup();
         if !wanted.is_empty() {
             self.dec.inner().prefetch(&wanted);
         }
@@ -712,11 +716,13 @@ impl<R: Source> BandGroup<R> {
         select(&self.info, &self.name, wanted)
     }
 
-    /// As [`Raster::prefetch_window`], for each member's bands.
-    pub fn prefetch_window(&mut self, x: usize, y: usize, w: usize, h: usize, bands: &[usize]) {
-        for &b in bands {
-            if let Some(&(m, mb)) = self.bands.get(b) {
-                self.members[m].prefetch_window(x, y, w, h, &[mb]);
+    /// As [`Raster::prefetch_windows`], for each member's bands.
+    pub fn prefetch_windows(&mut self, windows: &[(usize, usize)], w: usize, h: usize, bands: &[usize]) {
+        for (m, member) in self.members.iter_mut().enumerate() {
+            let mine: Vec<usize> =
+                bands.iter().filter_map(|&b| self.bands.get(b).filter(|(mm, _)| *mm == m).map(|&(_, mb)| mb)).collect();
+            if !mine.is_empty() {
+                member.prefetch_windows(windows, w, h, &mine);
             }
         }
     }

@@ -63,7 +63,9 @@ fn main() {
     for (k, v) in Moto::env(moto.addr) {
         std::env::set_var(k, v);
     }
+    let me = || geossl_tests::objstore::cpu_seconds("/proc/self/stat");
     let run = |input: String| {
+        let (cpu0, store0) = (me(), moto.cpu_seconds());
         let opts = EmbedOptions {
             model: model.clone(),
             inputs: vec![input],
@@ -82,7 +84,9 @@ fn main() {
             model_version: None,
         };
         let s = geossl_serve::embed::run(&opts).unwrap();
+        let (cpu, store_cpu) = (me() - cpu0, moto.cpu_seconds() - store0);
         json!({
+            "embed_cpu_s": cpu, "store_server_cpu_s": store_cpu,
             "rows": s.rows, "seconds": s.seconds, "chips_per_s": s.rows as f64 / s.seconds,
             "ratio_to_raw": s.rows as f64 / s.seconds / raw,
             "fetched_bytes": s.fetched_bytes, "fetch_requests": s.fetch_requests,

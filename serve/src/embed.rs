@@ -308,7 +308,9 @@ fn pick_bands<R: geossl_raster::Source>(r: &BandGroup<R>, names: &[String], c: u
     Ok(out)
 }
 
-/// Windows ahead of the current one whose strips/tiles are fetched in the background.
+/// Windows per prefetch burst, at least: at window k (a multiple of B), the strips/tiles of windows k+B..k+2B
+/// are requested in the background (at the start, 0..2B). B spans about four tiles' windows (a 2 × 2 block of
+/// the Hilbert walk, whose tiles pair up in the file), so nearby tiles go in one request.
 const PREFETCH_WINDOWS: usize = 8;
 
 /// What the reading thread sends: a batch of windows, or the end of a file.
@@ -374,10 +376,18 @@ fn read_windows(
                     || footprint(&scene.georef, x as f64, y as f64, w as f64, h as f64).map_or(true, |r| meets(&r))
             })
             .collect();
+        let per_tile = (ri.chunk_width / stride).max(1) * (ri.chunk_height.min(ri.chunk_width) / stride).max(1);
+        let burst_len = (4 * per_tile).clamp(PREFETCH_WINDOWS, 256);
         for (k, &(x, y)) in order.iter().enumerate() {
-            // Remote tiles of the next windows are fetched while this one is decoded (a no-op for local files).
-            for &(nx, ny) in order.iter().skip(k + 1).take(PREFETCH_WINDOWS) {
-                scene.raster.prefetch_window(nx, ny, w, h, &scene.bands);
+            // Remote tiles are fetched a burst of windows ahead, while earlier windows decode, each burst's
+            // nearby byte ranges in one request (a no-op for local files).
+            if k % burst_len == 0 {
+                let b = burst_len;
+                let (from, to) = if k == 0 { (0, 2 * b) } else { (k + b, k + 2 * b) };
+                let burst = &order[from.min(order.len())..to.min(order.len())];
+                if !burst.is_empty() {
+                    scene.raster.prefetch_windows(burst, w, h, &scene.bands);
+                }
             }
             // Place (windows outside the box are not read), read, drop windows over the nodata limit.
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
