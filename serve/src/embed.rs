@@ -261,17 +261,25 @@ pub fn hilbert_index(order: u32, mut x: u64, mut y: u64) -> u64 {
 
 /// Inputs in Hilbert order of their centres on a lon/lat grid (unplaceable ones last, in plan order).
 fn spatial_order(inputs: &[Input]) -> Vec<Input> {
-    let mut keyed: Vec<(u64, usize)> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| {
-            let key = input_center(input).map_or(u64::MAX, |(lon, lat)| {
-                let q = |v: f64, lo: f64, span: f64| (((v - lo) / span).clamp(0.0, 1.0) * 65535.0) as u64;
-                hilbert_index(16, q(lon, -180.0, 360.0), q(lat, -90.0, 180.0))
-            });
-            (key, i)
+    let key = |input: &Input| {
+        input_center(input).map_or(u64::MAX, |(lon, lat)| {
+            let q = |v: f64, lo: f64, span: f64| (((v - lo) / span).clamp(0.0, 1.0) * 65535.0) as u64;
+            hilbert_index(16, q(lon, -180.0, 360.0), q(lat, -90.0, 180.0))
         })
-        .collect();
+    };
+    // Headers are read by a few threads at once (remote ones are mostly waiting on the network; the header
+    // cache keeps them for the embedding that follows).
+    let threads = if inputs.iter().any(|i| i.files.iter().any(|f| crate::store::is_url(f))) { 8 } else { 1 };
+    let per = inputs.len().div_ceil(threads).max(1);
+    let keys: Vec<u64> = std::thread::scope(|s| {
+        let parts: Vec<_> = inputs
+            .chunks(per)
+            .map(|part| (part.len(), s.spawn(move || part.iter().map(key).collect::<Vec<_>>())))
+            .collect();
+        // A part whose thread failed keeps its inputs, unplaced (last).
+        parts.into_iter().flat_map(|(n, p)| p.join().unwrap_or_else(|_| vec![u64::MAX; n])).collect()
+    });
+    let mut keyed: Vec<(u64, usize)> = keys.into_iter().zip(0..).collect();
     keyed.sort();
     keyed.into_iter().map(|(_, i)| inputs[i].clone()).collect()
 }
