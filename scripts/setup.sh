@@ -17,6 +17,19 @@ if ! command -v "$py" >/dev/null; then
   exit 1
 fi
 
+# gloo's headers for the c10d shim of dist/ (the torch wheel has gloo's code but not its headers).
+if [ ! -f /usr/include/gloo/config.h ] && [ ! -f /usr/local/include/gloo/config.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing libgloo-dev (gloo's headers for dist/)"
+    apt-get install -y --no-install-recommends libgloo-dev >/dev/null 2>&1 \
+      || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends libgloo-dev >/dev/null; } \
+      || { echo "setup: apt-get could not install libgloo-dev" >&2; exit 1; }
+  else
+    echo "setup: gloo's headers are missing: install libgloo-dev (e.g. sudo apt-get install libgloo-dev)" >&2
+    exit 1
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$py" --version)"
   "$py" -m venv .venv
