@@ -99,12 +99,12 @@ fn ours(a: &Args) -> f64 {
     let xq = Tensor::randn([a.batch, 3, a.size, a.size], (Kind::Float, dev));
     let xk = Tensor::randn([a.batch, 3, a.size, a.size], (Kind::Float, dev));
     for _ in 0..a.warmup {
-        moco.step(&xq, &xk, None, 0.03);
+        moco.step(&xq, &xk, None, 0.03).expect("a single-process step");
     }
     sync(dev);
     let t = Instant::now();
     for _ in 0..a.steps {
-        moco.step(&xq, &xk, None, 0.03);
+        moco.step(&xq, &xk, None, 0.03).expect("a single-process step");
     }
     sync(dev);
     a.steps as f64 / t.elapsed().as_secs_f64()

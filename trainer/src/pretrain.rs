@@ -37,6 +37,8 @@ pub enum PretrainError {
     Data(#[from] crate::data::DataError),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Dist(#[from] geossl_dist::DistError),
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
     #[error(
@@ -140,6 +142,34 @@ fn tensors_to_state(items: impl Iterator<Item = (String, Tensor)>) -> Result<Sta
     Ok(StateDict { tensors, metadata: Default::default() })
 }
 
+/// The mean over the ranks of each rank's gradients, all in one all-reduce
+/// (one flat buffer; undefined gradients, the same on every rank, stay so).
+fn average_gradients(
+    pg: &mut geossl_dist::ProcessGroup,
+    grads: Vec<Tensor>,
+) -> Result<Vec<Tensor>, geossl_dist::DistError> {
+    let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
+    if defined.is_empty() {
+        return Ok(grads);
+    }
+    let mut flat = Tensor::cat(&defined.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
+    pg.all_reduce_sum(&mut flat)?;
+    let flat = flat / pg.world_size() as f64;
+    let mut at = 0;
+    Ok(grads
+        .iter()
+        .map(|g| {
+            if !g.defined() {
+                return g.shallow_clone();
+            }
+            let n = g.numel() as i64;
+            let out = flat.narrow(0, at, n).view(g.size().as_slice());
+            at += n;
+            out
+        })
+        .collect())
+}
+
 /// Result of one MoCo step.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StepOut {
@@ -179,6 +209,15 @@ pub struct Moco {
     /// Dynamic loss scaling, with fp16 autocast only.
     pub loss_scale: Option<LossScale>,
     channels_last: bool,
+    /// The data-parallel group this MoCo trains in (see [`Moco::join`]); `None`: one process.
+    dist: Option<geossl_dist::ProcessGroup>,
+    /// The query encoder's BatchNorm buffers, by name: rank 0's are broadcast before every step (DDP's
+    /// `broadcast_buffers`). The key encoder's stay per rank, as in MoCo (each normalizes its own slice).
+    query_buffers: Vec<Tensor>,
+    /// Diagnostics: keep the last step's gradients (this rank's, and as applied: averaged over the ranks).
+    pub keep_gradients: bool,
+    /// The last step's (local, applied) gradients, when `keep_gradients` is set.
+    pub gradients: Option<(Vec<Tensor>, Vec<Tensor>)>,
 }
 
 impl Moco {
@@ -228,13 +267,60 @@ impl Moco {
             amp_dtype: cfg.run.amp_dtype,
             loss_scale: (amp && cfg.run.amp_dtype == AmpDtype::Fp16).then(LossScale::default),
             channels_last,
+            dist: None,
+            query_buffers: Vec::new(),
+            keep_gradients: false,
+            gradients: None,
         })
+    }
+
+    /// Trains data-parallel in `pg` from now on, as MoCo's DDP code does: every rank starts from rank 0's
+    /// encoders (parameters and BatchNorm buffers) and queue; each step averages the gradients over the
+    /// ranks, encodes the keys with BatchNorm shuffled across ranks, and enqueues every rank's keys in rank
+    /// order (the queue size must be a multiple of the global batch).
+    pub fn join(&mut self, mut pg: geossl_dist::ProcessGroup) -> Result<(), geossl_dist::DistError> {
+        tch::no_grad(|| -> Result<(), geossl_dist::DistError> {
+            for vs in [&self.vs_q, &self.vs_k] {
+                let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                for (_, v) in vars {
+                    pg.broadcast(&mut v.shallow_clone(), 0)?;
+                }
+            }
+            pg.broadcast(&mut self.queue.keys.shallow_clone(), 0)
+        })?;
+        let vars = self.vs_q.variables();
+        let mut names: Vec<String> =
+            self.spec.parameters().into_iter().filter(|p| !p.role.trainable()).map(|p| p.name).collect();
+        names.sort();
+        self.query_buffers = names.iter().filter_map(|n| vars.get(n).map(Tensor::shallow_clone)).collect();
+        self.dist = Some(pg);
+        Ok(())
+    }
+
+    /// The data-parallel group's (rank, world size); `(0, 1)` in one process.
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.dist.as_ref().map_or((0, 1), |pg| (pg.rank(), pg.world_size()))
+    }
+
+    /// Every rank's `t` stacked in rank order (`t` itself, unsqueezed, in one process).
+    pub fn gather(&mut self, t: &Tensor) -> Result<Tensor, geossl_dist::DistError> {
+        match self.dist.as_mut() {
+            Some(pg) => pg.all_gather(t),
+            None => Ok(t.unsqueeze(0)),
+        }
     }
 
     /// One step on normalized, augmented views `q_in`, `k_in` `[B, C, S, S]`
     /// with optional geo-cluster labels `[B]`; `loss` is non-finite if training diverged
     /// (then nothing was updated).
-    pub fn step(&mut self, q_in: &Tensor, k_in: &Tensor, geo: Option<&Tensor>, lr: f64) -> StepOut {
+    pub fn step(
+        &mut self,
+        q_in: &Tensor,
+        k_in: &Tensor,
+        geo: Option<&Tensor>,
+        lr: f64,
+    ) -> Result<StepOut, geossl_dist::DistError> {
         let (q_in, k_in) = if self.channels_last {
             (&crate::model::channels_last(q_in), &crate::model::channels_last(k_in))
         } else {
@@ -244,29 +330,53 @@ impl Moco {
             // libtorch keeps the autocast type per thread: set it on the stepping thread.
             crate::amp::set_cuda_autocast_dtype(self.amp_dtype);
         }
-        let (loss, nce, geo_loss, acc, keys) = tch::autocast(self.amp, || {
+        if let Some(pg) = self.dist.as_mut() {
+            tch::no_grad(|| self.query_buffers.iter().try_for_each(|b| pg.broadcast(&mut b.shallow_clone(), 0)))?;
+        }
+        let (loss, nce, geo_loss, acc, keys) = tch::autocast(self.amp, || -> Result<_, geossl_dist::DistError> {
             let feats = self.query.backbone.pooled(q_in, true);
             let q_proj =
                 self.query.projection.as_ref().map(|p| p.forward(&feats)).unwrap_or(feats).to_kind(Kind::Float);
             let q = l2_normalize(&q_proj);
-            let k = tch::no_grad(|| {
+            let (key, groups) = (&self.key, self.groups);
+            let encode = |x: &Tensor| {
+                let parts: Vec<Tensor> = x
+                    .chunk(groups, 0)
+                    .iter()
+                    .map(|c| {
+                        let f = key.backbone.pooled(c, true);
+                        key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
+                    })
+                    .collect();
+                l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float))
+            };
+            // (this rank's keys, every rank's keys in rank order)
+            let (k, all_keys) = tch::no_grad(|| -> Result<(Tensor, Tensor), geossl_dist::DistError> {
                 momentum_update(&self.key_params, &self.query_params, self.momentum);
                 // Shuffled sub-batches: each has its own BN statistics and mixes samples,
                 // so BN cannot leak which key is the positive.
                 let n = k_in.size()[0];
-                let perm = Tensor::randperm(n, (Kind::Int64, k_in.device()));
-                let shuffled = k_in.index_select(0, &perm);
-                let parts: Vec<Tensor> = shuffled
-                    .chunk(self.groups, 0)
-                    .iter()
-                    .map(|c| {
-                        let f = self.key.backbone.pooled(c, true);
-                        self.key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
-                    })
-                    .collect();
-                let k = l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float));
-                k.zeros_like().index_copy(0, &perm, &k)
-            });
+                match self.dist.as_mut() {
+                    None => {
+                        let perm = Tensor::randperm(n, (Kind::Int64, k_in.device()));
+                        let k = encode(&k_in.index_select(0, &perm));
+                        let k = k.zeros_like().index_copy(0, &perm, &k);
+                        Ok((k.shallow_clone(), k))
+                    }
+                    Some(pg) => {
+                        // Across ranks: gather every rank's key views, shuffle them all with rank 0's
+                        // permutation, encode this rank's slice, gather the keys and unshuffle.
+                        let (r, w) = (pg.rank() as i64, pg.world_size() as i64);
+                        let views = pg.all_gather(k_in)?.flatten(0, 1);
+                        let mut perm = Tensor::randperm(w * n, (Kind::Int64, k_in.device()));
+                        pg.broadcast(&mut perm, 0)?;
+                        let mine = encode(&views.index_select(0, &perm.narrow(0, r * n, n)));
+                        let shuffled = pg.all_gather(&mine)?.flatten(0, 1);
+                        let all = shuffled.zeros_like().index_copy(0, &perm, &shuffled);
+                        Ok((all.narrow(0, r * n, n), all))
+                    }
+                }
+            })?;
             let (nce, logits) = info_nce(&q, &k, &self.queue.keys, self.temperature);
             let (geo_loss, geo_acc) = match (geo, self.query.geo_logits(&q_proj)) {
                 (Some(labels), Some(l)) => {
@@ -281,8 +391,8 @@ impl Moco {
                 None => nce.shallow_clone(),
             };
             let acc = positive_top1(&logits.detach());
-            (loss, nce, (geo_loss, geo_acc), acc, k)
-        });
+            Ok((loss, nce, (geo_loss, geo_acc), acc, all_keys))
+        })?;
         let (geo_loss, geo_top1) = geo_loss;
         let mut out = StepOut {
             loss: loss.double_value(&[]),
@@ -294,17 +404,30 @@ impl Moco {
             skipped: false,
         };
         if !out.loss.is_finite() {
-            return out;
+            return Ok(out);
         }
         // Gradients straight from autograd (nothing accumulates in `.grad`, nothing to zero).
         match &mut self.loss_scale {
             None => {
-                let grads = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
+                let local = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
+                let copy = |g: &Tensor| if g.defined() { g.copy() } else { g.shallow_clone() };
+                let kept = self.keep_gradients.then(|| local.iter().map(copy).collect::<Vec<_>>());
+                let grads = match self.dist.as_mut() {
+                    Some(pg) => average_gradients(pg, local)?,
+                    None => local,
+                };
+                if let Some(local) = kept {
+                    self.gradients = Some((local, grads.iter().map(copy).collect()));
+                }
                 self.sgd.step(&grads, lr);
             }
             Some(ls) => {
                 let scale = ls.scale;
                 let grads = Tensor::run_backward(&[&(&loss * scale)], self.sgd.params(), false, false);
+                let grads = match self.dist.as_mut() {
+                    Some(pg) => average_gradients(pg, grads)?,
+                    None => grads,
+                };
                 if ls.update(crate::amp::all_finite(&grads)) {
                     tch::no_grad(|| {
                         for g in grads.iter().filter(|g| g.defined()) {
@@ -323,7 +446,7 @@ impl Moco {
         if let Err(e) = self.queue.enqueue(&keys) {
             tracing::error!("{e}");
         }
-        out
+        Ok(out)
     }
 
     /// Writes the key encoder, optimizer and queue next to the model weights in `dir`.
@@ -608,7 +731,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let lr = cosine_lr(base_lr, step, total);
         let geo_t = batch.geo.to_device(dev);
         let (q_in, k_in) = (prep(&batch.q), prep(&batch.k));
-        let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr);
+        let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr)?;
         let loss_v = out.loss;
         if !loss_v.is_finite() {
             return Err(PretrainError::NonFinite { step, loss: loss_v, checkpoint: ck_dir.display().to_string() });
@@ -709,7 +832,7 @@ mod tests {
         let x = |phase: f64| {
             (Tensor::arange(8 * 3 * 32 * 32, (Kind::Float, Device::Cpu)) * 0.37 + phase).sin().view([8, 3, 32, 32])
         };
-        m.step(&x(0.0), &x(1.0), None, 0.5)
+        m.step(&x(0.0), &x(1.0), None, 0.5).unwrap()
     }
 
     /// Largest difference between the trainable parameters of `a` and `b`
