@@ -88,6 +88,8 @@ fn main() {
             prefetch: 2,
             cache_bytes: a.cache_mib << 20,
             aug: AugConfig { tp_resize: a.tp_resize, ..AugConfig::default() },
+            rank: 0,
+            world: 1,
         };
         // Timed from the start: batches prefetched during a warm-up would be counted for free.
         let t = Instant::now();

@@ -46,6 +46,10 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     pub cache_bytes: usize,
     pub aug: AugConfig,
+    /// Data-parallel: this process's rank and the world size. Every rank draws the same epoch permutation
+    /// and takes its own `batch_size` of each global batch of `world × batch_size` (DistributedSampler).
+    pub rank: usize,
+    pub world: usize,
 }
 
 /// Decoded-image cache shared by the workers, bounded in bytes.
@@ -85,15 +89,19 @@ impl Shared {
     fn anchors(&self, step: u64) -> Vec<usize> {
         let n = self.samples.len();
         let b = self.cfg.batch_size;
-        let per_epoch = (n / b) as u64;
+        let global = b * self.cfg.world.max(1);
+        let per_epoch = (n / global) as u64;
         let (epoch, pos) = (step / per_epoch, (step % per_epoch) as usize);
         let mut perm: Vec<usize> = (0..n).collect();
         Rng::new(self.cfg.seed ^ epoch.wrapping_mul(0x2545_f491_4f6c_dd1d)).shuffle(&mut perm);
-        perm[pos * b..(pos + 1) * b].to_vec()
+        let at = pos * global + self.cfg.rank * b;
+        perm[at..at + b].to_vec()
     }
 
     fn batch(&self, step: u64) -> Result<Batch, String> {
-        let mut rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5151);
+        // Each rank its own augmentations (rank 0's are a single process's).
+        let rank = (self.cfg.rank as u64).wrapping_mul(0xd1b5_4a32_d192_ed03);
+        let mut rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5151 ^ rank);
         let s = self.cfg.input_size;
         let b = self.cfg.batch_size as i64;
         // Views are resampled straight into their batch rows: uint8 while every
@@ -229,6 +237,8 @@ mod tests {
             prefetch: 1,
             cache_bytes: 0,
             aug: AugConfig::default(),
+            rank: 0,
+            world: 1,
         };
         let index = TemporalIndex::new(&samples);
         let n = samples.len();

@@ -59,6 +59,9 @@ pub struct TrainState {
     /// fp16 dynamic loss scale (absent without fp16 autocast).
     #[serde(default)]
     pub loss_scale: Option<LossScale>,
+    /// Ranks the run trains on (data-parallel); 1 for one process.
+    #[serde(default = "one")]
+    pub world_size: usize,
 }
 
 /// What a run reports when it ends.
@@ -168,6 +171,10 @@ fn average_gradients(
             out
         })
         .collect())
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Result of one MoCo step.
@@ -491,6 +498,8 @@ pub struct RunOptions {
     /// Stop (with a checkpoint) after this step, without changing the schedule.
     pub stop_after: Option<u64>,
     pub progress: bool,
+    /// Train data-parallel with these ranks (torchrun's variables); `None`: one process.
+    pub dist: Option<geossl_dist::Rendezvous>,
 }
 
 /// Cosine learning-rate schedule over `total` steps (no restarts), as MoCo's `--cos`.
@@ -526,11 +535,20 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     let cfg_hash = sha256_hex(cfg_text.as_bytes());
     let samples = read_manifest(&opts.manifest, cfg.data.format)?;
     let b = cfg.optim.batch_size;
-    if samples.len() < b {
+    let (rank, world) = opts.dist.as_ref().map_or((0, 1), |r| (r.rank, r.world_size));
+    let global = b * world;
+    if samples.len() < global {
         return Err(PretrainError::Invalid(format!(
-            "{}: {} images for batch size {b}; need at least one full batch",
+            "{}: {} images for a global batch of {global} ({world} rank(s) × {b}); need at least one full batch",
             opts.manifest.display(),
             samples.len()
+        )));
+    }
+    if !cfg.moco.queue_size.is_multiple_of(global) {
+        return Err(PretrainError::Invalid(format!(
+            "moco.queue_size {} is not a multiple of the global batch {global} ({world} rank(s) × {b}): every \
+             step enqueues the keys of all ranks",
+            cfg.moco.queue_size
         )));
     }
     // The data must store the sample type the normalization is for (checked on the first readable
@@ -548,12 +566,15 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             )));
         }
     }
-    let steps_per_epoch = (samples.len() / b) as u64;
+    let steps_per_epoch = (samples.len() / global) as u64;
     let total = opts.max_steps.or(cfg.optim.max_steps).unwrap_or(cfg.optim.epochs as u64 * steps_per_epoch);
     let end = opts.stop_after.map_or(total, |s| s.min(total));
     std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let ck_dir = opts.out.join(CHECKPOINT_DIR);
-    recover_dir(&ck_dir).map_err(io(&ck_dir))?;
+    // Only rank 0 writes (and repairs) the checkpoint.
+    if rank == 0 {
+        recover_dir(&ck_dir).map_err(io(&ck_dir))?;
+    }
 
     // Resume state, if any.
     let resumed: Option<(ModelSpec, TrainState)> = if opts.resume {
@@ -566,6 +587,15 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
                 "{}: the checkpoint was trained with another config (sha256 {}); resume needs the same config",
                 ck_dir.display(),
                 st.config_sha256
+            )));
+        }
+        if st.world_size != world {
+            return Err(PretrainError::Invalid(format!(
+                "{}: the checkpoint was trained on {} rank(s); this run has {world}: the global batch, the queue's \
+                 order and the data order would change (resume with WORLD_SIZE={})",
+                ck_dir.display(),
+                st.world_size,
+                st.world_size
             )));
         }
         Some((spec, st))
@@ -624,7 +654,31 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         bad_images = st.bad_images;
         tracing::info!("resumed from {} at step {step}", ck_dir.display());
     }
-    std::fs::write(opts.out.join(CONFIG_FILE), cfg_text).map_err(io(&opts.out.join(CONFIG_FILE)))?;
+    if let Some(r) = &opts.dist {
+        // Every rank must run the same config: compared at the rendezvous, before any step.
+        let mut pg = geossl_dist::ProcessGroup::connect(r)?;
+        let hash = Tensor::from_slice(&cfg_hash.as_bytes()[..32]);
+        let all = pg.all_gather(&hash)?;
+        for other in 0..world {
+            if !all.get(other as i64).equal(&hash) {
+                return Err(PretrainError::Invalid(format!(
+                    "rank {other} runs another config than rank {rank} (config sha256 differs): every rank needs \
+                     the same config file and data"
+                )));
+            }
+        }
+        moco.join(pg)?;
+        tracing::info!(
+            rank,
+            world,
+            "data-parallel: global batch {global}, rendezvous at {}:{}",
+            r.master_addr,
+            r.master_port
+        );
+    }
+    if rank == 0 {
+        std::fs::write(opts.out.join(CONFIG_FILE), cfg_text).map_err(io(&opts.out.join(CONFIG_FILE)))?;
+    }
 
     let norm = &spec.normalization;
     let nb = norm.bands() as i64;
@@ -657,6 +711,8 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         prefetch: cfg.run.prefetch,
         cache_bytes: cfg.data.cache_mib << 20,
         aug: cfg.aug.clone(),
+        rank,
+        world,
     };
     let mut loader = Loader::start(samples, index, geo_labels, loader_cfg, step, end);
     let mut metrics = std::fs::OpenOptions::new()
@@ -675,7 +731,8 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let base_lr = cfg.lr();
+    // The learning rate scales with the global batch (base_lr × global batch / 256).
+    let base_lr = cfg.lr() * world as f64;
     let started = std::time::Instant::now();
     let start_step = step;
     let mut last_loss = f64::NAN;
@@ -697,6 +754,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             pairs,
             bad_images: bad,
             loss_scale: moco.loss_scale,
+            world_size: world,
         };
         save_checkpoint(&ck_dir, &s, &moco.vs_q, |dir| {
             let p = CheckpointPaths::new(dir);
@@ -727,11 +785,19 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     while step < end {
         let batch = loader.next_batch().map_err(PretrainError::Invalid)?;
         // Augmentation randomness on the device is a function of (seed, step) too.
-        tch::manual_seed((cfg.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64));
+        tch::manual_seed(
+            (cfg.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step as i64).wrapping_add(rank as i64 * 7_919),
+        );
         let lr = cosine_lr(base_lr, step, total);
         let geo_t = batch.geo.to_device(dev);
         let (q_in, k_in) = (prep(&batch.q), prep(&batch.k));
-        let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr)?;
+        let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr).map_err(|e| {
+            PretrainError::Invalid(format!(
+                "rank {rank} of {world} lost the other ranks at step {} (one stopped, or did not answer within the \
+                 timeout): {e}",
+                step + 1
+            ))
+        })?;
         let loss_v = out.loss;
         if !loss_v.is_finite() {
             return Err(PretrainError::NonFinite { step, loss: loss_v, checkpoint: ck_dir.display().to_string() });
@@ -748,7 +814,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let ips = ((step - start_step) * b as u64) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step);
         bar.set_message(progress_message(&out, ips));
-        if step % cfg.run.log_every == 0 || step == end {
+        if rank == 0 && (step % cfg.run.log_every == 0 || step == end) {
             let line = serde_json::json!({
                 "step": step, "loss": loss_v, "info_nce": out.info_nce,
                 "geo_ce": out.geo_ce,
@@ -763,7 +829,8 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
                 pairs.rate()
             );
         }
-        if step % cfg.run.checkpoint_every == 0 || step == end {
+        // Rank 0 writes the checkpoint; every rank holds the same weights and queue.
+        if rank == 0 && (step % cfg.run.checkpoint_every == 0 || step == end) {
             save(step, pairs, bad_images, &moco)?;
         }
     }

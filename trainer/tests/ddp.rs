@@ -119,7 +119,13 @@ fn rank_body() {
         let mine = m.queue.keys.narrow(0, ptr + 8 * r.rank as i64, 8);
         let (nce, _) = info_nce(&queries, &mine, &negatives, cfg.moco.temperature);
         let rel = (nce.double_value(&[]) - out.info_nce).abs() / out.info_nce.abs();
-        assert!(rel < 1e-5, "rank {}: step {step}: InfoNCE with queue rows of rank order {rel:e} off ({} vs {})", r.rank, nce.double_value(&[]), out.info_nce);
+        assert!(
+            rel < 1e-5,
+            "rank {}: step {step}: InfoNCE with queue rows of rank order {rel:e} off ({} vs {})",
+            r.rank,
+            nce.double_value(&[]),
+            out.info_nce
+        );
         if let Some(alone) = alone {
             // Encoded with BatchNorm over a mix of both ranks' views, the keys differ from those of this
             // rank's views alone.

@@ -248,6 +248,14 @@ struct PretrainArgs {
     /// Hide the progress bar (logs still report every `run.log_every` steps).
     #[arg(long, env = "GEOSSL_NO_PROGRESS")]
     no_progress: bool,
+    /// Data-parallel on this machine: start this many ranks (one per GPU where there are GPUs), like
+    /// `torchrun --nproc-per-node`. Without it, WORLD_SIZE > 1 with RANK, MASTER_ADDR and MASTER_PORT (as
+    /// torchrun and Kubernetes set them) makes this process one rank of a larger run.
+    #[arg(long, env = "GEOSSL_NPROC_PER_NODE", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    nproc_per_node: u16,
+    /// How long a rank waits for the others (rendezvous, each collective) before failing with an error.
+    #[arg(long, env = "GEOSSL_DIST_TIMEOUT_S", default_value_t = 300)]
+    dist_timeout_s: u64,
 }
 
 #[derive(Debug, Args)]
@@ -383,6 +391,9 @@ fn stats(a: StatsArgs) -> Result<()> {
 fn pretrain(a: PretrainArgs) -> Result<()> {
     use geossl_trainer::config::PretrainConfig;
     use geossl_trainer::pretrain::{pretrain, RunOptions};
+    if a.nproc_per_node > 1 {
+        return launch_local_ranks(a.nproc_per_node as usize);
+    }
     let (cfg, text) = PretrainConfig::load(&a.config)?;
     let manifest = a
         .data
@@ -390,6 +401,22 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         .context("no training data: pass --data MANIFEST.csv or set data.manifest in the config")?;
     let dev = device::parse_device(a.device.as_deref().unwrap_or(&cfg.run.device)).map_err(anyhow::Error::msg)?;
     tracing::info!("{}", device::describe());
+    let timeout = std::time::Duration::from_secs(a.dist_timeout_s);
+    // A rank of a data-parallel run when WORLD_SIZE > 1, or when MASTER_ADDR is set too (a 1-rank run
+    // through the distributed code path).
+    let dist = match std::env::var("WORLD_SIZE").ok().map(|w| w.parse::<usize>()) {
+        Some(Ok(w)) if w > 1 || std::env::var_os("MASTER_ADDR").is_some() => {
+            if dev.is_cuda() {
+                bail!(
+                    "data-parallel training runs on CPU with Gloo; NCCL for CUDA devices is not built yet \
+                     (pass --device cpu, or train on one GPU)"
+                );
+            }
+            Some(geossl_dist::Rendezvous::from_env(timeout)?)
+        }
+        Some(Err(_)) => bail!("WORLD_SIZE={:?} is not a number", std::env::var("WORLD_SIZE").unwrap_or_default()),
+        _ => None,
+    };
     let opts = RunOptions {
         manifest,
         out: a.out,
@@ -397,11 +424,72 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         device: dev,
         max_steps: a.max_steps,
         stop_after: a.stop_after,
-        progress: !a.no_progress,
+        progress: !a.no_progress && dist.as_ref().is_none_or(|d| d.rank == 0),
+        dist,
     };
     let s = pretrain(&cfg, &text, &opts)?;
-    println!("{}", serde_json::to_string_pretty(&s)?);
+    if opts.dist.as_ref().is_none_or(|d| d.rank == 0) {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    }
     Ok(())
+}
+
+/// `--nproc-per-node N`: runs this command again as ranks 0..N of one data-parallel run on this machine
+/// (MASTER_ADDR 127.0.0.1, a free port), waits for them, and stops the others as soon as one fails.
+fn launch_local_ranks(n: usize) -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?;
+    // The same arguments less --nproc-per-node (each rank is one process).
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        let t = a.to_string_lossy();
+        if skip {
+            skip = false;
+        } else if t == "--nproc-per-node" {
+            skip = true;
+        } else if !t.starts_with("--nproc-per-node=") {
+            args.push(a);
+        }
+    }
+    let mut kids = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("GEOSSL_NPROC_PER_NODE", "1")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        kids.push(child);
+    }
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut running: Vec<(usize, std::process::Child)> = kids.into_iter().enumerate().collect();
+    while !running.is_empty() {
+        let mut i = 0;
+        while i < running.len() {
+            match running[i].1.try_wait()? {
+                Some(status) => {
+                    let (rank, _) = running.swap_remove(i);
+                    if !status.success() && failed.is_none() {
+                        failed = Some((rank, status));
+                        for (_, k) in running.iter_mut() {
+                            let _ = k.kill();
+                        }
+                    }
+                }
+                None => i += 1,
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match failed {
+        Some((rank, status)) => bail!("rank {rank} of {n} failed ({status}); the other ranks were stopped"),
+        None => Ok(()),
+    }
 }
 
 fn data_options(d: DataArgs) -> Result<geossl_trainer::labelled::DataOptions> {

@@ -1,0 +1,174 @@
+//! Data-parallel pretraining from the command line on real chips: two ranks
+//! (`--nproc-per-node 2`, Gloo on 127.0.0.1) train, checkpoint (rank 0) and
+//! resume exactly; a 1-rank run through the distributed path equals the
+//! single-process run bit for bit; a changed world size on resume, different
+//! configs on the ranks and a rank that dies are errors that say so.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use geossl_models::StateDict;
+
+fn shared_data() -> PathBuf {
+    common::repo_root().join("../shared/data")
+}
+
+fn config(dir: &Path, name: &str, queue: usize) -> PathBuf {
+    let (mut cfg, _) = geossl_trainer::config::PretrainConfig::load(Path::new("moco-tp-geo")).unwrap();
+    cfg.model.arch = geossl_models::Arch::Resnet18;
+    cfg.model.input_size = 32;
+    cfg.moco.queue_size = queue;
+    cfg.moco.shuffle_bn_groups = 2;
+    cfg.geo.clusters = 3;
+    cfg.optim.batch_size = 8;
+    cfg.optim.max_steps = Some(4);
+    cfg.run.checkpoint_every = 2;
+    cfg.run.log_every = 1;
+    cfg.run.workers = 1;
+    cfg.run.device = "cpu".into();
+    cfg.aug.tp_resize = Some(64);
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    path
+}
+
+fn pretrain(cfg: &Path, data: &Path, out: &Path, stop: u64, extra: &[&str], env: &[(&str, String)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_geossl-train"));
+    c.args(["pretrain", "--no-progress", "--dist-timeout-s", "60", "--config"]).arg(cfg);
+    c.arg("--data").arg(data).arg("--out").arg(out).args(["--stop-after", &stop.to_string()]).args(extra);
+    for k in ["WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"] {
+        c.env_remove(k);
+    }
+    c.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).env("OMP_NUM_THREADS", "1");
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn state(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("checkpoint/state.json")).unwrap()).unwrap()
+}
+
+fn same_weights(a: &Path, b: &Path, what: &str) {
+    for file in ["model.safetensors", "key.safetensors", "optimizer.safetensors", "queue.safetensors"] {
+        let (x, y) = (
+            StateDict::read(&a.join("checkpoint").join(file)).unwrap(),
+            StateDict::read(&b.join("checkpoint").join(file)).unwrap(),
+        );
+        for t in &x.tensors {
+            assert_eq!(t.data, y.get(&t.name).unwrap().data, "{what}: {file}:{} differs", t.name);
+        }
+    }
+}
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
+}
+
+#[test]
+fn two_ranks_train_checkpoint_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let cfg = config(tmp.path(), "ddp", 32);
+    let two = ["--nproc-per-node", "2"];
+    let a = tmp.path().join("a");
+    let o = pretrain(&cfg, &data, &a, 4, &two, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!((state(&a)["step"].as_u64(), state(&a)["world_size"].as_u64()), (Some(4), Some(2)));
+    // Stopped at 2 and resumed on two ranks: the same weights, optimizer and queue as the straight run.
+    let b = tmp.path().join("b");
+    assert!(pretrain(&cfg, &data, &b, 2, &two, &[]).status.success());
+    assert_eq!(state(&b)["step"], 2);
+    let o = pretrain(&cfg, &data, &b, 4, &["--nproc-per-node", "2", "--resume"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    same_weights(&a, &b, "2 ranks, straight vs resumed");
+    // One process cannot resume a 2-rank run.
+    let o = pretrain(&cfg, &data, &b, 4, &["--resume"], &[]);
+    assert!(!o.status.success() && text(&o).contains("trained on 2 rank(s); this run has 1"), "{}", text(&o));
+    // Rank 0 killed while writing a checkpoint: the launcher stops the other and names the rank.
+    let c = tmp.path().join("c");
+    let started = Instant::now();
+    let o = pretrain(&cfg, &data, &c, 4, &two, &[("GEOSSL_TEST_KILL_AT", "after-weights".into())]);
+    assert!(!o.status.success() && text(&o).contains("rank 0 of 2 failed"), "{}", text(&o));
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+}
+
+#[test]
+fn one_rank_through_the_distributed_path_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let cfg = config(tmp.path(), "one", 32);
+    let plain = tmp.path().join("plain");
+    assert!(pretrain(&cfg, &data, &plain, 4, &[], &[]).status.success());
+    let dist = tmp.path().join("dist");
+    let env = [
+        ("WORLD_SIZE", "1".to_string()),
+        ("RANK", "0".to_string()),
+        ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ("MASTER_PORT", free_port()),
+    ];
+    let o = pretrain(&cfg, &data, &dist, 4, &[], &env);
+    assert!(o.status.success() && text(&o).contains("data-parallel"), "{}", text(&o));
+    same_weights(&plain, &dist, "1 rank through c10d vs one process");
+}
+
+#[test]
+fn different_configs_an_undivided_queue_and_a_lost_rank_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let (c0, c1) = (config(tmp.path(), "r0", 32), config(tmp.path(), "r1", 64));
+    let port = free_port();
+    let env = move |rank: usize| {
+        vec![
+            ("WORLD_SIZE", "2".to_string()),
+            ("RANK", rank.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ]
+    };
+    let (d0, d1) = (data.clone(), data.clone());
+    let (o0, o1) = (tmp.path().join("o0"), tmp.path().join("o1"));
+    let (e0, e1) = (env(0), env(1));
+    let r1 = std::thread::spawn(move || pretrain(&c1, &d1, &o1, 4, &[], &e1));
+    let o = pretrain(&c0, &d0, &o0, 4, &[], &e0);
+    let o1 = r1.join().unwrap();
+    assert!(!o.status.success() && text(&o).contains("runs another config"), "rank 0: {}", text(&o));
+    assert!(!o1.status.success() && text(&o1).contains("runs another config"), "rank 1: {}", text(&o1));
+    // Two ranks started on their own (as Kubernetes starts them): rank 0 dies (SIGKILL while writing its
+    // step-2 checkpoint); rank 1 stops with an error instead of waiting for it.
+    let port = free_port();
+    let env = move |rank: usize| {
+        let mut e = vec![
+            ("WORLD_SIZE", "2".to_string()),
+            ("RANK", rank.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ];
+        if rank == 0 {
+            e.push(("GEOSSL_TEST_KILL_AT", "after-weights".to_string()));
+        }
+        e
+    };
+    let (e0, e1) = (env(0), env(1));
+    let (d1, o1) = (data.clone(), tmp.path().join("lost"));
+    let c = config(tmp.path(), "lost", 32);
+    let c1 = c.clone();
+    let started = Instant::now();
+    let r1 = std::thread::spawn(move || pretrain(&c1, &d1, &o1, 4, &[], &e1));
+    let o0 = pretrain(&c, &data, &tmp.path().join("lost"), 4, &[], &e0);
+    let o1 = r1.join().unwrap();
+    assert!(!o0.status.success(), "rank 0 should have been killed");
+    assert!(!o1.status.success() && text(&o1).contains("rank 1 of 2 lost the other ranks at step 3"), "{}", text(&o1));
+    assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+    // A queue that the global batch does not divide is named before anything starts.
+    let cfg = config(tmp.path(), "q", 24);
+    let o = pretrain(&cfg, &data, &tmp.path().join("q"), 4, &["--nproc-per-node", "2"], &[]);
+    assert!(!o.status.success() && text(&o).contains("not a multiple of the global batch 16"), "{}", text(&o));
+}
