@@ -119,6 +119,7 @@ fn main() {
                 max_steps: None,
                 stop_after: None,
                 progress: false,
+                dist: None,
             };
             let t = std::time::Instant::now();
             let s = pretrain(&cfg, &text, &opts).expect("pretrain");
