@@ -172,3 +172,92 @@ fn different_configs_an_undivided_queue_and_a_lost_rank_are_errors() {
     let o = pretrain(&cfg, &data, &tmp.path().join("q"), 4, &["--nproc-per-node", "2"], &[]);
     assert!(!o.status.success() && text(&o).contains("not a multiple of the global batch 16"), "{}", text(&o));
 }
+
+/// The training Job as rendered (`kubectl kustomize k8s/train/overlays/cpu`) runs here: one process per
+/// completion index with the container's args and env from the manifest (RANK as the completion-index
+/// annotation gives it, MASTER_ADDR pod 0's name → 127.0.0.1, the volumes → local folders, the preset swapped
+/// for a CPU-sized config); the manifest's wiring (headless Service, subdomain, /dev/shm) is checked first.
+#[test]
+fn the_rendered_training_job_runs_here() {
+    use serde_json::Value;
+    let root = common::repo_root();
+    let o = Command::new("kubectl").arg("kustomize").arg(root.join("k8s/train/overlays/cpu")).output().unwrap();
+    assert!(o.status.success(), "kubectl kustomize: {}", text(&o));
+    let script = "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
+    let mut py = Command::new(common::python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(py.stdin.as_mut().unwrap(), &o.stdout).unwrap();
+    let objects: Vec<Value> = serde_json::from_slice(&py.wait_with_output().unwrap().stdout).unwrap();
+    let job = objects.iter().find(|o| o["kind"] == "Job").expect("a Job");
+    let svc = objects.iter().find(|o| o["kind"] == "Service").expect("a Service");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "a headless Service");
+    assert_eq!(svc["spec"]["publishNotReadyAddresses"], true);
+    let (job_name, svc_name) = (job["metadata"]["name"].as_str().unwrap(), svc["metadata"]["name"].as_str().unwrap());
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(job["spec"]["completionMode"], "Indexed");
+    assert_eq!(pod["subdomain"], svc_name);
+    let c = &pod["containers"][0];
+    let env: Vec<(String, Value)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e.get("value").cloned().unwrap_or(e["valueFrom"].clone())))
+        .collect();
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).unwrap_or_else(|| panic!("no {k}")).1.clone();
+    let world = get("WORLD_SIZE").as_str().unwrap().parse::<u64>().unwrap();
+    assert_eq!(job["spec"]["completions"].as_u64(), Some(world), "one rank per completion index");
+    assert_eq!(
+        get("RANK")["fieldRef"]["fieldPath"],
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    );
+    assert_eq!(get("MASTER_ADDR"), format!("{job_name}-0.{svc_name}"), "pod 0's hostname under the Service");
+    let shm = pod["volumes"].as_array().unwrap().iter().find(|v| v["emptyDir"]["medium"] == "Memory").expect("shm");
+    assert!(c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["mountPath"] == "/dev/shm" && m["name"] == shm["name"]));
+    let args: Vec<String> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+    let help = Command::new(env!("CARGO_BIN_EXE_geossl-train")).args(&args).arg("--help").output().unwrap();
+    for (k, _) in env.iter().filter(|(k, _)| k.starts_with("GEOSSL_")) {
+        assert!(text(&help).contains(&format!("env: {k}")), "{k} is not a flag of geossl-train {args:?}");
+    }
+    // Run every index here.
+    let tmp = tempfile::tempdir().unwrap();
+    let chips = tmp.path().join("chips");
+    geossl_trainer::fixtures::real_chips(&shared_data(), &chips).unwrap();
+    let runs = tmp.path().join("runs");
+    let small = config(tmp.path(), "k8s", 32);
+    let port = free_port();
+    let kids: Vec<_> = (0..world)
+        .map(|index| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_geossl-train"));
+            cmd.args(&args).env("OMP_NUM_THREADS", "1").env("GEOSSL_MAX_STEPS", "2");
+            for (k, v) in &env {
+                let v = match (k.as_str(), v.as_str()) {
+                    ("RANK", _) => index.to_string(), // what the completion-index annotation holds
+                    ("MASTER_ADDR", _) => "127.0.0.1".into(),
+                    ("MASTER_PORT", _) => port.clone(),
+                    ("GEOSSL_CONFIG", _) => small.display().to_string(),
+                    (_, Some(v)) => {
+                        v.replace("/data", &chips.display().to_string()).replace("/runs", &runs.display().to_string())
+                    }
+                    (k, None) => panic!("{k}: neither a value nor the completion index"),
+                };
+                cmd.env(k, v);
+            }
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for (index, k) in kids.into_iter().enumerate() {
+        let o = k.wait_with_output().unwrap();
+        assert!(o.status.success(), "index {index}: {}", text(&o));
+    }
+    let out = PathBuf::from(get("GEOSSL_OUT").as_str().unwrap().replace("/runs", &runs.display().to_string()));
+    let st = state(&out);
+    assert_eq!((st["step"].as_u64(), st["world_size"].as_u64()), (Some(2), Some(world)));
+}

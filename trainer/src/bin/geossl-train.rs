@@ -236,6 +236,10 @@ struct PretrainArgs {
     /// Continue from DIR/checkpoint exactly where it stopped.
     #[arg(long, env = "GEOSSL_RESUME")]
     resume: bool,
+    /// Resume when DIR/checkpoint holds one, else start (for jobs that are retried: every attempt runs the
+    /// same command).
+    #[arg(long, env = "GEOSSL_AUTO_RESUME", conflicts_with = "resume")]
+    auto_resume: bool,
     /// Device: auto, cpu, cuda, cuda:N (overrides `run.device`).
     #[arg(long, env = "GEOSSL_DEVICE")]
     device: Option<String>,
@@ -417,10 +421,11 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         Some(Err(_)) => bail!("WORLD_SIZE={:?} is not a number", std::env::var("WORLD_SIZE").unwrap_or_default()),
         _ => None,
     };
+    use geossl_trainer::pretrain::CHECKPOINT_DIR;
     let opts = RunOptions {
+        resume: a.resume || (a.auto_resume && a.out.join(CHECKPOINT_DIR).join("state.json").exists()),
         manifest,
         out: a.out,
-        resume: a.resume,
         device: dev,
         max_steps: a.max_steps,
         stop_after: a.stop_after,
