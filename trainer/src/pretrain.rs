@@ -145,6 +145,25 @@ fn tensors_to_state(items: impl Iterator<Item = (String, Tensor)>) -> Result<Sta
     Ok(StateDict { tensors, metadata: Default::default() })
 }
 
+/// Rank 0's values of `tensors` on every rank, in one broadcast per dtype (one flat buffer each).
+fn broadcast_flat(pg: &mut geossl_dist::ProcessGroup, tensors: &[Tensor]) -> Result<(), geossl_dist::DistError> {
+    let mut kinds: Vec<Kind> = tensors.iter().map(Tensor::kind).collect();
+    kinds.sort_by_key(|k| format!("{k:?}"));
+    kinds.dedup();
+    for kind in kinds {
+        let group: Vec<&Tensor> = tensors.iter().filter(|t| t.kind() == kind).collect();
+        let mut flat = Tensor::cat(&group.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
+        pg.broadcast(&mut flat, 0)?;
+        let mut at = 0;
+        for t in group {
+            let n = t.numel() as i64;
+            t.shallow_clone().copy_(&flat.narrow(0, at, n).view(t.size().as_slice()));
+            at += n;
+        }
+    }
+    Ok(())
+}
+
 /// The mean over the ranks of each rank's gradients, all in one all-reduce
 /// (one flat buffer; undefined gradients, the same on every rank, stay so).
 fn average_gradients(
@@ -225,6 +244,8 @@ pub struct Moco {
     pub keep_gradients: bool,
     /// The last step's (local, applied) gradients, when `keep_gradients` is set.
     pub gradients: Option<(Vec<Tensor>, Vec<Tensor>)>,
+    /// Seconds spent in collectives (waiting for the other ranks included), since the start.
+    pub comm_seconds: f64,
 }
 
 impl Moco {
@@ -278,6 +299,7 @@ impl Moco {
             query_buffers: Vec::new(),
             keep_gradients: false,
             gradients: None,
+            comm_seconds: 0.0,
         })
     }
 
@@ -337,8 +359,11 @@ impl Moco {
             // libtorch keeps the autocast type per thread: set it on the stepping thread.
             crate::amp::set_cuda_autocast_dtype(self.amp_dtype);
         }
+        let mut comm = 0.0;
         if let Some(pg) = self.dist.as_mut() {
-            tch::no_grad(|| self.query_buffers.iter().try_for_each(|b| pg.broadcast(&mut b.shallow_clone(), 0)))?;
+            let t = std::time::Instant::now();
+            tch::no_grad(|| broadcast_flat(pg, &self.query_buffers))?;
+            comm += t.elapsed().as_secs_f64();
         }
         let (loss, nce, geo_loss, acc, keys) = tch::autocast(self.amp, || -> Result<_, geossl_dist::DistError> {
             let feats = self.query.backbone.pooled(q_in, true);
@@ -374,11 +399,15 @@ impl Moco {
                         // Across ranks: gather every rank's key views, shuffle them all with rank 0's
                         // permutation, encode this rank's slice, gather the keys and unshuffle.
                         let (r, w) = (pg.rank() as i64, pg.world_size() as i64);
+                        let t = std::time::Instant::now();
                         let views = pg.all_gather(k_in)?.flatten(0, 1);
                         let mut perm = Tensor::randperm(w * n, (Kind::Int64, k_in.device()));
                         pg.broadcast(&mut perm, 0)?;
+                        comm += t.elapsed().as_secs_f64();
                         let mine = encode(&views.index_select(0, &perm.narrow(0, r * n, n)));
+                        let t = std::time::Instant::now();
                         let shuffled = pg.all_gather(&mine)?.flatten(0, 1);
+                        comm += t.elapsed().as_secs_f64();
                         let all = shuffled.zeros_like().index_copy(0, &perm, &shuffled);
                         Ok((all.narrow(0, r * n, n), all))
                     }
@@ -419,10 +448,12 @@ impl Moco {
                 let local = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
                 let copy = |g: &Tensor| if g.defined() { g.copy() } else { g.shallow_clone() };
                 let kept = self.keep_gradients.then(|| local.iter().map(copy).collect::<Vec<_>>());
+                let t = std::time::Instant::now();
                 let grads = match self.dist.as_mut() {
                     Some(pg) => average_gradients(pg, local)?,
                     None => local,
                 };
+                comm += t.elapsed().as_secs_f64();
                 if let Some(local) = kept {
                     self.gradients = Some((local, grads.iter().map(copy).collect()));
                 }
@@ -453,6 +484,7 @@ impl Moco {
         if let Err(e) = self.queue.enqueue(&keys) {
             tracing::error!("{e}");
         }
+        self.comm_seconds += comm;
         Ok(out)
     }
 
@@ -821,6 +853,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
                 "positive_top1": out.positive_top1, "geo_top1": out.geo_top1, "lr": lr, "img_per_s": ips,
                 "temporal_partner_rate": pairs.rate(), "bad_images": bad_images,
                 "loss_scale": out.loss_scale, "overflow_skipped_steps": skipped_steps,
+                "world_size": world, "comm_s": moco.comm_seconds,
             });
             writeln!(metrics, "{line}").map_err(io(&opts.out.join(METRICS_FILE)))?;
             tracing::info!(
