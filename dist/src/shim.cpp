@@ -43,6 +43,20 @@ int geossl_c10d_new(const char* host, int port, int rank, int world, long timeou
     so.waitWorkers = false;
     so.timeout = timeout;
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
+    // Every rank must agree on the world size: rank 0 publishes its own, the others compare before the group
+    // forms (a mismatch would otherwise only show as a timeout).
+    const std::string key = "geossl/world_size";
+    const std::string mine = std::to_string(world);
+    if (rank == 0) {
+      store->set(key, std::vector<uint8_t>(mine.begin(), mine.end()));
+    } else {
+      auto v = store->get(key);
+      std::string theirs(v.begin(), v.end());
+      if (theirs != mine) {
+        throw std::runtime_error("WORLD_SIZE differs: rank 0 has " + theirs + ", rank " + std::to_string(rank) +
+                                 " has " + mine);
+      }
+    }
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("geossl/", store);

@@ -98,3 +98,38 @@ fn a_vanished_rank_fails_the_other_within_the_timeout() {
     assert!(o.status.success() && text.contains("survivor error: all_reduce failed on rank 0 of 2"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
+
+#[test]
+fn an_unreachable_master_and_a_mismatched_world_size_are_named() {
+    if std::env::var(ROLE).as_deref() == Ok("mismatch") {
+        let r = Rendezvous::from_env(Duration::from_secs(5)).unwrap();
+        match ProcessGroup::connect(&r) {
+            Ok(_) => println!("rank {} connected", r.rank),
+            Err(e) => println!("rank {} error: {e}", r.rank),
+        }
+        return;
+    }
+    // Nobody serves the rendezvous: the error names the address, after the timeout.
+    let port = free_port();
+    let r = Rendezvous {
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        rank: 1,
+        world_size: 2,
+        timeout: Duration::from_secs(2),
+    };
+    let started = Instant::now();
+    let e = ProcessGroup::connect(&r).unwrap_err().to_string();
+    assert!(e.contains(&format!("rendezvous at 127.0.0.1:{port} as rank 1 of 2 failed")), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    // Rank 1 believes in 3 ranks, rank 0 in 2.
+    let port = free_port();
+    let test = "an_unreachable_master_and_a_mismatched_world_size_are_named";
+    let r0 = spawn_rank(test, "mismatch", 0, 2, port);
+    let r1 = spawn_rank(test, "mismatch", 1, 3, port);
+    let o1 = r1.wait_with_output().unwrap();
+    let o0 = r0.wait_with_output().unwrap();
+    let t1 = String::from_utf8_lossy(&o1.stdout);
+    assert!(t1.contains("WORLD_SIZE differs: rank 0 has 2, rank 1 has 3"), "{t1}");
+    assert!(!String::from_utf8_lossy(&o0.stdout).contains("connected"), "rank 0 formed a group without rank 1");
+}

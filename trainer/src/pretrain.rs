@@ -824,8 +824,10 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let geo_t = batch.geo.to_device(dev);
         let (q_in, k_in) = (prep(&batch.q), prep(&batch.k));
         let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr).map_err(|e| {
+            // With two ranks the lost one is the other; beyond, Gloo's message names its address.
+            let lost = if world == 2 { format!("rank {}", 1 - rank) } else { "another rank".to_string() };
             PretrainError::Invalid(format!(
-                "rank {rank} of {world} lost the other ranks at step {} (one stopped, or did not answer within the \
+                "rank {rank} of {world} lost {lost} at step {} (it stopped, or did not answer within the \
                  timeout): {e}",
                 step + 1
             ))

@@ -92,12 +92,20 @@ fn two_ranks_train_checkpoint_and_resume_exactly() {
     // One process cannot resume a 2-rank run.
     let o = pretrain(&cfg, &data, &b, 4, &["--resume"], &[]);
     assert!(!o.status.success() && text(&o).contains("trained on 2 rank(s); this run has 1"), "{}", text(&o));
-    // Rank 0 killed while writing a checkpoint: the launcher stops the other and names the rank.
+    // Rank 0 killed (SIGKILL) while writing the step-4 checkpoint: the launcher stops the other rank and names
+    // the failed one; the step-2 checkpoint stays; resumed (as a retried Job would, --auto-resume), the run
+    // continues from step 2 and ends exactly as the straight run.
     let c = tmp.path().join("c");
+    assert!(pretrain(&cfg, &data, &c, 2, &two, &[]).status.success());
     let started = Instant::now();
-    let o = pretrain(&cfg, &data, &c, 4, &two, &[("GEOSSL_TEST_KILL_AT", "after-weights".into())]);
+    let kill = [("GEOSSL_TEST_KILL_AT", "after-weights".to_string())];
+    let o = pretrain(&cfg, &data, &c, 4, &["--nproc-per-node", "2", "--resume"], &kill);
     assert!(!o.status.success() && text(&o).contains("rank 0 of 2 failed"), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
+    assert_eq!(state(&c)["step"], 2);
+    let o = pretrain(&cfg, &data, &c, 4, &["--nproc-per-node", "2", "--auto-resume"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    same_weights(&a, &c, "2 ranks, straight vs killed and resumed");
 }
 
 #[test]
@@ -165,7 +173,7 @@ fn different_configs_an_undivided_queue_and_a_lost_rank_are_errors() {
     let o0 = pretrain(&c, &data, &tmp.path().join("lost"), 4, &[], &e0);
     let o1 = r1.join().unwrap();
     assert!(!o0.status.success(), "rank 0 should have been killed");
-    assert!(!o1.status.success() && text(&o1).contains("rank 1 of 2 lost the other ranks at step 3"), "{}", text(&o1));
+    assert!(!o1.status.success() && text(&o1).contains("rank 1 of 2 lost rank 0 at step 3"), "{}", text(&o1));
     assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
     // A queue that the global batch does not divide is named before anything starts.
     let cfg = config(tmp.path(), "q", 24);
