@@ -18,18 +18,24 @@ use geossl_tests::objstore::{CountingProxy, Moto};
 use geossl_tests::server::make_repository;
 use geossl_tests::{bin, python, shared_data, text};
 
-/// A row, keyed by its source's file name and window: footprint WKB, embedding bits, datetime.
-type Rows = BTreeMap<(String, [u32; 4]), (Vec<u8>, Vec<u32>, Option<i64>)>;
+/// A row's key: its source's file name and window.
+type Key = (String, [u32; 4]);
+/// A row's footprint WKB, embedding bits, datetime.
+type Row = (Vec<u8>, Vec<u32>, Option<i64>);
+/// Rows by key.
+type Rows = BTreeMap<Key, Row>;
 
-fn rows(parquet: &[u8]) -> Rows {
+/// Every row of a GeoParquet file: its key, chip id, and footprint/embedding bits/datetime.
+fn read_rows(parquet: &[u8]) -> Vec<(Key, String, Row)> {
     let b =
         parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(parquet.to_vec()))
             .unwrap()
             .build()
             .unwrap();
-    let mut out = Rows::new();
+    let mut out = Vec::new();
     for batch in b {
         let b = batch.unwrap();
+        let ids = b.column_by_name("chip_id").unwrap().as_string::<i32>();
         let src = b.column_by_name("source").unwrap().as_string::<i32>();
         let win = b.column_by_name("window").unwrap().as_struct();
         let w = |k: &str| win.column_by_name(k).unwrap().as_primitive::<UInt32Type>().clone();
@@ -42,10 +48,23 @@ fn rows(parquet: &[u8]) -> Rows {
             let bits = emb.value(i).as_primitive::<Float32Type>().values().iter().map(|v| v.to_bits()).collect();
             let key = (name, [x.value(i), y.value(i), ww.value(i), hh.value(i)]);
             let dt = dt.is_valid(i).then(|| dt.value(i));
-            assert!(out.insert(key.clone(), (geom.value(i).to_vec(), bits, dt)).is_none(), "{key:?} twice");
+            out.push((key, ids.value(i).to_string(), (geom.value(i).to_vec(), bits, dt)));
         }
     }
     out
+}
+
+fn rows(parquet: &[u8]) -> Rows {
+    let mut out = Rows::new();
+    for (key, _, row) in read_rows(parquet) {
+        assert!(out.insert(key.clone(), row).is_none(), "{key:?} twice");
+    }
+    out
+}
+
+/// Chip id of every row, by source file name and window.
+fn chip_ids(parquet: &[u8]) -> BTreeMap<Key, String> {
+    read_rows(parquet).into_iter().map(|(key, id, _)| (key, id)).collect()
 }
 
 /// Renames every row's source file name (the same pixels under another name).
@@ -224,6 +243,16 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
     let local = rows(&std::fs::read(&local_out).unwrap());
     assert!(local.len() > 100);
     assert_eq!(union, local, "the shards in S3 differ from the local run");
+    // And against the unsharded run over the same S3 inputs, chip ids too (they hash model, source and window).
+    let o = out(serve(&["embed", "--model", m, "--input", "s3://archive/scenes/", "--out"], &env).arg(&local_out));
+    assert!(o.status.success(), "{}", text(&o));
+    let unsharded = std::fs::read(&local_out).unwrap();
+    let mut shard_ids = chip_ids(&moto.get("archive", "ds/part-00000.parquet").unwrap());
+    for i in 1..3 {
+        shard_ids.extend(chip_ids(&moto.get("archive", &format!("ds/part-{i:05}.parquet")).unwrap()));
+    }
+    assert_eq!(shard_ids, chip_ids(&unsharded), "chip ids of the shards vs the unsharded S3 run");
+    assert_eq!(union, rows(&unsharded), "rows of the shards vs the unsharded S3 run");
     // A rerun skips finished shards.
     let o = shard(1).wait_with_output().unwrap();
     assert!(o.status.success() && text(&o).contains("already done"), "{}", text(&o));
