@@ -467,6 +467,12 @@ impl<R: Source> Raster<R> {
         self.read_window(0, 0, w, h, &bands)
     }
 
+    /// The strip/tile holding band `band` at chunk column `cx`, row `cy` (planar files: one plane per band).
+    fn chunk_index(&self, band: usize, cx: usize, cy: usize) -> u32 {
+        let plane = if self.info.planar { band } else { 0 };
+        (plane * self.chunks_per_plane + cy * self.chunks_across + cx) as u32
+    }
+
     /// Byte ranges of the strips/tiles (not decoded yet) that a window of `bands` needs, sorted.
     fn chunk_ranges(&self, x: usize, y: usize, w: usize, h: usize, bands: &[usize]) -> Vec<std::ops::Range<u64>> {
         let info = &self.info;
@@ -478,8 +484,7 @@ impl<R: Source> Raster<R> {
         for cy in y / ch..=(y + h - 1) / ch {
             for cx in x / cw..=(x + w - 1) / cw {
                 for &band in bands.iter().filter(|&&b| b < info.bands) {
-                    let plane = if info.planar { band } else { 0 };
-                    let i = (plane * self.chunks_per_plane + cy * self.chunks_across + cx) as u32;
+                    let i = self.chunk_index(band, cx, cy);
                     if !self.cache.contains_key(&i) {
                         wanted.extend(self.ranges.get(i as usize).cloned());
                     }
@@ -530,11 +535,6 @@ impl<R: Source> Raster<R> {
             return Err(RasterError::NoSuchBand { file: self.file.clone(), band, bands: info.bands });
         }
         let (cw, ch) = (info.chunk_width, info.chunk_height);
-        let (per_plane, across) = (self.chunks_per_plane, self.chunks_across);
-        let index = |band: usize, cx: usize, cy: usize| {
-            let plane = if info.planar { band } else { 0 };
-            (plane * per_plane + cy * across + cx) as u32
-        };
         // Tell the source which chunks (not yet decoded) come next.
         let wanted = self.chunk_ranges(x, y, w, h, bands);
         if !wanted.is_empty() {
@@ -553,7 +553,7 @@ impl<R: Source> Raster<R> {
                 let (oy0, oy1) = (y.max(y0), (y + h).min(y0 + ch).min(info.height));
                 for (k, &band) in bands.iter().enumerate() {
                     let (sample, spp) = if info.planar { (0, 1) } else { (band, info.bands) };
-                    let data = self.chunk(index(band, cx, cy))?;
+                    let data = self.chunk(self.chunk_index(band, cx, cy))?;
                     let copied = copy_block(
                         &mut out,
                         k * w * h + (oy0 - y) * w + (ox0 - x),
