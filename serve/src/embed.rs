@@ -397,23 +397,19 @@ fn read_windows(
                     scene.raster.prefetch_windows(burst, w, h, &scene.bands);
                 }
             }
-            // Place (windows outside the box are not read), read, drop windows over the nodata limit.
+            // Place, read, drop windows over the nodata limit (windows outside the box are not in `order`).
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
             let g = &scene.georef;
             let placed = footprint(g, xf, yf, wf, hf).and_then(|ring| {
-                if !meets(&ring) {
-                    return Ok(None);
-                }
                 let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
                 if win.samples.count_all_equal(c, nodata_value) as f64 > opts.max_nodata * (h * w) as f64 {
-                    return Ok(Some(None));
+                    return Ok(None);
                 }
-                Ok(Some(Some((win, ring, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?))))
+                Ok(Some((win, ring, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?)))
             });
             let (win, corners, center) = match placed {
-                Ok(Some(Some(p))) => p,
-                Ok(None) => continue,
-                Ok(Some(None)) => {
+                Ok(Some(p)) => p,
+                Ok(None) => {
                     nodata += 1;
                     continue;
                 }
@@ -470,11 +466,12 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
         Some(p) => p.clone(),
         None => collect_inputs(&opts.inputs, opts.band_groups)?,
     };
-    // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
-    // row group covers a compact area and readers filtering by the bbox covering skip the others.
-    let files = spatial_order(&files);
     let env = crate::ort_backend::init(&opts.ort_lib)?;
     let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
+    // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
+    // row group covers a compact area and readers filtering by the bbox covering skip the others. (After
+    // the model loads: a bad model fails before any input header is read.)
+    let files = spatial_order(&files);
     let model_bytes = std::fs::read(&opts.model).map_err(|e| format!("{}: {e}", opts.model.display()))?;
     let model_sha = geossl_models::sha256_hex(&model_bytes);
     drop(model_bytes);

@@ -34,6 +34,19 @@ const HEADER_CACHE_BYTES: usize = 64 << 20;
 static FETCHED_BYTES: AtomicU64 = AtomicU64::new(0);
 static FETCH_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
+/// Counts one request that brought `bytes` bytes.
+fn count(bytes: usize) {
+    FETCHED_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+    FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Bytes `r` of the object, counted; the error names the object and the range.
+async fn get_range(store: &dyn ObjectStore, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, String> {
+    let b = store.get_range(path, r.clone()).await.map_err(|e| format!("{label}: bytes {r:?}: {e}"))?;
+    count(b.len());
+    Ok(b)
+}
+
 /// Bytes and requests fetched from object stores by this process so far.
 pub fn fetched() -> (u64, u64) {
     (FETCHED_BYTES.load(Ordering::Relaxed), FETCH_REQUESTS.load(Ordering::Relaxed))
@@ -179,13 +192,8 @@ impl Location {
             return Ok(Location::local(&p));
         }
         let store = store_for(&url)?;
-        let path = match url.scheme() {
-            // The container is the URL's host for az://, its user for abfs://container@account…
-            "s3" | "s3a" | "gs" | "az" | "azure" | "http" | "https" | "abfs" | "abfss" => {
-                ObjPath::from_url_path(url.path()).map_err(|e| format!("{s}: {e}"))?
-            }
-            _ => unreachable!("store_for refuses other schemes"),
-        };
+        // The bucket/container is the store's (`store_for` refuses other schemes); the object is the URL's path.
+        let path = ObjPath::from_url_path(url.path()).map_err(|e| format!("{s}: {e}"))?;
         Ok(Location { repr: s.to_string(), kind: Kind::Remote { store, path, url } })
     }
 
@@ -269,8 +277,7 @@ impl Location {
                 let got = block_on(async { store.get(path).await?.bytes().await });
                 match got {
                     Ok(b) => {
-                        FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
+                        count(b.len());
                         Ok(Some(b.to_vec()))
                     }
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -480,11 +487,8 @@ impl parquet::file::reader::ChunkReader for ParquetSource {
         match self {
             ParquetSource::Local(f) => f.get_bytes(start, length),
             ParquetSource::Remote { store, path, .. } => {
-                let b = block_on(store.get_range(path, start..start + length as u64))
-                    .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))?;
-                FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
-                FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
-                Ok(b)
+                block_on(get_range(store.as_ref(), path, path.as_ref(), start..start + length as u64))
+                    .map_err(parquet::errors::ParquetError::General)
             }
         }
     }
@@ -544,7 +548,7 @@ impl RangeReader {
                     Err(object_store::Error::NotFound { .. }) => return Err(format!("{label}: no such object")),
                     Err(e) => return Err(format!("{label}: {e}")),
                 };
-                FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
+                count(0); // the HEAD request
                 let head = fetch(&store, path, label, 0..size.min(HEAD_BYTES))?;
                 let mut c = header_cache().lock().unwrap_or_else(|e| e.into_inner());
                 c.2 += head.len();
@@ -660,10 +664,7 @@ impl Drop for RangeReader {
 
 fn fetch(store: &Arc<dyn ObjectStore>, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, String> {
     tracing::debug!(object = label, start = r.start, len = r.end - r.start, "fetch");
-    let b = block_on(store.get_range(path, r.clone())).map_err(|e| format!("{label}: bytes {r:?}: {e}"))?;
-    FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
-    FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
-    Ok(b)
+    block_on(get_range(store.as_ref(), path, label, r))
 }
 
 impl Read for RangeReader {
@@ -724,15 +725,13 @@ impl geossl_raster::Source for RangeReader {
             return Ok(());
         }
         tracing::debug!(object = %self.label, ranges = ?merged, "fetch announced");
-        let (store, path, label) = (&self.store, &self.path, &self.label);
-        let got = block_on(futures_util::future::try_join_all(merged.iter().map(|r| async move {
-            store.get_range(path, r.clone()).await.map_err(|e| format!("{label}: bytes {r:?}: {e}"))
-        })))
+        let (store, path, label) = (self.store.as_ref(), &self.path, self.label.as_str());
+        let got = block_on(futures_util::future::try_join_all(
+            merged.iter().map(|r| get_range(store, path, label, r.clone())),
+        ))
         .map_err(std::io::Error::other)?;
         let n = got.len();
         for (r, b) in merged.iter().zip(got) {
-            FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
-            FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
             self.insert(r.start, b);
         }
         self.evict(n);
@@ -750,15 +749,7 @@ impl geossl_raster::Source for RangeReader {
             tracing::debug!(object = %self.label, range = ?r, "prefetch");
             let (store, path, label) = (self.store.clone(), self.path.clone(), self.label.clone());
             let range = r.clone();
-            let task = runtime().spawn(async move {
-                let b = store
-                    .get_range(&path, range.clone())
-                    .await
-                    .map_err(|e| format!("{label}: bytes {range:?}: {e}"))?;
-                FETCHED_BYTES.fetch_add(b.len() as u64, Ordering::Relaxed);
-                FETCH_REQUESTS.fetch_add(1, Ordering::Relaxed);
-                Ok(b)
-            });
+            let task = runtime().spawn(async move { get_range(store.as_ref(), &path, &label, range).await });
             self.pending.push((r, task));
         }
     }
