@@ -127,6 +127,20 @@ pub fn real_chips(data: &Path, out: &Path) -> Result<PathBuf, String> {
     write_manifest(&chips, &out.join("manifest.csv"))
 }
 
+/// A CPU-sized `moco` pretraining setup for tests (ResNet-18 at 32², queue 64, one shuffle-BN group,
+/// temperature 0.2, batch 8) and its model spec.
+pub fn tiny_moco() -> Result<(geossl_models::ModelSpec, crate::config::PretrainConfig), String> {
+    let (mut cfg, _) = crate::config::PretrainConfig::load(Path::new("moco")).map_err(|e| e.to_string())?;
+    cfg.model.arch = geossl_models::Arch::Resnet18;
+    cfg.model.input_size = 32;
+    cfg.moco.queue_size = 64;
+    cfg.moco.shuffle_bn_groups = 1;
+    cfg.moco.temperature = 0.2;
+    cfg.optim.batch_size = 8;
+    let spec = crate::pretrain::run_spec(&cfg, None)?;
+    Ok((spec, cfg))
+}
+
 /// Writes a CSV manifest (`path,lat,lon,timestamp,location_id[,label]`) with
 /// paths relative to its folder; the label column when any chip has a label.
 pub fn write_manifest(chips: &[Chip], path: &Path) -> Result<PathBuf, String> {

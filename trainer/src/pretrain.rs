@@ -308,16 +308,14 @@ impl Moco {
     /// ranks, encodes the keys with BatchNorm shuffled across ranks, and enqueues every rank's keys in rank
     /// order (the queue size must be a multiple of the global batch).
     pub fn join(&mut self, mut pg: geossl_dist::ProcessGroup) -> Result<(), geossl_dist::DistError> {
-        tch::no_grad(|| -> Result<(), geossl_dist::DistError> {
-            for vs in [&self.vs_q, &self.vs_k] {
-                let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0));
-                for (_, v) in vars {
-                    pg.broadcast(&mut v.shallow_clone(), 0)?;
-                }
-            }
-            pg.broadcast(&mut self.queue.keys.shallow_clone(), 0)
-        })?;
+        let mut all = Vec::new();
+        for vs in [&self.vs_q, &self.vs_k] {
+            let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            all.extend(vars.into_iter().map(|(_, v)| v));
+        }
+        all.push(self.queue.keys.shallow_clone());
+        tch::no_grad(|| broadcast_flat(&mut pg, &all))?;
         let vars = self.vs_q.variables();
         let mut names: Vec<String> =
             self.spec.parameters().into_iter().filter(|p| !p.role.trainable()).map(|p| p.name).collect();
@@ -904,15 +902,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> (ModelSpec, PretrainConfig) {
-        let (mut cfg, _) = PretrainConfig::load(Path::new("moco")).unwrap();
-        cfg.model.arch = geossl_models::Arch::Resnet18;
-        cfg.model.input_size = 32;
-        cfg.moco.queue_size = 64;
-        cfg.moco.shuffle_bn_groups = 1;
-        cfg.moco.temperature = 0.2;
-        cfg.optim.batch_size = 8;
-        let spec = run_spec(&cfg, None).unwrap();
-        (spec, cfg)
+        crate::fixtures::tiny_moco().unwrap()
     }
 
     /// A fresh MoCo, or one holding exactly `like`'s weights and queue (tests

@@ -11,9 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use geossl_dist::{ProcessGroup, Rendezvous};
-use geossl_trainer::config::PretrainConfig;
 use geossl_trainer::moco::info_nce;
-use geossl_trainer::pretrain::{run_spec, Moco};
+use geossl_trainer::pretrain::Moco;
 use tch::{Device, Kind, Tensor};
 
 const ROLE: &str = "GEOSSL_DDP_TEST_ROLE";
@@ -57,14 +56,7 @@ fn same_on_every_rank(m: &mut Moco, when: &str) {
 
 fn rank_body() {
     let r = Rendezvous::from_env(Duration::from_secs(60)).unwrap();
-    let (mut cfg, _) = PretrainConfig::load(Path::new("moco")).unwrap();
-    cfg.model.arch = geossl_models::Arch::Resnet18;
-    cfg.model.input_size = 32;
-    cfg.moco.queue_size = 64;
-    cfg.moco.shuffle_bn_groups = 1;
-    cfg.moco.temperature = 0.2;
-    cfg.optim.batch_size = 8;
-    let spec = run_spec(&cfg, None).unwrap();
+    let (spec, cfg) = geossl_trainer::fixtures::tiny_moco().unwrap();
     // Different random weights and queue on each rank: joining must make them rank 0's.
     tch::manual_seed(100 + r.rank as i64);
     let mut m = Moco::new(&spec, &cfg, Device::Cpu).unwrap();

@@ -18,25 +18,7 @@ fn shared_data() -> PathBuf {
 
 /// A tiny, CPU-sized variant of a preset.
 fn small_config(dir: &Path, preset: &str) -> PathBuf {
-    let (mut cfg, _) = geossl_trainer::config::PretrainConfig::load(Path::new(preset)).unwrap();
-    cfg.model.arch = geossl_models::Arch::Resnet18;
-    cfg.model.input_size = 32;
-    cfg.moco.queue_size = 32;
-    cfg.moco.shuffle_bn_groups = 2;
-    cfg.geo.clusters = 3;
-    cfg.optim.batch_size = 8;
-    cfg.optim.epochs = 1;
-    cfg.optim.max_steps = Some(4);
-    cfg.run.checkpoint_every = 2;
-    cfg.run.log_every = 1;
-    cfg.run.workers = 2;
-    cfg.run.device = "cpu".into();
-    if cfg.aug.tp_resize.is_some() {
-        cfg.aug.tp_resize = Some(64);
-    }
-    let path = dir.join(format!("{preset}.toml"));
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    path
+    common::small_config(dir, preset, preset, 32, 2)
 }
 
 /// Runs `pretrain` up to step `stop` of the 4-step schedule.

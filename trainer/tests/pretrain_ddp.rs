@@ -18,23 +18,9 @@ fn shared_data() -> PathBuf {
     common::repo_root().join("../shared/data")
 }
 
+/// A tiny `moco-tp-geo` (one loader thread per rank) with queue `queue`, as `dir/<name>.toml`.
 fn config(dir: &Path, name: &str, queue: usize) -> PathBuf {
-    let (mut cfg, _) = geossl_trainer::config::PretrainConfig::load(Path::new("moco-tp-geo")).unwrap();
-    cfg.model.arch = geossl_models::Arch::Resnet18;
-    cfg.model.input_size = 32;
-    cfg.moco.queue_size = queue;
-    cfg.moco.shuffle_bn_groups = 2;
-    cfg.geo.clusters = 3;
-    cfg.optim.batch_size = 8;
-    cfg.optim.max_steps = Some(4);
-    cfg.run.checkpoint_every = 2;
-    cfg.run.log_every = 1;
-    cfg.run.workers = 1;
-    cfg.run.device = "cpu".into();
-    cfg.aug.tp_resize = Some(64);
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    path
+    common::small_config(dir, name, "moco-tp-geo", queue, 1)
 }
 
 fn pretrain(cfg: &Path, data: &Path, out: &Path, stop: u64, extra: &[&str], env: &[(&str, String)]) -> Output {

@@ -55,3 +55,27 @@ pub fn random_checkpoint(dir: &Path, mut spec: geossl_models::ModelSpec) -> Path
     }
     ck
 }
+
+/// A tiny, CPU-sized variant of `preset` (ResNet-18 at 32², batch 8, 4 steps, checkpoints every 2, queue
+/// `queue`, `workers` loader threads), written as `dir/<name>.toml`.
+pub fn small_config(dir: &Path, name: &str, preset: &str, queue: usize, workers: usize) -> PathBuf {
+    let (mut cfg, _) = geossl_trainer::config::PretrainConfig::load(Path::new(preset)).expect("preset");
+    cfg.model.arch = geossl_models::Arch::Resnet18;
+    cfg.model.input_size = 32;
+    cfg.moco.queue_size = queue;
+    cfg.moco.shuffle_bn_groups = 2;
+    cfg.geo.clusters = 3;
+    cfg.optim.batch_size = 8;
+    cfg.optim.epochs = 1;
+    cfg.optim.max_steps = Some(4);
+    cfg.run.checkpoint_every = 2;
+    cfg.run.log_every = 1;
+    cfg.run.workers = workers;
+    cfg.run.device = "cpu".into();
+    if cfg.aug.tp_resize.is_some() {
+        cfg.aug.tp_resize = Some(64);
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(&cfg).expect("toml")).expect("write config");
+    path
+}
