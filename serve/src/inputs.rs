@@ -81,11 +81,7 @@ fn has_glob(s: &str) -> bool {
 fn from_files(files: Vec<Location>, band_groups: bool, out: &mut Vec<Input>) {
     let files: Vec<Location> = files.into_iter().filter(|f| is_tiff_name(f.as_str())).collect();
     if !band_groups {
-        out.extend(files.iter().map(|f| Input {
-            path: canonical(f.as_str()),
-            files: vec![canonical(f.as_str())],
-            stac: None,
-        }));
+        out.extend(files.iter().map(|f| Input::file(canonical(f.as_str()))));
         return;
     }
     let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
@@ -109,7 +105,7 @@ pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>
         } else if is_url(s) {
             if is_tiff_name(s) {
                 // Not opened now: an unreachable or unauthorized file fails alone when it is embedded.
-                out.push(Input { path: s.clone(), files: vec![s.clone()], stac: None });
+                out.push(Input::file(s.clone()));
             } else {
                 let loc = Location::parse(s)?;
                 let listed = loc.list()?;
@@ -133,8 +129,7 @@ pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>
                 from_files(Location::local(p).list()?, band_groups, &mut out);
             } else if p.is_file() {
                 // A file named on its own is an input whatever its extension.
-                let c = canonical(s);
-                out.push(Input { path: c.clone(), files: vec![c], stac: None });
+                out.push(Input::file(canonical(s)));
             } else {
                 return Err(format!("{s}: no such file or directory"));
             }
@@ -211,6 +206,11 @@ fn asset_bands(a: &stac::Asset) -> Vec<Vec<String>> {
 }
 
 impl Input {
+    /// One GeoTIFF (a path or URL) as an input.
+    pub fn file(path: String) -> Input {
+        Input { files: vec![path.clone()], path, stac: None }
+    }
+
     /// The files (and, for a STAC item, bands) of this input for a model taking `wanted` bands.
     pub fn resolve(&self, wanted: &[String]) -> Result<Resolved, String> {
         let Some(s) = &self.stac else {
