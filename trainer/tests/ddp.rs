@@ -104,11 +104,15 @@ fn rank_body() {
             m.gather(&flat(&local)).unwrap().to_kind(Kind::Double).mean_dim([0i64].as_slice(), false, Kind::Double);
         let (local, applied) = (flat(&local), flat(&applied));
         let rel = (applied.to_kind(Kind::Double) - &mean).norm().double_value(&[]) / mean.norm().double_value(&[]);
+        // The f64 mean is the reference; the applied gradient is one fp32 sum and one division by 2, each
+        // within half an ulp (2^-24 ≈ 6e-8) per element: 1e-5 leaves a margin of ~80×, on any CPU.
         assert!(rel <= 1e-5, "rank {}: step {step}: applied gradient vs the ranks' mean: {rel:e}", r.rank);
         assert!(!local.equal(&applied), "rank {}: the applied gradient is this rank's own", r.rank);
         // The queue took every rank's keys in rank order: this rank's positives are rows ptr+8r..ptr+8r+8,
         // and with them its InfoNCE is the loss the step reported.
         let mine = m.queue.keys.narrow(0, ptr + 8 * r.rank as i64, 8);
+        // Same weights, same batch, same kernels: only summation order may differ from the step's own fp32
+        // InfoNCE (65 logits of 128-d dot products, ~1e-7 each); keys of the wrong rank move it by ~10 %.
         let (nce, _) = info_nce(&queries, &mine, &negatives, cfg.moco.temperature);
         let rel = (nce.double_value(&[]) - out.info_nce).abs() / out.info_nce.abs();
         assert!(
