@@ -3,7 +3,10 @@
 //!
 //! tch 0.24 switches autocast on and off but cannot choose its type, which
 //! defaults to fp16; [`set_cuda_autocast_dtype`] calls libtorch's
-//! `at::autocast::set_autocast_dtype` directly.
+//! `at::autocast::set_autocast_dtype` directly. tch's `autocast` goes through
+//! libtorch's deprecated `at::autocast::is_enabled`/`set_enabled`, which print
+//! a warning on every call (five lines per training step on a GPU, seen on an
+//! H200); [`autocast`] does the same through the per-device functions.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -34,6 +37,16 @@ mod ffi {
     // plain C++ free functions exported by libtorch_cpu (linked by torch-sys),
     // so the SysV C calling convention applies with int8 arguments and result.
     extern "C" {
+        #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+        fn at_autocast_is_autocast_enabled(device: i8) -> bool;
+        #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+        fn at_autocast_set_autocast_enabled(device: i8, enabled: bool);
+        #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+        fn at_autocast_increment_nesting() -> i32;
+        #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+        fn at_autocast_decrement_nesting() -> i32;
+        #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+        fn at_autocast_clear_cache();
         #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
         fn at_autocast_set_autocast_dtype(device: i8, dtype: i8);
         #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
@@ -52,6 +65,58 @@ mod ffi {
         // SAFETY: reads libtorch's autocast setting; no arguments besides the device type.
         unsafe { at_autocast_get_autocast_dtype(CUDA) }
     }
+
+    pub fn cuda_enabled() -> bool {
+        // SAFETY: reads libtorch's thread-local autocast flag for CUDA.
+        unsafe { at_autocast_is_autocast_enabled(CUDA) }
+    }
+
+    pub fn set_cuda_enabled(enabled: bool) {
+        // SAFETY: writes libtorch's thread-local autocast flag for CUDA.
+        unsafe { at_autocast_set_autocast_enabled(CUDA, enabled) }
+    }
+
+    /// Enters an autocast region (libtorch counts the nesting to know when to drop its cast cache).
+    pub fn enter() {
+        // SAFETY: increments a thread-local counter.
+        unsafe {
+            at_autocast_increment_nesting();
+        }
+    }
+
+    /// Leaves an autocast region; the outermost one clears the cache of casted weights.
+    pub fn leave() {
+        // SAFETY: decrements the thread-local counter entered above; clears libtorch's cast cache.
+        unsafe {
+            if at_autocast_decrement_nesting() == 0 {
+                at_autocast_clear_cache();
+            }
+        }
+    }
+}
+
+/// Runs `f` with CUDA autocast `enabled` (as `tch::autocast` does, without libtorch's deprecation
+/// warnings); the previous setting comes back afterwards, also if `f` panics. Without CUDA it only runs `f`.
+pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    if !tch::Cuda::is_available() {
+        return f();
+    }
+    scoped(enabled, f)
+}
+
+/// The autocast region itself (libtorch's flag lives in libtorch_cpu: this runs without a GPU too).
+fn scoped<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ffi::leave();
+            ffi::set_cuda_enabled(self.0);
+        }
+    }
+    let _restore = Restore(ffi::cuda_enabled());
+    ffi::set_cuda_enabled(enabled);
+    ffi::enter();
+    f()
 }
 
 /// c10::ScalarType codes of the two autocast types.
@@ -139,6 +204,17 @@ mod tests {
         let other = std::thread::spawn(cuda_autocast_dtype).join().ok().flatten();
         assert_eq!(other, Some(AmpDtype::Fp16));
         assert_eq!(cuda_autocast_dtype(), Some(AmpDtype::Bf16));
+    }
+
+    #[test]
+    fn an_autocast_region_sets_the_flag_and_restores_it_even_after_a_panic() {
+        assert!(!ffi::cuda_enabled(), "off by default");
+        let inside = scoped(true, || (ffi::cuda_enabled(), scoped(false, ffi::cuda_enabled), ffi::cuda_enabled()));
+        assert_eq!(inside, (true, false, true), "nested regions set and restore");
+        assert!(!ffi::cuda_enabled());
+        let r = std::panic::catch_unwind(|| scoped(true, || panic!("inside")));
+        assert!(r.is_err());
+        assert!(!ffi::cuda_enabled(), "restored after a panic");
     }
 
     #[test]
