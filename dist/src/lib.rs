@@ -1,12 +1,16 @@
 //! Data-parallel collectives for geossl's training, from libtorch's own c10d
 //! (not a home-made engine): a `TCPStore` rendezvous (rank 0 serves it, as
-//! torchrun's `MASTER_ADDR`/`MASTER_PORT` do) and a `ProcessGroupGloo` on it,
-//! reached through a small C++ shim (`src/shim.cpp`) on the `at::Tensor`s
-//! that tch tensors wrap.
+//! torchrun's `MASTER_ADDR`/`MASTER_PORT` do) and a process group on it —
+//! `ProcessGroupGloo` for CPU tensors, `ProcessGroupNCCL` for CUDA tensors
+//! (where built, see [`nccl_built`]) — reached through a small C++ shim
+//! (`src/shim.cpp`) on the `at::Tensor`s that tch tensors wrap.
 //!
-//! Collectives are synchronous and in place where PyTorch's are; a rank that
-//! is gone makes the others' next collective fail within the group's timeout
-//! (never a silent hang), with Gloo's message.
+//! Collectives are in place where PyTorch's are; Gloo's are synchronous,
+//! NCCL's are ordered on the CUDA stream as in PyTorch (host-synchronous with
+//! `TORCH_NCCL_BLOCKING_WAIT=1`). A rank that is gone makes the others' next
+//! collective fail within the group's timeout (never a silent hang): an error
+//! with c10d's message (Gloo, blocking NCCL), or NCCL's watchdog ending the
+//! process.
 //!
 //! FFI needs `unsafe`: it is confined to this crate, each block states why it holds.
 #![allow(unsafe_code)]
@@ -22,11 +26,14 @@ extern "C" {
         rank: c_int,
         world: c_int,
         timeout_ms: c_long,
+        cuda_device: c_int,
         out: *mut *mut c_void,
         err: *mut c_char,
         len: usize,
     ) -> c_int;
     fn geossl_c10d_free(g: *mut c_void);
+    fn geossl_c10d_has_nccl() -> c_int;
+    fn geossl_c10d_lost_ranks(g: *mut c_void, wait_ms: c_long, out: *mut c_int, cap: c_int) -> c_int;
     fn geossl_c10d_all_reduce_sum(g: *mut c_void, t: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn geossl_c10d_broadcast(g: *mut c_void, t: *mut c_void, root: c_int, err: *mut c_char, len: usize) -> c_int;
     fn geossl_c10d_all_gather(
@@ -85,12 +92,85 @@ impl Rendezvous {
     }
 }
 
-/// A Gloo process group (CPU tensors).
+/// Whether this build has ProcessGroupNCCL (libtorch with CUDA and the NCCL/CUDA headers at build time).
+pub fn nccl_built() -> bool {
+    // SAFETY: a constant function of the shim, no arguments.
+    unsafe { geossl_c10d_has_nccl() != 0 }
+}
+
+/// Who is gone, after a collective failed (see [`ProcessGroup::lost_ranks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lost {
+    /// These ranks stopped beating.
+    Ranks(Vec<usize>),
+    /// The rendezvous store cannot be reached: rank 0, which hosts it, is gone.
+    Store,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Store => write!(f, "rank 0 (the rendezvous host)"),
+            Lost::Ranks(r) if r.len() == 1 => write!(f, "rank {}", r[0]),
+            Lost::Ranks(r) => {
+                write!(f, "ranks {}", r.iter().map(usize::to_string).collect::<Vec<_>>().join(", "))
+            }
+        }
+    }
+}
+
+/// Which c10d backend a group runs on; its tensors live where it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// ProcessGroupGloo: CPU tensors.
+    Gloo,
+    /// ProcessGroupNCCL on this CUDA device (one GPU per rank).
+    Nccl { device: usize },
+}
+
+impl Backend {
+    /// The backend for tensors on `device`: Gloo for the CPU, NCCL for a CUDA device — refused by name where
+    /// this build has no NCCL or the machine has no such GPU.
+    pub fn for_device(device: tch::Device) -> Result<Backend, DistError> {
+        match device {
+            tch::Device::Cpu => Ok(Backend::Gloo),
+            tch::Device::Cuda(i) => {
+                if !nccl_built() {
+                    return Err(DistError::Config(
+                        "NCCL was requested (a CUDA device) but this build of geossl-dist has none: it was \
+                         compiled without libtorch_cuda or the NCCL/CUDA headers (see the build warning)"
+                            .into(),
+                    ));
+                }
+                let n = tch::Cuda::device_count().max(0) as usize;
+                if n == 0 {
+                    return Err(DistError::Config(
+                        "NCCL was requested (a CUDA device) but CUDA is not available on this machine: \
+                         train data-parallel on CPU with --device cpu (Gloo)"
+                            .into(),
+                    ));
+                }
+                if i >= n {
+                    return Err(DistError::Config(format!(
+                        "NCCL on cuda:{i} was requested but this machine has {n} CUDA device(s) \
+                         (one GPU per rank: LOCAL_RANK must be below the GPU count)"
+                    )));
+                }
+                Ok(Backend::Nccl { device: i })
+            }
+            other => Err(DistError::Config(format!("no c10d backend for device {other:?}"))),
+        }
+    }
+}
+
+/// A process group: Gloo (CPU tensors) or NCCL (CUDA tensors on its device).
 #[derive(Debug)]
 pub struct ProcessGroup {
     ptr: *mut c_void,
     rank: usize,
     world: usize,
+    backend: Backend,
+    host_waits: bool,
 }
 
 // The C++ group is used from one thread at a time (&mut self for collectives).
@@ -104,8 +184,9 @@ fn message(buf: &[u8]) -> String {
 }
 
 impl ProcessGroup {
-    /// Joins the group: blocks until all `world_size` ranks have joined, or fails after the timeout.
-    pub fn connect(r: &Rendezvous) -> Result<ProcessGroup, DistError> {
+    /// Joins the group on `backend`: blocks until all `world_size` ranks have joined, or fails after the
+    /// timeout.
+    pub fn connect(r: &Rendezvous, backend: Backend) -> Result<ProcessGroup, DistError> {
         let addr = format!("{}:{}", r.master_addr, r.master_port);
         let fail =
             |message: String| DistError::Rendezvous { addr: addr.clone(), rank: r.rank, world: r.world_size, message };
@@ -120,6 +201,10 @@ impl ProcessGroup {
                 r.rank as c_int,
                 r.world_size as c_int,
                 r.timeout.as_millis().min(c_long::MAX as u128) as c_long,
+                match backend {
+                    Backend::Gloo => -1,
+                    Backend::Nccl { device } => device as c_int,
+                },
                 &mut ptr,
                 err.as_mut_ptr().cast(),
                 ERR_LEN,
@@ -128,7 +213,42 @@ impl ProcessGroup {
         if rc != 0 || ptr.is_null() {
             return Err(fail(message(&err)));
         }
-        Ok(ProcessGroup { ptr, rank: r.rank, world: r.world_size })
+        // Gloo's wait() blocks the host; NCCL's only with TORCH_NCCL_BLOCKING_WAIT (as in PyTorch).
+        let host_waits = match backend {
+            Backend::Gloo => true,
+            Backend::Nccl { .. } => {
+                matches!(std::env::var("TORCH_NCCL_BLOCKING_WAIT").as_deref(), Ok("1") | Ok("true") | Ok("True"))
+            }
+        };
+        Ok(ProcessGroup { ptr, rank: r.rank, world: r.world_size, backend, host_waits })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether a collective returns only once it completed: Gloo, and NCCL with `TORCH_NCCL_BLOCKING_WAIT=1`.
+    /// By default (as in PyTorch) NCCL collectives return once queued on the GPU, and a rank lost for longer
+    /// than the timeout surfaces through NCCL's watchdog, which ends the process with its message.
+    pub fn host_waits(&self) -> bool {
+        self.host_waits
+    }
+
+    /// Which ranks are gone, for naming them after a collective failed: every rank's heartbeat (a counter in
+    /// the rendezvous store, advanced each second by a thread of that rank) is read twice, 2.5 s apart; the
+    /// ranks whose counter stood still are lost, or rank 0 when the store itself cannot be reached. The first
+    /// rank to find lost ranks records them in the store and later callers get that finding (survivors that
+    /// stopped after it are not counted). `None` when every other rank still beats (the failure was something
+    /// else, such as a timeout).
+    pub fn lost_ranks(&self) -> Option<Lost> {
+        let mut out = vec![0 as c_int; self.world];
+        // SAFETY: `self.ptr` is a live group; `out` has room for `world` entries and outlives the call.
+        let n = unsafe { geossl_c10d_lost_ranks(self.ptr, 2500, out.as_mut_ptr(), self.world as c_int) };
+        match n {
+            n if n < 0 => Some(Lost::Store),
+            0 => None,
+            n => Some(Lost::Ranks(out[..n as usize].iter().map(|&r| r as usize).collect())),
+        }
     }
 
     pub fn rank(&self) -> usize {

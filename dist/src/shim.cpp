@@ -1,21 +1,70 @@
 // The c10d pieces geossl's data-parallel training uses, behind a C ABI:
-// a TCPStore rendezvous and a ProcessGroupGloo on it, and collectives on
-// tch tensors (a tch Tensor wraps an `at::Tensor*`). Every function catches
-// C++ exceptions and returns their message (non-zero status), never throws.
+// a TCPStore rendezvous and a process group on it (ProcessGroupGloo for CPU
+// tensors; ProcessGroupNCCL for CUDA tensors where built with USE_C10D_NCCL),
+// and collectives on tch tensors (a tch Tensor wraps an `at::Tensor*`).
+// Every function catches C++ exceptions and returns their message (non-zero
+// status), never throws.
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
+#include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
 
+// Liveness: every rank adds 1 to its counter in the store each second (from a thread with its own store
+// connection, so a rank blocked in a collective still beats). After a failed collective, a rank whose counter
+// stands still is gone; a store that cannot be reached means rank 0 (its host) is.
+constexpr auto kBeat = std::chrono::milliseconds(1000);
+
+std::string alive_key(int rank) { return "geossl-alive/" + std::to_string(rank); }
+
+c10::intrusive_ptr<c10d::TCPStore> client(const std::string& host, int port, std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions o;
+  o.port = static_cast<std::uint16_t>(port);
+  o.isServer = false;
+  o.waitWorkers = false;
+  o.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(host, o);
+}
+
 struct Group {
   c10::intrusive_ptr<c10d::TCPStore> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
+  std::string host;
+  int port = 0;
+  int rank = 0;
+  int world = 0;
+  // A collective failed (a rank gone, a timeout): tear the group down with abort(), not a shutdown that
+  // would wait for the lost rank.
+  bool failed = false;
+  std::atomic<bool> stop{false};
+  std::thread heartbeat;
+
+  void beat() {
+    heartbeat = std::thread([this]() {
+      try {
+        auto c = client(host, port, std::chrono::milliseconds(5000));
+        const auto key = alive_key(rank);
+        while (!stop.load()) {
+          c->add(key, 1);
+          for (int i = 0; i < 10 && !stop.load(); ++i) std::this_thread::sleep_for(kBeat / 10);
+        }
+      } catch (const std::exception&) {
+        // The store is gone (rank 0 ended): nothing left to tell.
+      }
+    });
+  }
 };
 
 int fail(const std::exception& e, char* err, size_t len) {
@@ -30,11 +79,39 @@ int fail(const std::exception& e, char* err, size_t len) {
 
 extern "C" {
 
+// 1 when this shim was built with ProcessGroupNCCL.
+int geossl_c10d_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Rendezvous at host:port (rank 0 serves the store; port 0 lets it pick one,
-// see geossl_c10d_port) and a Gloo group over `world` ranks.
-int geossl_c10d_new(const char* host, int port, int rank, int world, long timeout_ms, void** out, char* err,
-                    size_t len) {
+// see geossl_c10d_port) and a group over `world` ranks: Gloo (CPU tensors) when
+// `cuda_device` < 0, else NCCL on that CUDA device (which becomes the current one).
+int geossl_c10d_new(const char* host, int port, int rank, int world, long timeout_ms, int cuda_device, void** out,
+                    char* err, size_t len) {
   try {
+#ifdef USE_C10D_NCCL
+    if (cuda_device >= 0) {
+      auto n = static_cast<int>(c10::cuda::device_count());
+      if (cuda_device >= n) {
+        throw std::runtime_error("NCCL needs CUDA device " + std::to_string(cuda_device) + ", and this machine has " +
+                                 std::to_string(n) + " CUDA device(s)");
+      }
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_device));
+      // As in PyTorch: wait() makes the current CUDA stream wait for the collective and returns (the host runs
+      // ahead); a collective that outlives the group's timeout is caught by NCCL's watchdog, which ends the
+      // process with its message. TORCH_NCCL_BLOCKING_WAIT=1 makes wait() block and throw instead (the lost
+      // rank is then named like with Gloo; ~15 % slower on one H200, docs/benchmarks/ddp_gpu.md).
+    }
+#else
+    if (cuda_device >= 0) {
+      throw std::runtime_error("this build has no NCCL (geossl-dist was compiled without CUDA headers)");
+    }
+#endif
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(port);
@@ -57,11 +134,24 @@ int geossl_c10d_new(const char* host, int port, int rank, int world, long timeou
                                  " has " + mine);
       }
     }
-    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("geossl/", store);
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, opts);
-    *out = new Group{store, pg};
+    c10::intrusive_ptr<c10d::Backend> pg;
+#ifdef USE_C10D_NCCL
+    if (cuda_device >= 0) {
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world, opts);
+      pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device)));
+    }
+#endif
+    if (!pg) {
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+      pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, opts);
+    }
+    auto* group = new Group{store, pg, std::string(host), static_cast<int>(store->getPort()), rank, world};
+    group->beat();
+    *out = group;
     return 0;
   } catch (const std::exception& e) {
     return fail(e, err, len);
@@ -71,7 +161,63 @@ int geossl_c10d_new(const char* host, int port, int rank, int world, long timeou
 // The store's port (rank 0 with port 0: the one it bound).
 int geossl_c10d_port(void* g) { return static_cast<Group*>(g)->store->getPort(); }
 
-void geossl_c10d_free(void* g) { delete static_cast<Group*>(g); }
+void geossl_c10d_free(void* g) {
+  auto* group = static_cast<Group*>(g);
+  group->stop.store(true);
+  if (group->heartbeat.joinable()) group->heartbeat.join();
+  try {
+    if (group->failed) {
+      group->pg->abort();
+    } else {
+      group->pg->shutdown();
+    }
+  } catch (const std::exception&) {
+    // Nothing more to do for a group being dropped.
+  }
+  delete group;
+}
+
+// The ranks whose heartbeat stood still over `wait_ms` (other than the caller), into `out` (at most `cap`);
+// their number, or -1 when the store cannot be reached (rank 0, which hosts it, is gone). The first rank to
+// find lost ranks records them in the store, and later ones report that finding: a survivor that timed out
+// long after another survivor exited still names the rank that was lost first, not the one that left after.
+int geossl_c10d_lost_ranks(void* g, long wait_ms, int* out, int cap) {
+  auto* group = static_cast<Group*>(g);
+  const std::string verdict = "geossl-lost";
+  auto parse = [&](const std::vector<uint8_t>& v) {
+    int n = 0;
+    std::string s(v.begin(), v.end()), item;
+    for (size_t i = 0; i <= s.size(); ++i) {
+      if (i == s.size() || s[i] == ',') {
+        if (!item.empty() && n < cap) out[n++] = std::stoi(item);
+        item.clear();
+      } else {
+        item.push_back(s[i]);
+      }
+    }
+    return n;
+  };
+  try {
+    auto c = client(group->host, group->port, std::chrono::milliseconds(3000));
+    if (c->check({verdict})) return parse(c->get(verdict));
+    auto read = [&]() {
+      std::vector<int64_t> v;
+      for (int r = 0; r < group->world; ++r) v.push_back(c->add(alive_key(r), 0));
+      return v;
+    };
+    auto before = read();
+    std::this_thread::sleep_for(std::chrono::milliseconds(wait_ms));
+    auto after = read();
+    std::string found;
+    for (int r = 0; r < group->world; ++r) {
+      if (r != group->rank && before[r] == after[r]) found += (found.empty() ? "" : ",") + std::to_string(r);
+    }
+    if (found.empty()) return 0;
+    return parse(c->compareSet(verdict, {}, std::vector<uint8_t>(found.begin(), found.end())));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 // Sum of `t` over the ranks, in place.
 int geossl_c10d_all_reduce_sum(void* g, void* t, char* err, size_t len) {
@@ -82,6 +228,7 @@ int geossl_c10d_all_reduce_sum(void* g, void* t, char* err, size_t len) {
     static_cast<Group*>(g)->pg->allreduce(ts, o)->wait();
     return 0;
   } catch (const std::exception& e) {
+    static_cast<Group*>(g)->failed = true;
     return fail(e, err, len);
   }
 }
@@ -95,6 +242,7 @@ int geossl_c10d_broadcast(void* g, void* t, int root, char* err, size_t len) {
     static_cast<Group*>(g)->pg->broadcast(ts, o)->wait();
     return 0;
   } catch (const std::exception& e) {
+    static_cast<Group*>(g)->failed = true;
     return fail(e, err, len);
   }
 }
@@ -111,6 +259,7 @@ int geossl_c10d_all_gather(void* g, void* out, void* in, char* err, size_t len) 
     group->pg->allgather(outs, ins)->wait();
     return 0;
   } catch (const std::exception& e) {
+    static_cast<Group*>(g)->failed = true;
     return fail(e, err, len);
   }
 }
@@ -120,6 +269,7 @@ int geossl_c10d_barrier(void* g, char* err, size_t len) {
     static_cast<Group*>(g)->pg->barrier()->wait();
     return 0;
   } catch (const std::exception& e) {
+    static_cast<Group*>(g)->failed = true;
     return fail(e, err, len);
   }
 }

@@ -1,7 +1,7 @@
 //! Two ranks as two processes on 127.0.0.1 (this test binary run again with
 //! torchrun's variables): rendezvous through c10d's TCPStore, collectives
 //! through ProcessGroupGloo; a rank that vanishes makes the other fail within
-//! the timeout instead of hanging.
+//! the timeout instead of hanging, and with three ranks the survivors name it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -40,7 +40,7 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn two_ranks_reduce_broadcast_and_gather() {
     if std::env::var(ROLE).as_deref() == Ok("collectives") {
         let r = Rendezvous::from_env(Duration::from_secs(30)).unwrap();
-        let mut pg = ProcessGroup::connect(&r).unwrap();
+        let mut pg = ProcessGroup::connect(&r, geossl_dist::Backend::Gloo).unwrap();
         let k = (r.rank + 1) as f32;
         let mut t = Tensor::from_slice(&[k, 10.0 * k, -k]);
         pg.all_reduce_sum(&mut t).unwrap();
@@ -74,7 +74,7 @@ fn a_vanished_rank_fails_the_other_within_the_timeout() {
     match std::env::var(ROLE).as_deref() {
         Ok("survivor") | Ok("leaver") => {
             let r = Rendezvous::from_env(Duration::from_secs(5)).unwrap();
-            let mut pg = ProcessGroup::connect(&r).unwrap();
+            let mut pg = ProcessGroup::connect(&r, geossl_dist::Backend::Gloo).unwrap();
             pg.barrier().unwrap();
             if r.rank == 1 {
                 std::process::exit(0); // gone without a word
@@ -99,11 +99,53 @@ fn a_vanished_rank_fails_the_other_within_the_timeout() {
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
 
+/// Three ranks; one leaves after a barrier. The two left each fail their next collective and name the lost
+/// rank from the heartbeats: rank 2 by its silent counter, rank 0 by its unreachable store.
+#[test]
+fn the_survivors_name_the_lost_rank_among_three() {
+    if let Ok(role) = std::env::var(ROLE) {
+        if let Some(leaver) = role.strip_prefix("three-") {
+            let leaver: usize = leaver.parse().unwrap();
+            let r = Rendezvous::from_env(Duration::from_secs(5)).unwrap();
+            let mut pg = ProcessGroup::connect(&r, geossl_dist::Backend::Gloo).unwrap();
+            pg.barrier().unwrap();
+            assert_eq!(pg.lost_ranks(), None, "rank {}: every rank beats", r.rank);
+            pg.barrier().unwrap();
+            if r.rank == leaver {
+                std::process::exit(0);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let mut t = Tensor::from_slice(&[1.0f32]);
+            pg.all_reduce_sum(&mut t).unwrap_err();
+            match pg.lost_ranks() {
+                Some(lost) => println!("rank {} lost {lost}", r.rank),
+                None => println!("rank {} lost nobody", r.rank),
+            }
+            return;
+        }
+    }
+    let test = "the_survivors_name_the_lost_rank_among_three";
+    for (leaver, named) in [(2, "rank 2"), (0, "rank 0 (the rendezvous host)")] {
+        let port = free_port();
+        let started = Instant::now();
+        let kids: Vec<Child> = (0..3).map(|r| spawn_rank(test, &format!("three-{leaver}"), r, 3, port)).collect();
+        for (r, k) in kids.into_iter().enumerate() {
+            let o = k.wait_with_output().unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            assert!(o.status.success(), "rank {r}: {text}");
+            if r != leaver {
+                assert!(text.contains(&format!("rank {r} lost {named}\n")), "rank {r} ({leaver} left): {text}");
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    }
+}
+
 #[test]
 fn an_unreachable_master_and_a_mismatched_world_size_are_named() {
     if std::env::var(ROLE).as_deref() == Ok("mismatch") {
         let r = Rendezvous::from_env(Duration::from_secs(5)).unwrap();
-        match ProcessGroup::connect(&r) {
+        match ProcessGroup::connect(&r, geossl_dist::Backend::Gloo) {
             Ok(_) => println!("rank {} connected", r.rank),
             Err(e) => println!("rank {} error: {e}", r.rank),
         }
@@ -119,7 +161,7 @@ fn an_unreachable_master_and_a_mismatched_world_size_are_named() {
         timeout: Duration::from_secs(2),
     };
     let started = Instant::now();
-    let e = ProcessGroup::connect(&r).unwrap_err().to_string();
+    let e = ProcessGroup::connect(&r, geossl_dist::Backend::Gloo).unwrap_err().to_string();
     assert!(e.contains(&format!("rendezvous at 127.0.0.1:{port} as rank 1 of 2 failed")), "{e}");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
     // Rank 1 believes in 3 ranks, rank 0 in 2.

@@ -164,6 +164,17 @@ fn broadcast_flat(pg: &mut geossl_dist::ProcessGroup, tensors: &[Tensor]) -> Res
     Ok(())
 }
 
+/// The start of a timed collective. On NCCL with a blocking wait the GPU's queued work is finished first, so
+/// the time measured is the collective's (and the wait for the other ranks), not the compute the CUDA stream
+/// still had queued (the blocking wait holds the host for that anyway, so nothing is lost). Without a blocking
+/// wait nothing is drained and the time is only that of queuing the collective.
+fn comm_clock(pg: &geossl_dist::ProcessGroup) -> std::time::Instant {
+    if let (geossl_dist::Backend::Nccl { device }, true) = (pg.backend(), pg.host_waits()) {
+        tch::Cuda::synchronize(device as i64);
+    }
+    std::time::Instant::now()
+}
+
 /// The mean over the ranks of each rank's gradients, all in one all-reduce
 /// (one flat buffer; undefined gradients, the same on every rank, stay so).
 fn average_gradients(
@@ -244,7 +255,7 @@ pub struct Moco {
     pub keep_gradients: bool,
     /// The last step's (local, applied) gradients, when `keep_gradients` is set.
     pub gradients: Option<(Vec<Tensor>, Vec<Tensor>)>,
-    /// Seconds spent in collectives (waiting for the other ranks included), since the start.
+    /// Seconds spent in collectives (waiting for the other ranks included), since the start; see `comm_timed`.
     pub comm_seconds: f64,
 }
 
@@ -325,6 +336,17 @@ impl Moco {
         Ok(())
     }
 
+    /// Whether `comm_seconds` is the time the collectives took: yes in one process, with Gloo and with a
+    /// blocking NCCL wait; no with NCCL's default (collectives queued on the CUDA stream return at once).
+    pub fn comm_timed(&self) -> bool {
+        self.dist.as_ref().is_none_or(geossl_dist::ProcessGroup::host_waits)
+    }
+
+    /// After a failed step: which ranks are gone (see [`geossl_dist::ProcessGroup::lost_ranks`]).
+    pub fn lost_ranks(&self) -> Option<geossl_dist::Lost> {
+        self.dist.as_ref().and_then(geossl_dist::ProcessGroup::lost_ranks)
+    }
+
     /// The data-parallel group's (rank, world size); `(0, 1)` in one process.
     pub fn rank_world(&self) -> (usize, usize) {
         self.dist.as_ref().map_or((0, 1), |pg| (pg.rank(), pg.world_size()))
@@ -359,74 +381,75 @@ impl Moco {
         }
         let mut comm = 0.0;
         if let Some(pg) = self.dist.as_mut() {
-            let t = std::time::Instant::now();
+            let t = comm_clock(pg);
             tch::no_grad(|| broadcast_flat(pg, &self.query_buffers))?;
             comm += t.elapsed().as_secs_f64();
         }
-        let (loss, nce, geo_loss, acc, keys) = tch::autocast(self.amp, || -> Result<_, geossl_dist::DistError> {
-            let feats = self.query.backbone.pooled(q_in, true);
-            let q_proj =
-                self.query.projection.as_ref().map(|p| p.forward(&feats)).unwrap_or(feats).to_kind(Kind::Float);
-            let q = l2_normalize(&q_proj);
-            let (key, groups) = (&self.key, self.groups);
-            let encode = |x: &Tensor| {
-                let parts: Vec<Tensor> = x
-                    .chunk(groups, 0)
-                    .iter()
-                    .map(|c| {
-                        let f = key.backbone.pooled(c, true);
-                        key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
-                    })
-                    .collect();
-                l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float))
-            };
-            // (this rank's keys, every rank's keys in rank order)
-            let (k, all_keys) = tch::no_grad(|| -> Result<(Tensor, Tensor), geossl_dist::DistError> {
-                momentum_update(&self.key_params, &self.query_params, self.momentum);
-                // Shuffled sub-batches: each has its own BN statistics and mixes samples,
-                // so BN cannot leak which key is the positive.
-                let n = k_in.size()[0];
-                match self.dist.as_mut() {
-                    None => {
-                        let perm = Tensor::randperm(n, (Kind::Int64, k_in.device()));
-                        let k = encode(&k_in.index_select(0, &perm));
-                        let k = k.zeros_like().index_copy(0, &perm, &k);
-                        Ok((k.shallow_clone(), k))
+        let (loss, nce, geo_loss, acc, keys) =
+            crate::amp::autocast(self.amp, || -> Result<_, geossl_dist::DistError> {
+                let feats = self.query.backbone.pooled(q_in, true);
+                let q_proj =
+                    self.query.projection.as_ref().map(|p| p.forward(&feats)).unwrap_or(feats).to_kind(Kind::Float);
+                let q = l2_normalize(&q_proj);
+                let (key, groups) = (&self.key, self.groups);
+                let encode = |x: &Tensor| {
+                    let parts: Vec<Tensor> = x
+                        .chunk(groups, 0)
+                        .iter()
+                        .map(|c| {
+                            let f = key.backbone.pooled(c, true);
+                            key.projection.as_ref().map(|p| p.forward(&f)).unwrap_or(f)
+                        })
+                        .collect();
+                    l2_normalize(&Tensor::cat(&parts, 0).to_kind(Kind::Float))
+                };
+                // (this rank's keys, every rank's keys in rank order)
+                let (k, all_keys) = tch::no_grad(|| -> Result<(Tensor, Tensor), geossl_dist::DistError> {
+                    momentum_update(&self.key_params, &self.query_params, self.momentum);
+                    // Shuffled sub-batches: each has its own BN statistics and mixes samples,
+                    // so BN cannot leak which key is the positive.
+                    let n = k_in.size()[0];
+                    match self.dist.as_mut() {
+                        None => {
+                            let perm = Tensor::randperm(n, (Kind::Int64, k_in.device()));
+                            let k = encode(&k_in.index_select(0, &perm));
+                            let k = k.zeros_like().index_copy(0, &perm, &k);
+                            Ok((k.shallow_clone(), k))
+                        }
+                        Some(pg) => {
+                            // Across ranks: gather every rank's key views, shuffle them all with rank 0's
+                            // permutation, encode this rank's slice, gather the keys and unshuffle.
+                            let (r, w) = (pg.rank() as i64, pg.world_size() as i64);
+                            let t = comm_clock(pg);
+                            let views = pg.all_gather(k_in)?.flatten(0, 1);
+                            let mut perm = Tensor::randperm(w * n, (Kind::Int64, k_in.device()));
+                            pg.broadcast(&mut perm, 0)?;
+                            comm += t.elapsed().as_secs_f64();
+                            let mine = encode(&views.index_select(0, &perm.narrow(0, r * n, n)));
+                            let t = comm_clock(pg);
+                            let shuffled = pg.all_gather(&mine)?.flatten(0, 1);
+                            comm += t.elapsed().as_secs_f64();
+                            let all = shuffled.zeros_like().index_copy(0, &perm, &shuffled);
+                            Ok((all.narrow(0, r * n, n), all))
+                        }
                     }
-                    Some(pg) => {
-                        // Across ranks: gather every rank's key views, shuffle them all with rank 0's
-                        // permutation, encode this rank's slice, gather the keys and unshuffle.
-                        let (r, w) = (pg.rank() as i64, pg.world_size() as i64);
-                        let t = std::time::Instant::now();
-                        let views = pg.all_gather(k_in)?.flatten(0, 1);
-                        let mut perm = Tensor::randperm(w * n, (Kind::Int64, k_in.device()));
-                        pg.broadcast(&mut perm, 0)?;
-                        comm += t.elapsed().as_secs_f64();
-                        let mine = encode(&views.index_select(0, &perm.narrow(0, r * n, n)));
-                        let t = std::time::Instant::now();
-                        let shuffled = pg.all_gather(&mine)?.flatten(0, 1);
-                        comm += t.elapsed().as_secs_f64();
-                        let all = shuffled.zeros_like().index_copy(0, &perm, &shuffled);
-                        Ok((all.narrow(0, r * n, n), all))
+                })?;
+                let (nce, logits) = info_nce(&q, &k, &self.queue.keys, self.temperature);
+                let (geo_loss, geo_acc) = match (geo, self.query.geo_logits(&q_proj)) {
+                    (Some(labels), Some(l)) => {
+                        let l = l.to_kind(Kind::Float);
+                        let hits = l.detach().argmax(1, false).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float);
+                        (Some(l.cross_entropy_for_logits(labels)), Some(hits.double_value(&[])))
                     }
-                }
+                    _ => (None, None),
+                };
+                let loss = match &geo_loss {
+                    Some(g) => &nce + g * self.geo_weight,
+                    None => nce.shallow_clone(),
+                };
+                let acc = positive_top1(&logits.detach());
+                Ok((loss, nce, (geo_loss, geo_acc), acc, all_keys))
             })?;
-            let (nce, logits) = info_nce(&q, &k, &self.queue.keys, self.temperature);
-            let (geo_loss, geo_acc) = match (geo, self.query.geo_logits(&q_proj)) {
-                (Some(labels), Some(l)) => {
-                    let l = l.to_kind(Kind::Float);
-                    let hits = l.detach().argmax(1, false).eq_tensor(labels).to_kind(Kind::Float).mean(Kind::Float);
-                    (Some(l.cross_entropy_for_logits(labels)), Some(hits.double_value(&[])))
-                }
-                _ => (None, None),
-            };
-            let loss = match &geo_loss {
-                Some(g) => &nce + g * self.geo_weight,
-                None => nce.shallow_clone(),
-            };
-            let acc = positive_top1(&logits.detach());
-            Ok((loss, nce, (geo_loss, geo_acc), acc, all_keys))
-        })?;
         let (geo_loss, geo_top1) = geo_loss;
         let mut out = StepOut {
             loss: loss.double_value(&[]),
@@ -446,12 +469,15 @@ impl Moco {
                 let local = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
                 let copy = |g: &Tensor| if g.defined() { g.copy() } else { g.shallow_clone() };
                 let kept = self.keep_gradients.then(|| local.iter().map(copy).collect::<Vec<_>>());
-                let t = std::time::Instant::now();
                 let grads = match self.dist.as_mut() {
-                    Some(pg) => average_gradients(pg, local)?,
+                    Some(pg) => {
+                        let t = comm_clock(pg);
+                        let g = average_gradients(pg, local)?;
+                        comm += t.elapsed().as_secs_f64();
+                        g
+                    }
                     None => local,
                 };
-                comm += t.elapsed().as_secs_f64();
                 if let Some(local) = kept {
                     self.gradients = Some((local, grads.iter().map(copy).collect()));
                 }
@@ -461,7 +487,12 @@ impl Moco {
                 let scale = ls.scale;
                 let grads = Tensor::run_backward(&[&(&loss * scale)], self.sgd.params(), false, false);
                 let grads = match self.dist.as_mut() {
-                    Some(pg) => average_gradients(pg, grads)?,
+                    Some(pg) => {
+                        let t = comm_clock(pg);
+                        let g = average_gradients(pg, grads)?;
+                        comm += t.elapsed().as_secs_f64();
+                        g
+                    }
                     None => grads,
                 };
                 if ls.update(crate::amp::all_finite(&grads)) {
@@ -686,8 +717,9 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     }
     if let Some(r) = &opts.dist {
         // Every rank must run the same config: compared at the rendezvous, before any step.
-        let mut pg = geossl_dist::ProcessGroup::connect(r)?;
-        let hash = Tensor::from_slice(&cfg_hash.as_bytes()[..32]);
+        // Gloo for the CPU, NCCL for a GPU (one per rank).
+        let mut pg = geossl_dist::ProcessGroup::connect(r, geossl_dist::Backend::for_device(dev)?)?;
+        let hash = Tensor::from_slice(&cfg_hash.as_bytes()[..32]).to_device(dev);
         let all = pg.all_gather(&hash)?;
         for other in 0..world {
             if !all.get(other as i64).equal(&hash) {
@@ -821,15 +853,23 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let lr = cosine_lr(base_lr, step, total);
         let geo_t = batch.geo.to_device(dev);
         let (q_in, k_in) = (prep(&batch.q), prep(&batch.k));
-        let out = moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr).map_err(|e| {
-            // With two ranks the lost one is the other; beyond, Gloo's message names its address.
-            let lost = if world == 2 { format!("rank {}", 1 - rank) } else { "another rank".to_string() };
-            PretrainError::Invalid(format!(
-                "rank {rank} of {world} lost {lost} at step {} (it stopped, or did not answer within the \
-                 timeout): {e}",
-                step + 1
-            ))
-        })?;
+        let out = match moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr) {
+            Ok(out) => out,
+            Err(e) => {
+                // The ranks' heartbeats name who is gone; if all still beat (a timeout), with two ranks it is
+                // the other one.
+                let lost = match moco.lost_ranks() {
+                    Some(lost) => lost.to_string(),
+                    None if world == 2 => format!("rank {}", 1 - rank),
+                    None => "another rank".to_string(),
+                };
+                return Err(PretrainError::Invalid(format!(
+                    "rank {rank} of {world} lost {lost} at step {} (it stopped, or did not answer within the \
+                     timeout): {e}",
+                    step + 1
+                )));
+            }
+        };
         let loss_v = out.loss;
         if !loss_v.is_finite() {
             return Err(PretrainError::NonFinite { step, loss: loss_v, checkpoint: ck_dir.display().to_string() });
@@ -853,7 +893,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
                 "positive_top1": out.positive_top1, "geo_top1": out.geo_top1, "lr": lr, "img_per_s": ips,
                 "temporal_partner_rate": pairs.rate(), "bad_images": bad_images,
                 "loss_scale": out.loss_scale, "overflow_skipped_steps": skipped_steps,
-                "world_size": world, "comm_s": moco.comm_seconds,
+                "world_size": world, "comm_s": moco.comm_timed().then_some(moco.comm_seconds),
             });
             writeln!(metrics, "{line}").map_err(io(&opts.out.join(METRICS_FILE)))?;
             tracing::info!(

@@ -61,7 +61,7 @@ fn rank_body() {
     tch::manual_seed(100 + r.rank as i64);
     let mut m = Moco::new(&spec, &cfg, Device::Cpu).unwrap();
     let before = state(&m);
-    m.join(ProcessGroup::connect(&r).unwrap()).unwrap();
+    m.join(ProcessGroup::connect(&r, geossl_dist::Backend::Gloo).unwrap()).unwrap();
     assert_eq!(m.rank_world(), (r.rank, 2));
     if r.rank == 1 {
         assert!(!before.equal(&state(&m)), "rank 1 kept its own weights");

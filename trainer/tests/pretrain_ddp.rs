@@ -2,7 +2,8 @@
 //! (`--nproc-per-node 2`, Gloo on 127.0.0.1) train, checkpoint (rank 0) and
 //! resume exactly; a 1-rank run through the distributed path equals the
 //! single-process run bit for bit; a changed world size on resume, different
-//! configs on the ranks and a rank that dies are errors that say so.
+//! configs on the ranks, a rank that dies and NCCL without a GPU are errors
+//! that say so.
 
 #![allow(clippy::unwrap_used)]
 
@@ -159,33 +160,73 @@ fn different_configs_an_undivided_queue_and_a_lost_rank_are_errors() {
     let o0 = pretrain(&c, &data, &tmp.path().join("lost"), 4, &[], &e0);
     let o1 = r1.join().unwrap();
     assert!(!o0.status.success(), "rank 0 should have been killed");
-    assert!(!o1.status.success() && text(&o1).contains("rank 1 of 2 lost rank 0 at step 3"), "{}", text(&o1));
+    assert!(
+        !o1.status.success() && text(&o1).contains("rank 1 of 2 lost rank 0 (the rendezvous host) at step 3"),
+        "{}",
+        text(&o1)
+    );
     assert!(started.elapsed() < Duration::from_secs(120), "{:?}", started.elapsed());
     // A queue that the global batch does not divide is named before anything starts.
     let cfg = config(tmp.path(), "q", 24);
     let o = pretrain(&cfg, &data, &tmp.path().join("q"), 4, &["--nproc-per-node", "2"], &[]);
     assert!(!o.status.success() && text(&o).contains("not a multiple of the global batch 16"), "{}", text(&o));
+    // NCCL (a CUDA device) on a machine without a GPU is named before any model is built.
+    if !tch::Cuda::is_available() {
+        let env = [("WORLD_SIZE", "1".to_string()), ("RANK", "0".to_string())];
+        let env = [&env[..], &[("MASTER_ADDR", "127.0.0.1".to_string()), ("MASTER_PORT", free_port())]].concat();
+        let o = pretrain(&cfg, &data, &tmp.path().join("nccl"), 4, &["--device", "cuda"], &env);
+        assert!(
+            !o.status.success()
+                && text(&o).contains("NCCL was requested")
+                && text(&o).contains("CUDA is not available"),
+            "{}",
+            text(&o)
+        );
+        assert!(!tmp.path().join("nccl/checkpoint").exists());
+    }
 }
 
-/// The training Job as rendered (`kubectl kustomize k8s/train/overlays/cpu`) runs here: one process per
+/// The training Job as rendered (`kubectl kustomize k8s/train/overlays/cpu`; the GPU overlay differs only in
+/// device and resources, checked) runs here: one process per
 /// completion index with the container's args and env from the manifest (RANK as the completion-index
 /// annotation gives it, MASTER_ADDR pod 0's name → 127.0.0.1, the volumes → local folders, the preset swapped
 /// for a CPU-sized config); the manifest's wiring (headless Service, subdomain, /dev/shm) is checked first.
 #[test]
 fn the_rendered_training_job_runs_here() {
     use serde_json::Value;
-    let root = common::repo_root();
-    let o = Command::new("kubectl").arg("kustomize").arg(root.join("k8s/train/overlays/cpu")).output().unwrap();
-    assert!(o.status.success(), "kubectl kustomize: {}", text(&o));
-    let script = "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
-    let mut py = Command::new(common::python())
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(py.stdin.as_mut().unwrap(), &o.stdout).unwrap();
-    let objects: Vec<Value> = serde_json::from_slice(&py.wait_with_output().unwrap().stdout).unwrap();
+    let render = |overlay: &str| -> Vec<Value> {
+        let o = Command::new("kubectl").arg("kustomize").arg(common::repo_root().join(overlay)).output().unwrap();
+        assert!(o.status.success(), "kubectl kustomize {overlay}: {}", text(&o));
+        let script = "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
+        let mut py = Command::new(common::python())
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(py.stdin.as_mut().unwrap(), &o.stdout).unwrap();
+        serde_json::from_slice(&py.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let objects = render("k8s/train/overlays/cpu");
+    // The GPU overlay is the same Job (so what runs below holds for it too) with one GPU per rank, CUDA (NCCL)
+    // and a larger /dev/shm.
+    let gpu = render("k8s/train/overlays/gpu");
+    let job_of = |objs: &[Value]| objs.iter().find(|o| o["kind"] == "Job").expect("a Job").clone();
+    let (cpu_job, gpu_job) = (job_of(&objects), job_of(&gpu));
+    let (cpu_c, gpu_c) =
+        (&cpu_job["spec"]["template"]["spec"]["containers"][0], &gpu_job["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(gpu_c["resources"]["limits"]["nvidia.com/gpu"].as_i64(), Some(1), "one GPU per rank");
+    assert!(cpu_c["resources"]["limits"].get("nvidia.com/gpu").is_none());
+    let device = |c: &Value| c["env"].as_array().unwrap().iter().find(|e| e["name"] == "GEOSSL_DEVICE").cloned();
+    assert_eq!(device(gpu_c).unwrap()["value"], "cuda");
+    assert_eq!(device(cpu_c).unwrap()["value"], "cpu");
+    let wiring = |j: &Value| {
+        let mut c = j["spec"]["template"]["spec"]["containers"][0].clone();
+        let env = c["env"].as_array_mut().unwrap();
+        env.retain(|e| e["name"] != "GEOSSL_DEVICE");
+        (j["spec"]["completions"].clone(), c["args"].clone(), c["env"].clone(), c["volumeMounts"].clone())
+    };
+    assert_eq!(wiring(&cpu_job), wiring(&gpu_job), "the GPU overlay changes only the device and resources");
     let job = objects.iter().find(|o| o["kind"] == "Job").expect("a Job");
     let svc = objects.iter().find(|o| o["kind"] == "Service").expect("a Service");
     assert_eq!(svc["spec"]["clusterIP"], "None", "a headless Service");

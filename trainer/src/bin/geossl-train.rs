@@ -403,24 +403,34 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         .data
         .or_else(|| cfg.data.manifest.clone())
         .context("no training data: pass --data MANIFEST.csv or set data.manifest in the config")?;
-    let dev = device::parse_device(a.device.as_deref().unwrap_or(&cfg.run.device)).map_err(anyhow::Error::msg)?;
-    tracing::info!("{}", device::describe());
+    let device_arg = a.device.as_deref().unwrap_or(&cfg.run.device);
     let timeout = std::time::Duration::from_secs(a.dist_timeout_s);
     // A rank of a data-parallel run when WORLD_SIZE > 1, or when MASTER_ADDR is set too (a 1-rank run
     // through the distributed code path).
     let dist = match std::env::var("WORLD_SIZE").ok().map(|w| w.parse::<usize>()) {
         Some(Ok(w)) if w > 1 || std::env::var_os("MASTER_ADDR").is_some() => {
-            if dev.is_cuda() {
-                bail!(
-                    "data-parallel training runs on CPU with Gloo; NCCL for CUDA devices is not built yet \
-                     (pass --device cpu, or train on one GPU)"
-                );
-            }
             Some(geossl_dist::Rendezvous::from_env(timeout)?)
         }
         Some(Err(_)) => bail!("WORLD_SIZE={:?} is not a number", std::env::var("WORLD_SIZE").unwrap_or_default()),
         _ => None,
     };
+    let dev = match (&dist, device_arg) {
+        // One GPU per rank, as torchrun does it: `cuda` (or `auto` with a GPU) means cuda:LOCAL_RANK; NCCL
+        // on a machine without CUDA is refused by name when the group forms.
+        (Some(_), "cuda" | "auto") if device_arg == "cuda" || tch::Cuda::is_available() => {
+            let local = match std::env::var("LOCAL_RANK") {
+                Ok(v) => v.parse::<usize>().map_err(|_| anyhow::anyhow!("LOCAL_RANK={v:?} is not a number"))?,
+                Err(_) => 0,
+            };
+            tch::Device::Cuda(local)
+        }
+        _ => device::parse_device(device_arg).map_err(anyhow::Error::msg)?,
+    };
+    if dist.is_some() {
+        // Gloo for the CPU, NCCL for a GPU: refused here, before any model is built, where it cannot run.
+        geossl_dist::Backend::for_device(dev)?;
+    }
+    tracing::info!("{}", device::describe());
     use geossl_trainer::pretrain::CHECKPOINT_DIR;
     let opts = RunOptions {
         resume: a.resume || (a.auto_resume && a.out.join(CHECKPOINT_DIR).join("state.json").exists()),
