@@ -30,6 +30,8 @@ case "${1:-}" in
         --size 256 --stride 32 --out .gpu/chips
     { cat .gpu/chips/manifest.csv; tail -n +2 .gpu/chips/manifest.csv | sed 's/,2020-01-01,/,2021-01-01,/'; } \
         > .gpu/chips/manifest2.csv && mv .gpu/chips/manifest2.csv .gpu/chips/manifest.csv
+    # Line tables make these ~100 MB each; the tree carried to the GPU host is limited to 64 MiB.
+    strip .gpu/moco_step .gpu/loader .gpu/geossl-train
     du -sh .gpu
     echo "built .gpu/ (bench, geossl-train, chips); carry .gpu to the GPU host"
     ;;
