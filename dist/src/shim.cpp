@@ -105,7 +105,7 @@ int geossl_c10d_new(const char* host, int port, int rank, int world, long timeou
       // As in PyTorch: wait() makes the current CUDA stream wait for the collective and returns (the host runs
       // ahead); a collective that outlives the group's timeout is caught by NCCL's watchdog, which ends the
       // process with its message. TORCH_NCCL_BLOCKING_WAIT=1 makes wait() block and throw instead (the lost
-      // rank is then named like with Gloo; ~15 % slower on one H200, docs/benchmarks/ddp_gpu.md).
+      // rank is then named like with Gloo; 13-15 % slower on one H200, docs/benchmarks/ddp_gpu.md).
     }
 #else
     if (cuda_device >= 0) {
