@@ -2,8 +2,9 @@
 //! (not a home-made engine): a `TCPStore` rendezvous (rank 0 serves it, as
 //! torchrun's `MASTER_ADDR`/`MASTER_PORT` do) and a process group on it —
 //! `ProcessGroupGloo` for CPU tensors, `ProcessGroupNCCL` for CUDA tensors
-//! (where built, see [`nccl_built`]) — reached through a small C++ shim
-//! (`src/shim.cpp`) on the `at::Tensor`s that tch tensors wrap.
+//! (where built, see [`nccl_built`]) — and DDP's gradient `Reducer`, reached
+//! through a small C++ shim (`src/shim.cpp`) on the `at::Tensor`s that tch
+//! tensors wrap.
 //!
 //! Collectives are in place where PyTorch's are; Gloo's are synchronous,
 //! NCCL's are ordered on the CUDA stream as in PyTorch (host-synchronous with
@@ -34,6 +35,23 @@ extern "C" {
     fn geossl_c10d_free(g: *mut c_void);
     fn geossl_c10d_has_nccl() -> c_int;
     fn geossl_c10d_lost_ranks(g: *mut c_void, wait_ms: c_long, out: *mut c_int, cap: c_int) -> c_int;
+    fn geossl_c10d_reducer_new(
+        g: *mut c_void,
+        params: *mut *mut c_void,
+        n: usize,
+        bucket_bytes: c_long,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn geossl_c10d_reducer_backward(
+        g: *mut c_void,
+        r: *mut c_void,
+        loss: *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn geossl_c10d_reducer_free(r: *mut c_void);
     fn geossl_c10d_all_reduce_sum(g: *mut c_void, t: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn geossl_c10d_broadcast(g: *mut c_void, t: *mut c_void, root: c_int, err: *mut c_char, len: usize) -> c_int;
     fn geossl_c10d_all_gather(
@@ -312,6 +330,75 @@ impl ProcessGroup {
         // SAFETY: `self.ptr` is a live group.
         let rc = unsafe { geossl_c10d_barrier(self.ptr, err.as_mut_ptr().cast(), ERR_LEN) };
         self.check("barrier", rc, &err)
+    }
+}
+
+/// DDP's C++ `Reducer` on a group (made by [`ProcessGroup::reducer`]): backward through it leaves in each
+/// parameter's `.grad` the mean over the ranks, all-reduced in buckets while backward still runs.
+#[derive(Debug)]
+pub struct Reducer {
+    ptr: *mut c_void,
+    params: Vec<Tensor>,
+}
+
+// Used from one thread at a time (&mut self), like the group.
+unsafe impl Send for Reducer {}
+
+/// DDP's default bucket size.
+pub const BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
+impl ProcessGroup {
+    /// A Reducer over `params` (leaf tensors that require grad, all on this group's device), with buckets
+    /// of at most `bucket_bytes` ([`BUCKET_BYTES`] as in DDP). Every parameter must get a gradient in every
+    /// backward (DDP's `find_unused_parameters=False`): one that does not makes the next backward fail.
+    pub fn reducer(&mut self, params: &[Tensor], bucket_bytes: usize) -> Result<Reducer, DistError> {
+        let params: Vec<Tensor> = params.iter().map(Tensor::shallow_clone).collect();
+        let mut ptrs: Vec<*mut c_void> = params.iter().map(|p| p.as_ptr() as *mut c_void).collect();
+        let mut err = vec![0u8; ERR_LEN];
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `self.ptr` is a live group; `ptrs` holds `params.len()` `at::Tensor*` that `params` keeps alive
+        // (the C++ side copies the tensors, sharing their storage); `ptr` is written only on success.
+        let rc = unsafe {
+            geossl_c10d_reducer_new(
+                self.ptr,
+                ptrs.as_mut_ptr(),
+                ptrs.len(),
+                bucket_bytes.min(c_long::MAX as usize) as c_long,
+                &mut ptr,
+                err.as_mut_ptr().cast(),
+                ERR_LEN,
+            )
+        };
+        self.check("reducer", rc, &err)?;
+        Ok(Reducer { ptr, params })
+    }
+}
+
+impl Reducer {
+    /// Backward from `loss` (a scalar of this rank's graph); afterwards the parameters' gradients
+    /// ([`Reducer::gradients`]) are the mean over the ranks. Every rank must call it once per step.
+    pub fn backward(&mut self, pg: &mut ProcessGroup, loss: &Tensor) -> Result<(), DistError> {
+        let mut err = vec![0u8; ERR_LEN];
+        let mut loss = loss.shallow_clone();
+        // SAFETY: `pg.ptr` and `self.ptr` are live (the reducer was made on a group of this process and `pg` is
+        // borrowed for the call); `loss` is a tch tensor alive during the call.
+        let rc = unsafe {
+            geossl_c10d_reducer_backward(pg.ptr, self.ptr, loss.as_mut_ptr().cast(), err.as_mut_ptr().cast(), ERR_LEN)
+        };
+        pg.check("backward all-reduce", rc, &err)
+    }
+
+    /// The parameters' gradients after [`Reducer::backward`], in the order given to
+    /// [`ProcessGroup::reducer`] (undefined where no rank had one).
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params.iter().map(Tensor::grad).collect()
+    }
+}
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from geossl_c10d_reducer_new and is freed once.
+        unsafe { geossl_c10d_reducer_free(self.ptr) }
     }
 }
 

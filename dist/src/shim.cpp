@@ -4,16 +4,21 @@
 // and collectives on tch tensors (a tch Tensor wraps an `at::Tensor*`).
 // Every function catches C++ exceptions and returns their message (non-zero
 // status), never throws.
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef USE_C10D_NCCL
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -74,6 +79,13 @@ int fail(const std::exception& e, char* err, size_t len) {
   }
   return 1;
 }
+
+// DDP's Reducer over a model's trainable parameters: it hooks their gradient accumulators, so each bucket of
+// gradients is all-reduced (averaged) as soon as backward has produced it, while the rest of backward runs.
+struct Overlap {
+  std::vector<at::Tensor> params;
+  std::unique_ptr<c10d::Reducer> reducer;
+};
 
 }  // namespace
 
@@ -271,6 +283,64 @@ int geossl_c10d_barrier(void* g, char* err, size_t len) {
   } catch (const std::exception& e) {
     static_cast<Group*>(g)->failed = true;
     return fail(e, err, len);
+  }
+}
+
+// A Reducer for `params` (n `at::Tensor*`, leaf tensors that require grad, on one device) over the group:
+// buckets of at most `bucket_bytes` (DDP's 1 MiB first bucket, so the first all-reduce starts early), built in
+// reverse parameter order as DDP does (backward produces the last layers' gradients first).
+int geossl_c10d_reducer_new(void* g, void** params, size_t n, long bucket_bytes, void** out, char* err, size_t len) {
+  try {
+    auto* group = static_cast<Group*>(g);
+    auto o = std::make_unique<Overlap>();
+    for (size_t i = 0; i < n; ++i) o->params.push_back(*static_cast<at::Tensor*>(params[i]));
+    if (o->params.empty()) throw std::runtime_error("no parameters to reduce");
+    const auto type = o->params[0].device().type();
+    const auto backend =
+        type == c10::DeviceType::CUDA ? c10d::ProcessGroup::BackendType::NCCL : c10d::ProcessGroup::BackendType::GLOO;
+    auto wrapper = c10::make_intrusive<c10d::ProcessGroup>(group->store, group->rank, group->world);
+    wrapper->setBackend(type, backend, group->pg);
+    wrapper->setDefaultBackend(backend);
+    const size_t first = 1024 * 1024;
+    const auto cap = static_cast<size_t>(bucket_bytes);
+    std::vector<bool> sparse(n, false);
+    auto assigned = c10d::compute_bucket_assignment_by_size(o->params, {first, cap}, sparse);
+    auto buckets = std::get<0>(assigned);
+    std::reverse(buckets.begin(), buckets.end());
+    o->reducer = std::make_unique<c10d::Reducer>(
+        o->params, buckets, wrapper, sparse, bucket_bytes,
+        /*find_unused_parameters=*/false,  // every parameter gets a gradient each step (the trainer checks)
+        /*gradient_as_bucket_view=*/false, std::unordered_map<size_t, std::string>{},
+        static_cast<int64_t>(first), /*skip_all_reduce_unused_params=*/false, /*use_python_reducer=*/false,
+        std::vector<int64_t>{});
+    *out = o.release();
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e, err, len);
+  }
+}
+
+// Backward from `loss` with the Reducer: afterwards every parameter's .grad holds the mean over the ranks
+// (undefined where no rank had a gradient). Gradients are cleared first, so each step's are its own.
+int geossl_c10d_reducer_backward(void* g, void* r, void* loss, char* err, size_t len) {
+  try {
+    auto* o = static_cast<Overlap*>(r);
+    for (auto& p : o->params) p.mutable_grad().reset();
+    const at::Tensor& l = *static_cast<at::Tensor*>(loss);
+    o->reducer->prepare_for_backward({l});
+    torch::autograd::backward({l});
+    return 0;
+  } catch (const std::exception& e) {
+    static_cast<Group*>(g)->failed = true;
+    return fail(e, err, len);
+  }
+}
+
+void geossl_c10d_reducer_free(void* r) {
+  try {
+    delete static_cast<Overlap*>(r);
+  } catch (const std::exception&) {
+    // ~Reducer may throw (noexcept(false)) when its last backward failed; nothing more to do.
   }
 }
 

@@ -175,34 +175,6 @@ fn comm_clock(pg: &geossl_dist::ProcessGroup) -> std::time::Instant {
     std::time::Instant::now()
 }
 
-/// The mean over the ranks of each rank's gradients, all in one all-reduce
-/// (one flat buffer; undefined gradients, the same on every rank, stay so).
-fn average_gradients(
-    pg: &mut geossl_dist::ProcessGroup,
-    grads: Vec<Tensor>,
-) -> Result<Vec<Tensor>, geossl_dist::DistError> {
-    let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
-    if defined.is_empty() {
-        return Ok(grads);
-    }
-    let mut flat = Tensor::cat(&defined.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(), 0);
-    pg.all_reduce_sum(&mut flat)?;
-    let flat = flat / pg.world_size() as f64;
-    let mut at = 0;
-    Ok(grads
-        .iter()
-        .map(|g| {
-            if !g.defined() {
-                return g.shallow_clone();
-            }
-            let n = g.numel() as i64;
-            let out = flat.narrow(0, at, n).view(g.size().as_slice());
-            at += n;
-            out
-        })
-        .collect())
-}
-
 fn one() -> usize {
     1
 }
@@ -246,6 +218,8 @@ pub struct Moco {
     /// Dynamic loss scaling, with fp16 autocast only.
     pub loss_scale: Option<LossScale>,
     channels_last: bool,
+    /// DDP's Reducer for the query encoder's gradients (with `dist`; declared first so it is dropped first).
+    reducer: Option<geossl_dist::Reducer>,
     /// The data-parallel group this MoCo trains in (see [`Moco::join`]); `None`: one process.
     dist: Option<geossl_dist::ProcessGroup>,
     /// The query encoder's BatchNorm buffers, by name: rank 0's are broadcast before every step (DDP's
@@ -306,6 +280,7 @@ impl Moco {
             amp_dtype: cfg.run.amp_dtype,
             loss_scale: (amp && cfg.run.amp_dtype == AmpDtype::Fp16).then(LossScale::default),
             channels_last,
+            reducer: None,
             dist: None,
             query_buffers: Vec::new(),
             keep_gradients: false,
@@ -315,9 +290,10 @@ impl Moco {
     }
 
     /// Trains data-parallel in `pg` from now on, as MoCo's DDP code does: every rank starts from rank 0's
-    /// encoders (parameters and BatchNorm buffers) and queue; each step averages the gradients over the
-    /// ranks, encodes the keys with BatchNorm shuffled across ranks, and enqueues every rank's keys in rank
-    /// order (the queue size must be a multiple of the global batch).
+    /// encoders (parameters and BatchNorm buffers) and queue; each step averages the gradients over the ranks
+    /// with DDP's Reducer (buckets all-reduced while backward runs), encodes the keys with BatchNorm shuffled
+    /// across ranks, and enqueues every rank's keys in rank order (the queue size must be a multiple of the
+    /// global batch).
     pub fn join(&mut self, mut pg: geossl_dist::ProcessGroup) -> Result<(), geossl_dist::DistError> {
         let mut all = Vec::new();
         for vs in [&self.vs_q, &self.vs_k] {
@@ -332,8 +308,37 @@ impl Moco {
             self.spec.parameters().into_iter().filter(|p| !p.role.trainable()).map(|p| p.name).collect();
         names.sort();
         self.query_buffers = names.iter().filter_map(|n| vars.get(n).map(Tensor::shallow_clone)).collect();
+        self.reducer = Some(pg.reducer(self.sgd.params(), geossl_dist::BUCKET_BYTES)?);
         self.dist = Some(pg);
         Ok(())
+    }
+
+    /// This step's gradients of `loss` for the optimizer's parameters. In one process straight from autograd
+    /// (nothing accumulates in `.grad`, nothing to zero); in a group through DDP's Reducer, which all-reduces
+    /// them in buckets while backward runs and leaves the mean over the ranks. With `keep_gradients`, this
+    /// rank's own gradients are kept beside the applied ones.
+    fn backward(&mut self, loss: &Tensor) -> Result<Vec<Tensor>, geossl_dist::DistError> {
+        let copy = |g: &Tensor| if g.defined() { g.copy() } else { g.shallow_clone() };
+        let copies = |gs: &[Tensor]| gs.iter().map(copy).collect::<Vec<_>>();
+        match (self.dist.as_mut(), self.reducer.as_mut()) {
+            (Some(pg), Some(reducer)) => {
+                let local =
+                    self.keep_gradients.then(|| copies(&Tensor::run_backward(&[loss], self.sgd.params(), true, false)));
+                reducer.backward(pg, loss)?;
+                let grads = reducer.gradients();
+                if let Some(local) = local {
+                    self.gradients = Some((local, copies(&grads)));
+                }
+                Ok(grads)
+            }
+            _ => {
+                let grads = Tensor::run_backward(&[loss], self.sgd.params(), false, false);
+                if self.keep_gradients {
+                    self.gradients = Some((copies(&grads), copies(&grads)));
+                }
+                Ok(grads)
+            }
+        }
     }
 
     /// Whether `comm_seconds` is the time the collectives took: yes in one process, with Gloo and with a
@@ -378,6 +383,16 @@ impl Moco {
         if self.amp {
             // libtorch keeps the autocast type per thread: set it on the stepping thread.
             crate::amp::set_cuda_autocast_dtype(self.amp_dtype);
+        }
+        let has_geo = self.spec.heads.iter().any(|h| h.kind() == geossl_models::HeadKind::Geo);
+        if self.reducer.is_some() && geo.is_some() != has_geo {
+            // The Reducer needs a gradient for every parameter each step: the geo head gets one only with labels.
+            return Err(geossl_dist::DistError::Config(format!(
+                "a data-parallel step needs geo labels exactly when the model has a geo head (it has {}one; labels \
+                 were {}given)",
+                if has_geo { "" } else { "no " },
+                if geo.is_some() { "" } else { "not " }
+            )));
         }
         let mut comm = 0.0;
         if let Some(pg) = self.dist.as_mut() {
@@ -463,39 +478,16 @@ impl Moco {
         if !out.loss.is_finite() {
             return Ok(out);
         }
-        // Gradients straight from autograd (nothing accumulates in `.grad`, nothing to zero).
-        match &mut self.loss_scale {
+        match self.loss_scale.map(|ls| ls.scale) {
             None => {
-                let local = Tensor::run_backward(&[&loss], self.sgd.params(), false, false);
-                let copy = |g: &Tensor| if g.defined() { g.copy() } else { g.shallow_clone() };
-                let kept = self.keep_gradients.then(|| local.iter().map(copy).collect::<Vec<_>>());
-                let grads = match self.dist.as_mut() {
-                    Some(pg) => {
-                        let t = comm_clock(pg);
-                        let g = average_gradients(pg, local)?;
-                        comm += t.elapsed().as_secs_f64();
-                        g
-                    }
-                    None => local,
-                };
-                if let Some(local) = kept {
-                    self.gradients = Some((local, grads.iter().map(copy).collect()));
-                }
+                let grads = self.backward(&loss)?;
                 self.sgd.step(&grads, lr);
             }
-            Some(ls) => {
-                let scale = ls.scale;
-                let grads = Tensor::run_backward(&[&(&loss * scale)], self.sgd.params(), false, false);
-                let grads = match self.dist.as_mut() {
-                    Some(pg) => {
-                        let t = comm_clock(pg);
-                        let g = average_gradients(pg, grads)?;
-                        comm += t.elapsed().as_secs_f64();
-                        g
-                    }
-                    None => grads,
-                };
-                if ls.update(crate::amp::all_finite(&grads)) {
+            Some(scale) => {
+                let grads = self.backward(&(&loss * scale))?;
+                let finite = crate::amp::all_finite(&grads);
+                let ls = self.loss_scale.as_mut().expect("fp16 loss scaling is on");
+                if ls.update(finite) {
                     tch::no_grad(|| {
                         for g in grads.iter().filter(|g| g.defined()) {
                             let _ = g.shallow_clone().g_mul_scalar_(1.0 / scale);
@@ -855,6 +847,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let (q_in, k_in) = (prep(&batch.q), prep(&batch.k));
         let out = match moco.step(&q_in, &k_in, cfg.geo.enabled.then_some(&geo_t), lr) {
             Ok(out) => out,
+            Err(e @ geossl_dist::DistError::Config(_)) => return Err(e.into()),
             Err(e) => {
                 // The ranks' heartbeats name who is gone; if all still beat (a timeout), with two ranks it is
                 // the other one.

@@ -104,8 +104,9 @@ fn rank_body() {
             m.gather(&flat(&local)).unwrap().to_kind(Kind::Double).mean_dim([0i64].as_slice(), false, Kind::Double);
         let (local, applied) = (flat(&local), flat(&applied));
         let rel = (applied.to_kind(Kind::Double) - &mean).norm().double_value(&[]) / mean.norm().double_value(&[]);
-        // The f64 mean is the reference; the applied gradient is one fp32 sum and one division by 2, each
-        // within half an ulp (2^-24 ≈ 6e-8) per element: 1e-5 leaves a margin of ~80×, on any CPU.
+        // The f64 mean is the reference; the applied gradient (DDP's Reducer: each rank's divided by 2, exact,
+        // then one fp32 sum) is within half an ulp (2^-24 ≈ 6e-8) per element: 1e-5 leaves a margin of ~80×,
+        // on any CPU.
         assert!(rel <= 1e-5, "rank {}: step {step}: applied gradient vs the ranks' mean: {rel:e}", r.rank);
         assert!(!local.equal(&applied), "rank {}: the applied gradient is this rank's own", r.rank);
         // The queue took every rank's keys in rank order: this rank's positives are rows ptr+8r..ptr+8r+8,
@@ -133,6 +134,11 @@ fn rank_body() {
     let norms = m.queue.keys.narrow(0, 0, 48).norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
     assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
     assert_eq!(m.queue.ptr, 48, "the queue advanced by the global batch each step");
+    // Geo labels for a model without a geo head: named before any collective (the Reducer needs a gradient for
+    // every parameter, so labels and head must match).
+    let labels = Tensor::zeros([8], (Kind::Int64, Device::Cpu));
+    let e = m.step(&chips(8, x0, y0), &chips(8, x0 + 12, y0 + 9), Some(&labels), 0.05).unwrap_err().to_string();
+    assert!(e.contains("geo labels exactly when the model has a geo head"), "{e}");
     // The ranks saw different data: their losses differ.
     let l = m.gather(&Tensor::from_slice(&losses)).unwrap();
     assert!(!l.get(0).equal(&l.get(1)), "both ranks computed the same losses");
