@@ -2,15 +2,16 @@
 # Data-parallel pretraining on this machine's CPUs: 1 rank × 2 threads vs 2 ranks × 1 thread (Gloo over
 # 127.0.0.1), the same global batch (32), ResNet-18 at 64², on chips of rasterio's real Landsat scene.
 # Reports steps/s and the seconds rank 0 spent in collectives (waiting for the other rank included).
-# Writes docs/benchmarks/ddp_cpu.json.   bash scripts/bench/ddp_bench.sh   (after scripts/setup.sh)
+# Writes docs/benchmarks/ddp_cpu.json (or $OUT).   bash scripts/bench/ddp_bench.sh   (after scripts/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-docs/benchmarks/ddp_cpu.json}
 STEPS=${STEPS:-40}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-cargo build --locked --release -p geossl-trainer --bin geossl-train
-bin=target/release/geossl-train
+# GEOSSL_TRAIN_BIN=path runs another build (an A/B of two versions); default: this checkout's release build.
+bin=${GEOSSL_TRAIN_BIN:-target/release/geossl-train}
+[ -n "${GEOSSL_TRAIN_BIN:-}" ] || cargo build --locked --release -p geossl-trainer --bin geossl-train
 $bin chips --input ../shared/data/rasterio/RGB.byte.tif --size 64 --out "$WORK/chips" >/dev/null
 config() { # per-rank batch, file
   sed -e 's/^arch = .*/arch = "resnet18"/' -e 's/^input_size = .*/input_size = 64/' \
