@@ -1,7 +1,8 @@
 // The c10d pieces geossl's data-parallel training uses, behind a C ABI:
 // a TCPStore rendezvous and a process group on it (ProcessGroupGloo for CPU
 // tensors; ProcessGroupNCCL for CUDA tensors where built with USE_C10D_NCCL),
-// and collectives on tch tensors (a tch Tensor wraps an `at::Tensor*`).
+// collectives on tch tensors (a tch Tensor wraps an `at::Tensor*`), DDP's
+// gradient Reducer, and per-rank heartbeats that name a lost rank.
 // Every function catches C++ exceptions and returns their message (non-zero
 // status), never throws.
 #include <torch/csrc/autograd/autograd.h>
@@ -18,9 +19,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <memory>
-#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -117,7 +117,7 @@ int geossl_c10d_new(const char* host, int port, int rank, int world, long timeou
       // As in PyTorch: wait() makes the current CUDA stream wait for the collective and returns (the host runs
       // ahead); a collective that outlives the group's timeout is caught by NCCL's watchdog, which ends the
       // process with its message. TORCH_NCCL_BLOCKING_WAIT=1 makes wait() block and throw instead (the lost
-      // rank is then named like with Gloo; 13-15 % slower on one H200, docs/benchmarks/ddp_gpu.md).
+      // rank is then named like with Gloo; 10-15 % slower on one H200, docs/benchmarks/ddp_gpu.md).
     }
 #else
     if (cuda_device >= 0) {
