@@ -108,11 +108,7 @@ int geossl_c10d_new(const char* host, int port, int rank, int world, long timeou
   try {
 #ifdef USE_C10D_NCCL
     if (cuda_device >= 0) {
-      auto n = static_cast<int>(c10::cuda::device_count());
-      if (cuda_device >= n) {
-        throw std::runtime_error("NCCL needs CUDA device " + std::to_string(cuda_device) + ", and this machine has " +
-                                 std::to_string(n) + " CUDA device(s)");
-      }
+      // The device exists (geossl_dist::Backend::for_device checks it with the reason); set_device throws if not.
       c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_device));
       // As in PyTorch: wait() makes the current CUDA stream wait for the collective and returns (the host runs
       // ahead); a collective that outlives the group's timeout is caught by NCCL's watchdog, which ends the

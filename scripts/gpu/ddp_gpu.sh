@@ -87,7 +87,7 @@ case "${1:-}" in
     set +x
     grep -h "data-parallel\|cuda devices" "$W"/eq-nccl-1.log "$W"/e2e-nccl-1.log | head -n 4 || true
     "$PY" - "$W" "$N" "$(sed -n 's/^batch_size = //p' "$e2e")" <<'PY' | tee "$R/ddp_gpu.json"
-import json, os, struct, sys
+import json, struct, sys
 import numpy as np
 w, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def metrics(name):

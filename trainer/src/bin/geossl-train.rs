@@ -414,17 +414,17 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         Some(Err(_)) => bail!("WORLD_SIZE={:?} is not a number", std::env::var("WORLD_SIZE").unwrap_or_default()),
         _ => None,
     };
-    let dev = match (&dist, device_arg) {
-        // One GPU per rank, as torchrun does it: `cuda` (or `auto` with a GPU) means cuda:LOCAL_RANK; NCCL
-        // on a machine without CUDA is refused by name when the group forms.
-        (Some(_), "cuda" | "auto") if device_arg == "cuda" || tch::Cuda::is_available() => {
-            let local = match std::env::var("LOCAL_RANK") {
-                Ok(v) => v.parse::<usize>().map_err(|_| anyhow::anyhow!("LOCAL_RANK={v:?} is not a number"))?,
-                Err(_) => 0,
-            };
-            tch::Device::Cuda(local)
-        }
-        _ => device::parse_device(device_arg).map_err(anyhow::Error::msg)?,
+    // One GPU per rank, as torchrun does it: under a rendezvous, `cuda` (or `auto` with a GPU) means
+    // cuda:LOCAL_RANK. Whether that device can run NCCL is checked just below, with the reason.
+    let gpu_per_rank = dist.is_some() && (device_arg == "cuda" || (device_arg == "auto" && tch::Cuda::is_available()));
+    let dev = if gpu_per_rank {
+        let local = match std::env::var("LOCAL_RANK") {
+            Ok(v) => v.parse::<usize>().map_err(|_| anyhow::anyhow!("LOCAL_RANK={v:?} is not a number"))?,
+            Err(_) => 0,
+        };
+        tch::Device::Cuda(local)
+    } else {
+        device::parse_device(device_arg).map_err(anyhow::Error::msg)?
     };
     if dist.is_some() {
         // Gloo for the CPU, NCCL for a GPU: refused here, before any model is built, where it cannot run.
