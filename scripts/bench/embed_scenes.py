@@ -13,7 +13,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures")
 
 
 def mosaic(tiles, h, w, y0, rows):
@@ -36,7 +36,7 @@ def mosaic(tiles, h, w, y0, rows):
 
 
 def big(out):
-    scenes = np.load(os.path.join(SHARED, "eolearn", "REFERENCE_SCENES.npy"))
+    scenes = np.load(os.path.join(FIXTURES, "eolearn", "REFERENCE_SCENES.npy"))
     tiles = [np.clip(np.round(s * 10000), 0, 65535).astype(np.uint16).transpose(2, 0, 1) for s in scenes]
     n = 10980
     profile = dict(driver="GTiff", width=n, height=n, count=13, dtype="uint16", crs="EPSG:32633",
@@ -49,7 +49,7 @@ def big(out):
 
 
 def rgb(out, size):
-    with rasterio.open(os.path.join(SHARED, "rasterio", "RGB.byte.tif")) as s:
+    with rasterio.open(os.path.join(FIXTURES, "rasterio", "RGB.byte.tif")) as s:
         tile = s.read(window=Window(100, 100, 500, 450))
     profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32618",
                    transform=from_origin(101985, 2826915, 30, 30))

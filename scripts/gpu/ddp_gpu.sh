@@ -3,7 +3,7 @@
 #
 # Here (CPU machine):   bash scripts/gpu/ddp_gpu.sh build
 #   builds geossl-train (release, with ProcessGroupNCCL) into .gpu/ (git-ignored) with real chips cut from
-#   ../shared/data's Landsat scene and the two configs below.
+#   the committed Landsat scene (tests/fixtures/rasterio) and the two configs below.
 # There (GPU host, repo root, .gpu carried):   bash scripts/gpu/ddp_gpu.sh run [N]
 #   N = GPUs to use (default: all `nvidia-smi -L` lists). Writes $OUT/ddp_gpu.json (or /tmp) and the logs.
 #   1. equality: a small fp32 run (ResNet-18, 64 px, batch 64, 20 steps) twice as one process and once as
@@ -24,7 +24,7 @@ case "${1:-}" in
     strip .gpu/geossl-train   # 98 MB with line tables, 8 MB without: the carried tree is limited to 64 MiB
     if [ ! -f .gpu/chips/manifest.csv ]; then
       # Real imagery: 256 px chips of the Landsat scene, each listed at two dates so temporal pairs exist.
-      .gpu/geossl-train chips --input ../shared/data/rasterio/RGB.byte.tif --timestamp 2020-01-01 \
+      .gpu/geossl-train chips --input tests/fixtures/rasterio/RGB.byte.tif --timestamp 2020-01-01 \
           --size 256 --stride 32 --out .gpu/chips
       { cat .gpu/chips/manifest.csv; tail -n +2 .gpu/chips/manifest.csv | sed 's/,2020-01-01,/,2021-01-01,/'; } \
           > .gpu/chips/manifest2.csv && mv .gpu/chips/manifest2.csv .gpu/chips/manifest.csv

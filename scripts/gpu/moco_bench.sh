@@ -10,7 +10,7 @@
 #      ($OUT/moco_step.md when $OUT is set);
 #   2. times the loader alone with 14 threads (appends to docs/benchmarks/loader.md);
 #   3. runs `geossl-train pretrain` end to end (PNG decoding + augmentation every
-#      step, scripts/gpu/pretrain_e2e.toml) on real chips cut here from ../shared/data,
+#      step, scripts/gpu/pretrain_e2e.toml) on real chips cut here from tests/fixtures,
 #      and reports pairs/s from its metrics (target ≥ 3300 pairs/s on an H200).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -24,9 +24,9 @@ case "${1:-}" in
     cargo build --locked --release -p geossl-trainer --bin geossl-train
     cp target/release/geossl-train .gpu/
     rm -rf .gpu/chips
-    # Real imagery: 256 px chips of the Landsat scene of ../shared/data; each chip is listed
+    # Real imagery: 256 px chips of the committed Landsat scene (tests/fixtures); each chip is listed
     # twice with two timestamps so temporal pairing runs (the same pixels are then decoded twice).
-    .gpu/geossl-train chips --input ../shared/data/rasterio/RGB.byte.tif --timestamp 2020-01-01 \
+    .gpu/geossl-train chips --input tests/fixtures/rasterio/RGB.byte.tif --timestamp 2020-01-01 \
         --size 256 --stride 32 --out .gpu/chips
     { cat .gpu/chips/manifest.csv; tail -n +2 .gpu/chips/manifest.csv | sed 's/,2020-01-01,/,2021-01-01,/'; } \
         > .gpu/chips/manifest2.csv && mv .gpu/chips/manifest2.csv .gpu/chips/manifest.csv

@@ -26,7 +26,7 @@ DATES = ["2015-08-20", "2015-07-31", "2015-09-09", "2015-08-30", "2015-07-11"]
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True, help="the eolearn folder of the shared data")
+    ap.add_argument("--data", required=True, help="the eolearn folder of the test fixtures (tests/fixtures/eolearn)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--stride", type=int, default=17)

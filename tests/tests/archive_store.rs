@@ -16,7 +16,7 @@ use arrow_array::types::{Float32Type, TimestampMicrosecondType, UInt32Type};
 use arrow_array::Array;
 use geossl_tests::objstore::{CountingProxy, Moto};
 use geossl_tests::server::make_repository;
-use geossl_tests::{bin, python, shared_data, text};
+use geossl_tests::{bin, python, text};
 
 /// A row's key: its source's file name and window.
 type Key = (String, [u32; 4]);
@@ -101,7 +101,7 @@ fn py(code: &str, args: &[&Path]) {
 fn mosaic_cog(to: &Path) {
     let o = Command::new(python())
         .arg(geossl_tests::workspace().join("scripts/reference/mosaic_cog.py"))
-        .arg(shared_data().join("rasterio/RGB.byte.tif"))
+        .arg(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif"))
         .arg(to)
         .output()
         .unwrap();
@@ -200,7 +200,7 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
     let m = model.to_str().unwrap();
     let moto = Moto::start();
     moto.bucket("archive");
-    let scene = std::fs::read(shared_data().join("rasterio/RGB.byte.tif")).unwrap();
+    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
     let local_dir = d.path().join("scenes");
     std::fs::create_dir_all(&local_dir).unwrap();
     for i in 0..5 {
@@ -291,7 +291,7 @@ for i, name in enumerate(["red", "green", "blue"]):
 with rasterio.open(f"{d}/LE07_bgr.tif", "w", **p) as o:
     o.write(a[::-1])
 "#,
-        &[&shared_data().join("rasterio/RGB.byte.tif"), dir],
+        &[&geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif"), dir],
     );
 }
 
@@ -349,7 +349,7 @@ fn stac_items_and_bad_inputs() {
     moto.put("archive", "cut/mosaic.tif", &bytes[..bytes.len() * 6 / 10]);
 
     let local_out = d.path().join("local.parquet");
-    let scene = shared_data().join("rasterio/RGB.byte.tif");
+    let scene = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
     let o = out(serve(&["embed", "--model", m, "--input", scene.to_str().unwrap(), "--out"], &[]).arg(&local_out));
     assert!(o.status.success(), "{}", text(&o));
     let local = rows(&std::fs::read(&local_out).unwrap());

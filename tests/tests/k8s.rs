@@ -245,7 +245,7 @@ fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
     let bucket = bucket.strip_prefix("s3://").and_then(|b| b.split('/').next()).expect("an s3:// archive").to_owned();
     let moto = geossl_tests::objstore::Moto::start();
     moto.bucket(&bucket);
-    let scene = std::fs::read(geossl_tests::shared_data().join("rasterio/RGB.byte.tif")).unwrap();
+    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
     for i in 0..4 {
         moto.put(&bucket, &format!("scenes/s{i}.tif"), &scene);
     }

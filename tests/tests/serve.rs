@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used)]
 //! End-to-end: the real `geossl-serve` on 127.0.0.1:0 over real exported
-//! ONNX models and real imagery (../shared/data), driven over HTTP.
+//! ONNX models and real imagery (tests/fixtures), driven over HTTP.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::{Arc, Barrier, OnceLock};
 
 use geossl_tests::http::{get, oip_u8_binary_request, post};
+use geossl_tests::python;
 use geossl_tests::server::{histogram, make_repository, Server};
-use geossl_tests::{python, shared_data};
 use serde_json::{json, Value};
 
 const SIZE: u32 = 64;
@@ -40,9 +40,9 @@ fn repo() -> &'static Path {
     .path()
 }
 
-/// The Landsat RGB scene from the shared data.
+/// The Landsat RGB scene (committed fixture).
 fn scene() -> image::RgbImage {
-    let p = shared_data().join("rasterio/RGB.byte.tif");
+    let p = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
     image::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).to_rgb8()
 }
 
@@ -133,7 +133,7 @@ fn every_endpoint_on_real_models_and_imagery() {
     assert!(max_abs_diff(&f32s(&r.json()["embeddings"][0]), &oip) < 1e-3);
 
     // The whole 791×718 GeoTIFF: resized and centre-cropped by the server.
-    let tif = std::fs::read(shared_data().join("rasterio/RGB.byte.tif")).unwrap();
+    let tif = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
     let r = post(s.addr, "/v1/models/embed/embed", &[("Content-Type", "image/tiff")], &tif);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["dim"], 512);

@@ -72,7 +72,7 @@ fn main() {
     let seeds: String = arg("--seeds", "0,1".to_string());
     let report: Option<PathBuf> =
         std::env::args().position(|a| a == "--report").and_then(|i| std::env::args().nth(i + 1)).map(PathBuf::from);
-    let data = PathBuf::from(env!("GEOSSL_ROOT")).join("../shared/data");
+    let data = PathBuf::from(env!("GEOSSL_ROOT")).join("tests/fixtures");
     let work = tempfile::tempdir().expect("tmp");
     let chips = geossl_trainer::fixtures::sentinel2_chips(&data, &work.path().join("s2"), 32, 16).expect("chips");
     let manifest =

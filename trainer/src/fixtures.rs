@@ -1,9 +1,9 @@
 //! Training sets cut from real imagery, for tests, benchmarks and reports.
 //!
-//! They read the layout of the project's shared test data (`eolearn/`,
-//! `rasterio/`, see its README): a 5-date Sentinel-2 series over Slovenia and
-//! a Landsat 7 GeoTIFF over the Bahamas. User-facing
-//! commands never need them.
+//! They read the committed fixtures (`tests/fixtures/`: `eolearn/`, `rasterio/`,
+//! see its README for sources and licences): a 5-date Sentinel-2 series over
+//! Slovenia and a Landsat 7 GeoTIFF over the Bahamas. User-facing commands never
+//! need them.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ const ROLE: &str = "GEOSSL_DDP_TEST_ROLE";
 /// `n` real 32 × 32 RGB chips of rasterio's Landsat scene, 128 px apart in rows of four from `x0, y0`,
 /// scaled to [-0.5, 0.5].
 fn chips(n: i64, x0: usize, y0: usize) -> Tensor {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/rasterio/RGB.byte.tif");
+    let path = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
     let mut r = geossl_raster::Raster::open(&path).unwrap();
     let views: Vec<Tensor> = (0..n as usize)
         .map(|i| {

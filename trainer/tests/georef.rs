@@ -1,4 +1,4 @@
-//! GeoTIFF georeferencing against the centres published with the shared data
+//! GeoTIFF georeferencing against the centres published with the test data (tests/fixtures/README.md, scripts/data.py)
 //! (computed independently from each file's tiepoint, pixel scale and CRS).
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
@@ -9,7 +9,6 @@ use geossl_trainer::chips::{read_georef, tile_scene, TileOptions};
 
 #[test]
 fn scene_centres_match_the_published_ones() {
-    let data = common::repo_root().join("../shared/data");
     for (file, w, h, lat, lon) in [
         ("rasterio/RGB.byte.tif", 791.0, 718.0, 24.56158, -77.75791), // EPSG:32618
         ("rasterio/cogeo.tif", 1024.0, 1024.0, 37.66860, 128.65814),  // EPSG:3857
@@ -17,17 +16,17 @@ fn scene_centres_match_the_published_ones() {
         ("spacenet/road_mask_input.tif", 1300.0, 1300.0, 36.14058, -115.23205), // EPSG:4326
         ("spacenet/ms1.tif", 300.0, 300.0, 51.87052, 4.35693),        // EPSG:32631
     ] {
-        let g = read_georef(&data.join(file)).unwrap();
+        let g = read_georef(&geossl_tests::data::file(file)).unwrap();
         let (a, b) = g.to_latlon(w / 2.0, h / 2.0).unwrap();
         assert!((a - lat).abs() < 2e-5 && (b - lon).abs() < 2e-5, "{file}: {a:.6},{b:.6} vs {lat},{lon}");
     }
-    let e = read_georef(&data.join("spacenet/sample_fp_mask.tif")).unwrap_err();
+    let e = read_georef(&geossl_tests::data::file("spacenet/sample_fp_mask.tif")).unwrap_err();
     assert!(e.contains("sample_fp_mask.tif") && e.contains("not georeferenced"), "{e}");
 }
 
 #[test]
 fn tiling_writes_georeferenced_chips_and_drops_nodata() {
-    let data = common::repo_root().join("../shared/data");
+    let data = geossl_tests::data::fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let opt = TileOptions { size: 64, stride: 64, max_nodata: 0.05, timestamp: Some("2000-01-01".into()) };
     let chips = tile_scene(&data.join("rasterio/RGB.byte.tif"), tmp.path(), &opt).unwrap();

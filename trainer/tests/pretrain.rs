@@ -1,4 +1,4 @@
-//! Pretraining on real imagery (chips cut from ../shared/data): each preset
+//! Pretraining on real imagery (chips cut from the committed fixtures, tests/fixtures): each preset
 //! runs, checkpoints, resumes exactly, and survives SIGKILL mid-checkpoint.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
@@ -9,12 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use geossl_models::StateDict;
-
-fn shared_data() -> PathBuf {
-    let p = common::repo_root().join("../shared/data");
-    assert!(p.join("eolearn/REFERENCE_SCENES.npy").exists(), "{} missing: the tests need ../shared/data", p.display());
-    p
-}
 
 /// A tiny, CPU-sized variant of a preset.
 fn small_config(dir: &Path, preset: &str) -> PathBuf {
@@ -53,7 +47,8 @@ fn weights(out: &Path, file: &str) -> StateDict {
 #[test]
 fn every_preset_trains_checkpoints_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let manifest = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let manifest =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
     for preset in ["moco", "moco-tp", "moco-geo", "moco-tp-geo"] {
         let cfg = small_config(tmp.path(), preset);
         // Straight run of 4 steps.
@@ -93,7 +88,8 @@ fn every_preset_trains_checkpoints_and_resumes_exactly() {
 #[test]
 fn sigkill_mid_checkpoint_resumes_from_the_previous_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let manifest = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let manifest =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
     let cfg = small_config(tmp.path(), "moco-tp-geo");
     let out = tmp.path().join("run");
     assert!(train(&cfg, &manifest, &out, 2, false, None).status.success());
@@ -118,7 +114,8 @@ fn sigkill_mid_checkpoint_resumes_from_the_previous_one() {
 #[test]
 fn bad_inputs_give_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let manifest = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let manifest =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
     let cfg = small_config(tmp.path(), "moco");
     // A corrupt image among the data is skipped and counted, not fatal.
     let first =

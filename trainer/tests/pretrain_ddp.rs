@@ -15,10 +15,6 @@ use std::time::{Duration, Instant};
 
 use geossl_models::StateDict;
 
-fn shared_data() -> PathBuf {
-    common::repo_root().join("../shared/data")
-}
-
 /// A tiny `moco-tp-geo` (one loader thread per rank) with queue `queue`, as `dir/<name>.toml`.
 fn config(dir: &Path, name: &str, queue: usize) -> PathBuf {
     common::small_config(dir, name, "moco-tp-geo", queue, 1)
@@ -62,7 +58,8 @@ fn free_port() -> String {
 #[test]
 fn two_ranks_train_checkpoint_and_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let data =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
     let cfg = config(tmp.path(), "ddp", 32);
     let two = ["--nproc-per-node", "2"];
     let a = tmp.path().join("a");
@@ -98,7 +95,8 @@ fn two_ranks_train_checkpoint_and_resume_exactly() {
 #[test]
 fn one_rank_through_the_distributed_path_equals_one_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let data =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
     let cfg = config(tmp.path(), "one", 32);
     let plain = tmp.path().join("plain");
     assert!(pretrain(&cfg, &data, &plain, 4, &[], &[]).status.success());
@@ -117,7 +115,8 @@ fn one_rank_through_the_distributed_path_equals_one_process() {
 #[test]
 fn different_configs_an_undivided_queue_and_a_lost_rank_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = geossl_trainer::fixtures::real_chips(&shared_data(), &tmp.path().join("chips")).unwrap();
+    let data =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
     let (c0, c1) = (config(tmp.path(), "r0", 32), config(tmp.path(), "r1", 64));
     let port = free_port();
     let env = move |rank: usize| {
@@ -264,7 +263,7 @@ fn the_rendered_training_job_runs_here() {
     // Run every index here.
     let tmp = tempfile::tempdir().unwrap();
     let chips = tmp.path().join("chips");
-    geossl_trainer::fixtures::real_chips(&shared_data(), &chips).unwrap();
+    geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &chips).unwrap();
     let runs = tmp.path().join("runs");
     let small = config(tmp.path(), "k8s", 32);
     let port = free_port();

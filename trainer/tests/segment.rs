@@ -1,5 +1,5 @@
 //! `geossl-train segment` on real imagery with real pixel labels: tiles of the
-//! shared SpaceNet Atlanta panchromatic scene and its building-footprint mask.
+//! SpaceNet Atlanta (PyPI solaris sdist) panchromatic scene and its building-footprint mask.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,17 +16,11 @@ use tch::Device;
 
 const TILE: u32 = 128;
 
-fn spacenet() -> PathBuf {
-    let p = common::repo_root().join("../shared/data/spacenet");
-    assert!(p.join("sample_fp_mask.tif").exists(), "{} missing", p.display());
-    p
-}
-
 /// 128 px tiles of the scene (16-bit PNG) and mask (0 = background, 1 = building), split into
 /// train and test manifests by tile; returns (train, test, mean, std of the scene).
 fn tiles(dir: &Path) -> (PathBuf, PathBuf, f32, f32) {
-    let img = image::open(spacenet().join("sample_geotiff.tif")).unwrap().into_luma16();
-    let mask = image::open(spacenet().join("sample_fp_mask.tif")).unwrap().into_luma8();
+    let img = image::open(geossl_tests::data::file("spacenet/sample_geotiff.tif")).unwrap().into_luma16();
+    let mask = image::open(geossl_tests::data::file("spacenet/sample_fp_mask.tif")).unwrap().into_luma8();
     assert_eq!(img.dimensions(), mask.dimensions());
     let px: Vec<f64> = img.pixels().map(|p| f64::from(p.0[0])).collect();
     let mean = px.iter().sum::<f64>() / px.len() as f64;
