@@ -144,29 +144,14 @@ pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>
 }
 
 /// A STAC document's items (parsed once per process).
-fn stac_items(doc: &Location) -> Result<Arc<Vec<stac::Item>>, String> {
-    static DOCS: OnceLock<Mutex<HashMap<String, Arc<Vec<stac::Item>>>>> = OnceLock::new();
+fn stac_items(doc: &Location) -> Result<Arc<Vec<crate::stac::Item>>, String> {
+    static DOCS: OnceLock<Mutex<HashMap<String, Arc<Vec<crate::stac::Item>>>>> = OnceLock::new();
     let docs = DOCS.get_or_init(Default::default);
     if let Some(items) = docs.lock().unwrap_or_else(|e| e.into_inner()).get(doc.as_str()) {
         return Ok(items.clone());
     }
     let bytes = doc.read()?.ok_or_else(|| format!("{doc}: not found"))?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| format!("{doc}: not JSON: {e}"))?;
-    let items: Vec<stac::Item> = match v.get("type").and_then(|t| t.as_str()) {
-        Some("Feature") => vec![serde_json::from_value(v).map_err(|e| format!("{doc}: not a STAC Item: {e}"))?],
-        Some("FeatureCollection") => {
-            let c: stac::ItemCollection =
-                serde_json::from_value(v).map_err(|e| format!("{doc}: not a STAC ItemCollection: {e}"))?;
-            c.items
-        }
-        other => {
-            return Err(format!(
-                "{doc}: a STAC Item (\"type\": \"Feature\") or ItemCollection (\"FeatureCollection\") was expected, \
-                 not {other:?}"
-            ))
-        }
-    };
-    let items = Arc::new(items);
+    let items = Arc::new(crate::stac::items_of(doc.as_str(), &bytes)?);
     docs.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.as_str().to_string(), items.clone());
     Ok(items)
 }
@@ -185,24 +170,6 @@ fn stac_inputs(doc: &Location) -> Result<Vec<Input>, String> {
             stac: Some(StacRef { document: document.clone(), id: i.id.clone() }),
         })
         .collect())
-}
-
-/// The band names an asset declares (`bands` of STAC 1.1, `eo:bands` of the
-/// EO extension): each band's name and common name.
-fn asset_bands(a: &stac::Asset) -> Vec<Vec<String>> {
-    let names = |v: &serde_json::Value| {
-        ["name", "common_name", "eo:common_name"]
-            .iter()
-            .filter_map(|k| v.get(*k).and_then(|n| n.as_str()).map(str::to_string))
-            .collect::<Vec<_>>()
-    };
-    if !a.bands.is_empty() {
-        return a.bands.iter().map(|b| serde_json::to_value(b).map(|v| names(&v)).unwrap_or_default()).collect();
-    }
-    match a.additional_fields.get("eo:bands").and_then(|b| b.as_array()) {
-        Some(bands) => bands.iter().map(names).collect(),
-        None => Vec::new(),
-    }
 }
 
 impl Input {
@@ -231,7 +198,7 @@ impl Input {
             .find(|i| i.id == s.id)
             .ok_or_else(|| format!("{}: the document no longer has item {}", s.document, s.id))?;
         // Relative hrefs resolve against the item's own location where it gives one.
-        let base = match item.links.iter().find(|l| l.rel == "self") {
+        let base = match item.link("self") {
             Some(l) => doc.resolve(&l.href)?,
             None => doc.clone(),
         };
@@ -240,7 +207,7 @@ impl Input {
         for w in wanted {
             let mut found = None;
             for (key, a) in &item.assets {
-                let declared = asset_bands(a);
+                let declared = a.band_names();
                 if let Some(b) = declared.iter().position(|names| names.iter().any(|n| n.eq_ignore_ascii_case(w))) {
                     found = Some((key.as_str(), b));
                     break;
@@ -254,10 +221,10 @@ impl Input {
                 let have: Vec<String> = item
                     .assets
                     .iter()
-                    .filter(|(_, a)| a.r#type.as_deref().is_none_or(|t| t.contains("tiff")))
+                    .filter(|(_, a)| a.media_type.as_deref().is_none_or(|t| t.contains("tiff")))
                     .map(|(k, a)| {
                         let names: Vec<String> =
-                            asset_bands(a).into_iter().filter_map(|n| n.into_iter().next()).collect();
+                            a.band_names().into_iter().filter_map(|n| n.into_iter().next()).collect();
                         if names.is_empty() {
                             k.clone()
                         } else {
@@ -282,17 +249,17 @@ impl Input {
             };
             picks.push((k, b));
         }
-        let counts: Vec<usize> = used.iter().map(|k| asset_bands(&item.assets[*k]).len().max(1)).collect();
+        let counts: Vec<usize> = used.iter().map(|k| item.assets[*k].band_names().len().max(1)).collect();
         let offsets: Vec<usize> = counts.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
         let files = used.iter().map(|k| base.resolve(&item.assets[*k].href)).collect::<Result<Vec<_>, _>>()?;
-        let self_href = item.links.iter().find(|l| l.rel == "self").map(|_| base.as_str().to_string());
+        let self_href = item.link("self").map(|_| base.as_str().to_string());
         Ok(Resolved {
             source: self_href.unwrap_or_else(|| self.path.clone()),
             file_band_names: used.iter().map(|k| k.to_string()).collect(),
             files,
             bands: Some(picks.iter().map(|&(k, b)| offsets[k] + b).collect()),
             band_counts: Some(counts),
-            datetime: item.properties.datetime.map(|d| d.timestamp_micros()),
+            datetime: item.datetime_micros()?,
         })
     }
 
@@ -300,7 +267,6 @@ impl Input {
     pub fn known_center(&self) -> Option<(f64, f64)> {
         let s = self.stac.as_ref()?;
         let items = stac_items(&Location::parse(&s.document).ok()?).ok()?;
-        let b = items.iter().find(|i| i.id == s.id)?.bbox?;
-        Some(((b.xmin() + b.xmax()) / 2.0, (b.ymin() + b.ymax()) / 2.0))
+        items.iter().find(|i| i.id == s.id)?.bbox_center()
     }
 }

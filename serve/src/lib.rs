@@ -24,6 +24,7 @@ pub mod oip;
 pub mod ort_backend;
 pub mod repository;
 pub mod server;
+pub mod stac;
 pub mod state;
 pub mod store;
 pub mod tensor;

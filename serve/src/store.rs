@@ -125,6 +125,12 @@ fn aws_credentials_configured() -> bool {
 
 /// One store per bucket/container/origin, shared by every location in it.
 fn store_for(url: &url::Url) -> Result<Arc<dyn ObjectStore>, String> {
+    // TLS through rustls with ring (the build leaves out aws-lc); once per process, before the first client.
+    static TLS: std::sync::Once = std::sync::Once::new();
+    TLS.call_once(|| {
+        // Err only when a provider is already installed, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
     static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
     let key = format!("{}://{}", url.scheme(), url.authority());
     let mut stores = STORES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
@@ -768,5 +774,15 @@ mod tests {
         assert_eq!(l.join("a.tif").resolve("b.tif").expect("relative").as_str(), "/data/scenes/b.tif");
         let e = Location::parse("ftp://host/x.tif").expect_err("ftp");
         assert!(e.contains("unsupported scheme ftp://"), "{e}");
+    }
+
+    /// HTTPS clients get their TLS crypto provider (ring) installed: a request to a closed port is a
+    /// connection error naming the object, not a panic for want of a provider.
+    #[test]
+    fn https_stores_have_a_tls_provider() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let l = Location::parse(&format!("https://127.0.0.1:{port}/scene.tif")).expect("https location");
+        let e = l.exists().expect_err("nothing listens there");
+        assert!(e.contains("scene.tif"), "{e}");
     }
 }
