@@ -13,7 +13,6 @@
 
 pub mod arch;
 pub mod checkpoint;
-pub mod georef;
 pub mod heads;
 pub mod io;
 pub mod norm;
@@ -43,4 +42,23 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// (<https://no-color.org>), so logs piped to files or CI stay plain text.
 pub fn stderr_colour() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// A renamed environment variable keeps working for a while: when `new` is unset and `old` holds a value
+/// `accept` recognises as the old meaning, `new` takes that value and a warning on stderr names both.
+/// (Values of another meaning are left alone: the old name may mean something else in another tool now.)
+/// Call it first thing in `main`, before any thread starts.
+pub fn env_renamed(tool: &str, old: &str, new: &str, accept: impl Fn(&str) -> bool) {
+    if std::env::var_os(new).is_some() {
+        return;
+    }
+    if let Ok(v) = std::env::var(old) {
+        if accept(&v) {
+            eprintln!(
+                "warning: {tool}: {old} is deprecated here (it has one meaning across geossl's tools now); set \
+                 {new} instead (see docs/environment.md)"
+            );
+            std::env::set_var(new, v);
+        }
+    }
 }

@@ -17,9 +17,10 @@
 //!   ([`Source::will_read`]), so a remote source fetches exactly those, in one
 //!   round of requests, and never the whole file.
 //!
+//! - georeferencing ([`georef`]) from the same header parse: pixel → map →
+//!   WGS84 through `proj4rs`.
+//!
 //! Blocks are planar: `data[band * h * w + y * w + x]`.
-//! Georeferencing stays in `geossl_models::georef` (it reads the same file's
-//! GeoTIFF tags).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Cursor, Read, Seek};
@@ -30,6 +31,13 @@ use tiff::decoder::{ChunkType, Decoder, DecodingResult, Limits};
 use tiff::tags::Tag;
 
 pub use geossl_models::SampleType;
+
+pub mod georef;
+pub mod grid;
+pub mod write;
+pub use georef::{GeoKeyTags, Georef};
+pub use grid::{hilbert_index, nodata_fraction, WindowGrid};
+pub use write::{write_geotiff, GeoTiffMeta};
 
 /// Bytes a [`Raster`] reads from: seekable, and told ahead which byte ranges a
 /// window needs (a remote source fetches them together; a local one ignores it).
@@ -78,6 +86,12 @@ pub enum RasterError {
     BandCount { file: String, want: usize, names: String, have: usize, sample_type: SampleType },
     #[error("band group {group}: {message}")]
     Group { group: String, message: String },
+    #[error("{file}: {reason}")]
+    NotGeoreferenced { file: String, reason: String },
+    #[error("{0}")]
+    Grid(String),
+    #[error("writing {file}: {message}")]
+    Write { file: String, message: String },
     #[error("{file}: window x={x} y={y} {w}×{h} is not inside the {width}×{height} raster")]
     Window { file: String, x: usize, y: usize, w: usize, h: usize, width: usize, height: usize },
 }
@@ -227,6 +241,8 @@ pub struct RasterInfo {
     pub alpha: bool,
     /// Band names from GDAL's band descriptions (GDAL_METADATA), where the file gives them.
     pub band_names: Vec<Option<String>>,
+    /// The TIFF `DateTime` tag as written ("YYYY:MM:DD HH:MM:SS"), if any.
+    pub datetime: Option<String>,
 }
 
 /// Default bytes of decoded strips/tiles kept for the next windows.
@@ -247,6 +263,8 @@ pub struct Raster<R: Source> {
     ycbcr: bool,
     /// Each chunk's byte range in the file (from the offsets and byte counts tags).
     ranges: Vec<std::ops::Range<u64>>,
+    /// The georeference from the same header, or why there is none.
+    georef: Result<Georef, String>,
 }
 
 impl<R: Source> std::fmt::Debug for Raster<R> {
@@ -348,6 +366,11 @@ impl<R: Source> Raster<R> {
                 }
             }
         }
+        let datetime = match dec.find_tag(Tag::DateTime) {
+            Ok(Some(v)) => v.into_string().ok().map(|s| s.trim_end_matches('\0').trim().to_string()),
+            _ => None,
+        };
+        let georef = georef::from_tags(&mut dec);
         let chunks_across = if tiled { width.div_ceil(cw) } else { 1 };
         let chunks_per_plane = chunks_across * height.div_ceil(ch);
         let (offsets_tag, counts_tag) =
@@ -379,6 +402,7 @@ impl<R: Source> Raster<R> {
             nodata,
             alpha,
             band_names,
+            datetime,
         };
         drop(err);
         Ok(Raster {
@@ -393,11 +417,19 @@ impl<R: Source> Raster<R> {
             cache_limit: DEFAULT_CACHE_BYTES,
             ycbcr: photometric == 6,
             ranges,
+            georef,
         })
     }
 
     pub fn info(&self) -> &RasterInfo {
         &self.info
+    }
+
+    /// Its georeference (read with the header); the error names the file and what is missing.
+    pub fn georef(&self) -> Result<&Georef, RasterError> {
+        self.georef
+            .as_ref()
+            .map_err(|reason| RasterError::NotGeoreferenced { file: self.file.clone(), reason: reason.clone() })
     }
 
     /// The file's name, as errors give it.
@@ -608,6 +640,11 @@ fn ycbcr_to_rgb(px: &mut [u8]) {
     }
 }
 
+/// The georeference of the GeoTIFF at `path` (its header only).
+pub fn read_georef(path: &Path) -> Result<Georef, RasterError> {
+    Raster::open(path)?.georef().cloned()
+}
+
 /// Generic band names `band1..bandN`: bands of a model or file without names, matched by position.
 pub fn positional_names(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("band{i}")).collect()
@@ -646,7 +683,7 @@ pub fn group_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, RasterError> {
 /// tiles and BigEarthNet patches ship them): each member's bands in order,
 /// named by the member's band descriptions or, for an unnamed single band, by
 /// its file name's last `_`-separated part (`…_B04.tif` → `B04`). Members must
-/// share size and sample type; the caller checks their georeferences.
+/// share size, sample type and (where they have one) georeference.
 #[derive(Debug)]
 pub struct BandGroup<R: Source> {
     members: Vec<Raster<R>>,
@@ -686,6 +723,14 @@ impl<R: Source> BandGroup<R> {
                     r.file, i.sample_type, members[0].file, first.sample_type
                 )));
             }
+            if let (Ok(a), Ok(b)) = (&members[0].georef, &r.georef) {
+                if !a.same_grid(b) {
+                    return Err(group(format!(
+                        "{} is not co-registered with {} (georeference differs)",
+                        r.file, members[0].file
+                    )));
+                }
+            }
             for b in 0..i.bands {
                 bands.push((m, b));
                 let fallback = (i.bands == 1).then(|| fallback_names.get(m).cloned()).flatten();
@@ -704,6 +749,15 @@ impl<R: Source> BandGroup<R> {
 
     pub fn info(&self) -> &RasterInfo {
         &self.info
+    }
+
+    /// The group's georeference: every member's (they agree, [`BandGroup::new`] checked); the error names
+    /// the first member that has none.
+    pub fn georef(&self) -> Result<&Georef, RasterError> {
+        for m in &self.members[1..] {
+            m.georef()?;
+        }
+        self.members[0].georef()
     }
 
     /// The members' file names.

@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use geossl_models::georef::read_georef;
+use geossl_raster::read_georef;
 use geossl_tests::{python, text, workspace};
 
 #[test]
@@ -55,6 +55,6 @@ fn unknown_crs_is_named_with_the_file() {
     );
     let o = Command::new(python()).args(["-c", &script]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let e = read_georef(&f).unwrap_err();
+    let e = read_georef(&f).unwrap_err().to_string();
     assert!(e.contains("odd.tif") && e.contains("EPSG:9822"), "{e}");
 }

@@ -17,9 +17,8 @@ use arrow_array::{
     ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
 };
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
-use geossl_models::georef::{georef_from_tiff, Georef};
 
-use geossl_raster::{BandGroup, Raster, Samples};
+use geossl_raster::{BandGroup, Georef, Raster, Samples};
 
 pub use crate::inputs::{collect_inputs, Input};
 use crate::store::Location;
@@ -101,13 +100,6 @@ struct Row {
     datetime: Option<i64>,
 }
 
-/// TIFF `DateTime` ("YYYY:MM:DD HH:MM:SS") as microseconds since the epoch (UTC).
-fn tiff_datetime(file: &Location) -> Option<i64> {
-    let mut d = tiff::decoder::Decoder::new(file.open().ok()?).ok()?;
-    let s = d.get_tag_ascii_string(tiff::tags::Tag::DateTime).ok()?;
-    parse_tiff_datetime(&s)
-}
-
 /// Parses "YYYY:MM:DD HH:MM:SS" (also with '-' in the date) to µs since 1970 UTC.
 pub fn parse_tiff_datetime(s: &str) -> Option<i64> {
     let s = s.trim().trim_end_matches('\0');
@@ -181,27 +173,11 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&
         _ => model_names.clone(),
     };
     let r = input.resolve(&wanted)?;
-    let mut georef: Option<Georef> = None;
-    let mut members = Vec::with_capacity(r.files.len());
-    for f in &r.files {
-        let g = georef_from_tiff(f.open()?, f.as_str())?;
-        match &georef {
-            None => georef = Some(g),
-            Some(first) => {
-                let close = first.epsg == g.epsg
-                    && first.proj4 == g.proj4
-                    && first.transform.iter().zip(&g.transform).all(|(a, b)| (a - b).abs() <= 1e-9 * a.abs().max(1.0));
-                if !close {
-                    return Err(format!(
-                        "band group {label}: {f} is not co-registered with {} (georeference differs)",
-                        r.files[0]
-                    ));
-                }
-            }
-        }
-        members.push(Raster::new(f.open()?, f.as_str().to_string()).map_err(|e| e.to_string())?);
-    }
-    let georef = georef.ok_or_else(|| format!("{label}: no files"))?;
+    let members = r
+        .files
+        .iter()
+        .map(|f| Raster::new(f.open()?, f.as_str().to_string()).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
     if let Some(counts) = &r.band_counts {
         for (m, &n) in members.iter().zip(counts) {
             if m.info().bands != n {
@@ -210,6 +186,7 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&
         }
     }
     let raster = BandGroup::new(&label, members, &r.file_band_names).map_err(|e| e.to_string())?;
+    let georef = raster.georef().map_err(|e| e.to_string())?.clone();
     // The model's bands as the input fixes them (STAC), else by name where the files name their bands,
     // else by position.
     let bands = match (&r.bands, band_override) {
@@ -218,7 +195,7 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&
         (None, None) => raster.select_bands(&model_names).map_err(|e| e.to_string())?,
     };
     info.check_samples(raster.info().sample_type).map_err(|e| format!("{label}: {e}"))?;
-    let datetime = r.datetime.or_else(|| tiff_datetime(&r.files[0]));
+    let datetime = r.datetime.or_else(|| raster.info().datetime.as_deref().and_then(parse_tiff_datetime));
     Ok(Scene { label, source: r.source, georef, raster, bands, datetime })
 }
 
@@ -230,8 +207,7 @@ fn input_center(input: &Input) -> Option<(f64, f64)> {
     }
     let f = Location::parse(input.files.first()?).ok()?;
     let r = Raster::new(f.open().ok()?, f.as_str().to_string()).ok()?;
-    let g = georef_from_tiff(f.open().ok()?, f.as_str()).ok()?;
-    let (lat, lon) = g.to_latlon(r.info().width as f64 / 2.0, r.info().height as f64 / 2.0).ok()?;
+    let (lat, lon) = r.georef().ok()?.to_latlon(r.info().width as f64 / 2.0, r.info().height as f64 / 2.0).ok()?;
     Some((lon, lat))
 }
 

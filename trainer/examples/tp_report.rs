@@ -76,7 +76,7 @@ fn main() {
     let work = tempfile::tempdir().expect("tmp");
     let chips = geossl_trainer::fixtures::sentinel2_chips(&data, &work.path().join("s2"), 32, 16).expect("chips");
     let manifest =
-        geossl_trainer::fixtures::write_manifest(&chips, &work.path().join("s2/manifest.csv")).expect("manifest");
+        geossl_trainer::data::write_manifest(&chips, &work.path().join("s2/manifest.csv")).expect("manifest");
     let samples = read_manifest(&manifest, Format::Csv).expect("manifest");
     let locations = samples.iter().map(|s| &s.location_id).collect::<std::collections::HashSet<_>>().len();
     println!("{} images, {locations} windows × 5 dates", samples.len());

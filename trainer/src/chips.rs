@@ -1,76 +1,139 @@
-//! Tiling GeoTIFF scenes into training chips with a manifest.
+//! Tiling georeferenced GeoTIFF scenes into training chips with a manifest.
 //!
-//! Each chip's latitude/longitude is its centre, from the GeoTIFF's tiepoint
-//! and pixel scale. Its `location_id` is that centre rounded to 1e-5°, so
-//! co-registered scenes of the same place on different dates share location
-//! ids — which is what temporal positives pair.
+//! Any band count and sample type (a 13-band uint16 Sentinel-2 scene as well as an 8-bit RGB one): the
+//! scene is read window by window through `geossl_raster` (the decoder and window grid that
+//! `geossl-serve embed` uses), and each chip keeps its samples as stored. Chips are PNG for 8-bit RGB
+//! scenes (what image tools and the loader's fast path expect) and GeoTIFF otherwise — keeping the
+//! bands, their names, the sample type, the nodata value and the georeference (the window's own origin).
+//!
+//! Each chip's latitude/longitude is its centre. Its `location_id` is that centre rounded to 1e-5°, so
+//! co-registered scenes of the same place on different dates share location ids — which is what temporal
+//! positives pair.
 
 use std::path::{Path, PathBuf};
 
-use crate::fixtures::{write_manifest, Chip};
+use geossl_models::SampleType;
+use geossl_raster::{nodata_fraction, write_geotiff, GeoTiffMeta, Raster, WindowGrid};
 
-pub use geossl_models::georef::read_georef;
+use crate::data::{write_manifest, Sample};
+
+pub use geossl_raster::read_georef;
+
+/// The file format of chips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ChipFormat {
+    /// PNG for 8-bit RGB scenes, GeoTIFF for everything else.
+    #[default]
+    Auto,
+    /// PNG (8-bit RGB scenes only).
+    Png,
+    /// GeoTIFF, whatever the scene.
+    Tiff,
+}
 
 /// Options of [`tile_scene`].
 #[derive(Debug, Clone)]
 pub struct TileOptions {
     pub size: u32,
     pub stride: u32,
-    /// Largest accepted fraction of nodata (all-zero) pixels in a chip.
+    /// Largest accepted fraction of nodata pixels in a chip (every band at the file's nodata value, or 0).
     pub max_nodata: f64,
     /// Acquisition time to record (ISO-8601), if known.
     pub timestamp: Option<String>,
+    pub format: ChipFormat,
 }
 
-/// Cuts `scene` into chips written as PNG under `out`; returns them.
-pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Chip>, String> {
+impl Default for TileOptions {
+    fn default() -> Self {
+        TileOptions { size: 224, stride: 224, max_nodata: 0.05, timestamp: None, format: ChipFormat::Auto }
+    }
+}
+
+/// Cuts `scene` into chips written under `out`; returns them as manifest rows.
+pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Sample>, String> {
     if opt.size < 8 || opt.stride == 0 {
         return Err(format!("chip size must be ≥ 8 and stride ≥ 1 (got {} and {})", opt.size, opt.stride));
     }
-    let g = read_georef(scene)?;
-    let img = image::open(scene).map_err(|e| format!("{}: cannot decode: {e}", scene.display()))?;
-    let (w, h) = (img.width(), img.height());
-    if w < opt.size || h < opt.size {
-        return Err(format!("{}: {w}×{h} is smaller than one {} px chip", scene.display(), opt.size));
+    if !(0.0..=1.0).contains(&opt.max_nodata) {
+        return Err(format!("max nodata fraction {} (must be 0..=1)", opt.max_nodata));
     }
+    let mut r = Raster::open(scene).map_err(|e| e.to_string())?;
+    let g = r.georef().map_err(|e| e.to_string())?.clone();
+    let info = r.info().clone();
+    let size = opt.size as usize;
+    if info.width < size || info.height < size {
+        return Err(format!("{}: {}×{} is smaller than one {size} px chip", scene.display(), info.width, info.height));
+    }
+    // Every band but an alpha channel, as stored.
+    let bands: Vec<usize> = (0..info.bands - usize::from(info.alpha && info.bands > 1)).collect();
+    if bands.len() < info.bands {
+        tracing::info!(scene = %scene.display(), "alpha band dropped from the chips");
+    }
+    let rgb8 = bands.len() == 3 && info.sample_type == SampleType::U8;
+    let png = match opt.format {
+        ChipFormat::Auto => rgb8,
+        ChipFormat::Png if rgb8 => true,
+        ChipFormat::Png => {
+            return Err(format!(
+                "{}: PNG chips are for 8-bit RGB scenes; this one has {} band(s) of {} samples (use --format tiff)",
+                scene.display(),
+                bands.len(),
+                info.sample_type
+            ))
+        }
+        ChipFormat::Tiff => false,
+    };
+    let names: Vec<Option<String>> = bands.iter().map(|&b| info.band_names[b].clone()).collect();
     let stem = scene.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "scene".into());
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let sixteen = matches!(
-        img.color(),
-        image::ColorType::L16 | image::ColorType::Rgb16 | image::ColorType::Rgba16 | image::ColorType::La16
-    );
+    let grid = WindowGrid::new(info.width, info.height, size, size, opt.stride as usize).map_err(|e| e.to_string())?;
     let mut chips = Vec::new();
-    for y0 in (0..=h - opt.size).step_by(opt.stride as usize) {
-        for x0 in (0..=w - opt.size).step_by(opt.stride as usize) {
-            let chip = img.crop_imm(x0, y0, opt.size, opt.size);
-            let chip = if sixteen {
-                image::DynamicImage::ImageRgb16(chip.to_rgb16())
-            } else {
-                image::DynamicImage::ImageRgb8(chip.to_rgb8())
-            };
-            let px = (opt.size * opt.size) as usize;
-            let zeros = match &chip {
-                image::DynamicImage::ImageRgb16(b) => b.pixels().filter(|p| p.0 == [0, 0, 0]).count(),
-                other => other.to_rgb8().pixels().filter(|p| p.0 == [0, 0, 0]).count(),
-            };
-            if zeros as f64 > opt.max_nodata * px as f64 {
-                continue;
-            }
-            let half = opt.size as f64 / 2.0;
-            let (lat, lon) = g.to_latlon(x0 as f64 + half, y0 as f64 + half)?;
-            let path = out.join(format!("{stem}_{y0}_{x0}.png"));
-            chip.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            chips.push(Chip {
-                path,
-                lat,
-                lon,
-                timestamp: opt.timestamp.clone(),
-                location_id: format!("{lat:.5}_{lon:.5}"),
-                label: None,
-            });
+    for (x0, y0) in grid.row_major() {
+        let block = r.read_window(x0, y0, size, size, &bands).map_err(|e| e.to_string())?;
+        if nodata_fraction(&block, info.nodata) > opt.max_nodata {
+            continue;
         }
+        let half = size as f64 / 2.0;
+        let (lat, lon) = g.to_latlon(x0 as f64 + half, y0 as f64 + half)?;
+        let path = if png {
+            let path = out.join(format!("{stem}_{y0}_{x0}.png"));
+            write_png(&path, &block)?;
+            path
+        } else {
+            let path = out.join(format!("{stem}_{y0}_{x0}.tif"));
+            let window = g.window(x0 as f64, y0 as f64);
+            let meta = GeoTiffMeta {
+                georef: Some(&window),
+                band_names: &names,
+                nodata: info.nodata,
+                datetime: info.datetime.as_deref(),
+            };
+            write_geotiff(&path, &block, &meta).map_err(|e| e.to_string())?;
+            path
+        };
+        chips.push(Sample {
+            path,
+            lat,
+            lon,
+            timestamp: opt.timestamp.clone(),
+            location_id: format!("{lat:.5}_{lon:.5}"),
+            label: None,
+            crop: None,
+        });
     }
     Ok(chips)
+}
+
+/// An 8-bit RGB planar block as a PNG.
+fn write_png(path: &Path, block: &geossl_raster::Block) -> Result<(), String> {
+    let geossl_raster::Samples::U8(px) = &block.samples else {
+        return Err(format!("{}: PNG chips hold 8-bit samples", path.display()));
+    };
+    let n = block.width * block.height;
+    let rgb: Vec<u8> = (0..n).flat_map(|i| [px[i], px[n + i], px[2 * n + i]]).collect();
+    let img = image::RgbImage::from_raw(block.width as u32, block.height as u32, rgb)
+        .ok_or_else(|| format!("{}: chip size", path.display()))?;
+    img.save(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Tiles several scenes into `out` and writes `out/manifest.csv`.

@@ -53,6 +53,41 @@ pub enum Format {
     Fmow,
 }
 
+/// Writes a CSV manifest (`path,lat,lon,timestamp,location_id[,label]`) with paths relative to its folder
+/// (the label column when any sample has a label), atomically; returns its path.
+pub fn write_manifest(samples: &[Sample], path: &Path) -> Result<PathBuf, String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let labelled = samples.iter().any(|c| c.label.is_some());
+    let mut s = String::from(if labelled {
+        "path,lat,lon,timestamp,location_id,label\n"
+    } else {
+        "path,lat,lon,timestamp,location_id\n"
+    });
+    for c in samples {
+        let rel = c.path.strip_prefix(dir).unwrap_or(&c.path);
+        s.push_str(&format!(
+            "{},{:.7},{:.7},{},{}",
+            rel.display(),
+            c.lat,
+            c.lon,
+            c.timestamp.as_deref().unwrap_or(""),
+            c.location_id
+        ));
+        if labelled {
+            s.push(',');
+            s.push_str(c.label.as_deref().unwrap_or(""));
+        }
+        s.push('\n');
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, s).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: {e}", path.display())
+    })?;
+    Ok(path.to_owned())
+}
+
 /// Reads a manifest. Rows with a bad latitude/longitude or an empty path are errors (with their line).
 pub fn read_manifest(path: &Path, format: Format) -> Result<Vec<Sample>, DataError> {
     if format == Format::Fmow {

@@ -5,27 +5,15 @@
 //! Slovenia and a Landsat 7 GeoTIFF over the Bahamas. User-facing commands never
 //! need them.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::data::{write_manifest, Sample};
 use crate::npy::read_npy;
 
 /// Dates of `REFERENCE_SCENES.npy`'s five acquisitions, by index.
 pub const S2_DATES: [&str; 5] = ["2015-08-20", "2015-07-31", "2015-09-09", "2015-08-30", "2015-07-11"];
 /// Centre of the Sentinel-2 patch.
 pub const S2_CENTRE: (f64, f64) = (45.8705, 14.5578);
-
-/// One chip written by [`real_chips`].
-#[derive(Debug, Clone)]
-pub struct Chip {
-    pub path: PathBuf,
-    pub lat: f64,
-    pub lon: f64,
-    pub timestamp: Option<String>,
-    pub location_id: String,
-    /// Class label, when the source has one.
-    pub label: Option<String>,
-}
 
 fn offset(lat: f64, lon: f64, dy_m: f64, dx_m: f64) -> (f64, f64) {
     (lat - dy_m / 111_320.0, lon + dx_m / (111_320.0 * lat.to_radians().cos()))
@@ -34,7 +22,7 @@ fn offset(lat: f64, lon: f64, dy_m: f64, dx_m: f64) -> (f64, f64) {
 /// Sentinel-2 RGB chips of `side` pixels every `stride` pixels over the patch,
 /// for all five dates (true colour, reflectance × 3.5 stretched to 8 bit).
 /// Chips of one window on different dates share a `location_id`.
-pub fn sentinel2_chips(data: &Path, out: &Path, side: usize, stride: usize) -> Result<Vec<Chip>, String> {
+pub fn sentinel2_chips(data: &Path, out: &Path, side: usize, stride: usize) -> Result<Vec<Sample>, String> {
     let a = read_npy(&data.join("eolearn/REFERENCE_SCENES.npy"))?;
     if a.shape.len() != 4 || a.shape[3] != 13 {
         return Err(format!("unexpected Sentinel-2 array shape {:?}", a.shape));
@@ -64,13 +52,14 @@ pub fn sentinel2_chips(data: &Path, out: &Path, side: usize, stride: usize) -> R
                 }
                 let path = out.join(format!("s2_{gy}_{gx}_{date}.png"));
                 img.save(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                chips.push(Chip {
+                chips.push(Sample {
                     path,
                     lat,
                     lon,
                     timestamp: Some(date.to_string()),
                     location_id: format!("s2_{gy}_{gx}"),
                     label: None,
+                    crop: None,
                 });
             }
         }
@@ -84,7 +73,7 @@ pub const LULC_NAMES: [(u32, &str); 6] =
 
 /// [`sentinel2_chips`] labelled with the majority land-cover class of each
 /// window (`TestEOPatch/mask_timeless/LULC.npy`, the same 101×100 grid).
-pub fn sentinel2_landcover_chips(data: &Path, out: &Path, side: usize, stride: usize) -> Result<Vec<Chip>, String> {
+pub fn sentinel2_landcover_chips(data: &Path, out: &Path, side: usize, stride: usize) -> Result<Vec<Sample>, String> {
     let lulc = read_npy(&data.join("eolearn/TestEOPatch/mask_timeless/LULC.npy"))?;
     let (h, w) = match lulc.shape[..] {
         [h, w, 1] => (h, w),
@@ -120,7 +109,7 @@ pub fn sentinel2_landcover_chips(data: &Path, out: &Path, side: usize, stride: u
 pub fn real_chips(data: &Path, out: &Path) -> Result<PathBuf, String> {
     let mut chips = sentinel2_chips(data, &out.join("s2"), 48, 50)?;
     // Landsat chips with their GeoTIFF georeference; the first 24 that are < 5 % nodata.
-    let opt = crate::chips::TileOptions { size: 64, stride: 64, max_nodata: 0.05, timestamp: None };
+    let opt = crate::chips::TileOptions { size: 64, stride: 64, ..Default::default() };
     chips.extend(
         crate::chips::tile_scene(&data.join("rasterio/RGB.byte.tif"), &out.join("landsat"), &opt)?.into_iter().take(24),
     );
@@ -139,35 +128,4 @@ pub fn tiny_moco() -> Result<(geossl_models::ModelSpec, crate::config::PretrainC
     cfg.optim.batch_size = 8;
     let spec = crate::pretrain::run_spec(&cfg, None)?;
     Ok((spec, cfg))
-}
-
-/// Writes a CSV manifest (`path,lat,lon,timestamp,location_id[,label]`) with
-/// paths relative to its folder; the label column when any chip has a label.
-pub fn write_manifest(chips: &[Chip], path: &Path) -> Result<PathBuf, String> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let labelled = chips.iter().any(|c| c.label.is_some());
-    let mut s = String::from(if labelled {
-        "path,lat,lon,timestamp,location_id,label\n"
-    } else {
-        "path,lat,lon,timestamp,location_id\n"
-    });
-    for c in chips {
-        let rel = c.path.strip_prefix(dir).unwrap_or(&c.path);
-        s.push_str(&format!(
-            "{},{:.7},{:.7},{},{}",
-            rel.display(),
-            c.lat,
-            c.lon,
-            c.timestamp.as_deref().unwrap_or(""),
-            c.location_id
-        ));
-        if labelled {
-            s.push(',');
-            s.push_str(c.label.as_deref().unwrap_or(""));
-        }
-        s.push('\n');
-    }
-    f.write_all(s.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path.to_owned())
 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use geossl_models::{Arch, HeadSpec, ModelSpec};
-use geossl_trainer::data::{read_manifest, Format};
-use geossl_trainer::fixtures::{sentinel2_landcover_chips, write_manifest, Chip};
+use geossl_trainer::data::{read_manifest, write_manifest, Format, Sample};
+use geossl_trainer::fixtures::sentinel2_landcover_chips;
 use geossl_trainer::labelled::eval_input;
 use geossl_trainer::load_checkpoint;
 use serde_json::Value;
@@ -26,9 +26,9 @@ fn checkpoint(dir: &Path) -> PathBuf {
 }
 
 /// Labelled chips split by location: (train manifest, test manifest, test chips).
-fn data(dir: &Path) -> (PathBuf, PathBuf, Vec<Chip>) {
+fn data(dir: &Path) -> (PathBuf, PathBuf, Vec<Sample>) {
     let chips = sentinel2_landcover_chips(&geossl_tests::data::fixtures(), &dir.join("s2"), 16, 8).unwrap();
-    let (test, train): (Vec<Chip>, Vec<Chip>) = chips.into_iter().partition(|c| {
+    let (test, train): (Vec<Sample>, Vec<Sample>) = chips.into_iter().partition(|c| {
         let h = c.location_id.bytes().fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
         h % 5 == 0
     });

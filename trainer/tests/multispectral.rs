@@ -1,8 +1,9 @@
 #![allow(clippy::unwrap_used)]
 //! One input contract from training to serving, on real 13-band Sentinel-2 data
-//! stored as archives store it (uint16 reflectance × 10000, planar chips and a
-//! chunky deflate scene, written by GDAL from the eo-learn series in the committed
-//! fixtures): pretrain a few steps with bands by name, export with `--input
+//! stored as archives store it (uint16 reflectance × 10000, chunky deflate scenes
+//! written by GDAL from the eo-learn series in the committed fixtures): cut the
+//! scenes into chips with `geossl-train chips` (checked against GDAL's own windows),
+//! pretrain a few steps with bands by name, export with `--input
 //! uint16`, then `geossl-serve embed` on the scene and `/v1/models/s2/embed` on
 //! a chip give the trainer's own forward on the same pixels. Any stage that
 //! scaled the samples differently (a `>> 8`, a forgotten 1e-4, an offset
@@ -63,8 +64,51 @@ fn sentinel2_uint16_trains_exports_and_serves_the_same_embeddings() {
     let meta: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let bands: Vec<String> = serde_json::from_value(meta["bands"].clone()).unwrap();
     assert_eq!(bands.len(), 13);
+    // The chips: cut from the five 13-band uint16 scenes by `geossl-train chips`, which must give GDAL's
+    // own windows (samples, sample type, band names, CRS, transform) and GDAL/pyproj's centres.
+    let scenes: Vec<String> = serde_json::from_value(meta["scenes"].clone()).unwrap();
+    let dates: Vec<String> = scenes.iter().map(|s| format!("{}T10:00:00Z", &s[s.len() - 14..s.len() - 4])).collect();
+    let chips = d.path().join("chips");
+    let mut args =
+        vec!["chips", "--size", "32", "--stride", "17", "--max-nodata", "1", "--out", chips.to_str().unwrap()];
+    args.push("--input");
+    args.extend(scenes.iter().map(String::as_str));
+    args.push("--timestamp");
+    args.extend(dates.iter().map(String::as_str));
+    let o = run("geossl-train", &args);
+    assert!(o.status.success(), "chips: {}", text(&o));
+    assert!(text(&o).contains(&format!("wrote {} chips", meta["chips"])), "{}", text(&o));
+    let check = r#"
+import csv, os, sys, numpy as np, pyproj, rasterio
+chips, gdal, names = sys.argv[1], sys.argv[2], tuple(sys.argv[3].split(","))
+to_wgs84 = pyproj.Transformer.from_crs(32633, 4326, always_xy=True)
+rows = list(csv.DictReader(open(os.path.join(chips, "manifest.csv"))))
+places = {}
+for r in rows:
+    scene = r["path"].split("/")[0]
+    stem, y, x = os.path.basename(r["path"])[:-4].rsplit("_", 2)
+    date = stem[3:]
+    assert r["timestamp"] == date + "T10:00:00Z", r
+    with rasterio.open(os.path.join(chips, r["path"])) as a, rasterio.open(os.path.join(gdal, f"{date}_{x}_{y}.tif")) as b:
+        assert a.dtypes == b.dtypes == ("uint16",) * 13, a.dtypes
+        assert (a.read() == b.read()).all(), r["path"]
+        assert a.crs == b.crs and a.transform.almost_equals(b.transform, 1e-9), (a.transform, b.transform)
+        assert a.descriptions == names and a.descriptions[8] == "B8A", a.descriptions
+        assert a.tags().get("TIFFTAG_DATETIME") == date.replace("-", ":") + " 10:00:00"
+        cx, cy = a.xy(16, 16, offset="ul")
+    lon, lat = to_wgs84.transform(cx, cy)
+    assert abs(lat - float(r["lat"])) < 1e-6 and abs(lon - float(r["lon"])) < 1e-6, (r, lat, lon)
+    places.setdefault(r["location_id"], set()).add(date)
+assert len(rows) == 125 and all(len(d) == 5 for d in places.values()), (len(rows), len(places))
+print(len(rows))
+"#;
+    let o = Command::new(python())
+        .args(["-c", check, chips.to_str().unwrap(), data.join("chips").to_str().unwrap(), &bands.join(",")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "geossl's chips differ from GDAL's: {}", text(&o));
     // Per-band statistics with `geossl-train stats`, checked against numpy's over the same chips.
-    let manifest = data.join("chips/manifest.csv");
+    let manifest = chips.join("manifest.csv");
     let o = run("geossl-train", &["stats", "--data", manifest.to_str().unwrap(), "--bands", "13", "--scale", "0.0001"]);
     assert!(o.status.success(), "stats: {}", text(&o));
     let printed = String::from_utf8(o.stdout.clone()).unwrap();

@@ -21,7 +21,7 @@ fn images(n: i64, real: bool, dir: &Path) -> Tensor {
         return Tensor::randint(256, [n, 3, 64, 64], (Kind::Float, Device::Cpu));
     }
     let data = geossl_tests::data::fixtures();
-    let opt = geossl_trainer::chips::TileOptions { size: 64, stride: 64, max_nodata: 0.0, timestamp: None };
+    let opt = geossl_trainer::chips::TileOptions { size: 64, stride: 64, max_nodata: 0.0, ..Default::default() };
     let chips = geossl_trainer::chips::tile_scene(&data.join("rasterio/RGB.byte.tif"), dir, &opt).unwrap();
     let t: Vec<Tensor> = chips
         .iter()

@@ -25,7 +25,7 @@ enum Head {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Export a checkpoint directory to an ONNX model (embed and classify heads; segment pending, issue #4).
+    /// Export a checkpoint directory to an ONNX model (embedding, classifier or segmentation head).
     Onnx(OnnxArgs),
     /// Import a PyTorch `.pth`/`.pth.tar` (the paper's released MoCo checkpoints, torchvision
     /// state dicts) or torchvision-layout safetensors into a checkpoint directory.
@@ -45,7 +45,7 @@ struct OnnxArgs {
     out: PathBuf,
     /// Input element type: uint8 or uint16 (stored samples; scale, offset and normalization inside the graph,
     /// the type the checkpoint was trained on) or float32 (pre-normalized).
-    #[arg(long, env = "GEOSSL_INPUT", value_enum, default_value = "uint8")]
+    #[arg(long, env = "GEOSSL_INPUT_TYPE", value_enum, default_value = "uint8")]
     input: InputArg,
     /// fp16 weights and compute with fp32 inputs/outputs.
     #[arg(long, env = "GEOSSL_FP16")]
@@ -115,6 +115,10 @@ struct ImportArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // GEOSSL_INPUT names input files (geossl-train chips, geossl-serve embed); the input type was it here.
+    geossl_models::env_renamed("geossl-export", "GEOSSL_INPUT", "GEOSSL_INPUT_TYPE", |v| {
+        matches!(v, "uint8" | "uint16" | "float32")
+    });
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

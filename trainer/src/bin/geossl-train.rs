@@ -43,8 +43,9 @@ enum Command {
     Init(InitArgs),
     /// Describe a checkpoint directory and the libtorch runtime.
     Info(InfoArgs),
-    /// Tile georeferenced GeoTIFF scenes into PNG chips and a training manifest
-    /// (lat/lon from the georeference; co-registered scenes share location ids).
+    /// Tile georeferenced GeoTIFF scenes into chips and a training manifest: any band count and sample
+    /// type, kept as stored (GeoTIFF chips with bands, names, nodata and georeference; PNG for 8-bit RGB);
+    /// lat/lon from the georeference, so co-registered scenes share location ids.
     Chips(ChipsArgs),
     /// Per-band mean and standard deviation of a manifest's images (in physical units: stored value ×
     /// --scale + --offset), printed as the `[model.normalization]` table of a pretraining config.
@@ -57,7 +58,7 @@ struct StatsArgs {
     #[arg(long, env = "GEOSSL_DATA")]
     data: PathBuf,
     /// Number of bands of the images.
-    #[arg(long, env = "GEOSSL_BANDS", default_value_t = 3)]
+    #[arg(long, env = "GEOSSL_BAND_COUNT", default_value_t = 3)]
     bands: usize,
     /// Stored value × scale (+ offset) = physical units (1e-4 for Sentinel-2 L1C digital numbers).
     #[arg(long, env = "GEOSSL_SCALE", default_value_t = 1.0)]
@@ -75,7 +76,7 @@ struct StatsArgs {
 
 #[derive(Debug, Args)]
 struct ChipsArgs {
-    /// GeoTIFF scenes (EPSG:4326, EPSG:3857 or UTM/WGS84; RGB or grayscale, 8 or 16 bit).
+    /// Georeferenced GeoTIFF scenes: any band count and sample type, any CRS with an EPSG definition.
     #[arg(long, env = "GEOSSL_INPUT", num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     /// Acquisition time of each scene (ISO-8601), in the order of --input.
@@ -87,9 +88,12 @@ struct ChipsArgs {
     /// Step between chips in pixels (default: the chip size).
     #[arg(long, env = "GEOSSL_CHIP_STRIDE")]
     stride: Option<u32>,
-    /// Drop chips with more than this fraction of all-zero (nodata) pixels.
+    /// Drop chips with more than this fraction of nodata pixels (every band at the file's nodata value, or 0).
     #[arg(long, env = "GEOSSL_MAX_NODATA", default_value_t = 0.05)]
     max_nodata: f64,
+    /// Chip files: auto (PNG for 8-bit RGB scenes, GeoTIFF otherwise), png, tiff.
+    #[arg(long, env = "GEOSSL_CHIP_FORMAT", value_enum, default_value = "auto")]
+    format: geossl_trainer::chips::ChipFormat,
     /// Output folder (chips and manifest.csv).
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
@@ -131,6 +135,7 @@ struct ProbeArgs {
     /// Epochs per grid point (the best validation epoch is kept).
     #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 100)]
     epochs: usize,
+    /// Images per batch (features are computed once per image; the probe trains on them in batches).
     #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 256)]
     batch_size: usize,
     /// Learning rates searched (comma-separated).
@@ -157,13 +162,16 @@ struct FinetuneArgs {
     /// Output directory: finetune.json, predictions.csv, checkpoint/.
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
+    /// Training epochs (the best validation epoch is kept).
     #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 30)]
     epochs: usize,
+    /// Images per batch.
     #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 64)]
     batch_size: usize,
     /// Peak learning rate (cosine schedule).
     #[arg(long, env = "GEOSSL_LR", default_value_t = 0.01)]
     lr: f64,
+    /// SGD weight decay.
     #[arg(long, env = "GEOSSL_WEIGHT_DECAY", default_value_t = 1e-4)]
     weight_decay: f64,
     /// RandomResizedCrop area range, min,max.
@@ -194,6 +202,7 @@ struct SegmentArgs {
     /// Share of training locations held out for validation when --val is not given.
     #[arg(long, env = "GEOSSL_VAL_FRACTION", default_value_t = 0.2)]
     val_fraction: f64,
+    /// Seed of the validation split and the data order.
     #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
     seed: u64,
     /// Class names, comma-separated; mask value i is class i.
@@ -205,13 +214,16 @@ struct SegmentArgs {
     /// Output directory: segment.json, checkpoint/.
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
+    /// Training epochs (the best validation epoch is kept).
     #[arg(long, env = "GEOSSL_EPOCHS", default_value_t = 30)]
     epochs: usize,
+    /// Images per batch.
     #[arg(long, env = "GEOSSL_BATCH_SIZE", default_value_t = 16)]
     batch_size: usize,
     /// Peak learning rate (cosine schedule).
     #[arg(long, env = "GEOSSL_LR", default_value_t = 0.01)]
     lr: f64,
+    /// SGD weight decay.
     #[arg(long, env = "GEOSSL_WEIGHT_DECAY", default_value_t = 1e-4)]
     weight_decay: f64,
     /// Device: auto, cpu, cuda, cuda:N.
@@ -268,7 +280,7 @@ struct InitArgs {
     #[arg(long, env = "GEOSSL_ARCH", default_value = "resnet18")]
     arch: Arch,
     /// Number of input bands (3 for RGB).
-    #[arg(long, env = "GEOSSL_BANDS", default_value_t = 3)]
+    #[arg(long, env = "GEOSSL_BAND_COUNT", default_value_t = 3)]
     bands: usize,
     /// Input size (square) in pixels.
     #[arg(long, env = "GEOSSL_INPUT_SIZE", default_value_t = 224)]
@@ -308,6 +320,10 @@ struct InfoArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // GEOSSL_BANDS names bands (geossl-export import, geossl-serve embed); the band count was it here.
+    geossl_models::env_renamed("geossl-train", "GEOSSL_BANDS", "GEOSSL_BAND_COUNT", |v| {
+        v.trim().parse::<usize>().is_ok()
+    });
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -634,8 +650,13 @@ fn init(a: InitArgs) -> Result<()> {
 
 fn chips(a: ChipsArgs) -> Result<()> {
     use geossl_trainer::chips::{tile_scenes, TileOptions};
-    let opt =
-        TileOptions { size: a.size, stride: a.stride.unwrap_or(a.size), max_nodata: a.max_nodata, timestamp: None };
+    let opt = TileOptions {
+        size: a.size,
+        stride: a.stride.unwrap_or(a.size),
+        max_nodata: a.max_nodata,
+        timestamp: None,
+        format: a.format,
+    };
     let (manifest, n) = tile_scenes(&a.input, &a.timestamp, &a.out, &opt).map_err(anyhow::Error::msg)?;
     println!("wrote {n} chips and {}", manifest.display());
     Ok(())

@@ -26,6 +26,18 @@ pub struct Georef {
     /// The projection as a PROJ.4 string when the file defines its own (user-defined GeoKeys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proj4: Option<String>,
+    /// The GeoKey tags it was read from, written again as they were by [`crate::write_geotiff`] (so a
+    /// user-defined projection survives); `None` for a georeference made in code.
+    #[serde(skip)]
+    pub keys: Option<GeoKeyTags>,
+}
+
+/// A GeoTIFF's GeoKey directory and its parameter tags, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeoKeyTags {
+    pub directory: Vec<u16>,
+    pub doubles: Vec<f64>,
+    pub ascii: Option<String>,
 }
 
 /// Projections by PROJ.4 string, built once.
@@ -63,7 +75,7 @@ impl Georef {
     pub fn north_up(tie_pixel: [f64; 2], tie_map: [f64; 2], scale: [f64; 2], epsg: u32) -> Self {
         let x0 = tie_map[0] - tie_pixel[0] * scale[0];
         let y0 = tie_map[1] + tie_pixel[1] * scale[1];
-        Georef { transform: [x0, scale[0], 0.0, y0, 0.0, -scale[1]], epsg, proj4: None }
+        Georef { transform: [x0, scale[0], 0.0, y0, 0.0, -scale[1]], epsg, proj4: None, keys: None }
     }
 
     fn source(&self) -> Result<Arc<Proj>, String> {
@@ -81,10 +93,36 @@ impl Georef {
         self.source().map(|_| ())
     }
 
+    /// Whether `other` maps pixels to the same places: same CRS, transforms equal to 1e-9 relative.
+    pub fn same_grid(&self, other: &Georef) -> bool {
+        self.epsg == other.epsg
+            && self.proj4 == other.proj4
+            && self.transform.iter().zip(&other.transform).all(|(a, b)| (a - b).abs() <= 1e-9 * a.abs().max(1.0))
+    }
+
     /// Map coordinates of pixel position `(px, py)` (pixel corners at integers; centres at +0.5).
     pub fn pixel_to_map(&self, px: f64, py: f64) -> (f64, f64) {
         let t = &self.transform;
         (t[0] + px * t[1] + py * t[2], t[3] + px * t[4] + py * t[5])
+    }
+
+    /// The georeference of a raster cut from this one at pixel `(x, y)` (a chip or window): the same CRS
+    /// and pixel size, its origin moved there.
+    pub fn window(&self, x: f64, y: f64) -> Georef {
+        let (x0, y0) = self.pixel_to_map(x, y);
+        let mut g = self.clone();
+        g.transform[0] = x0;
+        g.transform[3] = y0;
+        g
+    }
+
+    /// The footprint of the pixel window at `(x, y)` of `w × h`: a closed counter-clockwise ring of
+    /// (lon, lat) corners (as GeoParquet and GeoJSON want it for north-up rasters).
+    pub fn footprint(&self, x: f64, y: f64, w: f64, h: f64) -> Result<Vec<(f64, f64)>, String> {
+        [(x, y), (x, y + h), (x + w, y + h), (x + w, y), (x, y)]
+            .iter()
+            .map(|&(px, py)| self.to_latlon(px, py).map(|(lat, lon)| (lon, lat)))
+            .collect()
     }
 
     /// WGS84 (lat, lon) in degrees of pixel position `(px, py)`.
@@ -102,24 +140,26 @@ impl Georef {
     }
 }
 
-/// Reads the georeference of a GeoTIFF (ModelTransformation, or ModelTiepoint +
-/// ModelPixelScale; PixelIsPoint rasters shifted by half a pixel; the EPSG code
-/// from the GeoKey directory). `name` labels errors.
-pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> Result<Georef, String> {
-    use tiff::decoder::Decoder;
+/// The georeference in the GeoTIFF tags of an opened decoder (ModelTransformation, or ModelTiepoint +
+/// ModelPixelScale; PixelIsPoint rasters shifted by half a pixel; the EPSG code from the GeoKey
+/// directory), read with the rest of the header by [`crate::Raster::new`]. The error says what is missing.
+pub(crate) fn from_tags<R: std::io::Read + std::io::Seek>(d: &mut tiff::decoder::Decoder<R>) -> Result<Georef, String> {
     use tiff::tags::Tag;
-    let err = |m: String| format!("{name}: {m}");
-    let mut d = Decoder::new(r).map_err(|e| err(format!("not a TIFF: {e}")))?;
     let keys = d
-        .get_tag_u16_vec(Tag::GeoKeyDirectoryTag)
-        .map_err(|_| err("no GeoKeyDirectory tag: not georeferenced".into()))?;
-    let doubles = d.get_tag_f64_vec(Tag::GeoDoubleParamsTag).unwrap_or_default();
+        .find_tag(Tag::GeoKeyDirectoryTag)
+        .ok()
+        .flatten()
+        .and_then(|v| v.into_u16_vec().ok())
+        .ok_or("no GeoKeyDirectory tag: not georeferenced")?;
+    let f64s =
+        |d: &mut tiff::decoder::Decoder<R>, t: Tag| d.find_tag(t).ok().flatten().and_then(|v| v.into_f64_vec().ok());
+    let doubles = f64s(d, Tag::GeoDoubleParamsTag).unwrap_or_default();
     let geokeys = GeoKeys { keys: &keys, doubles: &doubles };
     let key = |id: u16| geokeys.short(id);
     let mut proj4 = None;
     let epsg = match key(3072) {
         Some(32767) => {
-            proj4 = Some(geokeys.user_defined_proj4().map_err(err)?);
+            proj4 = Some(geokeys.user_defined_proj4()?);
             32767
         }
         Some(code) => code,
@@ -127,23 +167,20 @@ pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> R
             // Geographic with a user-defined datum: latitude/longitude as they are.
             Some(32767) if key(1024) == Some(2) => 4326,
             Some(code) if code != 32767 && key(1024) != Some(1) => code,
-            _ => return Err(err("GeoKey directory has no EPSG code".into())),
+            _ => return Err("GeoKey directory has no EPSG code".into()),
         },
     };
-    let mut g = if let Ok(m) = d.get_tag_f64_vec(Tag::ModelTransformationTag) {
+    let mut g = if let Some(m) = f64s(d, Tag::ModelTransformationTag) {
         if m.len() < 16 {
-            return Err(err("malformed ModelTransformation".into()));
+            return Err("malformed ModelTransformation".into());
         }
-        Georef { transform: [m[3], m[0], m[1], m[7], m[4], m[5]], epsg, proj4: proj4.clone() }
+        Georef { transform: [m[3], m[0], m[1], m[7], m[4], m[5]], epsg, proj4: proj4.clone(), keys: None }
     } else {
-        let tie = d
-            .get_tag_f64_vec(Tag::ModelTiepointTag)
-            .map_err(|_| err("no ModelTiepoint or ModelTransformation tag: not georeferenced".into()))?;
-        let scale = d
-            .get_tag_f64_vec(Tag::ModelPixelScaleTag)
-            .map_err(|_| err("no ModelPixelScale tag: not georeferenced".into()))?;
+        let tie =
+            f64s(d, Tag::ModelTiepointTag).ok_or("no ModelTiepoint or ModelTransformation tag: not georeferenced")?;
+        let scale = f64s(d, Tag::ModelPixelScaleTag).ok_or("no ModelPixelScale tag: not georeferenced")?;
         if tie.len() < 6 || scale.len() < 2 {
-            return Err(err("malformed tiepoint or pixel scale".into()));
+            return Err("malformed tiepoint or pixel scale".into());
         }
         Georef {
             proj4: proj4.clone(),
@@ -156,7 +193,9 @@ pub fn georef_from_tiff<R: std::io::Read + std::io::Seek>(r: R, name: &str) -> R
         g.transform[0] = x;
         g.transform[3] = y;
     }
-    g.check_supported().map_err(err)?;
+    g.check_supported()?;
+    let ascii = d.find_tag(Tag::GeoAsciiParamsTag).ok().flatten().and_then(|v| v.into_string().ok());
+    g.keys = Some(GeoKeyTags { directory: keys.clone(), doubles: doubles.clone(), ascii });
     Ok(g)
 }
 
@@ -259,12 +298,6 @@ impl GeoKeys<'_> {
         };
         Ok(format!("{proj} {} {units} +no_defs", self.datum()?))
     }
-}
-
-/// [`georef_from_tiff`] of a file.
-pub fn read_georef(path: &std::path::Path) -> Result<Georef, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    georef_from_tiff(std::io::BufReader::new(f), &path.display().to_string())
 }
 
 #[cfg(test)]
