@@ -18,7 +18,7 @@ use arrow_array::{
 };
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 
-use geossl_raster::{BandGroup, Georef, Raster, Samples};
+use geossl_raster::{hilbert_index, nodata_fraction, BandGroup, Georef, Raster, Samples, WindowGrid};
 
 pub use crate::inputs::{collect_inputs, Input};
 use crate::store::Location;
@@ -120,14 +120,6 @@ pub fn parse_tiff_datetime(s: &str) -> Option<i64> {
     Some(((days * 86_400) + hh * 3600 + mm * 60 + ss) * 1_000_000)
 }
 
-/// Footprint of a pixel window as a closed counter-clockwise (lon, lat) ring.
-fn footprint(g: &Georef, x: f64, y: f64, w: f64, h: f64) -> Result<Vec<(f64, f64)>, String> {
-    [(x, y), (x, y + h), (x + w, y + h), (x + w, y), (x, y)]
-        .iter()
-        .map(|&(px, py)| g.to_latlon(px, py).map(|(lat, lon)| (lon, lat)))
-        .collect()
-}
-
 /// `[xmin, ymin, xmax, ymax]` of a ring of (lon, lat) points.
 fn ring_bounds(ring: &[(f64, f64)]) -> [f64; 4] {
     ring.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(x, y)| {
@@ -211,30 +203,6 @@ fn input_center(input: &Input) -> Option<(f64, f64)> {
     Some((lon, lat))
 }
 
-/// Index of cell `(x, y)` along the Hilbert curve over a `2^order` square grid:
-/// cells close on the curve are close in space, so rows written in this order
-/// fill row groups whose bounding boxes are compact.
-pub fn hilbert_index(order: u32, mut x: u64, mut y: u64) -> u64 {
-    let n = 1u64 << order;
-    let mut d = 0;
-    let mut s = n / 2;
-    while s > 0 {
-        let rx = u64::from(x & s > 0);
-        let ry = u64::from(y & s > 0);
-        d += s * s * ((3 * rx) ^ ry);
-        // Rotate the quadrant so that the curve's pieces join.
-        if ry == 0 {
-            if rx == 1 {
-                x = n - 1 - x;
-                y = n - 1 - y;
-            }
-            std::mem::swap(&mut x, &mut y);
-        }
-        s /= 2;
-    }
-    d
-}
-
 /// Inputs in Hilbert order of their centres on a lon/lat grid (unplaceable ones last, in plan order).
 fn spatial_order(inputs: &[Input]) -> Vec<Input> {
     let key = |input: &Input| {
@@ -258,21 +226,6 @@ fn spatial_order(inputs: &[Input]) -> Vec<Input> {
     let mut keyed: Vec<(u64, usize)> = keys.into_iter().zip(0..).collect();
     keyed.sort();
     keyed.into_iter().map(|(_, i)| inputs[i].clone()).collect()
-}
-
-/// The windows' top-left corners of a `width × height` raster, in Hilbert order over the window grid.
-fn window_order(width: usize, height: usize, w: usize, h: usize, stride: usize) -> Vec<(usize, usize)> {
-    let ys: Vec<usize> = if height >= h { (0..=height - h).step_by(stride).collect() } else { vec![] };
-    let xs: Vec<usize> = if width >= w { (0..=width - w).step_by(stride).collect() } else { vec![] };
-    let order = (xs.len().max(ys.len()).max(1) as u64).next_power_of_two().trailing_zeros();
-    let mut cells: Vec<(u64, usize, usize)> = Vec::with_capacity(xs.len() * ys.len());
-    for (iy, &y) in ys.iter().enumerate() {
-        for (ix, &x) in xs.iter().enumerate() {
-            cells.push((hilbert_index(order, ix as u64, iy as u64), x, y));
-        }
-    }
-    cells.sort_unstable();
-    cells.into_iter().map(|(_, x, y)| (x, y)).collect()
 }
 
 /// `--bands`: each entry a band name of the files or a 1-based band number; as many as the model's channels.
@@ -330,7 +283,6 @@ fn read_windows(
         if ri.height < h || ri.width < w {
             tracing::warn!(file = %scene.label, "smaller than one window; no rows");
         }
-        let nodata_value = ri.nodata.unwrap_or(0.0);
         let meets = |ring: &[(f64, f64)]| {
             opts.bbox.is_none_or(|[x0, y0, x1, y1]| {
                 let b = ring_bounds(ring);
@@ -353,11 +305,13 @@ fn read_windows(
         let (mut rows, mut px) = (Vec::new(), Samples::with_capacity(ri.sample_type, opts.batch_size * c * h * w));
         let (mut windows, mut nodata) = (0, 0);
         // Windows in Hilbert order; with a box, only those meeting it (nothing else is read or fetched).
-        let order: Vec<(usize, usize)> = window_order(ri.width, ri.height, w, h, stride)
+        let grid = WindowGrid::new(ri.width, ri.height, w, h, stride).map_err(|e| e.to_string())?;
+        let order: Vec<(usize, usize)> = grid
+            .hilbert()
             .into_iter()
             .filter(|&(x, y)| {
                 opts.bbox.is_none()
-                    || footprint(&scene.georef, x as f64, y as f64, w as f64, h as f64).map_or(true, |r| meets(&r))
+                    || scene.georef.footprint(x as f64, y as f64, w as f64, h as f64).map_or(true, |r| meets(&r))
             })
             .collect();
         let per_tile = (ri.chunk_width / stride).max(1) * (ri.chunk_height.min(ri.chunk_width) / stride).max(1);
@@ -376,9 +330,9 @@ fn read_windows(
             // Place, read, drop windows over the nodata limit (windows outside the box are not in `order`).
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
             let g = &scene.georef;
-            let placed = footprint(g, xf, yf, wf, hf).and_then(|ring| {
+            let placed = g.footprint(xf, yf, wf, hf).and_then(|ring| {
                 let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
-                if win.samples.count_all_equal(c, nodata_value) as f64 > opts.max_nodata * (h * w) as f64 {
+                if nodata_fraction(&win, ri.nodata) > opts.max_nodata {
                     return Ok(None);
                 }
                 Ok(Some((win, ring, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?)))
@@ -722,25 +676,6 @@ mod tests {
         for bad in ["", "2020:13:01 00:00:00", "yesterday", "2020:01:01"] {
             assert_eq!(parse_tiff_datetime(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn hilbert_order_visits_every_cell_once_through_neighbours() {
-        assert_eq!([(0, 0), (0, 1), (1, 1), (1, 0)].map(|(x, y)| hilbert_index(1, x, y)), [0, 1, 2, 3]);
-        let mut cells: Vec<(u64, u64, u64)> =
-            (0..8).flat_map(|x| (0..8).map(move |y| (hilbert_index(3, x, y), x, y))).collect();
-        cells.sort();
-        assert!(cells.iter().enumerate().all(|(i, c)| c.0 == i as u64), "a bijection onto 0..64");
-        for p in cells.windows(2) {
-            assert_eq!(p[0].1.abs_diff(p[1].1) + p[0].2.abs_diff(p[1].2), 1, "{p:?} are not neighbours");
-        }
-        // Windows of a 5 × 3 grid: all of them, each once, neighbours in turn.
-        let order = window_order(5 * 64, 3 * 64, 64, 64, 64);
-        assert_eq!(order.len(), 15);
-        let mut seen = order.clone();
-        seen.sort();
-        seen.dedup();
-        assert_eq!(seen.len(), 15);
     }
 
     #[test]
