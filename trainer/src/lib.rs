@@ -1,6 +1,7 @@
 //! geossl training on tch (libtorch): ResNet backbones with torchvision
-//! parameter names, heads, checkpoint directories, and (later) the MoCo-v2 +
-//! temporal-positive + geo pretraining loop, probes and fine-tuning.
+//! parameter names, heads, checkpoint directories, the MoCo-v2 +
+//! temporal-positive + geo pretraining loop (one process or data-parallel),
+//! linear probes, fine-tuning and segmentation.
 //!
 //! Tensor shapes are given as `[N, C, H, W]` (batch, bands, height, width).
 

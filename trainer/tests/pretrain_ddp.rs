@@ -194,7 +194,11 @@ fn different_configs_an_undivided_queue_and_a_lost_rank_are_errors() {
 fn the_rendered_training_job_runs_here() {
     use serde_json::Value;
     let render = |overlay: &str| -> Vec<Value> {
-        let o = Command::new("kubectl").arg("kustomize").arg(common::repo_root().join(overlay)).output().unwrap();
+        let o = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(common::repo_root().join(overlay))
+            .output()
+            .unwrap_or_else(|e| panic!("kubectl (with kustomize) is needed to render {overlay}: {e}"));
         assert!(o.status.success(), "kubectl kustomize {overlay}: {}", text(&o));
         let script = "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))";
         let mut py = Command::new(common::python())
