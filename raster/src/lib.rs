@@ -34,9 +34,11 @@ pub use geossl_models::SampleType;
 
 pub mod georef;
 pub mod grid;
+pub mod image;
 pub mod write;
 pub use georef::{GeoKeyTags, Georef};
 pub use grid::{hilbert_index, nodata_fraction, WindowGrid};
+pub use image::{decode_bytes, decode_path, Image, ImageError, ImageErrorKind, Layout, Want};
 pub use write::{write_geotiff, GeoTiffMeta};
 
 /// Bytes a [`Raster`] reads from: seekable, and told ahead which byte ranges a
@@ -171,6 +173,37 @@ macro_rules! samples {
                 match (self, other) {
                     $((Samples::$v(a), Samples::$v(b)) => { a.extend_from_slice(b); true })*
                     _ => false,
+                }
+            }
+
+            /// Interleaved samples of `bands` channels (`[(y * w + x) * bands + band]`) band by band.
+            pub fn interleaved_to_planar(self, bands: usize) -> Samples {
+                match self {
+                    $(Samples::$v(v) => {
+                        if bands <= 1 {
+                            return Samples::$v(v);
+                        }
+                        let n = v.len() / bands;
+                        let mut out = Vec::with_capacity(v.len());
+                        for b in 0..bands {
+                            out.extend(v[b..].iter().step_by(bands).take(n));
+                        }
+                        Samples::$v(out)
+                    })*
+                }
+            }
+
+            /// The samples at `indices`, in that order.
+            pub fn gather(&self, indices: &[usize]) -> Samples {
+                match self {
+                    $(Samples::$v(v) => Samples::$v(indices.iter().map(|&i| v[i]).collect())),*
+                }
+            }
+
+            /// Every sample `k` times in a row (one interleaved channel made `k`).
+            pub fn repeat_each(self, k: usize) -> Samples {
+                match self {
+                    $(Samples::$v(v) => Samples::$v(v.iter().flat_map(|&x| std::iter::repeat_n(x, k)).collect())),*
                 }
             }
 
@@ -643,6 +676,16 @@ fn ycbcr_to_rgb(px: &mut [u8]) {
 /// The georeference of the GeoTIFF at `path` (its header only).
 pub fn read_georef(path: &Path) -> Result<Georef, RasterError> {
     Raster::open(path)?.georef().cloned()
+}
+
+/// A model's band names for `channels` channels: `names` when it has one per channel, else `band1..bandN`
+/// (bands matched by position).
+pub fn model_band_names(channels: usize, names: &[String]) -> Vec<String> {
+    if names.len() == channels {
+        names.to_vec()
+    } else {
+        positional_names(channels)
+    }
 }
 
 /// Generic band names `band1..bandN`: bands of a model or file without names, matched by position.

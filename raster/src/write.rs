@@ -10,7 +10,7 @@ use tiff::encoder::compression::{CompressionAlgorithm, Deflate};
 use tiff::encoder::{DirectoryEncoder, TiffEncoder, TiffKindStandard};
 use tiff::tags::Tag;
 
-use crate::{Block, Georef, RasterError, SampleType, Samples};
+use crate::{Block, GeoKeyTags, Georef, RasterError, SampleType, Samples};
 
 /// What a GeoTIFF records besides its samples.
 #[derive(Debug, Clone, Default)]
@@ -53,15 +53,15 @@ fn gdal_metadata(names: &[Option<String>]) -> Option<String> {
 
 /// The GeoKey tags of `g`: as read from its file (PixelIsPoint turned into PixelIsArea, since the
 /// transform written is for pixel corners), or made from its EPSG code.
-fn geokeys(g: &Georef) -> Result<(Vec<u16>, Vec<f64>, Option<String>), String> {
+fn geokeys(g: &Georef) -> Result<GeoKeyTags, String> {
     if let Some(k) = &g.keys {
-        let mut dir = k.directory.clone();
-        for e in dir.chunks_exact_mut(4).skip(1) {
+        let mut directory = k.directory.clone();
+        for e in directory.chunks_exact_mut(4).skip(1) {
             if e[0] == 1025 && e[1] == 0 {
                 e[3] = 1;
             }
         }
-        return Ok((dir, k.doubles.clone(), k.ascii.clone()));
+        return Ok(GeoKeyTags { directory, ..k.clone() });
     }
     if g.proj4.is_some() {
         return Err("a georeference defined by a PROJ.4 string only cannot be written as GeoKeys".into());
@@ -69,7 +69,11 @@ fn geokeys(g: &Georef) -> Result<(Vec<u16>, Vec<f64>, Option<String>), String> {
     let code = u16::try_from(g.epsg).map_err(|_| format!("EPSG:{} does not fit a GeoKey", g.epsg))?;
     // GTModelType (1 projected, 2 geographic), GTRasterType PixelIsArea, then the CRS key.
     let (model, key) = if g.epsg == 4326 { (2, 2048) } else { (1, 3072) };
-    Ok((vec![1, 1, 0, 3, 1024, 0, 1, model, 1025, 0, 1, 1, key, 0, 1, code], Vec::new(), None))
+    Ok(GeoKeyTags {
+        directory: vec![1, 1, 0, 3, 1024, 0, 1, model, 1025, 0, 1, 1, key, 0, 1, code],
+        doubles: Vec::new(),
+        ascii: None,
+    })
 }
 
 fn write_tags<W: Write + Seek>(
@@ -110,12 +114,12 @@ fn write_tags<W: Write + Seek>(
             let m = [t[1], t[2], 0.0, t[0], t[4], t[5], 0.0, t[3], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0];
             dir.write_tag(Tag::ModelTransformationTag, &m[..]).map_err(e)?;
         }
-        let (keys, doubles, ascii) = geokeys(g)?;
-        dir.write_tag(Tag::GeoKeyDirectoryTag, &keys[..]).map_err(e)?;
-        if !doubles.is_empty() {
-            dir.write_tag(Tag::GeoDoubleParamsTag, &doubles[..]).map_err(e)?;
+        let keys = geokeys(g)?;
+        dir.write_tag(Tag::GeoKeyDirectoryTag, &keys.directory[..]).map_err(e)?;
+        if !keys.doubles.is_empty() {
+            dir.write_tag(Tag::GeoDoubleParamsTag, &keys.doubles[..]).map_err(e)?;
         }
-        if let Some(a) = &ascii {
+        if let Some(a) = &keys.ascii {
             dir.write_tag(Tag::GeoAsciiParamsTag, a.as_str()).map_err(e)?;
         }
     }

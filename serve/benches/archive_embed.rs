@@ -13,9 +13,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use geossl_serve::embed::EmbedOptions;
-use geossl_serve::ort_backend::{self, EpPreference, OrtBackend, SessionOptions};
-use geossl_serve::{Backend, Tensor};
+use geossl_serve::archive::embed::EmbedOptions;
+use geossl_serve::infer::ort::{self, EpPreference, OrtBackend, SessionOptions};
+use geossl_serve::infer::{Backend, Tensor};
 use geossl_tests::objstore::Moto;
 use serde_json::json;
 
@@ -34,7 +34,7 @@ fn main() {
     let session = SessionOptions { ep: EpPreference::Cpu, spinning, ..SessionOptions::default() };
 
     // The raw session: batches of the model's input shape, back to back.
-    let envr = ort_backend::init(std::path::Path::new(&lib)).expect("onnxruntime");
+    let envr = ort::init(std::path::Path::new(&lib)).expect("onnxruntime");
     let (mut b, sig) = OrtBackend::load(envr, &model, &session).expect("model");
     let info = sig.into_info("bench", 1, None);
     let (c, Some(h), Some(w)) = info.input_chw() else { panic!("the model's input size is not fixed") };
@@ -77,13 +77,13 @@ fn main() {
             ort_lib: PathBuf::from(&lib),
             band_groups: false,
             bands: None,
-            row_group_rows: geossl_serve::embed::ROW_GROUP_ROWS,
+            row_group_rows: geossl_serve::archive::embed::ROW_GROUP_ROWS,
             planned: None,
             bbox: None,
             model_name: None,
             model_version: None,
         };
-        let s = geossl_serve::embed::run(&opts).unwrap();
+        let s = geossl_serve::archive::embed::run(&opts).unwrap();
         let (cpu, store_cpu) = (me() - cpu0, moto.cpu_seconds() - store0);
         json!({
             "embed_cpu_s": cpu, "store_server_cpu_s": store_cpu,

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geossl_serve::ort_backend::{self, EpPreference, IoBindingMode, OrtBackend, SessionOptions};
-use geossl_serve::{Backend, Tensor};
+use geossl_serve::infer::ort::{self, EpPreference, IoBindingMode, OrtBackend, SessionOptions};
+use geossl_serve::infer::{Backend, Tensor};
 use geossl_tests::http::{oip_u8_binary_request, request};
 use geossl_tests::server::Server;
 use serde_json::json;
@@ -147,7 +147,7 @@ fn main() {
 
     // Raw ONNX Runtime session, same model and batch, same process kind of options.
     let lib = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| env!("ORT_DYLIB_PATH").to_string());
-    let envr = ort_backend::init(std::path::Path::new(&lib)).expect("onnxruntime");
+    let envr = ort::init(std::path::Path::new(&lib)).expect("onnxruntime");
     let opts = SessionOptions { ep, ..SessionOptions::default() };
     let (mut b, sig) = OrtBackend::load(envr, &model, &opts).expect("model");
     let c = sig.input.shape[1] as usize;

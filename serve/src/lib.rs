@@ -1,36 +1,16 @@
-//! geossl serving: ONNX Runtime sessions behind an HTTP API (Open Inference
-//! Protocol v2 + image endpoints). Never links libtorch.
+//! geossl serving, in three parts that never import each other sideways:
 //!
-//! Layers, bottom up: [`backend`] (the contract: model description and one
-//! `infer` call), [`ort_backend`] (ONNX Runtime, CUDA EP or CPU), [`batcher`]
-//! (bounded queue, dynamic batching on dedicated threads), [`repository`]
-//! (model directory layout and `config.toml`), [`oip`] and [`images`]
-//! (handlers), [`server`] (routes, metrics, lifecycle). [`error`] holds the one
-//! table from error kind to HTTP status. [`embed`] turns GeoTIFF archives into
-//! GeoParquet through the same backend contract; [`map`] draws what an embedded
-//! scene's windows look like to the model (principal components, neighbours).
+//! - [`infer`]: the inference engine — the backend contract (a model description and one `infer` call),
+//!   host tensors, ONNX Runtime sessions (CUDA or CPU) and the dynamic batcher, with its own error enum.
+//!   It knows no HTTP status code and no file format.
+//! - [`http`]: the service — routes, the Open Inference Protocol v2 and the image endpoints, the model
+//!   repository, state, metrics, and the one table from error kind to HTTP status.
+//! - [`archive`]: archive embedding — inputs (paths, globs, object storage, STAC), locations, scene and
+//!   window reading, the GeoParquet schema and sink, plan/shard/verify, and the map picture.
+//!
+//! `http` and `archive` both stand on `infer`; pixels and places come from `geossl_raster`. Never links
+//! libtorch.
 
 pub mod archive;
-pub mod backend;
-pub mod batcher;
-pub mod embed;
-pub mod error;
-pub mod image_io;
-pub mod images;
-pub mod inputs;
-pub mod map;
-pub mod metrics;
-pub mod oip;
-pub mod ort_backend;
-pub mod repository;
-pub mod server;
-pub mod stac;
-pub mod state;
-pub mod store;
-pub mod tensor;
-
-pub use backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};
-pub use batcher::{BatchConfig, Worker};
-pub use error::ServeError;
-pub use state::{AppState, Limits};
-pub use tensor::{DType, Tensor};
+pub mod http;
+pub mod infer;

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{test, web};
-use geossl_serve::backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};
-use geossl_serve::metrics::Metrics;
-use geossl_serve::server::app;
-use geossl_serve::{AppState, BatchConfig, DType, Limits, Tensor, Worker};
+use geossl_serve::http::metrics::Metrics;
+use geossl_serve::http::server::app;
+use geossl_serve::http::{AppState, Limits};
+use geossl_serve::infer::{Backend, BackendError, BatchConfig, DType, ModelInfo, Task, Tensor, TensorSpec, Worker};
 use serde_json::{json, Value};
 
 /// Embedding = per-channel mean of each row (D = C); classifier logits =
@@ -26,9 +26,9 @@ struct Fake {
 
 fn as_f32(t: &Tensor) -> Vec<f32> {
     match &t.data {
-        geossl_serve::tensor::Data::U8(v) => v.iter().map(|&x| f32::from(x)).collect(),
-        geossl_serve::tensor::Data::U16(v) => v.iter().map(|&x| f32::from(x)).collect(),
-        geossl_serve::tensor::Data::F32(v) => v.clone(),
+        geossl_serve::infer::Data::U8(v) => v.iter().map(|&x| f32::from(x)).collect(),
+        geossl_serve::infer::Data::U16(v) => v.iter().map(|&x| f32::from(x)).collect(),
+        geossl_serve::infer::Data::F32(v) => v.clone(),
     }
 }
 
@@ -108,7 +108,7 @@ fn harness(models: Vec<Model>, limits: Limits, key: Option<&str>) -> Harness {
             let c = Arc::new(Mutex::new(Vec::new()));
             calls.insert(m.name, c.clone());
             let b: Box<dyn Backend> = Box::new(Fake { task: m.task, delay: m.delay, calls: c });
-            Worker::start(info(m), m.batch, vec![b], metrics.clone()).unwrap()
+            Worker::start(info(m), m.batch, vec![b], metrics.infer.clone()).unwrap()
         })
         .collect();
     Harness { state: web::Data::new(AppState::new(workers, metrics, limits, key.map(String::from))), calls }
@@ -186,7 +186,7 @@ async fn health_metadata_and_openapi() {
         assert!(m["error"].is_string(), "{path}: {m}");
     }
     // The OpenAPI document lists every route the app serves.
-    let doc: Value = serde_json::from_str(geossl_serve::server::OPENAPI).unwrap();
+    let doc: Value = serde_json::from_str(geossl_serve::http::server::OPENAPI).unwrap();
     for p in [
         "/v2",
         "/v2/health/live",

@@ -74,7 +74,7 @@ impl Shared {
             return Ok(img.clone());
         }
         let s = &self.samples[i];
-        let mut img = decode(&s.path, &self.cfg.bands)?;
+        let mut img = decode(&s.path, &self.cfg.bands).map_err(|e| e.to_string())?;
         if let Some(c) = s.crop {
             img = img.crop(c).map_err(|e| format!("{}: {e}", s.path.display()))?;
         }

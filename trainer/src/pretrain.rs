@@ -610,11 +610,11 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     if let Some((path, img)) =
         samples.iter().take(64).find_map(|s| crate::image_io::decode(&s.path, bands).ok().map(|i| (&s.path, i)))
     {
-        if img.stored != cfg.model.sample_type {
+        if img.stored() != cfg.model.sample_type {
             return Err(PretrainError::Invalid(format!(
                 "{}: stores {} samples; the config's model.sample_type is {} (set it, with a normalization for that type)",
                 path.display(),
-                img.stored,
+                img.stored(),
                 cfg.model.sample_type
             )));
         }

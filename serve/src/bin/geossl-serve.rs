@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use geossl_serve::ort_backend::{EpPreference, IoBindingMode, SessionOptions};
-use geossl_serve::server::{self, ServeOptions};
-use geossl_serve::Limits;
+use geossl_serve::http::server::{self, ServeOptions};
+use geossl_serve::http::Limits;
+use geossl_serve::infer::ort::{EpPreference, IoBindingMode, SessionOptions};
 
 /// Geography-aware self-supervised learning for satellite imagery: serving.
 ///
@@ -83,6 +83,10 @@ struct ServeArgs {
     /// Requests being read, decoded or inferred at once (429 beyond).
     #[arg(long, env = "GEOSSL_MAX_INFLIGHT", default_value_t = 512)]
     max_inflight: usize,
+    /// Image endpoints: replicate a one-band (grey) image into three bands for a three-band model (without
+    /// it, a band count the model does not take is refused with 422, as the trainer refuses it).
+    #[arg(long, env = "GEOSSL_GREY_TO_RGB")]
+    grey_to_rgb: bool,
     /// Bearer API key required on model routes (health stays public). Unset = no auth.
     #[arg(long, env = "GEOSSL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -183,7 +187,7 @@ struct EmbedArgs {
     #[arg(long, env = "GEOSSL_BAND_GROUPS")]
     band_groups: bool,
     /// Rows per Parquet row group (readers skip groups outside their area by the bbox column's statistics).
-    #[arg(long, env = "GEOSSL_ROW_GROUP_ROWS", default_value_t = geossl_serve::embed::ROW_GROUP_ROWS)]
+    #[arg(long, env = "GEOSSL_ROW_GROUP_ROWS", default_value_t = geossl_serve::archive::embed::ROW_GROUP_ROWS)]
     row_group_rows: usize,
     /// The files' bands to feed, by name or 1-based number, in the model's channel order (default: the
     /// model's band names where the files name their bands, else by position), e.g. B04,B03,B02.
@@ -281,6 +285,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         drain_delay: Duration::from_millis(a.drain_delay_ms),
         shutdown_timeout: Duration::from_secs(a.shutdown_timeout_s),
         http_workers: a.http_workers,
+        grey_to_rgb: a.grey_to_rgb,
     };
     actix_web::rt::System::new().block_on(server::run(opts, |b| {
         // One line on stdout that scripts and tests wait for.
@@ -343,14 +348,14 @@ fn parse_xy(s: &str) -> std::result::Result<(f64, f64), String> {
 }
 
 fn map(a: MapArgs) -> Result<()> {
-    let opts = geossl_serve::map::MapOptions {
+    let opts = geossl_serve::archive::map::MapOptions {
         embeddings: a.embeddings,
         scene: a.scene,
         out: a.out,
         query: a.query,
         neighbours: a.neighbours,
     };
-    let s = geossl_serve::map::run(&opts).map_err(anyhow::Error::msg)?;
+    let s = geossl_serve::archive::map::run(&opts).map_err(anyhow::Error::msg)?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
         return Ok(());
@@ -369,27 +374,27 @@ fn map(a: MapArgs) -> Result<()> {
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {
-    use geossl_serve::store::Location;
+    use geossl_serve::archive::store::Location;
     init_logs(&a.log, LogFormat::Text)?;
     let loc = |s: &str| Location::parse(s).map_err(anyhow::Error::msg);
     match a.sub {
         Some(EmbedSub::Plan(p)) => {
             let at = loc(&p.out)?;
             if p.keep_existing && at.exists().map_err(anyhow::Error::msg)? {
-                let (plan, sha) = geossl_serve::archive::read_plan(&at).map_err(anyhow::Error::msg)?;
+                let (plan, sha) = geossl_serve::archive::shard::read_plan(&at).map_err(anyhow::Error::msg)?;
                 println!("kept {at} ({} inputs, sha256 {sha})", plan.inputs.len());
                 return Ok(());
             }
-            let plan = geossl_serve::archive::make_plan(&p.input, p.band_groups).map_err(anyhow::Error::msg)?;
+            let plan = geossl_serve::archive::shard::make_plan(&p.input, p.band_groups).map_err(anyhow::Error::msg)?;
             let (sha, wrote) =
-                geossl_serve::archive::write_plan(&plan, &at, p.keep_existing).map_err(anyhow::Error::msg)?;
+                geossl_serve::archive::shard::write_plan(&plan, &at, p.keep_existing).map_err(anyhow::Error::msg)?;
             let verb = if wrote { "wrote" } else { "kept" };
             println!("{verb} {at} ({} inputs, sha256 {sha})", plan.inputs.len());
             return Ok(());
         }
         Some(EmbedSub::Verify(v)) => {
             let dataset = loc(&v.dataset)?;
-            let r = geossl_serve::archive::verify(&loc(&v.plan)?, &dataset).map_err(anyhow::Error::msg)?;
+            let r = geossl_serve::archive::shard::verify(&loc(&v.plan)?, &dataset).map_err(anyhow::Error::msg)?;
             for f in &r.failed_inputs {
                 eprintln!("failed input: {f}");
             }
@@ -407,7 +412,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
     let out = loc(&out)?;
     // A remote output is made in a local spool file and uploaded when complete.
     let spool = std::env::temp_dir().join(format!("geossl-embed-{}.parquet", std::process::id()));
-    let mut opts = geossl_serve::embed::EmbedOptions {
+    let mut opts = geossl_serve::archive::embed::EmbedOptions {
         model,
         inputs: a.input,
         out: out.as_local().map(PathBuf::from).unwrap_or_else(|| spool.clone()),
@@ -425,7 +430,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         model_version: a.model_version,
     };
     if let Some(plan) = &a.plan {
-        use geossl_serve::archive::{run_shard, ShardOutcome};
+        use geossl_serve::archive::shard::{run_shard, ShardOutcome};
         let (i, n) = (a.shard_index, a.shard_count);
         opts.out = PathBuf::new();
         match run_shard(&opts, &loc(plan)?, &out, i, n).map_err(anyhow::Error::msg)? {
@@ -434,12 +439,12 @@ fn embed(a: EmbedArgs) -> Result<()> {
                 for f in &s.skipped_files {
                     eprintln!("failed {f}");
                 }
-                println!("shard {i} of {n}: wrote {}: {}", geossl_serve::archive::part_path(&out, i), s.line());
+                println!("shard {i} of {n}: wrote {}: {}", geossl_serve::archive::shard::part_path(&out, i), s.line());
             }
         }
         return Ok(());
     }
-    let s = geossl_serve::embed::run(&opts).map_err(anyhow::Error::msg)?;
+    let s = geossl_serve::archive::embed::run(&opts).map_err(anyhow::Error::msg)?;
     if out.is_remote() {
         let up = out.upload(&spool).map_err(anyhow::Error::msg);
         let _ = std::fs::remove_file(&spool);

@@ -371,8 +371,8 @@ fn stats(a: StatsArgs) -> Result<()> {
                 continue;
             }
         };
-        if *stored.get_or_insert(img.stored) != img.stored {
-            anyhow::bail!("{}: stores {} samples; earlier images store {:?}", s.path.display(), img.stored, stored);
+        if *stored.get_or_insert(img.stored()) != img.stored() {
+            anyhow::bail!("{}: stores {} samples; earlier images store {:?}", s.path.display(), img.stored(), stored);
         }
         let x = Vec::<f32>::try_from(img.tensor().flatten(0, -1)).context("decoded image")?;
         let hw = img.h * img.w;

@@ -9,8 +9,8 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-use crate::backend::{Backend, BackendError, ModelInfo, TensorSpec};
-use crate::tensor::{DType, Data, Tensor};
+use crate::infer::backend::{Backend, BackendError, ModelInfo, TensorSpec};
+use crate::infer::tensor::{DType, Data, Tensor};
 
 /// Which execution provider a model should get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]

@@ -8,11 +8,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::backend::ModelInfo;
-use crate::batcher::Worker;
-use crate::error::ServeError;
-use crate::state::AppState;
-use crate::tensor::{DType, Data, Tensor};
+use crate::http::error::ServeError;
+use crate::http::state::AppState;
+use crate::infer::backend::ModelInfo;
+use crate::infer::batcher::Worker;
+use crate::infer::tensor::{DType, Data, Tensor};
 
 /// Header giving the length of the JSON part of a binary request/response.
 pub const HEADER_LEN: &str = "inference-header-content-length";

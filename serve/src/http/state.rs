@@ -10,10 +10,10 @@ use actix_web::{web, HttpRequest};
 use futures_util::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::batcher::Worker;
-use crate::error::ServeError;
-use crate::metrics::Metrics;
-use crate::repository::parse_version;
+use crate::http::error::ServeError;
+use crate::http::metrics::Metrics;
+use crate::http::repository::parse_version;
+use crate::infer::batcher::Worker;
 
 /// Request limits.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +46,8 @@ pub struct AppState {
     pub models: BTreeMap<String, BTreeMap<u64, Arc<Worker>>>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Replicate one-band (grey) images into three bands for three-band models (`--grey-to-rgb`).
+    pub grey_to_rgb: bool,
     api_key: Option<String>,
     ready: AtomicBool,
     inflight: Arc<Semaphore>,
@@ -61,10 +63,17 @@ impl AppState {
             models,
             metrics,
             limits,
+            grey_to_rgb: false,
             api_key: api_key.filter(|k| !k.is_empty()),
             ready: AtomicBool::new(true),
             inflight: Arc::new(Semaphore::new(limits.max_inflight.max(1))),
         }
+    }
+
+    /// With one-band images replicated for three-band models.
+    pub fn with_grey_to_rgb(mut self, on: bool) -> Self {
+        self.grey_to_rgb = on;
+        self
     }
 
     pub fn is_ready(&self) -> bool {

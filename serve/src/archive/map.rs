@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use arrow_array::{Array, FixedSizeListArray, Float32Array, Float64Array, StringArray, StructArray, UInt32Array};
 use image::{Rgb, RgbImage};
 
-use crate::image_io;
-
 /// What to draw.
 #[derive(Debug, Clone)]
 pub struct MapOptions {
@@ -183,9 +181,11 @@ pub fn run(opts: &MapOptions) -> Result<MapSummary, String> {
             opts.embeddings.display()
         ));
     }
-    let bytes = std::fs::read(&opts.scene).map_err(|e| format!("{scene_label}: {e}"))?;
-    let planes = image_io::decode(&bytes, 3, &[], u64::MAX).map_err(|e| format!("{scene_label}: {e}"))?;
-    let (sw, sh) = (planes.w, planes.h);
+    // Drawn in colour: a one-band scene as grey.
+    let rgb = geossl_raster::positional_names(3);
+    let want = geossl_raster::Want { bands: &rgb, grey_to_rgb: true, max_pixels: u64::MAX };
+    let planes = geossl_raster::decode_path(&opts.scene, &want).map_err(|e| e.to_string())?.into_planar();
+    let (sw, sh) = (planes.width, planes.height);
     if let Some(w) = rows.windows.iter().find(|w| (w.x + w.w) as usize > sw || (w.y + w.h) as usize > sh) {
         return Err(format!(
             "{}: window at ({}, {}) lies outside {scene_label} ({sw}×{sh}): is this the scene it was embedded from?",
@@ -214,11 +214,11 @@ pub fn run(opts: &MapOptions) -> Result<MapSummary, String> {
     // 8-bit scenes as they are; others stretched per band from the 2nd to the 98th percentile.
     let stretch: Vec<(f64, f64)> = (0..3)
         .map(|c| {
-            if planes.stored == geossl_raster::SampleType::U8 {
+            if planes.samples.sample_type() == geossl_raster::SampleType::U8 {
                 return (0.0, 1.0);
             }
             let step = (hw / 100_000).max(1);
-            let mut v: Vec<f64> = (0..hw).step_by(step).map(|i| planes.data.get(c * hw + i)).collect();
+            let mut v: Vec<f64> = (0..hw).step_by(step).map(|i| planes.samples.get(c * hw + i)).collect();
             v.sort_by(f64::total_cmp);
             let (lo, hi) = (v[v.len() * 2 / 100], v[v.len() * 98 / 100]);
             (lo, if hi > lo { 255.0 / (hi - lo) } else { 1.0 })
@@ -227,7 +227,7 @@ pub fn run(opts: &MapOptions) -> Result<MapSummary, String> {
     let px = |x: usize, y: usize| -> [f64; 3] {
         [0, 1, 2].map(|c| {
             let (lo, k) = stretch[c];
-            ((planes.data.get(c * hw + y * sw + x) - lo) * k).clamp(0.0, 255.0)
+            ((planes.samples.get(c * hw + y * sw + x) - lo) * k).clamp(0.0, 255.0)
         })
     };
     let mut put = |x: usize, y: usize, panel: usize, rgb: [f64; 3]| {

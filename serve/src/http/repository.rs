@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::batcher::BatchConfig;
-use crate::ort_backend::EpPreference;
+use crate::infer::batcher::BatchConfig;
+use crate::infer::ort::EpPreference;
 
 /// Contents of a `config.toml`. Every field is optional.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

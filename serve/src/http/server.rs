@@ -11,18 +11,18 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer};
 
-use crate::backend::{Backend, ModelInfo};
-use crate::batcher::Worker;
-use crate::error::ServeError;
-use crate::metrics::Metrics;
-use crate::ort_backend::{self, OrtBackend, SessionOptions};
-use crate::repository;
-use crate::state::{AppState, Limits};
-use crate::tensor::{DType, Tensor};
-use crate::{images, oip};
+use crate::http::error::ServeError;
+use crate::http::metrics::Metrics;
+use crate::http::repository;
+use crate::http::state::{AppState, Limits};
+use crate::http::{images, oip};
+use crate::infer::backend::{Backend, ModelInfo};
+use crate::infer::batcher::Worker;
+use crate::infer::ort::{self, OrtBackend, SessionOptions};
+use crate::infer::tensor::{DType, Tensor};
 
 /// The OpenAPI document of this server.
-pub const OPENAPI: &str = include_str!("../openapi.json");
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 async fn not_found() -> Result<HttpResponse, ServeError> {
     Err(ServeError::NotFound("no such route (see /openapi.json)".into()))
@@ -119,6 +119,8 @@ pub struct ServeOptions {
     pub shutdown_timeout: Duration,
     /// HTTP worker threads (0 = one per core).
     pub http_workers: usize,
+    /// Replicate one-band (grey) images into three bands for three-band models.
+    pub grey_to_rgb: bool,
 }
 
 /// A zero input of `[n, C, H, W]` for warm-up; dynamic sizes use 224 (or the
@@ -143,7 +145,7 @@ fn warmup_input(info: &ModelInfo, n: usize) -> Tensor {
 /// (batch 1 and `max_batch_size`) and starts its workers.
 pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Worker>, String> {
     let entries = repository::scan(&opts.model_repository)?;
-    let env = ort_backend::init(&opts.ort_lib)?;
+    let env = ort::init(&opts.ort_lib)?;
     let mut workers = Vec::new();
     for e in entries {
         let batch = e.config.batch_config()?;
@@ -174,7 +176,8 @@ pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Wo
             warmup_ms = started.elapsed().as_millis() as u64, "model ready"
         );
         workers.push(
-            Worker::start(info, batch, backends, metrics.clone()).map_err(|err| format!("starting workers: {err}"))?,
+            Worker::start(info, batch, backends, metrics.infer.clone())
+                .map_err(|err| format!("starting workers: {err}"))?,
         );
     }
     Ok(workers)
@@ -200,7 +203,9 @@ pub async fn run(opts: ServeOptions, on_bound: impl FnOnce(Bound)) -> anyhow::Re
         .context("model loading task")?
         .map_err(anyhow::Error::msg)
         .context("loading the model repository")?;
-    let state = web::Data::new(AppState::new(workers, metrics.clone(), opts.limits, opts.api_key.clone()));
+    let state = web::Data::new(
+        AppState::new(workers, metrics.clone(), opts.limits, opts.api_key.clone()).with_grey_to_rgb(opts.grey_to_rgb),
+    );
 
     let st = state.clone();
     let mut http = HttpServer::new(move || app(st.clone()))

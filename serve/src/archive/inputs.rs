@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{is_url, Location};
+use crate::archive::store::{is_url, Location};
 
 /// One input: a GeoTIFF, a band group (a directory whose GeoTIFFs are its
 /// bands), or a STAC item.
@@ -144,14 +144,14 @@ pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>
 }
 
 /// A STAC document's items (parsed once per process).
-fn stac_items(doc: &Location) -> Result<Arc<Vec<crate::stac::Item>>, String> {
-    static DOCS: OnceLock<Mutex<HashMap<String, Arc<Vec<crate::stac::Item>>>>> = OnceLock::new();
+fn stac_items(doc: &Location) -> Result<Arc<Vec<crate::archive::stac::Item>>, String> {
+    static DOCS: OnceLock<Mutex<HashMap<String, Arc<Vec<crate::archive::stac::Item>>>>> = OnceLock::new();
     let docs = DOCS.get_or_init(Default::default);
     if let Some(items) = docs.lock().unwrap_or_else(|e| e.into_inner()).get(doc.as_str()) {
         return Ok(items.clone());
     }
     let bytes = doc.read()?.ok_or_else(|| format!("{doc}: not found"))?;
-    let items = Arc::new(crate::stac::items_of(doc.as_str(), &bytes)?);
+    let items = Arc::new(crate::archive::stac::items_of(doc.as_str(), &bytes)?);
     docs.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.as_str().to_string(), items.clone());
     Ok(items)
 }

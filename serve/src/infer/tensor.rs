@@ -1,6 +1,6 @@
-//! Host tensors passed between the HTTP layer and the inference backends.
+//! Host tensors passed to and from the inference backends.
 
-use crate::error::ServeError;
+use crate::infer::InferError;
 
 /// Element types the served models take or produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,13 +92,13 @@ impl Tensor {
     }
 
     /// Concatenates tensors of equal dtype and trailing shape along dimension 0.
-    pub fn concat(parts: &[&Tensor]) -> Result<Tensor, ServeError> {
-        let first = parts.first().ok_or_else(|| ServeError::Internal("concat of no tensors".into()))?;
+    pub fn concat(parts: &[&Tensor]) -> Result<Tensor, InferError> {
+        let first = parts.first().ok_or_else(|| InferError::Backend("concat of no tensors".into()))?;
         let tail = &first.shape[1..];
         let mut n = 0;
         for p in parts {
             if p.shape[1..] != *tail || p.dtype() != first.dtype() {
-                return Err(ServeError::Internal("concat of tensors with different shapes or types".into()));
+                return Err(InferError::Backend("concat of tensors with different shapes or types".into()));
             }
             n += p.batch();
         }
@@ -125,9 +125,9 @@ impl Tensor {
     }
 
     /// Splits along dimension 0 into consecutive pieces of `sizes` rows.
-    pub fn split(&self, sizes: &[usize]) -> Result<Vec<Tensor>, ServeError> {
+    pub fn split(&self, sizes: &[usize]) -> Result<Vec<Tensor>, InferError> {
         if sizes.iter().sum::<usize>() != self.batch() {
-            return Err(ServeError::Internal(format!(
+            return Err(InferError::Backend(format!(
                 "backend returned batch {} for {} rows",
                 self.batch(),
                 sizes.iter().sum::<usize>()

@@ -20,11 +20,11 @@ use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 
 use geossl_raster::{hilbert_index, nodata_fraction, BandGroup, Georef, Raster, Samples, WindowGrid};
 
-pub use crate::inputs::{collect_inputs, Input};
-use crate::store::Location;
+pub use crate::archive::inputs::{collect_inputs, Input};
+use crate::archive::store::Location;
 
-use crate::backend::{Backend, ModelInfo, Task};
-use crate::ort_backend::{OrtBackend, SessionOptions};
+use crate::infer::backend::{Backend, ModelInfo, Task};
+use crate::infer::ort::{OrtBackend, SessionOptions};
 
 /// What to embed and how.
 #[derive(Debug, Clone)]
@@ -158,7 +158,7 @@ struct Scene {
 /// samples; the error names the file (or the band group and its member).
 fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&[String]>) -> Result<Scene, String> {
     let label = input.path.clone();
-    let model_names = crate::image_io::band_names(c, &info.bands);
+    let model_names = geossl_raster::model_band_names(c, &info.bands);
     // STAC assets are picked by name: the --bands names where given as names, else the model's.
     let wanted = match band_override {
         Some(n) if n.iter().all(|b| b.parse::<usize>().is_err()) => n.to_vec(),
@@ -213,7 +213,7 @@ fn spatial_order(inputs: &[Input]) -> Vec<Input> {
     };
     // Headers are read by a few threads at once (remote ones are mostly waiting on the network; the header
     // cache keeps them for the embedding that follows).
-    let threads = if inputs.iter().any(|i| i.files.iter().any(|f| crate::store::is_url(f))) { 8 } else { 1 };
+    let threads = if inputs.iter().any(|i| i.files.iter().any(|f| crate::archive::store::is_url(f))) { 8 } else { 1 };
     let per = inputs.len().div_ceil(threads).max(1);
     let keys: Vec<u64> = std::thread::scope(|s| {
         let parts: Vec<_> = inputs
@@ -391,12 +391,12 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     if !(0.0..=1.0).contains(&opts.max_nodata) {
         return Err(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata));
     }
-    let fetched0 = crate::store::fetched();
+    let fetched0 = crate::archive::store::fetched();
     let files = match &opts.planned {
         Some(p) => p.clone(),
         None => collect_inputs(&opts.inputs, opts.band_groups)?,
     };
-    let env = crate::ort_backend::init(&opts.ort_lib)?;
+    let env = crate::infer::ort::init(&opts.ort_lib)?;
     let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
     // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
     // row group covers a compact area and readers filtering by the bbox covering skip the others. (After
@@ -458,7 +458,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
         for msg in batches {
             match msg {
                 Read::Batch(rows, px) => {
-                    let input = info.input_from_samples([rows.len(), c, h, w], &px)?;
+                    let input = info.input_from_samples([rows.len(), c, h, w], &px).map_err(|e| e.to_string())?;
                     let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
                     let emb = out[0].as_f32().ok_or("embedding is not float32")?;
                     sink.write(&rows, emb)?;
@@ -486,7 +486,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     progress.finish_and_clear();
     summary.rows = sink.rows;
     sink.finish()?;
-    let fetched = crate::store::fetched();
+    let fetched = crate::archive::store::fetched();
     summary.seconds = started.elapsed().as_secs_f64();
     summary.fetched_bytes = fetched.0 - fetched0.0;
     summary.fetch_requests = fetched.1 - fetched0.1;

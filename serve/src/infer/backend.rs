@@ -1,13 +1,14 @@
 //! The backend contract: what the HTTP layer and the archive embedder know
 //! about a model, and the one call they make into it. ONNX Runtime implements
-//! it in [`crate::ort_backend`]; tests implement it with plain Rust.
+//! it in [`crate::infer::ort`]; tests implement it with plain Rust.
 
 use std::collections::BTreeMap;
 
 use geossl_raster::{SampleType, Samples};
 use serde::Serialize;
 
-use crate::tensor::{DType, Tensor};
+use crate::infer::tensor::{DType, Tensor};
+use crate::infer::InferError;
 
 /// What a model's head produces, which decides the image endpoints it serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,16 +72,17 @@ impl ModelInfo {
     /// integer-input model takes exactly its own type, a float32 model the
     /// type its spec's normalization was made for (any, when the spec predates
     /// that record). The message names both types (422 at the HTTP layer).
-    pub fn check_samples(&self, stored: SampleType) -> Result<(), String> {
+    pub fn check_samples(&self, stored: SampleType) -> Result<(), InferError> {
         let want = match self.input.datatype {
             DType::U8 => Some(SampleType::U8),
             DType::U16 => Some(SampleType::U16),
             DType::F32 => self.sample_type,
         };
         match want {
-            Some(t) if t != stored => {
-                Err(format!("model {} takes {t} samples; the image stores {stored} samples", self.name))
-            }
+            Some(t) if t != stored => Err(InferError::Invalid(format!(
+                "model {} takes {t} samples; the image stores {stored} samples",
+                self.name
+            ))),
             _ => Ok(()),
         }
     }
@@ -88,7 +90,7 @@ impl ModelInfo {
     /// The model input `[N, C, H, W]` from channel-major samples (checked with
     /// [`ModelInfo::check_samples`]): as they are for uint8/uint16 models,
     /// `x * mul + add` per channel for float32 models (the spec's one normalization).
-    pub fn input_from_samples(&self, shape: [usize; 4], px: &Samples) -> Result<Tensor, String> {
+    pub fn input_from_samples(&self, shape: [usize; 4], px: &Samples) -> Result<Tensor, InferError> {
         match (self.input.datatype, px) {
             (DType::U8, Samples::U8(v)) => Ok(Tensor::u8(shape.to_vec(), v.clone())),
             (DType::U16, Samples::U16(v)) => Ok(Tensor::u16(shape.to_vec(), v.clone())),
@@ -96,10 +98,10 @@ impl ModelInfo {
                 let c = shape[1];
                 let (mul, add) =
                     self.normalization.as_ref().filter(|(m, a)| m.len() == c && a.len() == c).ok_or_else(|| {
-                        format!(
+                        InferError::Invalid(format!(
                             "model {} takes float32 input and carries no {c}-band normalization (geossl.spec metadata)",
                             self.name
-                        )
+                        ))
                     })?;
                 let hw = shape[2] * shape[3];
                 let v = px.to_f32().into_iter().enumerate().map(|(i, v)| {
@@ -108,9 +110,12 @@ impl ModelInfo {
                 });
                 Ok(Tensor::f32(shape.to_vec(), v.collect()))
             }
-            (t, px) => {
-                Err(format!("model {} takes {} input; got {} samples", self.name, t.oip_name(), px.sample_type()))
-            }
+            (t, px) => Err(InferError::Invalid(format!(
+                "model {} takes {} input; got {} samples",
+                self.name,
+                t.oip_name(),
+                px.sample_type()
+            ))),
         }
     }
 

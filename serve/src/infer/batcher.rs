@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::backend::{Backend, ModelInfo};
-use crate::error::ServeError;
-use crate::metrics::Metrics;
-use crate::tensor::Tensor;
+use crate::infer::backend::{Backend, ModelInfo};
+use crate::infer::tensor::Tensor;
+use crate::infer::{InferError, InferMetrics};
 
 /// Batching limits of one model (from its `config.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +40,7 @@ impl Default for BatchConfig {
     }
 }
 
-type Reply = Result<Vec<Tensor>, ServeError>;
+type Reply = Result<Vec<Tensor>, InferError>;
 
 struct Job {
     input: Tensor,
@@ -57,7 +56,7 @@ pub struct Worker {
     pub info: Arc<ModelInfo>,
     pub config: BatchConfig,
     tx: Sender<Job>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<InferMetrics>,
     label: String,
     arriving: Arc<AtomicUsize>,
 }
@@ -98,7 +97,7 @@ impl Worker {
         info: ModelInfo,
         config: BatchConfig,
         backends: Vec<Box<dyn Backend>>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<InferMetrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue_capacity.max(1));
         let label = format!("{}/{}", info.name, info.version);
@@ -134,10 +133,10 @@ impl Worker {
         input: Tensor,
         timeout: Duration,
         arrival: Option<&Arrival>,
-    ) -> Result<Vec<Tensor>, ServeError> {
+    ) -> Result<Vec<Tensor>, InferError> {
         let n = input.batch();
         if n == 0 || n > self.config.max_batch_size {
-            return Err(ServeError::Unprocessable(format!(
+            return Err(InferError::Invalid(format!(
                 "batch of {n} rows; model {} takes 1 to {} per request",
                 self.label, self.config.max_batch_size
             )));
@@ -153,7 +152,7 @@ impl Worker {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.metrics.rejected.with_label_values(&[&self.label, "queue_full"]).inc();
-                return Err(ServeError::Overloaded {
+                return Err(InferError::Overloaded {
                     message: format!(
                         "model {} is overloaded: {} requests already queued",
                         self.label, self.config.queue_capacity
@@ -162,17 +161,17 @@ impl Worker {
                 });
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(ServeError::Unavailable(format!("model {} is shutting down", self.label)))
+                return Err(InferError::Closed(format!("model {} is shutting down", self.label)))
             }
         }
         self.metrics.queue_depth.with_label_values(&[&self.label]).set(self.tx.len() as i64);
-        rx.await.map_err(|_| ServeError::Internal(format!("the worker of model {} stopped", self.label)))?
+        rx.await.map_err(|_| InferError::Backend(format!("the worker of model {} stopped", self.label)))?
     }
 }
 
 /// Drops jobs whose client went away or whose deadline passed; true when the
 /// job should run.
-fn still_wanted(job: &Job, metrics: &Metrics, label: &str) -> bool {
+fn still_wanted(job: &Job, metrics: &InferMetrics, label: &str) -> bool {
     if job.reply.is_closed() {
         metrics.rejected.with_label_values(&[label, "client_gone"]).inc();
         return false;
@@ -180,13 +179,13 @@ fn still_wanted(job: &Job, metrics: &Metrics, label: &str) -> bool {
     true
 }
 
-fn expired(job: Job, metrics: &Metrics, label: &str, now: Instant) -> Option<Job> {
+fn expired(job: Job, metrics: &InferMetrics, label: &str, now: Instant) -> Option<Job> {
     if now < job.deadline {
         return Some(job);
     }
     metrics.rejected.with_label_values(&[label, "deadline"]).inc();
     let waited = now.duration_since(job.enqueued);
-    let _ = job.reply.send(Err(ServeError::Overloaded {
+    let _ = job.reply.send(Err(InferError::Overloaded {
         message: format!("request waited {} ms in the queue, past its deadline; server overloaded", waited.as_millis()),
         retry_after_s: 1,
     }));
@@ -224,7 +223,13 @@ impl Queue {
     }
 }
 
-fn run_worker(mut backend: Box<dyn Backend>, queue: Queue, config: BatchConfig, metrics: Arc<Metrics>, label: String) {
+fn run_worker(
+    mut backend: Box<dyn Backend>,
+    queue: Queue,
+    config: BatchConfig,
+    metrics: Arc<InferMetrics>,
+    label: String,
+) {
     let mut held: Option<Job> = None;
     // Requests merged into the previous batch: more than one means load.
     let mut last_jobs = 1usize;
@@ -265,7 +270,7 @@ fn run_worker(mut backend: Box<dyn Backend>, queue: Queue, config: BatchConfig, 
     }
 }
 
-fn run_batch(backend: &mut dyn Backend, jobs: Vec<Job>, metrics: &Metrics, label: &str) {
+fn run_batch(backend: &mut dyn Backend, jobs: Vec<Job>, metrics: &InferMetrics, label: &str) {
     let start = Instant::now();
     for j in &jobs {
         metrics.queue_seconds.with_label_values(&[label]).observe(start.duration_since(j.enqueued).as_secs_f64());
@@ -278,13 +283,13 @@ fn run_batch(backend: &mut dyn Backend, jobs: Vec<Job>, metrics: &Metrics, label
         let parts: Vec<&Tensor> = jobs.iter().map(|j| &j.input).collect();
         match Tensor::concat(&parts) {
             Ok(batch) => backend.infer(&batch),
-            Err(e) => Err(crate::backend::BackendError(e.to_string())),
+            Err(e) => Err(crate::infer::BackendError(e.to_string())),
         }
     };
     metrics.inference_seconds.with_label_values(&[label]).observe(start.elapsed().as_secs_f64());
     metrics.batch_size.with_label_values(&[label]).observe(rows as f64);
-    let outputs = result.map_err(|e| ServeError::Internal(format!("inference failed: {e}")));
-    let split: Result<Vec<Vec<Tensor>>, ServeError> = outputs.and_then(|outs| {
+    let outputs = result.map_err(|e| InferError::Backend(format!("inference failed: {e}")));
+    let split: Result<Vec<Vec<Tensor>>, InferError> = outputs.and_then(|outs| {
         let mut per_job: Vec<Vec<Tensor>> = sizes.iter().map(|_| Vec::with_capacity(outs.len())).collect();
         for o in outs {
             for (k, piece) in o.split(&sizes)?.into_iter().enumerate() {
@@ -301,7 +306,7 @@ fn run_batch(backend: &mut dyn Backend, jobs: Vec<Job>, metrics: &Metrics, label
         }
         Err(e) => {
             for job in jobs {
-                let _ = job.reply.send(Err(ServeError::Internal(e.to_string())));
+                let _ = job.reply.send(Err(InferError::Backend(e.to_string())));
             }
         }
     }

@@ -1,8 +1,10 @@
 //! Image endpoints for people with pictures, not tensors:
 //! `POST /v1/models/{m}/embed`, `/classify`, `/segment`. Bodies are one raw
 //! image (JPEG, PNG, TIFF/GeoTIFF) or a `multipart/form-data` batch; images
-//! are decoded on the blocking pool, fitted to the model's input and sent as
-//! uint8 (or normalized float32 for float models).
+//! are decoded on the blocking pool by `geossl_raster`'s one decoder (the
+//! trainer's, with its policy for grey, alpha, 16-bit and band counts),
+//! fitted to the model's input and sent in their stored type (or normalized
+//! float32 for float models). Segmentation masks go back as PNG or RLE.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,12 +16,12 @@ use futures_util::{future::try_join_all, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::backend::{ModelInfo, Task};
-use crate::batcher::{Arrival, Worker};
-use crate::error::ServeError;
-use crate::image_io::{self, Planes};
-use crate::state::AppState;
-use crate::tensor::Tensor;
+use geossl_raster::{Block, Samples, Want};
+use image::{imageops::FilterType, ImageBuffer, ImageEncoder, Luma};
+
+use crate::http::error::ServeError;
+use crate::http::state::AppState;
+use crate::infer::{Arrival, ModelInfo, Task, Tensor, Worker};
 
 /// Query parameters of the image endpoints.
 #[derive(Debug, Deserialize, Default)]
@@ -74,61 +76,153 @@ async fn read_images(
     Ok(vec![state.read_body(req, payload).await?])
 }
 
-/// Decodes and fits every image; runs on the blocking pool.
-fn prepare(images: Vec<web::Bytes>, info: &ModelInfo, max_pixels: u64) -> Result<Vec<Planes>, ServeError> {
+/// Decodes every request image for `info`'s model and fits it to the model's input size (images of a
+/// model that takes any size stay as they are); runs on the blocking pool.
+pub fn decode_images<B: AsRef<[u8]>>(
+    images: &[B],
+    info: &ModelInfo,
+    max_pixels: u64,
+    grey_to_rgb: bool,
+) -> Result<Vec<Block>, ServeError> {
     let (c, h, w) = info.input_chw();
+    let names = geossl_raster::model_band_names(c, &info.bands);
+    let want = Want { bands: &names, grey_to_rgb, max_pixels };
     images
         .iter()
         .enumerate()
         .map(|(i, bytes)| {
-            let name = |e: ServeError| -> ServeError {
-                if images.len() == 1 {
-                    return e;
-                }
-                let m = format!("image {i}: {e}");
-                match e {
-                    ServeError::BadRequest(_) => ServeError::BadRequest(m),
-                    ServeError::TooLarge(_) => ServeError::TooLarge(m),
-                    ServeError::UnsupportedMediaType(_) => ServeError::UnsupportedMediaType(m),
-                    ServeError::Unprocessable(_) => ServeError::Unprocessable(m),
-                    other => other,
-                }
-            };
-            let planes = image_io::decode(bytes, c, &info.bands, max_pixels).map_err(name)?;
-            info.check_samples(planes.stored).map_err(|e| name(ServeError::Unprocessable(e)))?;
+            let label = if images.len() == 1 { "image".to_string() } else { format!("image {i}") };
+            let img = geossl_raster::decode_bytes(bytes.as_ref(), &label, &want)?.into_planar();
+            info.check_samples(img.samples.sample_type())
+                .map_err(|e| ServeError::Unprocessable(format!("{label}: {e}")))?;
             Ok(match (h, w) {
-                (Some(h), Some(w)) => planes.fit(h, w),
-                _ => planes,
+                (Some(h), Some(w)) => fit(img, h, w),
+                _ => img,
             })
         })
         .collect()
 }
 
-/// Stacks same-sized planes into the model's input tensor `[N, C, H, W]`.
-fn to_input(planes: &[Planes], info: &ModelInfo) -> Result<Tensor, ServeError> {
-    let shape = [planes.len(), planes[0].c, planes[0].h, planes[0].w];
-    let mut px = geossl_raster::Samples::with_capacity(planes[0].data.sample_type(), shape.iter().product());
+/// Stacks same-sized images into the model's input tensor `[N, C, H, W]`.
+fn to_input(planes: &[Block], info: &ModelInfo) -> Result<Tensor, ServeError> {
+    let shape = [planes.len(), planes[0].bands, planes[0].height, planes[0].width];
+    let mut px = Samples::with_capacity(planes[0].samples.sample_type(), shape.iter().product());
     for p in planes {
-        if !px.extend_from(&p.data) {
+        if !px.extend_from(&p.samples) {
             return Err(ServeError::Unprocessable("the images of one request store different sample types".into()));
         }
     }
     info.input_from_samples(shape, &px).map_err(|e| ServeError::Unprocessable(format!("{e}; use the OIP endpoint")))
 }
 
+fn resize_plane<P>(p: &[P::Subpixel], w: usize, h: usize, nw: usize, nh: usize) -> Vec<P::Subpixel>
+where
+    P: image::Pixel + 'static,
+    P::Subpixel: 'static,
+{
+    let img: ImageBuffer<P, &[P::Subpixel]> = ImageBuffer::from_raw(w as u32, h as u32, p).expect("plane size");
+    image::imageops::resize(&img, nw as u32, nh as u32, FilterType::Triangle).into_raw()
+}
+
+/// Resizes the shorter side to cover `th`×`tw`, then centre-crops to it (what torchvision's Resize +
+/// CenterCrop do). Unchanged at that size. 8- and 16-bit samples stay so; other types are resized as
+/// float32.
+pub fn fit(b: Block, th: usize, tw: usize) -> Block {
+    if b.height == th && b.width == tw {
+        return b;
+    }
+    let scale = (th as f64 / b.height as f64).max(tw as f64 / b.width as f64);
+    let nh = ((b.height as f64 * scale).round() as usize).max(th);
+    let nw = ((b.width as f64 * scale).round() as usize).max(tw);
+    let (y0, x0) = ((nh - th) / 2, (nw - tw) / 2);
+    let n = b.height * b.width;
+    fn crop<T: Copy>(r: &[T], out: &mut Vec<T>, y0: usize, x0: usize, th: usize, tw: usize, nw: usize) {
+        for y in y0..y0 + th {
+            out.extend_from_slice(&r[y * nw + x0..y * nw + x0 + tw]);
+        }
+    }
+    let samples = match &b.samples {
+        Samples::U8(v) => {
+            let mut out = Vec::with_capacity(b.bands * th * tw);
+            for c in 0..b.bands {
+                let r = resize_plane::<Luma<u8>>(&v[c * n..(c + 1) * n], b.width, b.height, nw, nh);
+                crop(&r, &mut out, y0, x0, th, tw, nw);
+            }
+            Samples::U8(out)
+        }
+        Samples::U16(v) => {
+            let mut out = Vec::with_capacity(b.bands * th * tw);
+            for c in 0..b.bands {
+                let r = resize_plane::<Luma<u16>>(&v[c * n..(c + 1) * n], b.width, b.height, nw, nh);
+                crop(&r, &mut out, y0, x0, th, tw, nw);
+            }
+            Samples::U16(out)
+        }
+        other => {
+            let v = other.to_f32();
+            let mut out = Vec::with_capacity(b.bands * th * tw);
+            for c in 0..b.bands {
+                let r = resize_plane::<Luma<f32>>(&v[c * n..(c + 1) * n], b.width, b.height, nw, nh);
+                crop(&r, &mut out, y0, x0, th, tw, nw);
+            }
+            Samples::F32(out)
+        }
+    };
+    Block { bands: b.bands, height: th, width: tw, samples }
+}
+
+/// Per-pixel argmax of `logits` (`[K, H, W]`) → class ids (`[H, W]`).
+pub fn argmax_mask(logits: &[f32], k: usize, h: usize, w: usize) -> Vec<u8> {
+    let n = h * w;
+    (0..n)
+        .map(|i| {
+            let mut best = 0usize;
+            for c in 1..k {
+                if logits[c * n + i] > logits[best * n + i] {
+                    best = c;
+                }
+            }
+            best.min(255) as u8
+        })
+        .collect()
+}
+
+/// Class mask as an 8-bit grayscale PNG (pixel value = class id).
+pub fn mask_png(mask: &[u8], h: usize, w: usize) -> Result<Vec<u8>, ServeError> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(mask, w as u32, h as u32, image::ExtendedColorType::L8)
+        .map_err(|e| ServeError::Internal(format!("PNG encoding failed: {e}")))?;
+    Ok(out)
+}
+
+/// Row-major run-length encoding: `[[class, run], ...]`.
+pub fn mask_rle(mask: &[u8]) -> Vec<[u32; 2]> {
+    let mut runs: Vec<[u32; 2]> = Vec::new();
+    for &v in mask {
+        match runs.last_mut() {
+            Some(r) if r[0] == u32::from(v) => r[1] += 1,
+            _ => runs.push([u32::from(v), 1]),
+        }
+    }
+    runs
+}
+
 /// Runs `planes` through `worker` in chunks of at most `max_batch_size`,
 /// concurrently, and returns per-output tensors for all rows in order.
-async fn run_rows(state: &AppState, p: &Prepared, planes: &[Planes]) -> Result<Vec<Tensor>, ServeError> {
+async fn run_rows(state: &AppState, p: &Prepared, planes: &[Block]) -> Result<Vec<Tensor>, ServeError> {
     let worker = &p.worker;
     let chunks: Vec<Tensor> =
         planes.chunks(worker.config.max_batch_size).map(|c| to_input(c, &worker.info)).collect::<Result<_, _>>()?;
     let timeout = state.limits.request_timeout;
-    let results = try_join_all(chunks.into_iter().map(|t| worker.infer(t, timeout, Some(&p.arrival)))).await?;
+    let results = try_join_all(chunks.into_iter().map(|t| worker.infer(t, timeout, Some(&p.arrival))))
+        .await
+        .map_err(ServeError::from)?;
     let n_out = worker.info.outputs.len();
     (0..n_out)
         .map(|k| {
             let parts: Vec<&Tensor> = results.iter().map(|r| &r[k]).collect();
-            Tensor::concat(&parts)
+            Tensor::concat(&parts).map_err(ServeError::from)
         })
         .collect()
 }
@@ -136,7 +230,7 @@ async fn run_rows(state: &AppState, p: &Prepared, planes: &[Planes]) -> Result<V
 struct Prepared {
     worker: Arc<Worker>,
     arrival: Arrival,
-    planes: Vec<Planes>,
+    planes: Vec<Block>,
     query: ImageQuery,
 }
 
@@ -168,7 +262,8 @@ async fn accept(
         (_, Some(_), Some(_)) => state.limits.max_pixels,
         _ => state.limits.max_pixels.min(MAX_SEGMENT_PIXELS),
     };
-    let planes = web::block(move || prepare(images, &info, max_pixels))
+    let grey_to_rgb = state.grey_to_rgb;
+    let planes = web::block(move || decode_images(&images, &info, max_pixels, grey_to_rgb))
         .await
         .map_err(|e| ServeError::Internal(format!("decoder task failed: {e}")))??;
     state.metrics.decode_seconds.with_label_values(&[worker.label()]).observe(started.elapsed().as_secs_f64());
@@ -273,8 +368,8 @@ pub async fn segment(
         let t = output(info, outs, geossl_models::io::OUTPUT_MASK_LOGITS)
             .ok_or_else(|| ServeError::Internal("mask_logits missing".into()))?;
         let (k, h, w) = (t.shape[1], t.shape[2], t.shape[3]);
-        debug_assert_eq!((h, w), (pl.h, pl.w));
-        masks.push((image_io::argmax_mask(t.as_f32().unwrap_or(&[]), k, h, w), h, w, k));
+        debug_assert_eq!((h, w), (pl.height, pl.width));
+        masks.push((argmax_mask(t.as_f32().unwrap_or(&[]), k, h, w), h, w, k));
     }
     let single = masks.len() == 1
         && req
@@ -286,16 +381,16 @@ pub async fn segment(
         return Ok(HttpResponse::Ok()
             .content_type(ContentType::png())
             .insert_header(("x-geossl-classes", k.to_string()))
-            .body(image_io::mask_png(m, *h, *w)?));
+            .body(mask_png(m, *h, *w)?));
     }
     let list = masks
         .iter()
         .map(|(m, h, w, _)| {
             Ok(if format == "png" {
                 json!({ "height": h, "width": w,
-                        "png_base64": base64::engine::general_purpose::STANDARD.encode(image_io::mask_png(m, *h, *w)?) })
+                        "png_base64": base64::engine::general_purpose::STANDARD.encode(mask_png(m, *h, *w)?) })
             } else {
-                json!({ "height": h, "width": w, "rle": image_io::mask_rle(m) })
+                json!({ "height": h, "width": w, "rle": mask_rle(m) })
             })
         })
         .collect::<Result<Vec<_>, ServeError>>()?;

@@ -1,8 +1,13 @@
 //! The one table from error kind to HTTP status. Every handler returns
-//! [`ServeError`]; its status and `{"error": "..."}` body come from here.
+//! [`ServeError`]; its status and `{"error": "..."}` body come from here, and
+//! so does the mapping of the engine's ([`InferError`]) and the image
+//! decoder's ([`ImageError`]) errors onto it.
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use geossl_raster::{ImageError, ImageErrorKind};
+
+use crate::infer::InferError;
 
 /// An error a request can end with. Only [`ServeError::Internal`] is a 5xx
 /// other than 503, and reaching it is a bug.
@@ -38,6 +43,11 @@ pub enum ServeError {
 }
 
 impl ServeError {
+    /// The HTTP status this error answers with (the table below).
+    pub fn status(&self) -> u16 {
+        self.status_code().as_u16()
+    }
+
     /// Short machine-readable kind, used as a metric label and in logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -87,5 +97,28 @@ impl ResponseError for ServeError {
             _ => {}
         }
         r.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+impl From<InferError> for ServeError {
+    fn from(e: InferError) -> Self {
+        match e {
+            InferError::Invalid(m) => ServeError::Unprocessable(m),
+            InferError::Overloaded { message, retry_after_s } => ServeError::Overloaded { message, retry_after_s },
+            InferError::Closed(m) => ServeError::Unavailable(m),
+            InferError::Backend(m) => ServeError::Internal(m),
+        }
+    }
+}
+
+impl From<ImageError> for ServeError {
+    fn from(e: ImageError) -> Self {
+        let m = e.to_string();
+        match e.kind() {
+            ImageErrorKind::Malformed => ServeError::BadRequest(m),
+            ImageErrorKind::Format => ServeError::UnsupportedMediaType(m),
+            ImageErrorKind::TooLarge => ServeError::TooLarge(m),
+            ImageErrorKind::Unprocessable => ServeError::Unprocessable(m),
+        }
     }
 }

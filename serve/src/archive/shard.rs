@@ -20,8 +20,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::embed::{collect_inputs, EmbedOptions, Input, Summary};
-use crate::store::Location;
+use crate::archive::embed::{collect_inputs, EmbedOptions, Input, Summary};
+use crate::archive::store::Location;
 
 /// Current plan format.
 pub const PLAN_VERSION: u32 = 1;
@@ -175,7 +175,7 @@ pub fn run_shard(
         o.out = spool.clone();
         o.planned = Some(inputs);
         o.band_groups = plan.band_groups;
-        summary = crate::embed::run(&o)?;
+        summary = crate::archive::embed::run(&o)?;
     }
     // The plan must still be the one this shard was made from.
     let publish = || -> Result<(), String> {

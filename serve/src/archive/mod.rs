@@ -1,0 +1,11 @@
+//! Archive embedding: what a run reads ([`inputs`]: paths, globs, object-store prefixes, STAC items, with
+//! [`stac`]'s types), where things live ([`store`]: local paths and object-store URLs, COGs read by range
+//! requests), how scenes become rows ([`embed`]), the GeoParquet schema and sink ([`geoparquet`]),
+//! plan/shard/verify at scale ([`shard`]) and a picture of one scene's embeddings ([`map`]).
+
+pub mod embed;
+pub mod inputs;
+pub mod map;
+pub mod shard;
+pub mod stac;
+pub mod store;
