@@ -106,11 +106,14 @@ pub fn cpu_seconds(stat: &str) -> f64 {
     (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
-/// A TCP proxy on 127.0.0.1 to `target` that counts the bytes coming back.
+/// A TCP proxy on 127.0.0.1 to `target` that counts the bytes coming back, and can be taken down: while
+/// down, it closes every new connection at once and cuts open ones at their next byte (a store outage as
+/// clients see it: connections reset, requests unanswered).
 #[derive(Debug, Clone)]
 pub struct CountingProxy {
     pub addr: SocketAddr,
     received: Arc<AtomicU64>,
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CountingProxy {
@@ -118,17 +121,27 @@ impl CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(AtomicU64::new(0));
-        let count = received.clone();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, is_down) = (received.clone(), down.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if is_down.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target) else { continue };
-                let count = count.clone();
+                let (count, d1, d2) = (count.clone(), is_down.clone(), is_down.clone());
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-                std::thread::spawn(move || pump(c2, s2, None));
-                std::thread::spawn(move || pump(server, client, Some(count)));
+                std::thread::spawn(move || pump(c2, s2, None, d1));
+                std::thread::spawn(move || pump(server, client, Some(count), d2));
             }
         });
-        CountingProxy { addr, received }
+        CountingProxy { addr, received, down }
+    }
+
+    /// Takes the proxy down (connections refused and cut) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
     }
 
     /// Bytes sent back to clients so far (headers included).
@@ -137,11 +150,21 @@ impl CountingProxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    count: Option<Arc<AtomicU64>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
+            Ok(_) if down.load(Ordering::SeqCst) => {
+                let _ = from.shutdown(std::net::Shutdown::Both);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                return;
+            }
             Ok(n) => {
                 if let Some(c) = &count {
                     c.fetch_add(n as u64, Ordering::SeqCst);

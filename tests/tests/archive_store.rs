@@ -113,7 +113,7 @@ fn model(dir: &Path) -> PathBuf {
     dir.join("embed/1/model.onnx")
 }
 
-/// A COG read over S3 and over HTTP gives the local file's rows; for a small
+/// A COG read over S3 and over HTTP gives the local file's rows, its header fetched once; for a small
 /// area, the bytes fetched are a small fraction of the file.
 #[test]
 fn cog_over_s3_and_http_reads_by_ranges() {
@@ -137,10 +137,24 @@ fn cog_over_s3_and_http_reads_by_ranges() {
     // The whole scene over S3, the output written to S3 too.
     let before = proxy.received();
     let o = out(serve(
-        &["embed", "--model", m, "--input", "s3://archive/cog/mosaic.tif", "--out", "s3://archive/out/whole.parquet"],
+        &[
+            "embed",
+            "--model",
+            m,
+            "--input",
+            "s3://archive/cog/mosaic.tif",
+            "--out",
+            "s3://archive/out/whole.parquet",
+            "--log",
+            "geossl_serve=debug",
+        ],
         &env,
     ));
     assert!(o.status.success(), "{}", text(&o));
+    // The header is fetched once (its first 16 KiB): georeference, date and tile index come from that one
+    // parse, and the spatial ordering's look at it is cached for the read that follows.
+    let header_reads = text(&o).lines().filter(|l| l.contains("fetch") && l.contains("start=0 ")).count();
+    assert_eq!(header_reads, 1, "header reads of one COG in one run: {}", text(&o));
     assert!(text(&o).contains("requests"), "the summary counts fetched bytes: {}", text(&o));
     assert_eq!(rows(&moto.get("archive", "out/whole.parquet").unwrap()), local, "S3 rows differ from local rows");
     let whole = proxy.received() - before;
@@ -297,8 +311,9 @@ with rasterio.open(f"{d}/LE07_bgr.tif", "w", **p) as o:
 
 /// A STAC ItemCollection written here, its assets on the HTTP server: bands picked by name from single-band
 /// assets and from a multi-band asset in another band order give the local scene's rows, dated by the items.
-/// The bad inputs of one run fail alone, named, and the summary lists them: an asset missing a band, an
-/// unreachable URL, a truncated COG, and (another run) S3 without credentials.
+/// Failures by class: inputs that cannot be embedded (an item without a wanted band, a truncated COG) fail
+/// alone, named, keeping none of their rows; run-level failures (a store unreachable through its retries, S3
+/// without credentials) stop the run, which writes nothing.
 #[test]
 fn stac_items_and_bad_inputs() {
     let d = tempfile::tempdir().unwrap();
@@ -357,7 +372,7 @@ fn stac_items_and_bad_inputs() {
     let env = Moto::env(moto.addr);
     let stac = format!("http://{}/archive/stac/items.json", moto.addr);
     let got_out = d.path().join("stac.parquet");
-    let inputs = format!("{stac},http://127.0.0.1:1/unreachable.tif,s3://archive/cut/mosaic.tif");
+    let inputs = format!("{stac},s3://archive/cut/mosaic.tif");
     let o = out(serve(&["embed", "--model", m, "--input", &inputs, "--out"], &env).arg(&got_out));
     let t = text(&o);
     assert!(o.status.success(), "{t}");
@@ -368,20 +383,109 @@ fn stac_items_and_bad_inputs() {
         assert_eq!(without_dates(&mine), without_dates(&local), "STAC item {id} differs from the local scene");
         assert!(mine.values().all(|(_, _, dt)| *dt == Some(date)), "item {id}: rows not dated by the item");
     }
-    assert!(t.contains("3 inputs failed"), "{t}");
+    assert!(t.contains("2 inputs failed"), "{t}");
     assert!(t.contains("no-blue") && t.contains("no asset has band blue"), "{t}");
-    assert!(t.contains("http://127.0.0.1:1/unreachable.tif"), "{t}");
     assert!(t.contains("s3://archive/cut/mosaic.tif") && t.contains("truncated"), "{t}");
-    let cut_rows = got.keys().filter(|(n, _)| n == "mosaic.tif").count();
-    eprintln!("truncated COG: {cut_rows} windows embedded before its tiles ran out");
+    // The truncated COG's first windows were embedded before its tiles ran out; none of them is kept.
+    assert_eq!(got.keys().filter(|(n, _)| n == "mosaic.tif").count(), 0, "rows of a failed input were kept");
 
-    // S3 without credentials: that input is named, the local one is embedded.
+    // A store that does not answer through its retries ends the run: named, nothing written.
+    let unreachable = d.path().join("unreachable.parquet");
+    let inputs = format!("{stac},http://127.0.0.1:1/unreachable.tif");
+    let o =
+        out(serve(&["embed", "--model", m, "--input", &inputs, "--retry-timeout-s", "1", "--out"], &env)
+            .arg(&unreachable));
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("http://127.0.0.1:1/unreachable.tif"), "{t}");
+    assert!(t.contains("nothing was written") && !unreachable.exists(), "{t}");
+    assert!(t.contains("transient store failure; retrying"), "retried before giving up: {t}");
+
+    // S3 without credentials ends the run too (every object of that store would fail alike).
+    let nocreds = d.path().join("nocreds.parquet");
     let o = out(serve(
         &["embed", "--model", m, "--input", &format!("s3://archive/cut/mosaic.tif,{}", scene.display()), "--out"],
         &[("AWS_ENDPOINT", format!("http://{}", moto.addr)), ("AWS_ALLOW_HTTP", "true".into())],
     )
-    .arg(d.path().join("nocreds.parquet")));
+    .arg(&nocreds));
     let t = text(&o);
-    assert!(o.status.success() && t.contains("no AWS credentials") && t.contains("1 inputs failed"), "{t}");
-    assert_eq!(rows(&std::fs::read(d.path().join("nocreds.parquet")).unwrap()), local);
+    assert!(!o.status.success() && t.contains("no AWS credentials") && !nocreds.exists(), "{t}");
+    let leftovers: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("spool"))
+        .collect();
+    assert!(leftovers.is_empty(), "spool files left behind: {leftovers:?}");
+}
+
+/// A store outage in the middle of a shard: a proxy in front of the S3 server drops and cuts every
+/// connection for a few seconds once the shard is reading. Within the retry time the shard rides it out
+/// and completes every input; with a retry time shorter than the outage it fails, publishing nothing, and a
+/// rerun completes. Either way `verify` then reports no failed input and the rows equal a local run.
+#[test]
+fn a_store_outage_mid_shard_loses_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let model = model(d.path());
+    let m = model.to_str().unwrap();
+    let moto = Moto::start();
+    moto.bucket("archive");
+    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
+    let local_dir = d.path().join("scenes");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    for i in 0..6 {
+        moto.put("archive", &format!("scenes/s{i}.tif"), &scene);
+        std::fs::write(local_dir.join(format!("s{i}.tif")), &scene).unwrap();
+    }
+    let local_out = d.path().join("local.parquet");
+    let o = out(serve(&["embed", "--model", m, "--input", local_dir.to_str().unwrap(), "--out"], &[]).arg(&local_out));
+    assert!(o.status.success(), "{}", text(&o));
+    let local = rows(&std::fs::read(&local_out).unwrap());
+    let proxy = CountingProxy::start(moto.addr);
+    let env = Moto::env(proxy.addr);
+    let o = out(serve(&["embed", "plan", "--input", "s3://archive/scenes/", "--out", "s3://archive/plan.json"], &env));
+    assert!(o.status.success() && text(&o).contains("6 inputs"), "{}", text(&o));
+    // Runs the shard into `ds` with `retry_s`; once it has read its first scene's worth, the store is down for
+    // `outage`. Returns the shard's output.
+    let shard_through_outage = |ds: &str, retry_s: &str, outage: std::time::Duration| {
+        let mut c = serve(
+            &["embed", "--model", m, "--plan", "s3://archive/plan.json", "--out", ds, "--retry-timeout-s", retry_s],
+            &env,
+        );
+        let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let start = proxy.received();
+        let t0 = std::time::Instant::now();
+        while proxy.received() < start + scene.len() as u64 && t0.elapsed() < std::time::Duration::from_secs(120) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        proxy.set_down(true);
+        std::thread::sleep(outage);
+        proxy.set_down(false);
+        child.wait_with_output().unwrap()
+    };
+    let verify = |ds: &str| out(serve(&["embed", "verify", "--plan", "s3://archive/plan.json", "--dataset", ds], &env));
+    let union = |ds: &str| -> Rows {
+        moto.keys("archive", &format!("{ds}/part-"))
+            .iter()
+            .flat_map(|k| rows(&moto.get("archive", k).unwrap()))
+            .collect()
+    };
+
+    // Within the retry time: retried through the outage, every input embedded.
+    let o = shard_through_outage("s3://archive/ds", "60", std::time::Duration::from_secs(4));
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("transient store failure; retrying"), "the outage did not hit the shard: {t}");
+    let v = verify("s3://archive/ds");
+    assert!(v.status.success() && text(&v).contains("(0 inputs failed)"), "{}", text(&v));
+    assert_eq!(union("ds"), local, "rows after riding out the outage differ from the local run");
+
+    // Shorter retry time than the outage: the shard fails and publishes nothing; a rerun completes it.
+    let o = shard_through_outage("s3://archive/ds2", "1", std::time::Duration::from_secs(6));
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("published nothing"), "{t}");
+    assert!(moto.keys("archive", "ds2/").is_empty(), "a failed shard published {:?}", moto.keys("archive", "ds2/"));
+    let o = out(serve(&["embed", "--model", m, "--plan", "s3://archive/plan.json", "--out", "s3://archive/ds2"], &env));
+    assert!(o.status.success(), "{}", text(&o));
+    let v = verify("s3://archive/ds2");
+    assert!(v.status.success() && text(&v).contains("(0 inputs failed)"), "{}", text(&v));
+    assert_eq!(union("ds2"), local, "rows after the rerun differ from the local run");
 }

@@ -547,3 +547,90 @@ fn sharded_embedding_equals_the_unsharded_run_and_resumes() {
     let o = verify(&ds);
     assert!(!o.status.success() && text(&o).contains("occurs twice"), "{}", text(&o));
 }
+
+/// Inputs that fail are recorded, not lost: a shard with a truncated scene finishes with the others, its
+/// marker names the input; `verify` fails on it (unless `--allow-failed`); once the file is repaired,
+/// `--retry-failed` embeds exactly that input into one more part, after which verify passes with no chip id
+/// twice and the dataset equals a clean run; a second retry has nothing to do.
+#[test]
+fn failed_inputs_are_verified_and_retried_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 64, &[("embed", "embed", &[])]);
+    let model = d.path().join("embed/1/model.onnx");
+    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
+    let scenes = d.path().join("scenes");
+    std::fs::create_dir_all(&scenes).unwrap();
+    for i in 0..3 {
+        std::fs::write(scenes.join(format!("s{i}.tif")), &scene).unwrap();
+    }
+    // s1 cut short: its header is whole, its strips are not.
+    std::fs::write(scenes.join("s1.tif"), &scene[..scene.len() / 2]).unwrap();
+    let (m, p) = (model.to_str().unwrap(), d.path().join("plan.json"));
+    let plan = p.to_str().unwrap();
+    let o = run("geossl-serve", &["embed", "plan", "--input", scenes.to_str().unwrap(), "--out", plan]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ds = d.path().join("ds");
+    let shard = |extra: &[&str]| {
+        let mut a = vec!["embed", "--model", m, "--plan", plan, "--out", ds.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        a.extend(["--execution-provider", "cpu"]);
+        run("geossl-serve", &a)
+    };
+    let o = shard(&[]);
+    assert!(o.status.success() && text(&o).contains("s1.tif"), "{}", text(&o));
+    let marker: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ds.join("_SUCCESS-00000.json")).unwrap()).unwrap();
+    let failures = marker["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{marker}");
+    assert!(failures[0]["input"].as_str().unwrap().ends_with("s1.tif"), "{marker}");
+    let verify = |extra: &[&str]| {
+        let mut a = vec!["embed", "verify", "--plan", plan, "--dataset", ds.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        run("geossl-serve", &a)
+    };
+    let v = verify(&[]);
+    assert!(
+        !v.status.success() && text(&v).contains("1 input(s) failed") && text(&v).contains("s1.tif"),
+        "{}",
+        text(&v)
+    );
+    assert!(verify(&["--allow-failed"]).status.success());
+    let before = std::fs::read(ds.join("part-00000.parquet")).unwrap();
+
+    // Repaired, and redone alone.
+    std::fs::write(scenes.join("s1.tif"), &scene).unwrap();
+    let o = shard(&["--retry-failed"]);
+    assert!(o.status.success() && text(&o).contains("2 parts"), "{}", text(&o));
+    assert_eq!(std::fs::read(ds.join("part-00000.parquet")).unwrap(), before, "the first part was rewritten");
+    let (retry, _) = read_parquet(&ds.join("part-00000-retry1.parquet"));
+    let sources = retry.column_by_name("source").unwrap().as_string::<i32>();
+    assert!((0..retry.num_rows()).all(|i| sources.value(i).ends_with("s1.tif")), "the retry embedded other inputs");
+    let v = verify(&[]);
+    assert!(v.status.success() && text(&v).contains("(0 inputs failed)"), "{}", text(&v));
+    let o = shard(&["--retry-failed"]);
+    assert!(o.status.success() && text(&o).contains("no failed input to redo"), "{}", text(&o));
+
+    // The dataset holds what a clean run of the same plan does.
+    let clean = d.path().join("clean");
+    let o = run(
+        "geossl-serve",
+        &["embed", "--model", m, "--plan", plan, "--out", clean.to_str().unwrap(), "--execution-provider", "cpu"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let ids = |files: &[std::path::PathBuf]| {
+        let mut v: Vec<String> = files
+            .iter()
+            .flat_map(|f| {
+                let (b, _) = read_parquet(f);
+                let c = b.column_by_name("chip_id").unwrap().as_string::<i32>().clone();
+                (0..c.len()).map(move |i| c.value(i).to_string())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        ids(&[ds.join("part-00000.parquet"), ds.join("part-00000-retry1.parquet")]),
+        ids(&[clean.join("part-00000.parquet")])
+    );
+}

@@ -1,30 +1,23 @@
-//! Archive embedding: GeoTIFF scenes → windows of the model's input size →
-//! embeddings → one GeoParquet file. Uses the same [`Backend`] contract as
-//! the server.
+//! Archive embedding: scenes → windows of the model's input size → embeddings → GeoParquet rows
+//! ([`crate::archive::geoparquet`]). Uses the same backend contract as the server.
 //!
-//! Rows (GeoParquet 1.1, geometry WKB in OGC:CRS84): `chip_id` (SHA-256 of
-//! model hash + source + window), `source`, `window {x, y, w, h}` (pixels),
-//! `geometry` (the window's footprint polygon), `center_lat`, `center_lon`,
-//! `datetime` (TIFF DateTime tag, nullable), `model_name`, `model_version`,
-//! `model_sha256`, `embedding` (`FixedSizeList<Float32, D>`).
+//! Failures are handled by their class ([`ArchiveError`]): an input that cannot be embedded is skipped and
+//! named, and **none of its rows are kept** (its rows are held until its last window is embedded), so a
+//! retry never duplicates a chip id; a run-level failure (credentials, a store unreachable through every
+//! retry, the model, the output) stops the run, and the caller publishes nothing.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Instant;
-
-use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
-use arrow_array::{
-    ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
-};
-use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 
 use geossl_raster::{hilbert_index, nodata_fraction, BandGroup, Georef, Raster, Samples, WindowGrid};
 
+use crate::archive::error::ArchiveError;
+pub use crate::archive::geoparquet::ROW_GROUP_ROWS;
+use crate::archive::geoparquet::{Row, Sink};
 pub use crate::archive::inputs::{collect_inputs, Input};
 use crate::archive::store::Location;
-
-use crate::infer::backend::{Backend, ModelInfo, Task};
 use crate::infer::ort::{OrtBackend, SessionOptions};
+use crate::infer::{Backend, ModelInfo, Task};
 
 /// What to embed and how.
 #[derive(Debug, Clone)]
@@ -32,6 +25,8 @@ pub struct EmbedOptions {
     pub model: PathBuf,
     /// Paths, directories, globs, object-store URLs or prefixes, STAC Items/ItemCollections.
     pub inputs: Vec<String>,
+    /// The local file the GeoParquet rows are written to (a spool, published by the caller; removed on
+    /// failure).
     pub out: PathBuf,
     /// Window step in pixels (default: the model's input size, no overlap).
     pub stride: Option<usize>,
@@ -59,11 +54,19 @@ pub struct EmbedOptions {
     pub model_version: Option<String>,
 }
 
+/// An input that could not be embedded (none of its rows were kept).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    /// The input as planned (`Input::path`): what `--retry-failed` redoes.
+    pub input: String,
+    pub error: String,
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub files: usize,
-    pub skipped_files: Vec<String>,
+    pub failed: Vec<Failure>,
     pub rows: usize,
     pub nodata_windows: usize,
     /// Wall time of the run.
@@ -83,21 +86,13 @@ impl Summary {
             self.seconds,
             self.rows as f64 / self.seconds.max(1e-9),
             self.nodata_windows,
-            self.skipped_files.len()
+            self.failed.len()
         );
         if self.fetch_requests > 0 {
             s += &format!("; fetched {:.1} MB in {} requests", self.fetched_bytes as f64 / 1e6, self.fetch_requests);
         }
         s
     }
-}
-
-struct Row {
-    source: String,
-    window: [u32; 4],
-    corners: Vec<(f64, f64)>, // (lon, lat), closed ring
-    center: (f64, f64),       // (lat, lon)
-    datetime: Option<i64>,
 }
 
 /// Parses "YYYY:MM:DD HH:MM:SS" (also with '-' in the date) to µs since 1970 UTC.
@@ -120,27 +115,6 @@ pub fn parse_tiff_datetime(s: &str) -> Option<i64> {
     Some(((days * 86_400) + hh * 3600 + mm * 60 + ss) * 1_000_000)
 }
 
-/// `[xmin, ymin, xmax, ymax]` of a ring of (lon, lat) points.
-fn ring_bounds(ring: &[(f64, f64)]) -> [f64; 4] {
-    ring.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(x, y)| {
-        [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)]
-    })
-}
-
-/// OGC WKB (little endian) of a one-ring polygon.
-pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(13 + 16 * ring.len());
-    b.push(1);
-    b.extend_from_slice(&3u32.to_le_bytes());
-    b.extend_from_slice(&1u32.to_le_bytes());
-    b.extend_from_slice(&(ring.len() as u32).to_le_bytes());
-    for (x, y) in ring {
-        b.extend_from_slice(&x.to_le_bytes());
-        b.extend_from_slice(&y.to_le_bytes());
-    }
-    b
-}
-
 /// One input scene, opened: header, georeference and date read; pixels are
 /// read window by window.
 struct Scene {
@@ -156,7 +130,12 @@ struct Scene {
 
 /// Opens and georeferences `input` for a model of `c` bands taking `info`'s
 /// samples; the error names the file (or the band group and its member).
-fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&[String]>) -> Result<Scene, String> {
+fn open_scene(
+    input: &Input,
+    c: usize,
+    info: &ModelInfo,
+    band_override: Option<&[String]>,
+) -> Result<Scene, ArchiveError> {
     let label = input.path.clone();
     let model_names = geossl_raster::model_band_names(c, &info.bands);
     // STAC assets are picked by name: the --bands names where given as names, else the model's.
@@ -168,25 +147,33 @@ fn open_scene(input: &Input, c: usize, info: &ModelInfo, band_override: Option<&
     let members = r
         .files
         .iter()
-        .map(|f| Raster::new(f.open()?, f.as_str().to_string()).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, String>>()?;
+        .map(|f| {
+            Raster::new(f.open().map_err(ArchiveError::reading)?, f.as_str().to_string()).map_err(ArchiveError::raster)
+        })
+        .collect::<Result<Vec<_>, ArchiveError>>()?;
     if let Some(counts) = &r.band_counts {
         for (m, &n) in members.iter().zip(counts) {
             if m.info().bands != n {
-                return Err(format!("{}: {} band(s); its STAC asset declares {n}", m.file(), m.info().bands));
+                return Err(ArchiveError::Input(format!(
+                    "{}: {} band(s); its STAC asset declares {n}",
+                    m.file(),
+                    m.info().bands
+                )));
             }
         }
     }
-    let raster = BandGroup::new(&label, members, &r.file_band_names).map_err(|e| e.to_string())?;
-    let georef = raster.georef().map_err(|e| e.to_string())?.clone();
+    let raster = BandGroup::new(&label, members, &r.file_band_names).map_err(ArchiveError::raster)?;
+    let georef = raster.georef().map_err(ArchiveError::raster)?.clone();
     // The model's bands as the input fixes them (STAC), else by name where the files name their bands,
     // else by position.
     let bands = match (&r.bands, band_override) {
         (Some(b), _) => b.clone(),
-        (None, Some(names)) => pick_bands(&raster, names, c).map_err(|e| format!("{label}: {e}"))?,
-        (None, None) => raster.select_bands(&model_names).map_err(|e| e.to_string())?,
+        (None, Some(names)) => {
+            pick_bands(&raster, names, c).map_err(|e| ArchiveError::Input(format!("{label}: {e}")))?
+        }
+        (None, None) => raster.select_bands(&model_names).map_err(ArchiveError::raster)?,
     };
-    info.check_samples(raster.info().sample_type).map_err(|e| format!("{label}: {e}"))?;
+    info.check_samples(raster.info().sample_type).map_err(|e| ArchiveError::Input(format!("{label}: {e}")))?;
     let datetime = r.datetime.or_else(|| raster.info().datetime.as_deref().and_then(parse_tiff_datetime));
     Ok(Scene { label, source: r.source, georef, raster, bands, datetime })
 }
@@ -250,31 +237,35 @@ fn pick_bands<R: geossl_raster::Source>(r: &BandGroup<R>, names: &[String], c: u
 /// the Hilbert walk, whose tiles pair up in the file), so nearby tiles go in one request.
 const PREFETCH_WINDOWS: usize = 8;
 
-/// What the reading thread sends: a batch of windows, or the end of a file.
+/// What the reading thread sends, input by input: batches of an input's windows, then that input's end or
+/// its failure.
 enum Read {
     Batch(Vec<Row>, Samples),
-    FileDone { label: String, windows: usize, nodata: usize },
-    Skipped(String),
+    Done { label: String, windows: usize, nodata: usize },
+    Failed { input: String, error: ArchiveError },
 }
 
-/// Reads every window of every file, nodata-filtered, in batches of
-/// `opts.batch_size` (each batch within one file). A file that fails to open,
-/// or whose window cannot be read or georeferenced (a truncated tile, say), is
-/// reported as skipped and the run goes on with the next one (batches of its
-/// earlier windows are already on their way).
+/// Reads every window of every file, nodata-filtered, in batches of `opts.batch_size` (each batch within
+/// one file), then reports the file done. A file that fails to open, or whose window cannot be read or
+/// georeferenced, is reported failed with its error's class: the embedding side drops the file's earlier
+/// batches and, for a run-level failure, stops the run; reading stops there too.
 fn read_windows(
     files: &[Input],
     opts: &EmbedOptions,
     info: &ModelInfo,
     [c, h, w, stride]: [usize; 4],
     tx: &std::sync::mpsc::SyncSender<Read>,
-) -> Result<(), String> {
+) {
+    let fail = |input: &Input, error: ArchiveError| {
+        let run_level = !error.is_input();
+        tx.send(Read::Failed { input: input.path.clone(), error }).is_err() || run_level
+    };
     'files: for file in files {
         let mut scene = match open_scene(file, c, info, opts.bands.as_deref()) {
             Ok(s) => s,
             Err(e) => {
-                if tx.send(Read::Skipped(e)).is_err() {
-                    return Ok(());
+                if fail(file, e) {
+                    return;
                 }
                 continue;
             }
@@ -285,7 +276,7 @@ fn read_windows(
         }
         let meets = |ring: &[(f64, f64)]| {
             opts.bbox.is_none_or(|[x0, y0, x1, y1]| {
-                let b = ring_bounds(ring);
+                let b = crate::archive::geoparquet::ring_bounds(ring);
                 b[0] <= x1 && b[2] >= x0 && b[1] <= y1 && b[3] >= y0
             })
         };
@@ -297,15 +288,21 @@ fn read_windows(
                 .map(|&(fx, fy)| scene.georef.to_latlon(fx * sw, fy * sh).map(|(lat, lon)| (lon, lat)))
                 .collect();
         if opts.bbox.is_some() && outline.is_ok_and(|o| !meets(&o)) {
-            if tx.send(Read::FileDone { label: scene.label, windows: 0, nodata: 0 }).is_err() {
-                return Ok(());
+            if tx.send(Read::Done { label: scene.label, windows: 0, nodata: 0 }).is_err() {
+                return;
             }
             continue;
         }
         let (mut rows, mut px) = (Vec::new(), Samples::with_capacity(ri.sample_type, opts.batch_size * c * h * w));
         let (mut windows, mut nodata) = (0, 0);
         // Windows in Hilbert order; with a box, only those meeting it (nothing else is read or fetched).
-        let grid = WindowGrid::new(ri.width, ri.height, w, h, stride).map_err(|e| e.to_string())?;
+        let grid = match WindowGrid::new(ri.width, ri.height, w, h, stride) {
+            Ok(g) => g,
+            Err(e) => {
+                fail(file, ArchiveError::run(e));
+                return;
+            }
+        };
         let order: Vec<(usize, usize)> = grid
             .hilbert()
             .into_iter()
@@ -330,12 +327,13 @@ fn read_windows(
             // Place, read, drop windows over the nodata limit (windows outside the box are not in `order`).
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
             let g = &scene.georef;
-            let placed = g.footprint(xf, yf, wf, hf).and_then(|ring| {
-                let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(|e| e.to_string())?;
+            let placed = g.footprint(xf, yf, wf, hf).map_err(ArchiveError::Input).and_then(|ring| {
+                let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(ArchiveError::raster)?;
                 if nodata_fraction(&win, ri.nodata) > opts.max_nodata {
                     return Ok(None);
                 }
-                Ok(Some((win, ring, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0)?)))
+                let centre = g.to_latlon(xf + wf / 2.0, yf + hf / 2.0).map_err(ArchiveError::Input)?;
+                Ok(Some((win, ring, centre)))
             });
             let (win, corners, center) = match placed {
                 Ok(Some(p)) => p,
@@ -344,9 +342,12 @@ fn read_windows(
                     continue;
                 }
                 Err(e) => {
-                    let e = format!("{e} (window at {x}, {y}; {windows} earlier windows of {} embedded)", scene.label);
-                    if tx.send(Read::Skipped(e)).is_err() {
-                        return Ok(());
+                    let e = e.context(format!(
+                        "{} (window at {x}, {y}; its {windows} earlier windows dropped)",
+                        scene.label
+                    ));
+                    if fail(file, e) {
+                        return;
                     }
                     continue 'files;
                 }
@@ -364,45 +365,45 @@ fn read_windows(
                 let cap = px.len();
                 let full = std::mem::replace(&mut px, Samples::with_capacity(ri.sample_type, cap));
                 if tx.send(Read::Batch(std::mem::take(&mut rows), full)).is_err() {
-                    return Ok(());
+                    return;
                 }
             }
         }
         if !rows.is_empty() && tx.send(Read::Batch(rows, px)).is_err() {
-            return Ok(());
+            return;
         }
-        if tx.send(Read::FileDone { label: scene.label, windows, nodata }).is_err() {
-            return Ok(());
+        if tx.send(Read::Done { label: scene.label, windows, nodata }).is_err() {
+            return;
         }
     }
-    Ok(())
 }
 
-/// Embeds every window of every input and writes the GeoParquet file
-/// atomically (nothing is left at `out` on failure). A second thread reads
-/// windows (decoding only the strips/tiles they touch) while the model embeds
-/// the previous batch, and rows go to the file as they are made: memory holds
-/// a few batches, the strips/tiles of the current windows and one row group,
-/// however large the scenes and the archive.
-pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
+/// Embeds every window of every input into GeoParquet rows at `opts.out` (a spool the caller publishes;
+/// removed on failure). A second thread reads windows (decoding only the strips/tiles they touch) while the
+/// model embeds the previous batch; an input's rows go to the file when its last window is embedded, so
+/// memory holds a few batches, one input's rows and one row group, however large the archive.
+///
+/// Inputs that cannot be embedded are listed in the summary; a run-level failure is the error.
+pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
+    let bad = |m: String| ArchiveError::Run(m);
     if opts.batch_size == 0 || opts.batch_size > 4096 {
-        return Err(format!("batch size {} (must be 1..=4096)", opts.batch_size));
+        return Err(bad(format!("batch size {} (must be 1..=4096)", opts.batch_size)));
     }
     if !(0.0..=1.0).contains(&opts.max_nodata) {
-        return Err(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata));
+        return Err(bad(format!("max nodata fraction {} (must be 0..=1)", opts.max_nodata)));
     }
     let fetched0 = crate::archive::store::fetched();
     let files = match &opts.planned {
         Some(p) => p.clone(),
         None => collect_inputs(&opts.inputs, opts.band_groups)?,
     };
-    let env = crate::infer::ort::init(&opts.ort_lib)?;
-    let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session)?;
+    let env = crate::infer::ort::init(&opts.ort_lib).map_err(bad)?;
+    let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session).map_err(bad)?;
     // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
     // row group covers a compact area and readers filtering by the bbox covering skip the others. (After
     // the model loads: a bad model fails before any input header is read.)
     let files = spatial_order(&files);
-    let model_bytes = std::fs::read(&opts.model).map_err(|e| format!("{}: {e}", opts.model.display()))?;
+    let model_bytes = std::fs::read(&opts.model).map_err(|e| bad(format!("{}: {e}", opts.model.display())))?;
     let model_sha = geossl_models::sha256_hex(&model_bytes);
     drop(model_bytes);
     let parent =
@@ -413,18 +414,23 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     // Throughput is timed from here: the model is loaded, the inputs are resolved.
     let started = Instant::now();
     if info.task != Task::Embedding {
-        return Err(format!("{}: not an embedding model (outputs {:?})", opts.model.display(), info.outputs));
+        return Err(bad(format!("{}: not an embedding model (outputs {:?})", opts.model.display(), info.outputs)));
     }
     let (c, Some(h), Some(w)) = info.input_chw() else {
-        return Err(format!("{}: the input size must be fixed for archive embedding", opts.model.display()));
+        return Err(bad(format!("{}: the input size must be fixed for archive embedding", opts.model.display())));
     };
-    let d = info.outputs[0].shape.get(1).copied().filter(|&d| d > 0).ok_or("embedding size is not fixed")? as usize;
+    let d = info.outputs[0]
+        .shape
+        .get(1)
+        .copied()
+        .filter(|&d| d > 0)
+        .ok_or_else(|| bad("embedding size is not fixed".into()))? as usize;
     let stride = opts.stride.unwrap_or(h.min(w));
     if stride == 0 {
-        return Err("stride must be at least 1".into());
+        return Err(bad("stride must be at least 1".into()));
     }
     if opts.row_group_rows == 0 {
-        return Err("row group size must be at least 1".into());
+        return Err(bad("row group size must be at least 1".into()));
     }
     let spec = info
         .metadata
@@ -443,46 +449,60 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
         "bbox": opts.bbox,
         "inputs": files.len(),
     });
-    let mut sink =
-        GeoParquetSink::create(&opts.out, d, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
+    let mut sink = Sink::create(&opts.out, d, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
     let mut summary = Summary::default();
     let progress = indicatif::ProgressBar::new(files.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} inputs · {msg} · ETA {eta}")
-            .map_err(|e| e.to_string())?
+            .map_err(|e| bad(e.to_string()))?
             .progress_chars("=> "),
     );
-    std::thread::scope(|s| -> Result<(), String> {
+    std::thread::scope(|s| -> Result<(), ArchiveError> {
         let (tx, batches) = std::sync::mpsc::sync_channel(2);
         let (files, info_r) = (&files, &info);
         let reader = s.spawn(move || read_windows(files, opts, info_r, [c, h, w, stride], &tx));
-        for msg in batches {
-            match msg {
-                Read::Batch(rows, px) => {
-                    let input = info.input_from_samples([rows.len(), c, h, w], &px).map_err(|e| e.to_string())?;
-                    let out = backend.infer(&input).map_err(|e| format!("inference failed: {e}"))?;
-                    let emb = out[0].as_f32().ok_or("embedding is not float32")?;
-                    sink.write(&rows, emb)?;
-                    let secs = started.elapsed().as_secs_f64().max(1e-9);
-                    progress.set_message(format!("{} chips · {:.1} chips/s", sink.rows, sink.rows as f64 / secs));
-                }
-                Read::FileDone { label, windows, nodata } => {
-                    summary.files += 1;
-                    summary.nodata_windows += nodata;
-                    progress.inc(1);
-                    progress.suspend(|| tracing::info!(file = %label, windows, "embedded"));
-                }
-                Read::Skipped(e) => {
-                    progress.inc(1);
-                    progress.suspend(|| tracing::warn!(error = %e, "skipped"));
-                    summary.skipped_files.push(e);
+        // The current input's rows and embeddings, written when it is done, dropped when it fails.
+        let (mut rows_held, mut emb_held): (Vec<Row>, Vec<f32>) = (Vec::new(), Vec::new());
+        let mut embedded = 0usize;
+        let run = (|| {
+            for msg in &batches {
+                match msg {
+                    Read::Batch(rows, px) => {
+                        let input = info.input_from_samples([rows.len(), c, h, w], &px).map_err(ArchiveError::run)?;
+                        let out = backend.infer(&input).map_err(|e| bad(format!("inference failed: {e}")))?;
+                        let emb = out[0].as_f32().ok_or_else(|| bad("embedding is not float32".into()))?;
+                        embedded += rows.len();
+                        rows_held.extend(rows);
+                        emb_held.extend_from_slice(emb);
+                        let secs = started.elapsed().as_secs_f64().max(1e-9);
+                        progress.set_message(format!("{embedded} chips · {:.1} chips/s", embedded as f64 / secs));
+                    }
+                    Read::Done { label, windows, nodata } => {
+                        sink.write(&rows_held, &emb_held)?;
+                        (rows_held, emb_held) = (Vec::new(), Vec::new());
+                        summary.files += 1;
+                        summary.nodata_windows += nodata;
+                        progress.inc(1);
+                        progress.suspend(|| tracing::info!(file = %label, windows, "embedded"));
+                    }
+                    Read::Failed { input, error } => {
+                        progress.inc(1);
+                        embedded -= rows_held.len();
+                        (rows_held, emb_held) = (Vec::new(), Vec::new());
+                        if !error.is_input() {
+                            return Err(error);
+                        }
+                        progress.suspend(|| tracing::warn!(error = %error, "skipped"));
+                        summary.failed.push(Failure { input, error: error.to_string() });
+                    }
                 }
             }
-        }
-        reader.join().map_err(|_| "the reading thread panicked".to_string())?
+            Ok(())
+        })();
+        // Whatever ended the loop, the reader ends too: its sends fail once `batches` is gone.
+        drop(batches);
+        reader.join().map_err(|_| bad("the reading thread panicked".into()))?;
+        run
     })?;
-    if summary.files == 0 {
-        return Err(format!("no input could be read: {}", summary.skipped_files.join("; ")));
-    }
     progress.finish_and_clear();
     summary.rows = sink.rows;
     sink.finish()?;
@@ -491,177 +511,6 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, String> {
     summary.fetched_bytes = fetched.0 - fetched0.0;
     summary.fetch_requests = fetched.1 - fetched0.1;
     Ok(summary)
-}
-
-/// Default rows per Parquet row group: bounds the writer's memory (with D =
-/// 2048, 8192 rows of embeddings are 64 MiB).
-pub const ROW_GROUP_ROWS: usize = 8192;
-
-/// The GeoParquet output (ZSTD, the `geo` and `geossl` provenance metadata in
-/// both the Arrow schema and the file's key-value metadata), written as rows
-/// come into a temporary file beside `out`; [`GeoParquetSink::finish`] syncs and
-/// renames it to `out`. Dropped unfinished, it removes the temporary file and
-/// leaves `out` as it was.
-struct GeoParquetSink {
-    writer: Option<parquet::arrow::ArrowWriter<std::fs::File>>,
-    schema: Arc<Schema>,
-    tmp: PathBuf,
-    out: PathBuf,
-    d: usize,
-    /// Model name, version and SHA-256, recorded in every row.
-    model: [String; 3],
-    rows: usize,
-}
-
-fn bbox_fields() -> Fields {
-    ["xmin", "ymin", "xmax", "ymax"].iter().map(|f| Field::new(*f, DataType::Float64, false)).collect::<Vec<_>>().into()
-}
-
-fn window_fields() -> Fields {
-    ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
-}
-
-impl GeoParquetSink {
-    fn create(
-        out: &Path,
-        d: usize,
-        model: [&str; 3],
-        provenance: &serde_json::Value,
-        row_group_rows: usize,
-    ) -> Result<Self, String> {
-        use parquet::file::metadata::KeyValue;
-        use parquet::file::properties::WriterProperties;
-        let element = Arc::new(Field::new("element", DataType::Float32, false));
-        // GeoParquet 1.1: WKB footprints in OGC:CRS84 and a bbox covering column, whose row-group
-        // statistics let readers skip what lies outside their area.
-        let geo = serde_json::json!({
-            "version": "1.1.0",
-            "primary_column": "geometry",
-            "columns": { "geometry": {
-                "encoding": "WKB",
-                "geometry_types": ["Polygon"],
-                "orientation": "counterclockwise",
-                "covering": { "bbox": {
-                    "xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
-                    "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"],
-                } },
-            } },
-        });
-        // In the Arrow schema (pyarrow, GeoPandas) and in the file's key-value metadata (GDAL, DuckDB).
-        let meta = [("geo".to_string(), geo.to_string()), ("geossl".to_string(), provenance.to_string())];
-        let schema = Arc::new(Schema::new_with_metadata(
-            vec![
-                Field::new("chip_id", DataType::Utf8, false),
-                Field::new("source", DataType::Utf8, false),
-                Field::new("window", DataType::Struct(window_fields()), false),
-                Field::new("geometry", DataType::Binary, false),
-                Field::new("bbox", DataType::Struct(bbox_fields()), false),
-                Field::new("center_lat", DataType::Float64, false),
-                Field::new("center_lon", DataType::Float64, false),
-                Field::new("datetime", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
-                Field::new("model_name", DataType::Utf8, false),
-                Field::new("model_version", DataType::Utf8, false),
-                Field::new("model_sha256", DataType::Utf8, false),
-                Field::new("embedding", DataType::FixedSizeList(element, d as i32), false),
-            ],
-            meta.iter().cloned().collect::<std::collections::HashMap<String, String>>(),
-        ));
-        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-            std::process::id()
-        ));
-        let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let props = WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::ZSTD(
-                parquet::basic::ZstdLevel::try_new(3).map_err(parquet_err)?,
-            ))
-            .set_max_row_group_row_count(Some(row_group_rows))
-            .set_key_value_metadata(Some(meta.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect()))
-            .build();
-        let mut sink = Self {
-            writer: None,
-            schema: schema.clone(),
-            tmp,
-            out: out.to_path_buf(),
-            d,
-            model: model.map(str::to_string),
-            rows: 0,
-        };
-        sink.writer = Some(parquet::arrow::ArrowWriter::try_new(f, schema, Some(props)).map_err(parquet_err)?);
-        Ok(sink)
-    }
-
-    /// Appends `rows` with their embeddings (`rows.len() × D`, row-major).
-    fn write(&mut self, rows: &[Row], embeddings: &[f32]) -> Result<(), String> {
-        let (n, d) = (rows.len(), self.d);
-        if embeddings.len() != n * d {
-            return Err(format!("the model gave {} values for {n} rows of {d}", embeddings.len()));
-        }
-        let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
-        let window = StructArray::new(window_fields(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
-        let chip_ids = rows.iter().map(|r| {
-            let key = format!("{}\n{}\n{:?}", self.model[2], r.source, r.window);
-            geossl_models::sha256_hex(key.as_bytes())[..32].to_string()
-        });
-        let mut emb = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
-            .with_field(Arc::new(Field::new("element", DataType::Float32, false)));
-        for row in embeddings.chunks(d) {
-            emb.values().append_slice(row);
-            emb.append(true);
-        }
-        // The covering: each footprint's bounding box in CRS84.
-        let bounds: Vec<[f64; 4]> = rows.iter().map(|r| ring_bounds(&r.corners)).collect();
-        let f64s = |k: usize| Arc::new(Float64Array::from_iter_values(bounds.iter().map(|b| b[k]))) as ArrayRef;
-        let bbox = StructArray::new(bbox_fields(), vec![f64s(0), f64s(1), f64s(2), f64s(3)], None);
-        let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(chip_ids)),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
-            Arc::new(window),
-            Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| wkb_polygon(&r.corners)))),
-            Arc::new(bbox),
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.0))),
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.1))),
-            Arc::new(
-                TimestampMicrosecondArray::from(rows.iter().map(|r| r.datetime).collect::<Vec<_>>())
-                    .with_timezone("UTC"),
-            ),
-            constant(&self.model[0]),
-            constant(&self.model[1]),
-            constant(&self.model[2]),
-            Arc::new(emb.finish()),
-        ];
-        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| format!("building rows: {e}"))?;
-        self.writer.as_mut().ok_or("the output is already closed")?.write(&batch).map_err(parquet_err)?;
-        self.rows += n;
-        Ok(())
-    }
-
-    /// Closes the Parquet file, syncs and renames it to `out`.
-    fn finish(mut self) -> Result<(), String> {
-        let w = self.writer.take().ok_or("the output is already closed")?;
-        let f = w.into_inner().map_err(parquet_err)?;
-        f.sync_all().map_err(|e| format!("{}: {e}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| format!("{}: {e}", self.out.display()))?;
-        self.tmp = PathBuf::new(); // renamed: nothing to remove
-        Ok(())
-    }
-}
-
-impl Drop for GeoParquetSink {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            self.writer = None;
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-fn parquet_err(e: parquet::errors::ParquetError) -> String {
-    format!("parquet: {e}")
 }
 
 #[cfg(test)]
@@ -676,13 +525,5 @@ mod tests {
         for bad in ["", "2020:13:01 00:00:00", "yesterday", "2020:01:01"] {
             assert_eq!(parse_tiff_datetime(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn wkb_polygon_layout() {
-        let b = wkb_polygon(&[(0.0, 0.0), (1.0, 0.0), (0.0, 0.0)]);
-        assert_eq!(b.len(), 1 + 4 + 4 + 4 + 3 * 16);
-        assert_eq!(&b[..9], &[1, 3, 0, 0, 0, 1, 0, 0, 0]);
-        assert_eq!(f64::from_le_bytes(b[29..37].try_into().unwrap()), 1.0);
     }
 }

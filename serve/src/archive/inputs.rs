@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::archive::error::ArchiveError;
 use crate::archive::store::{is_url, Location};
 
 /// One input: a GeoTIFF, a band group (a directory whose GeoTIFFs are its
@@ -96,47 +97,51 @@ fn from_files(files: Vec<Location>, band_groups: bool, out: &mut Vec<Input>) {
     }));
 }
 
-/// Resolves `inputs` into a sorted, deduplicated list.
-pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>, String> {
+/// Resolves `inputs` into a sorted, deduplicated list. Any failure here is run-level: the inputs a run was
+/// asked for could not be listed.
+pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>, ArchiveError> {
     let mut out = Vec::new();
     for s in inputs {
         if is_json_name(s) {
-            out.extend(stac_inputs(&Location::parse(s)?)?);
+            out.extend(
+                stac_inputs(&Location::parse(s).map_err(ArchiveError::run)?)
+                    .map_err(|e| ArchiveError::Run(e.to_string()))?,
+            );
         } else if is_url(s) {
             if is_tiff_name(s) {
                 // Not opened now: an unreachable or unauthorized file fails alone when it is embedded.
                 out.push(Input::file(s.clone()));
             } else {
-                let loc = Location::parse(s)?;
-                let listed = loc.list()?;
+                let loc = Location::parse(s).map_err(ArchiveError::run)?;
+                let listed = loc.list().map_err(ArchiveError::run)?;
                 if listed.is_empty() {
-                    return Err(format!("{s}: no objects under this prefix"));
+                    return Err(ArchiveError::Run(format!("{s}: no objects under this prefix")));
                 }
                 from_files(listed, band_groups, &mut out);
             }
         } else if has_glob(s) && !Path::new(s).exists() {
             let mut files = Vec::new();
-            for p in glob::glob(s).map_err(|e| format!("{s}: not a valid pattern: {e}"))? {
-                files.push(Location::local(&p.map_err(|e| format!("{s}: {e}"))?));
+            for p in glob::glob(s).map_err(|e| ArchiveError::Run(format!("{s}: not a valid pattern: {e}")))? {
+                files.push(Location::local(&p.map_err(|e| ArchiveError::Run(format!("{s}: {e}")))?));
             }
             if files.is_empty() {
-                return Err(format!("{s}: the pattern matches no file"));
+                return Err(ArchiveError::Run(format!("{s}: the pattern matches no file")));
             }
             from_files(files, band_groups, &mut out);
         } else {
             let p = Path::new(s);
             if p.is_dir() {
-                from_files(Location::local(p).list()?, band_groups, &mut out);
+                from_files(Location::local(p).list().map_err(ArchiveError::run)?, band_groups, &mut out);
             } else if p.is_file() {
                 // A file named on its own is an input whatever its extension.
                 out.push(Input::file(canonical(s)));
             } else {
-                return Err(format!("{s}: no such file or directory"));
+                return Err(ArchiveError::Run(format!("{s}: no such file or directory")));
             }
         }
     }
     if out.is_empty() {
-        return Err("no GeoTIFF (.tif/.tiff) or STAC item found in the inputs".into());
+        return Err(ArchiveError::Run("no GeoTIFF (.tif/.tiff) or STAC item found in the inputs".into()));
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out.dedup();
@@ -144,22 +149,23 @@ pub fn collect_inputs(inputs: &[String], band_groups: bool) -> Result<Vec<Input>
 }
 
 /// A STAC document's items (parsed once per process).
-fn stac_items(doc: &Location) -> Result<Arc<Vec<crate::archive::stac::Item>>, String> {
+fn stac_items(doc: &Location) -> Result<Arc<Vec<crate::archive::stac::Item>>, ArchiveError> {
     static DOCS: OnceLock<Mutex<HashMap<String, Arc<Vec<crate::archive::stac::Item>>>>> = OnceLock::new();
     let docs = DOCS.get_or_init(Default::default);
     if let Some(items) = docs.lock().unwrap_or_else(|e| e.into_inner()).get(doc.as_str()) {
         return Ok(items.clone());
     }
-    let bytes = doc.read()?.ok_or_else(|| format!("{doc}: not found"))?;
-    let items = Arc::new(crate::archive::stac::items_of(doc.as_str(), &bytes)?);
+    let bytes =
+        doc.read().map_err(ArchiveError::reading)?.ok_or_else(|| ArchiveError::Input(format!("{doc}: not found")))?;
+    let items = Arc::new(crate::archive::stac::items_of(doc.as_str(), &bytes).map_err(ArchiveError::Input)?);
     docs.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.as_str().to_string(), items.clone());
     Ok(items)
 }
 
-fn stac_inputs(doc: &Location) -> Result<Vec<Input>, String> {
+fn stac_inputs(doc: &Location) -> Result<Vec<Input>, ArchiveError> {
     let items = stac_items(doc)?;
     if items.is_empty() {
-        return Err(format!("{doc}: no items"));
+        return Err(ArchiveError::Input(format!("{doc}: no items")));
     }
     let document = canonical(doc.as_str());
     Ok(items
@@ -179,9 +185,14 @@ impl Input {
     }
 
     /// The files (and, for a STAC item, bands) of this input for a model taking `wanted` bands.
-    pub fn resolve(&self, wanted: &[String]) -> Result<Resolved, String> {
+    pub fn resolve(&self, wanted: &[String]) -> Result<Resolved, ArchiveError> {
         let Some(s) = &self.stac else {
-            let files = self.files.iter().map(|f| Location::parse(f)).collect::<Result<Vec<_>, _>>()?;
+            let files = self
+                .files
+                .iter()
+                .map(|f| Location::parse(f))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ArchiveError::reading)?;
             return Ok(Resolved {
                 source: canonical(&self.path),
                 file_band_names: self.files.iter().map(|f| geossl_raster::band_name_from_file(f)).collect(),
@@ -191,15 +202,15 @@ impl Input {
                 datetime: None,
             });
         };
-        let doc = Location::parse(&s.document)?;
+        let doc = Location::parse(&s.document).map_err(ArchiveError::reading)?;
         let items = stac_items(&doc)?;
         let item = items
             .iter()
             .find(|i| i.id == s.id)
-            .ok_or_else(|| format!("{}: the document no longer has item {}", s.document, s.id))?;
+            .ok_or_else(|| ArchiveError::Input(format!("{}: the document no longer has item {}", s.document, s.id)))?;
         // Relative hrefs resolve against the item's own location where it gives one.
         let base = match item.link("self") {
-            Some(l) => doc.resolve(&l.href)?,
+            Some(l) => doc.resolve(&l.href).map_err(ArchiveError::reading)?,
             None => doc.clone(),
         };
         let mut used: Vec<&str> = Vec::new(); // asset keys in order of first use
@@ -232,13 +243,13 @@ impl Input {
                         }
                     })
                     .collect();
-                return Err(format!(
+                return Err(ArchiveError::Input(format!(
                     "STAC item {} ({}): no asset has band {w} (the model takes {}; the item's assets: {})",
                     s.id,
                     s.document,
                     wanted.join(", "),
                     have.join(", ")
-                ));
+                )));
             };
             let k = match used.iter().position(|u| *u == key) {
                 Some(k) => k,
@@ -251,7 +262,11 @@ impl Input {
         }
         let counts: Vec<usize> = used.iter().map(|k| item.assets[*k].band_names().len().max(1)).collect();
         let offsets: Vec<usize> = counts.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
-        let files = used.iter().map(|k| base.resolve(&item.assets[*k].href)).collect::<Result<Vec<_>, _>>()?;
+        let files = used
+            .iter()
+            .map(|k| base.resolve(&item.assets[*k].href))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ArchiveError::reading)?;
         let self_href = item.link("self").map(|_| base.as_str().to_string());
         Ok(Resolved {
             source: self_href.unwrap_or_else(|| self.path.clone()),
@@ -259,7 +274,7 @@ impl Input {
             files,
             bands: Some(picks.iter().map(|&(k, b)| offsets[k] + b).collect()),
             band_counts: Some(counts),
-            datetime: item.datetime_micros()?,
+            datetime: item.datetime_micros().map_err(ArchiveError::Input)?,
         })
     }
 

@@ -3,12 +3,12 @@
 //! the window embeddings (similar colour = similar embedding), and one query
 //! window outlined with its nearest neighbours by cosine similarity.
 //!
-//! Input: a GeoParquet file written by [`crate::embed`] (its `source`, `window`,
+//! Input: a GeoParquet file written by [`crate::archive::embed`] (its `source`, `window`,
 //! `center_lat`/`center_lon` and `embedding` columns) and the scene it came from.
 
 use std::path::{Path, PathBuf};
 
-use arrow_array::{Array, FixedSizeListArray, Float32Array, Float64Array, StringArray, StructArray, UInt32Array};
+use arrow_array::{Float64Array, StringArray};
 use image::{Rgb, RgbImage};
 
 /// What to draw.
@@ -60,29 +60,18 @@ struct Rows {
 
 /// Reads the rows of `source` (a canonical path as `embed` records it).
 fn read_rows(path: &Path, source: &str) -> Result<Rows, String> {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use crate::archive::geoparquet::{col, column, embedding_column, read_columns, window_columns};
     let label = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| format!("{label}: {e}"))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-        .and_then(|b| b.build())
-        .map_err(|e| format!("{label}: not a readable Parquet file: {e}"))?;
+    let cols = [col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING];
+    let batches = read_columns(&crate::archive::store::Location::local(path), &cols).map_err(|e| e.to_string())?;
     let mut rows = Rows { windows: Vec::new(), d: 0, emb: Vec::new() };
     let mut sources = std::collections::BTreeSet::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| format!("{label}: {e}"))?;
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("{label}: no `{name}` column"));
-        let typed = |name: &str| format!("{label}: column `{name}` has an unexpected type");
-        let src = col("source")?.as_any().downcast_ref::<StringArray>().ok_or_else(|| typed("source"))?;
-        let win = col("window")?.as_any().downcast_ref::<StructArray>().ok_or_else(|| typed("window"))?;
-        let lat = col("center_lat")?.as_any().downcast_ref::<Float64Array>().ok_or_else(|| typed("center_lat"))?;
-        let lon = col("center_lon")?.as_any().downcast_ref::<Float64Array>().ok_or_else(|| typed("center_lon"))?;
-        let emb = col("embedding")?.as_any().downcast_ref::<FixedSizeListArray>().ok_or_else(|| typed("embedding"))?;
-        let values = emb.values().as_any().downcast_ref::<Float32Array>().ok_or_else(|| typed("embedding"))?;
-        let field = |k: &str| {
-            win.column_by_name(k).and_then(|c| c.as_any().downcast_ref::<UInt32Array>()).ok_or_else(|| typed("window"))
-        };
-        let (x, y, w, h) = (field("x")?, field("y")?, field("w")?, field("h")?);
-        let d = emb.value_length() as usize;
+    for batch in &batches {
+        let src: &StringArray = column(batch, col::SOURCE, &label).map_err(|e| e.to_string())?;
+        let [x, y, w, h] = window_columns(batch, &label).map_err(|e| e.to_string())?;
+        let lat: &Float64Array = column(batch, col::CENTER_LAT, &label).map_err(|e| e.to_string())?;
+        let lon: &Float64Array = column(batch, col::CENTER_LON, &label).map_err(|e| e.to_string())?;
+        let (emb, values, d) = embedding_column(batch, &label).map_err(|e| e.to_string())?;
         rows.d = d;
         for i in 0..batch.num_rows() {
             if src.value(i) != source {

@@ -4,6 +4,8 @@
 //! plan/shard/verify at scale ([`shard`]) and a picture of one scene's embeddings ([`map`]).
 
 pub mod embed;
+pub mod error;
+pub mod geoparquet;
 pub mod inputs;
 pub mod map;
 pub mod shard;

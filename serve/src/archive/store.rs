@@ -9,6 +9,13 @@
 //! the byte ranges that the raster announces for each window's strips/tiles
 //! ([`geossl_raster::Source::will_read`]). A scene is never downloaded whole.
 //! Every fetched byte is counted ([`fetched`]).
+//!
+//! Failures are typed ([`StoreError`], with a [`StoreErrorKind`] callers branch
+//! on): a **transient** one (timeout, connection reset, HTTP 429 or 5xx,
+//! throttling) is retried with exponential backoff until the retry time
+//! ([`set_retry_time`]) runs out, and only then reported, as
+//! [`StoreErrorKind::Unavailable`]; missing objects, refused credentials and
+//! bad locations are reported at once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
@@ -16,6 +23,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::path::Path as ObjPath;
@@ -31,6 +39,129 @@ const READER_KEEP: usize = 32 << 20;
 /// Headers kept for objects opened again.
 const HEADER_CACHE_BYTES: usize = 64 << 20;
 
+/// What went wrong with a location, as callers decide on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// No such object or file.
+    NotFound,
+    /// Credentials missing, refused or expired.
+    Denied,
+    /// The store did not answer (timeouts, connection resets, 429/5xx) through every retry.
+    Unavailable,
+    /// A location that cannot be used as given (scheme, URL, an HTTP server asked to list).
+    Invalid,
+    /// Anything else the store or the file system said.
+    Other,
+}
+
+/// A failure at a location; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    pub location: String,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn new(kind: StoreErrorKind, location: impl Into<String>, message: impl Into<String>) -> Self {
+        StoreError { kind, location: location.into(), message: message.into() }
+    }
+
+    fn io(location: impl std::fmt::Display, e: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        let kind = match e.kind() {
+            K::NotFound => StoreErrorKind::NotFound,
+            K::PermissionDenied => StoreErrorKind::Denied,
+            _ => StoreErrorKind::Other,
+        };
+        StoreError::new(kind, location.to_string(), e.to_string())
+    }
+
+    fn store(location: &str, e: object_store::Error) -> Self {
+        let kind = match &e {
+            object_store::Error::NotFound { .. } => StoreErrorKind::NotFound,
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                StoreErrorKind::Denied
+            }
+            e if transient(e) => StoreErrorKind::Unavailable,
+            _ => StoreErrorKind::Other,
+        };
+        StoreError::new(kind, location, e.to_string())
+    }
+
+    /// The store error carried by an I/O error (from a [`RangeReader`]), if any.
+    pub fn from_io(e: &std::io::Error) -> Option<&StoreError> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<StoreError>())
+    }
+}
+
+/// Whether an object-store failure is worth retrying: the transport failed (connection refused or reset,
+/// timeout, an interrupted or undecodable response), or the service answered 429, 5xx or throttled.
+fn transient(e: &object_store::Error) -> bool {
+    let object_store::Error::Generic { .. } = e else { return false };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<object_store::client::HttpError>().is_some() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if matches!(
+                io.kind(),
+                K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::ConnectionRefused
+                    | K::TimedOut
+                    | K::BrokenPipe
+                    | K::UnexpectedEof
+                    | K::Interrupted
+            ) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    // Statuses reach here only as text (object_store keeps its retry error private).
+    let text = e.to_string();
+    text.contains("status code: 429")
+        || text.contains("status code: 5")
+        || text.contains("Server returned error response")
+        || text.contains("SlowDown")
+}
+
+/// How long transient failures are retried, in milliseconds.
+static RETRY_MS: AtomicU64 = AtomicU64::new(120_000);
+
+/// How long a store request that fails transiently is retried (with backoff from 0.25 s, doubling up to
+/// 8 s) before the failure is reported; zero leaves only object_store's own few quick retries.
+pub fn set_retry_time(d: Duration) {
+    RETRY_MS.store(d.as_millis().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+}
+
+/// Runs `op` again while it fails transiently and the retry time lasts.
+async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+{
+    let budget = Duration::from_millis(RETRY_MS.load(Ordering::Relaxed));
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if transient(&e) && start.elapsed() + delay <= budget => {
+                tracing::warn!(what, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "transient store failure; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 static FETCHED_BYTES: AtomicU64 = AtomicU64::new(0);
 static FETCH_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
@@ -41,8 +172,10 @@ fn count(bytes: usize) {
 }
 
 /// Bytes `r` of the object, counted; the error names the object and the range.
-async fn get_range(store: &dyn ObjectStore, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, String> {
-    let b = store.get_range(path, r.clone()).await.map_err(|e| format!("{label}: bytes {r:?}: {e}"))?;
+async fn get_range(store: &dyn ObjectStore, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, StoreError> {
+    let b = retrying(label, || store.get_range(path, r.clone()))
+        .await
+        .map_err(|e| StoreError::store(&format!("{label} (bytes {r:?})"), e))?;
     count(b.len());
     Ok(b)
 }
@@ -124,7 +257,7 @@ fn aws_credentials_configured() -> bool {
 }
 
 /// One store per bucket/container/origin, shared by every location in it.
-fn store_for(url: &url::Url) -> Result<Arc<dyn ObjectStore>, String> {
+fn store_for(url: &url::Url) -> Result<Arc<dyn ObjectStore>, StoreError> {
     // TLS through rustls with ring (the build leaves out aws-lc); once per process, before the first client.
     static TLS: std::sync::Once = std::sync::Once::new();
     TLS.call_once(|| {
@@ -137,15 +270,16 @@ fn store_for(url: &url::Url) -> Result<Arc<dyn ObjectStore>, String> {
     if let Some(s) = stores.get(&key) {
         return Ok(s.clone());
     }
-    let err = |e: object_store::Error| format!("{url}: {e}");
+    let err = |e: object_store::Error| StoreError::new(StoreErrorKind::Invalid, url.as_str(), e.to_string());
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "s3" | "s3a" => {
             if !aws_credentials_configured() {
-                return Err(format!(
-                    "{url}: no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY (from a Secret on Kubernetes), AWS_WEB_IDENTITY_TOKEN_FILE, \
-                     AWS_SKIP_SIGNATURE=true for a public bucket, or AWS_METADATA_ENDPOINT to use the \
-                     instance's credentials"
+                return Err(StoreError::new(
+                    StoreErrorKind::Denied,
+                    url.as_str(),
+                    "no AWS credentials in the environment: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                     (from a Secret on Kubernetes), AWS_WEB_IDENTITY_TOKEN_FILE, AWS_SKIP_SIGNATURE=true for a \
+                     public bucket, or AWS_METADATA_ENDPOINT to use the instance's credentials",
                 ));
             }
             Arc::new(
@@ -179,7 +313,11 @@ fn store_for(url: &url::Url) -> Result<Arc<dyn ObjectStore>, String> {
                 .map_err(err)?,
         ),
         other => {
-            return Err(format!("{url}: unsupported scheme {other}:// (use s3://, gs://, az://, http(s):// or a path)"))
+            return Err(StoreError::new(
+                StoreErrorKind::Invalid,
+                url.as_str(),
+                format!("unsupported scheme {other}:// (use s3://, gs://, az://, http(s):// or a path)"),
+            ))
         }
     };
     stores.insert(key, store.clone());
@@ -188,18 +326,19 @@ fn store_for(url: &url::Url) -> Result<Arc<dyn ObjectStore>, String> {
 
 impl Location {
     /// A local path (`file://` URLs too) or an object-store URL.
-    pub fn parse(s: &str) -> Result<Location, String> {
+    pub fn parse(s: &str) -> Result<Location, StoreError> {
         if !is_url(s) {
             return Ok(Location::local(Path::new(s)));
         }
-        let url = url::Url::parse(s).map_err(|e| format!("{s}: not a URL: {e}"))?;
+        let invalid = |m: String| StoreError::new(StoreErrorKind::Invalid, s, m);
+        let url = url::Url::parse(s).map_err(|e| invalid(format!("not a URL: {e}")))?;
         if url.scheme() == "file" {
-            let p = url.to_file_path().map_err(|()| format!("{s}: not a local file URL"))?;
+            let p = url.to_file_path().map_err(|()| invalid("not a local file URL".into()))?;
             return Ok(Location::local(&p));
         }
         let store = store_for(&url)?;
         // The bucket/container is the store's (`store_for` refuses other schemes); the object is the URL's path.
-        let path = ObjPath::from_url_path(url.path()).map_err(|e| format!("{s}: {e}"))?;
+        let path = ObjPath::from_url_path(url.path()).map_err(|e| invalid(e.to_string()))?;
         Ok(Location { repr: s.to_string(), kind: Kind::Remote { store, path, url } })
     }
 
@@ -247,24 +386,26 @@ impl Location {
 
     /// Resolves a (possibly relative) reference against this location, as a
     /// STAC asset `href` against its item.
-    pub fn resolve(&self, href: &str) -> Result<Location, String> {
+    pub fn resolve(&self, href: &str) -> Result<Location, StoreError> {
         if is_url(href) || Path::new(href).is_absolute() {
             return Location::parse(href);
         }
         match &self.kind {
             Kind::Local(p) => Ok(Location::local(&p.parent().unwrap_or(Path::new(".")).join(href))),
             Kind::Remote { url, .. } => {
-                let u = url.join(href).map_err(|e| format!("{href} (relative to {}): {e}", self.repr))?;
+                let u = url.join(href).map_err(|e| {
+                    StoreError::new(StoreErrorKind::Invalid, href, format!("relative to {}: {e}", self.repr))
+                })?;
                 Location::parse(u.as_str())
             }
         }
     }
 
     /// Opens the object for reading by ranges (a buffered file, for a local path).
-    pub fn open(&self) -> Result<Box<dyn geossl_raster::Source + Send>, String> {
+    pub fn open(&self) -> Result<Box<dyn geossl_raster::Source + Send>, StoreError> {
         match &self.kind {
             Kind::Local(p) => {
-                let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let f = std::fs::File::open(p).map_err(|e| StoreError::io(p.display(), &e))?;
                 Ok(Box::new(std::io::BufReader::with_capacity(1 << 16, f)))
             }
             Kind::Remote { store, path, .. } => Ok(Box::new(RangeReader::open(store.clone(), path, &self.repr)?)),
@@ -272,35 +413,35 @@ impl Location {
     }
 
     /// The whole object; `None` when there is none.
-    pub fn read(&self) -> Result<Option<Vec<u8>>, String> {
+    pub fn read(&self) -> Result<Option<Vec<u8>>, StoreError> {
         match &self.kind {
             Kind::Local(p) => match std::fs::read(p) {
                 Ok(b) => Ok(Some(b)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(format!("{}: {e}", p.display())),
+                Err(e) => Err(StoreError::io(p.display(), &e)),
             },
             Kind::Remote { store, path, .. } => {
-                let got = block_on(async { store.get(path).await?.bytes().await });
+                let got = block_on(retrying(&self.repr, || async { store.get(path).await?.bytes().await }));
                 match got {
                     Ok(b) => {
                         count(b.len());
                         Ok(Some(b.to_vec()))
                     }
                     Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(format!("{}: {e}", self.repr)),
+                    Err(e) => Err(StoreError::store(&self.repr, e)),
                 }
             }
         }
     }
 
     /// Whether the object exists.
-    pub fn exists(&self) -> Result<bool, String> {
+    pub fn exists(&self) -> Result<bool, StoreError> {
         match &self.kind {
             Kind::Local(p) => Ok(p.exists()),
-            Kind::Remote { store, path, .. } => match block_on(store.head(path)) {
+            Kind::Remote { store, path, .. } => match block_on(retrying(&self.repr, || store.head(path))) {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(format!("{}: {e}", self.repr)),
+                Err(e) => Err(StoreError::store(&self.repr, e)),
             },
         }
     }
@@ -308,16 +449,18 @@ impl Location {
     /// Writes `bytes` atomically: readers see the old object or the new one,
     /// never a part (a temporary file and a rename locally; one PUT remotely).
     /// With `create_only`, an existing object is kept and `false` returned.
-    pub fn write(&self, bytes: &[u8], create_only: bool) -> Result<bool, String> {
+    pub fn write(&self, bytes: &[u8], create_only: bool) -> Result<bool, StoreError> {
         match &self.kind {
             Kind::Local(p) => {
                 if create_only && p.exists() {
                     return Ok(false);
                 }
                 if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir.display(), &e))?;
                 }
-                let name = p.file_name().ok_or_else(|| format!("{}: not a file path", p.display()))?;
+                let name = p.file_name().ok_or_else(|| {
+                    StoreError::new(StoreErrorKind::Invalid, p.display().to_string(), "not a file path")
+                })?;
                 let tmp = p.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
                 let r = std::fs::write(&tmp, bytes).and_then(|()| {
                     if create_only {
@@ -334,63 +477,85 @@ impl Location {
                     Err(e) if create_only && e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
                     Err(e) => {
                         let _ = std::fs::remove_file(&tmp);
-                        Err(format!("{}: {e}", p.display()))
+                        Err(StoreError::io(p.display(), &e))
                     }
                 }
             }
             Kind::Remote { store, path, .. } => {
                 let mode = if create_only { PutMode::Create } else { PutMode::Overwrite };
-                let opts = PutOptions { mode, ..Default::default() };
-                match block_on(store.put_opts(path, PutPayload::from(bytes.to_vec()), opts)) {
+                let payload = PutPayload::from(bytes.to_vec());
+                let put =
+                    || store.put_opts(path, payload.clone(), PutOptions { mode: mode.clone(), ..Default::default() });
+                match block_on(retrying(&self.repr, put)) {
                     Ok(_) => Ok(true),
                     Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-                    Err(e) => Err(format!("{}: {e}", self.repr)),
+                    Err(e) => Err(StoreError::store(&self.repr, e)),
                 }
             }
         }
     }
 
-    /// Copies the local file `file` here (atomically: a multipart upload
-    /// appears only when complete).
-    pub fn upload(&self, file: &Path) -> Result<(), String> {
+    /// A local file to make this location's content in before [`Location::publish`]: a hidden sibling of
+    /// a local path (so the publishing rename stays on one file system), a file in the temporary
+    /// directory for an object. `tag` keeps spools of one process apart.
+    pub fn spool(&self, tag: &str) -> PathBuf {
+        match &self.kind {
+            Kind::Local(p) => p.with_file_name(format!(".{}.spool-{tag}-{}", self.file_name(), std::process::id())),
+            Kind::Remote { .. } => {
+                std::env::temp_dir().join(format!("geossl-spool-{tag}-{}-{}", std::process::id(), self.file_name()))
+            }
+        }
+    }
+
+    /// Publishes the finished file `spool` here, atomically — readers see the old object or the new one,
+    /// never a part: a rename for a local path, one multipart upload (which appears when complete) for an
+    /// object. The spool is gone afterwards, whether or not publishing succeeded.
+    pub fn publish(&self, spool: &Path) -> Result<(), StoreError> {
+        let r = self.publish_inner(spool);
+        let _ = std::fs::remove_file(spool);
+        r
+    }
+
+    fn publish_inner(&self, spool: &Path) -> Result<(), StoreError> {
         match &self.kind {
             Kind::Local(p) => {
-                let tmp = p.with_file_name(format!(".{}.tmp-{}", self.file_name(), std::process::id()));
-                let r = std::fs::copy(file, &tmp).and_then(|_| std::fs::rename(&tmp, p));
-                if r.is_err() {
-                    let _ = std::fs::remove_file(&tmp);
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir.display(), &e))?;
                 }
-                r.map_err(|e| format!("{}: {e}", p.display()))
+                std::fs::rename(spool, p).map_err(|e| StoreError::io(p.display(), &e))
             }
             Kind::Remote { store, path, .. } => {
-                let err = |e: String| format!("uploading {} to {}: {e}", file.display(), self.repr);
-                let mut f = std::fs::File::open(file).map_err(|e| err(e.to_string()))?;
-                block_on(async {
-                    let upload = store.put_multipart(path).await.map_err(|e| err(e.to_string()))?;
+                let at = format!("{} (uploading {})", self.repr, spool.display());
+                block_on(retrying(&self.repr, || async {
+                    let mut f = std::fs::File::open(spool)
+                        .map_err(|e| object_store::Error::Generic { store: "local spool", source: Box::new(e) })?;
+                    let upload = store.put_multipart(path).await?;
                     let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, 16 << 20);
                     let mut buf = vec![0u8; 4 << 20];
                     loop {
-                        let n = f.read(&mut buf).map_err(|e| err(e.to_string()))?;
+                        let n = f
+                            .read(&mut buf)
+                            .map_err(|e| object_store::Error::Generic { store: "local spool", source: Box::new(e) })?;
                         if n == 0 {
                             break;
                         }
-                        w.wait_for_capacity(4).await.map_err(|e| err(e.to_string()))?;
+                        w.wait_for_capacity(4).await?;
                         w.write(&buf[..n]);
                     }
-                    w.finish().await.map_err(|e| err(e.to_string()))?;
-                    Ok(())
-                })
+                    w.finish().await.map(|_| ())
+                }))
+                .map_err(|e| StoreError::store(&at, e))
             }
         }
     }
 
     /// Every object under this directory or prefix (recursively), sorted.
-    pub fn list(&self) -> Result<Vec<Location>, String> {
+    pub fn list(&self) -> Result<Vec<Location>, StoreError> {
         match &self.kind {
             Kind::Local(p) => {
-                fn walk(d: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
-                    for e in std::fs::read_dir(d).map_err(|e| format!("{}: {e}", d.display()))? {
-                        let p = e.map_err(|e| format!("{}: {e}", d.display()))?.path();
+                fn walk(d: &Path, out: &mut Vec<PathBuf>) -> Result<(), StoreError> {
+                    for e in std::fs::read_dir(d).map_err(|e| StoreError::io(d.display(), &e))? {
+                        let p = e.map_err(|e| StoreError::io(d.display(), &e))?.path();
                         if p.is_dir() {
                             walk(&p, out)?;
                         } else {
@@ -407,11 +572,16 @@ impl Location {
             Kind::Remote { store, path, url } => {
                 use futures_util::TryStreamExt;
                 if matches!(url.scheme(), "http" | "https") {
-                    return Err(format!("{}: an HTTP server cannot be listed; name its files", self.repr));
+                    return Err(StoreError::new(
+                        StoreErrorKind::Invalid,
+                        &self.repr,
+                        "an HTTP server cannot be listed; name its files",
+                    ));
                 }
                 let prefix = (!path.as_ref().is_empty()).then_some(path);
                 let metas: Vec<object_store::ObjectMeta> =
-                    block_on(store.list(prefix).try_collect()).map_err(|e| format!("{}: listing: {e}", self.repr))?;
+                    block_on(retrying(&self.repr, || store.list(prefix).try_collect()))
+                        .map_err(|e| StoreError::store(&format!("{} (listing)", self.repr), e))?;
                 let base = self.repr.trim_end_matches('/');
                 let mut out: Vec<Location> = metas
                     .into_iter()
@@ -432,29 +602,31 @@ impl Location {
     }
 
     /// Removes the object (nothing when there is none).
-    pub fn remove(&self) -> Result<(), String> {
+    pub fn remove(&self) -> Result<(), StoreError> {
         match &self.kind {
             Kind::Local(p) => match std::fs::remove_file(p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: {e}", p.display())),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::io(p.display(), &e)),
                 _ => Ok(()),
             },
-            Kind::Remote { store, path, .. } => match block_on(store.delete(path)) {
+            Kind::Remote { store, path, .. } => match block_on(retrying(&self.repr, || store.delete(path))) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(format!("{}: {e}", self.repr)),
+                Err(e) => Err(StoreError::store(&self.repr, e)),
             },
         }
     }
 
     /// Reads the object through [`parquet`]'s chunk interface: a remote
     /// Parquet file is read by ranges (footer, then the columns asked for).
-    pub fn parquet_reader(&self) -> Result<ParquetSource, String> {
+    pub fn parquet_reader(&self) -> Result<ParquetSource, StoreError> {
         match &self.kind {
             Kind::Local(p) => {
-                let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let f = std::fs::File::open(p).map_err(|e| StoreError::io(p.display(), &e))?;
                 Ok(ParquetSource::Local(f))
             }
             Kind::Remote { store, path, .. } => {
-                let size = block_on(store.head(path)).map_err(|e| format!("{}: {e}", self.repr))?.size;
+                let size = block_on(retrying(&self.repr, || store.head(path)))
+                    .map_err(|e| StoreError::store(&self.repr, e))?
+                    .size;
                 Ok(ParquetSource::Remote { store: store.clone(), path: path.clone(), size })
             }
         }
@@ -494,7 +666,7 @@ impl parquet::file::reader::ChunkReader for ParquetSource {
             ParquetSource::Local(f) => f.get_bytes(start, length),
             ParquetSource::Remote { store, path, .. } => {
                 block_on(get_range(store.as_ref(), path, path.as_ref(), start..start + length as u64))
-                    .map_err(parquet::errors::ParquetError::General)
+                    .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
             }
         }
     }
@@ -532,7 +704,7 @@ pub struct RangeReader {
 }
 
 /// A background fetch of one byte range.
-type Fetching = tokio::task::JoinHandle<Result<Bytes, String>>;
+type Fetching = tokio::task::JoinHandle<Result<Bytes, StoreError>>;
 
 /// Background fetches one reader keeps in flight at most.
 const MAX_PENDING: usize = 32;
@@ -544,15 +716,17 @@ impl std::fmt::Debug for RangeReader {
 }
 
 impl RangeReader {
-    fn open(store: Arc<dyn ObjectStore>, path: &ObjPath, label: &str) -> Result<Self, String> {
+    fn open(store: Arc<dyn ObjectStore>, path: &ObjPath, label: &str) -> Result<Self, StoreError> {
         let cached = header_cache().lock().unwrap_or_else(|e| e.into_inner()).0.get(label).cloned();
         let (size, head) = match cached {
             Some(c) => c,
             None => {
-                let size = match block_on(store.head(path)) {
+                let size = match block_on(retrying(label, || store.head(path))) {
                     Ok(m) => m.size,
-                    Err(object_store::Error::NotFound { .. }) => return Err(format!("{label}: no such object")),
-                    Err(e) => return Err(format!("{label}: {e}")),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        return Err(StoreError::new(StoreErrorKind::NotFound, label, "no such object"))
+                    }
+                    Err(e) => return Err(StoreError::store(label, e)),
                 };
                 count(0); // the HEAD request
                 let head = fetch(&store, path, label, 0..size.min(HEAD_BYTES))?;
@@ -625,7 +799,13 @@ impl RangeReader {
             if ranges.iter().any(|r| r.start < p.end && p.start < r.end) {
                 let (r, handle) = self.pending.swap_remove(i);
                 let b = block_on(handle)
-                    .map_err(|e| std::io::Error::other(format!("{}: fetch task: {e}", self.label)))?
+                    .map_err(|e| {
+                        std::io::Error::other(StoreError::new(
+                            StoreErrorKind::Other,
+                            &self.label,
+                            format!("fetch task: {e}"),
+                        ))
+                    })?
                     .map_err(std::io::Error::other)?;
                 self.insert(r.start, b);
             } else {
@@ -668,7 +848,7 @@ impl Drop for RangeReader {
     }
 }
 
-fn fetch(store: &Arc<dyn ObjectStore>, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, String> {
+fn fetch(store: &Arc<dyn ObjectStore>, path: &ObjPath, label: &str, r: Range<u64>) -> Result<Bytes, StoreError> {
     tracing::debug!(object = label, start = r.start, len = r.end - r.start, "fetch");
     block_on(get_range(store.as_ref(), path, label, r))
 }
@@ -772,7 +952,7 @@ mod tests {
         let l = Location::parse("/data/scenes").expect("local");
         assert_eq!(l.join("a.tif").as_str(), "/data/scenes/a.tif");
         assert_eq!(l.join("a.tif").resolve("b.tif").expect("relative").as_str(), "/data/scenes/b.tif");
-        let e = Location::parse("ftp://host/x.tif").expect_err("ftp");
+        let e = Location::parse("ftp://host/x.tif").expect_err("ftp").to_string();
         assert!(e.contains("unsupported scheme ftp://"), "{e}");
     }
 
@@ -782,7 +962,7 @@ mod tests {
     fn https_stores_have_a_tls_provider() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let l = Location::parse(&format!("https://127.0.0.1:{port}/scene.tif")).expect("https location");
-        let e = l.exists().expect_err("nothing listens there");
+        let e = l.exists().expect_err("nothing listens there").to_string();
         assert!(e.contains("scene.tif"), "{e}");
     }
 }

@@ -151,6 +151,9 @@ struct VerifyArgs {
     /// The dataset directory or prefix (part-NNNNN.parquet and _SUCCESS-NNNNN.json): a path or URL.
     #[arg(long, env = "GEOSSL_DATASET")]
     dataset: String,
+    /// Succeed even when some inputs failed (they are listed; without it, failed inputs make verify fail).
+    #[arg(long, env = "GEOSSL_ALLOW_FAILED")]
+    allow_failed: bool,
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +182,15 @@ struct EmbedArgs {
     /// How many shards the plan is split into.
     #[arg(long, env = "GEOSSL_SHARD_COUNT", default_value_t = 1)]
     shard_count: usize,
+    /// With --plan: embed again exactly the inputs that this finished shard recorded as failed, into one
+    /// more part of the shard (its marker then lists what still failed).
+    #[arg(long, env = "GEOSSL_RETRY_FAILED", requires = "plan")]
+    retry_failed: bool,
+    /// Seconds an object-store request keeps being retried (backoff from 0.25 s to 8 s) on timeouts,
+    /// connection resets, 429 and 5xx before the run fails and publishes nothing (0 = only object_store's
+    /// own few quick retries).
+    #[arg(long, env = "GEOSSL_RETRY_TIMEOUT_S", default_value_t = 120.0)]
+    retry_timeout_s: f64,
     /// Window step in pixels (default: the model's input size, no overlap).
     #[arg(long, env = "GEOSSL_STRIDE")]
     stride: Option<usize>,
@@ -374,27 +386,31 @@ fn map(a: MapArgs) -> Result<()> {
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {
+    use geossl_serve::archive::shard;
     use geossl_serve::archive::store::Location;
     init_logs(&a.log, LogFormat::Text)?;
-    let loc = |s: &str| Location::parse(s).map_err(anyhow::Error::msg);
+    if !(a.retry_timeout_s.is_finite() && a.retry_timeout_s >= 0.0) {
+        bail!("--retry-timeout-s {} (must be 0 or more seconds)", a.retry_timeout_s);
+    }
+    geossl_serve::archive::store::set_retry_time(std::time::Duration::from_secs_f64(a.retry_timeout_s));
+    let loc = |s: &str| Location::parse(s).map_err(anyhow::Error::new);
     match a.sub {
         Some(EmbedSub::Plan(p)) => {
             let at = loc(&p.out)?;
-            if p.keep_existing && at.exists().map_err(anyhow::Error::msg)? {
-                let (plan, sha) = geossl_serve::archive::shard::read_plan(&at).map_err(anyhow::Error::msg)?;
+            if p.keep_existing && at.exists()? {
+                let (plan, sha) = shard::read_plan(&at)?;
                 println!("kept {at} ({} inputs, sha256 {sha})", plan.inputs.len());
                 return Ok(());
             }
-            let plan = geossl_serve::archive::shard::make_plan(&p.input, p.band_groups).map_err(anyhow::Error::msg)?;
-            let (sha, wrote) =
-                geossl_serve::archive::shard::write_plan(&plan, &at, p.keep_existing).map_err(anyhow::Error::msg)?;
+            let plan = shard::make_plan(&p.input, p.band_groups)?;
+            let (sha, wrote) = shard::write_plan(&plan, &at, p.keep_existing)?;
             let verb = if wrote { "wrote" } else { "kept" };
             println!("{verb} {at} ({} inputs, sha256 {sha})", plan.inputs.len());
             return Ok(());
         }
         Some(EmbedSub::Verify(v)) => {
             let dataset = loc(&v.dataset)?;
-            let r = geossl_serve::archive::shard::verify(&loc(&v.plan)?, &dataset).map_err(anyhow::Error::msg)?;
+            let r = shard::verify(&loc(&v.plan)?, &dataset)?;
             for f in &r.failed_inputs {
                 eprintln!("failed input: {f}");
             }
@@ -404,18 +420,24 @@ fn embed(a: EmbedArgs) -> Result<()> {
                 r.rows,
                 r.failed_inputs.len()
             );
+            if !r.failed_inputs.is_empty() && !v.allow_failed {
+                bail!(
+                    "{} input(s) failed (listed above): redo them with `embed --retry-failed` on each shard, or pass \
+                     --allow-failed to accept the dataset without them",
+                    r.failed_inputs.len()
+                );
+            }
             return Ok(());
         }
         None => {}
     }
     let (model, out) = (a.model.context("--model is required")?, a.out.context("--out is required")?);
     let out = loc(&out)?;
-    // A remote output is made in a local spool file and uploaded when complete.
-    let spool = std::env::temp_dir().join(format!("geossl-embed-{}.parquet", std::process::id()));
-    let mut opts = geossl_serve::archive::embed::EmbedOptions {
+    let opts = geossl_serve::archive::embed::EmbedOptions {
         model,
         inputs: a.input,
-        out: out.as_local().map(PathBuf::from).unwrap_or_else(|| spool.clone()),
+        // The rows are made in a spool file and published when complete (a rename, or one upload).
+        out: out.spool("embed"),
         stride: a.stride,
         band_groups: a.band_groups,
         bands: a.bands,
@@ -429,30 +451,47 @@ fn embed(a: EmbedArgs) -> Result<()> {
         model_name: a.model_name,
         model_version: a.model_version,
     };
+    let failed = |s: &geossl_serve::archive::embed::Summary| {
+        for f in &s.failed {
+            eprintln!("failed {}", f.error);
+        }
+    };
     if let Some(plan) = &a.plan {
-        use geossl_serve::archive::shard::{run_shard, ShardOutcome};
+        use geossl_serve::archive::shard::ShardOutcome;
         let (i, n) = (a.shard_index, a.shard_count);
-        opts.out = PathBuf::new();
-        match run_shard(&opts, &loc(plan)?, &out, i, n).map_err(anyhow::Error::msg)? {
+        let plan = loc(plan)?;
+        let outcome = if a.retry_failed {
+            shard::retry_failed(&opts, &plan, &out, i, n)
+        } else {
+            shard::run_shard(&opts, &plan, &out, i, n)
+        };
+        match outcome.with_context(|| format!("shard {i} of {n} published nothing"))? {
+            ShardOutcome::AlreadyDone(m) if a.retry_failed => {
+                println!("shard {i} of {n}: no failed input to redo ({} rows)", m.rows)
+            }
             ShardOutcome::AlreadyDone(m) => println!("shard {i} of {n} already done ({} rows); nothing redone", m.rows),
-            ShardOutcome::Done(_, s) => {
-                for f in &s.skipped_files {
-                    eprintln!("failed {f}");
-                }
-                println!("shard {i} of {n}: wrote {}: {}", geossl_serve::archive::shard::part_path(&out, i), s.line());
+            ShardOutcome::Done(m, s) => {
+                failed(&s);
+                println!(
+                    "shard {i} of {n}: {} parts, {} rows in all; this run: {}",
+                    m.part_names().len(),
+                    m.rows,
+                    s.line()
+                );
             }
         }
         return Ok(());
     }
-    let s = geossl_serve::archive::embed::run(&opts).map_err(anyhow::Error::msg)?;
-    if out.is_remote() {
-        let up = out.upload(&spool).map_err(anyhow::Error::msg);
-        let _ = std::fs::remove_file(&spool);
-        up?;
+    if a.retry_failed {
+        bail!("--retry-failed redoes the failed inputs of a sharded dataset: give --plan too");
     }
-    for f in &s.skipped_files {
-        eprintln!("failed {f}");
+    let s = geossl_serve::archive::embed::run(&opts).context("nothing was written")?;
+    failed(&s);
+    if s.files == 0 {
+        let _ = std::fs::remove_file(&opts.out);
+        bail!("no input could be embedded ({} failed); nothing was written", s.failed.len());
     }
+    out.publish(&opts.out)?;
     println!("wrote {out}: {}", s.line());
     Ok(())
 }

@@ -1,0 +1,315 @@
+//! The GeoParquet rows of archive embedding, in one place: the schema (column names and types, the `geo`
+//! metadata), the sink that writes them, and the readers of a file's columns (verify, map, search).
+//!
+//! Rows (GeoParquet 1.1, geometry WKB in OGC:CRS84): `chip_id` (SHA-256 of model hash + source + window),
+//! `source`, `window {x, y, w, h}` (pixels), `geometry` (the window's footprint polygon), `bbox {xmin, ymin,
+//! xmax, ymax}` (the covering), `center_lat`, `center_lon`, `datetime` (nullable), `model_name`,
+//! `model_version`, `model_sha256`, `embedding` (`FixedSizeList<Float32, D>`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+use arrow_array::{
+    Array, ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Float64Array, RecordBatch, StringArray,
+    StructArray, TimestampMicrosecondArray, UInt32Array,
+};
+use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
+
+use crate::archive::error::ArchiveError;
+use crate::archive::store::Location;
+
+/// Column names.
+pub mod col {
+    pub const CHIP_ID: &str = "chip_id";
+    pub const SOURCE: &str = "source";
+    pub const WINDOW: &str = "window";
+    pub const GEOMETRY: &str = "geometry";
+    pub const BBOX: &str = "bbox";
+    pub const CENTER_LAT: &str = "center_lat";
+    pub const CENTER_LON: &str = "center_lon";
+    pub const DATETIME: &str = "datetime";
+    pub const MODEL_NAME: &str = "model_name";
+    pub const MODEL_VERSION: &str = "model_version";
+    pub const MODEL_SHA256: &str = "model_sha256";
+    pub const EMBEDDING: &str = "embedding";
+}
+
+/// Default rows per Parquet row group: bounds the writer's memory (with D = 2048, 8192 rows of embeddings
+/// are 64 MiB).
+pub const ROW_GROUP_ROWS: usize = 8192;
+
+/// One window's row, less its embedding.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub source: String,
+    /// `[x, y, w, h]` in pixels.
+    pub window: [u32; 4],
+    /// The footprint: a closed ring of (lon, lat).
+    pub corners: Vec<(f64, f64)>,
+    /// (lat, lon) of the window's centre.
+    pub center: (f64, f64),
+    /// Microseconds since 1970 (UTC).
+    pub datetime: Option<i64>,
+}
+
+/// The chip id of a window: the first 128 bits of SHA-256 of the model hash, the source and the window.
+pub fn chip_id(model_sha256: &str, source: &str, window: [u32; 4]) -> String {
+    let key = format!("{model_sha256}\n{source}\n{window:?}");
+    geossl_models::sha256_hex(key.as_bytes())[..32].to_string()
+}
+
+/// `[xmin, ymin, xmax, ymax]` of a ring of (lon, lat) points.
+pub fn ring_bounds(ring: &[(f64, f64)]) -> [f64; 4] {
+    ring.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, &(x, y)| {
+        [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)]
+    })
+}
+
+/// OGC WKB (little endian) of a one-ring polygon.
+pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(13 + 16 * ring.len());
+    b.push(1);
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&(ring.len() as u32).to_le_bytes());
+    for (x, y) in ring {
+        b.extend_from_slice(&x.to_le_bytes());
+        b.extend_from_slice(&y.to_le_bytes());
+    }
+    b
+}
+
+fn bbox_fields() -> Fields {
+    ["xmin", "ymin", "xmax", "ymax"].iter().map(|f| Field::new(*f, DataType::Float64, false)).collect::<Vec<_>>().into()
+}
+
+fn window_fields() -> Fields {
+    ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
+}
+
+/// The `geo` metadata: GeoParquet 1.1, WKB footprints in OGC:CRS84 with the bbox covering, whose
+/// row-group statistics let readers skip what lies outside their area.
+fn geo_metadata() -> serde_json::Value {
+    serde_json::json!({
+        "version": "1.1.0",
+        "primary_column": col::GEOMETRY,
+        "columns": { col::GEOMETRY: {
+            "encoding": "WKB",
+            "geometry_types": ["Polygon"],
+            "orientation": "counterclockwise",
+            "covering": { col::BBOX: {
+                "xmin": [col::BBOX, "xmin"], "ymin": [col::BBOX, "ymin"],
+                "xmax": [col::BBOX, "xmax"], "ymax": [col::BBOX, "ymax"],
+            } },
+        } },
+    })
+}
+
+/// The schema of rows with `d`-dimensional embeddings and `meta` (`geo`, `geossl`) in its metadata.
+pub fn schema(d: usize, meta: &[(String, String)]) -> Schema {
+    let element = Arc::new(Field::new("element", DataType::Float32, false));
+    Schema::new_with_metadata(
+        vec![
+            Field::new(col::CHIP_ID, DataType::Utf8, false),
+            Field::new(col::SOURCE, DataType::Utf8, false),
+            Field::new(col::WINDOW, DataType::Struct(window_fields()), false),
+            Field::new(col::GEOMETRY, DataType::Binary, false),
+            Field::new(col::BBOX, DataType::Struct(bbox_fields()), false),
+            Field::new(col::CENTER_LAT, DataType::Float64, false),
+            Field::new(col::CENTER_LON, DataType::Float64, false),
+            Field::new(col::DATETIME, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+            Field::new(col::MODEL_NAME, DataType::Utf8, false),
+            Field::new(col::MODEL_VERSION, DataType::Utf8, false),
+            Field::new(col::MODEL_SHA256, DataType::Utf8, false),
+            Field::new(col::EMBEDDING, DataType::FixedSizeList(element, d as i32), false),
+        ],
+        meta.iter().cloned().collect::<std::collections::HashMap<String, String>>(),
+    )
+}
+
+/// The GeoParquet output (ZSTD, the `geo` and `geossl` provenance metadata in both the Arrow schema and the
+/// file's key-value metadata), written as rows come into `path` (a spool: [`Location::publish`] moves it to
+/// its place). Dropped unfinished, it removes the file.
+#[derive(Debug)]
+pub struct Sink {
+    writer: Option<parquet::arrow::ArrowWriter<std::fs::File>>,
+    schema: Arc<Schema>,
+    path: PathBuf,
+    d: usize,
+    /// Model name, version and SHA-256, recorded in every row.
+    model: [String; 3],
+    pub rows: usize,
+}
+
+fn parquet_err(e: parquet::errors::ParquetError) -> ArchiveError {
+    ArchiveError::Run(format!("parquet: {e}"))
+}
+
+impl Sink {
+    pub fn create(
+        path: &Path,
+        d: usize,
+        model: [&str; 3],
+        provenance: &serde_json::Value,
+        row_group_rows: usize,
+    ) -> Result<Self, ArchiveError> {
+        use parquet::file::metadata::KeyValue;
+        use parquet::file::properties::WriterProperties;
+        // In the Arrow schema (pyarrow, GeoPandas) and in the file's key-value metadata (GDAL, DuckDB).
+        let meta = [("geo".to_string(), geo_metadata().to_string()), ("geossl".to_string(), provenance.to_string())];
+        let schema = Arc::new(schema(d, &meta));
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| ArchiveError::Run(format!("{}: {e}", dir.display())))?;
+        }
+        let f = std::fs::File::create(path).map_err(|e| ArchiveError::Run(format!("{}: {e}", path.display())))?;
+        let props = WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::ZSTD(
+                parquet::basic::ZstdLevel::try_new(3).map_err(parquet_err)?,
+            ))
+            .set_max_row_group_row_count(Some(row_group_rows))
+            .set_key_value_metadata(Some(meta.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect()))
+            .build();
+        let writer = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), Some(props)).map_err(parquet_err)?;
+        Ok(Sink {
+            writer: Some(writer),
+            schema,
+            path: path.to_path_buf(),
+            d,
+            model: model.map(str::to_string),
+            rows: 0,
+        })
+    }
+
+    /// Appends `rows` with their embeddings (`rows.len() × D`, row-major).
+    pub fn write(&mut self, rows: &[Row], embeddings: &[f32]) -> Result<(), ArchiveError> {
+        let (n, d) = (rows.len(), self.d);
+        if embeddings.len() != n * d {
+            return Err(ArchiveError::Run(format!("the model gave {} values for {n} rows of {d}", embeddings.len())));
+        }
+        let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
+        let window = StructArray::new(window_fields(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
+        let chip_ids = rows.iter().map(|r| chip_id(&self.model[2], &r.source, r.window));
+        let mut emb = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
+            .with_field(Arc::new(Field::new("element", DataType::Float32, false)));
+        for row in embeddings.chunks(d) {
+            emb.values().append_slice(row);
+            emb.append(true);
+        }
+        // The covering: each footprint's bounding box in CRS84.
+        let bounds: Vec<[f64; 4]> = rows.iter().map(|r| ring_bounds(&r.corners)).collect();
+        let f64s = |k: usize| Arc::new(Float64Array::from_iter_values(bounds.iter().map(|b| b[k]))) as ArrayRef;
+        let bbox = StructArray::new(bbox_fields(), vec![f64s(0), f64s(1), f64s(2), f64s(3)], None);
+        let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(chip_ids)),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
+            Arc::new(window),
+            Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| wkb_polygon(&r.corners)))),
+            Arc::new(bbox),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.0))),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.center.1))),
+            Arc::new(
+                TimestampMicrosecondArray::from(rows.iter().map(|r| r.datetime).collect::<Vec<_>>())
+                    .with_timezone("UTC"),
+            ),
+            constant(&self.model[0]),
+            constant(&self.model[1]),
+            constant(&self.model[2]),
+            Arc::new(emb.finish()),
+        ];
+        let batch = RecordBatch::try_new(self.schema.clone(), columns)
+            .map_err(|e| ArchiveError::Run(format!("building rows: {e}")))?;
+        let w = self.writer.as_mut().ok_or_else(|| ArchiveError::Run("the output is already closed".into()))?;
+        w.write(&batch).map_err(parquet_err)?;
+        self.rows += n;
+        Ok(())
+    }
+
+    /// Closes the Parquet file and syncs it; returns its path.
+    pub fn finish(mut self) -> Result<PathBuf, ArchiveError> {
+        let w = self.writer.take().ok_or_else(|| ArchiveError::Run("the output is already closed".into()))?;
+        let f = w.into_inner().map_err(parquet_err)?;
+        f.sync_all().map_err(|e| ArchiveError::Run(format!("{}: {e}", self.path.display())))?;
+        Ok(std::mem::take(&mut self.path))
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.writer = None;
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The record batches of `columns` of a GeoParquet file (a remote one is read by ranges: its footer, then
+/// those columns' chunks). Failures end the run (a dataset that cannot be read).
+pub fn read_columns(at: &Location, columns: &[&str]) -> Result<Vec<RecordBatch>, ArchiveError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ProjectionMask;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(at.parquet_reader().map_err(ArchiveError::run)?)
+        .map_err(|e| ArchiveError::Run(format!("{at}: not a readable Parquet file: {e}")))?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+    let reader =
+        builder.with_projection(mask).build().map_err(|e| ArchiveError::Run(format!("{at}: not readable: {e}")))?;
+    reader.map(|b| b.map_err(|e| ArchiveError::Run(format!("{at}: {e}")))).collect()
+}
+
+/// A column of a batch as the array type the schema gives it; the error names the file and the column.
+pub fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str, file: &str) -> Result<&'a T, ArchiveError> {
+    b.column_by_name(name)
+        .ok_or_else(|| ArchiveError::Run(format!("{file}: no `{name}` column")))?
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| ArchiveError::Run(format!("{file}: column `{name}` has an unexpected type")))
+}
+
+/// The `window` column's `x`, `y`, `w`, `h` arrays.
+pub fn window_columns<'a>(b: &'a RecordBatch, file: &str) -> Result<[&'a UInt32Array; 4], ArchiveError> {
+    let win: &StructArray = column(b, col::WINDOW, file)?;
+    let field = |k: &str| {
+        win.column_by_name(k)
+            .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+            .ok_or_else(|| ArchiveError::Run(format!("{file}: column `window` has no `{k}`")))
+    };
+    Ok([field("x")?, field("y")?, field("w")?, field("h")?])
+}
+
+/// The `embedding` column: the list array, its values and the dimension.
+pub fn embedding_column<'a>(
+    b: &'a RecordBatch,
+    file: &str,
+) -> Result<(&'a FixedSizeListArray, &'a Float32Array, usize), ArchiveError> {
+    let emb: &FixedSizeListArray = column(b, col::EMBEDDING, file)?;
+    let values = emb
+        .values()
+        .as_any()
+        .downcast_ref::<Float32Array>()
+        .ok_or_else(|| ArchiveError::Run(format!("{file}: column `embedding` is not float32")))?;
+    Ok((emb, values, emb.value_length() as usize))
+}
+
+/// Every chip id of a file (only that column is read).
+pub fn chip_ids(at: &Location) -> Result<Vec<String>, ArchiveError> {
+    let mut out = Vec::new();
+    for b in read_columns(at, &[col::CHIP_ID])? {
+        let ids: &StringArray = column(&b, col::CHIP_ID, at.as_str())?;
+        out.extend((0..ids.len()).map(|i| ids.value(i).to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wkb_polygon_layout() {
+        let b = wkb_polygon(&[(0.0, 0.0), (1.0, 0.0), (0.0, 0.0)]);
+        assert_eq!(b.len(), 1 + 4 + 4 + 4 + 3 * 16);
+        assert_eq!(&b[..9], &[1, 3, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(f64::from_le_bytes(b[29..37].try_into().unwrap()), 1.0);
+    }
+}
