@@ -20,16 +20,16 @@ if ! command -v "$py" >/dev/null || ! "$py" -c 'import sys, venv, ensurepip; sys
 fi
 command -v cargo >/dev/null || missing+=("Rust (cargo; rust-toolchain.toml pins the version): curl --proto '=https' -sSf https://sh.rustup.rs | sh")
 command -v cc >/dev/null && command -v c++ >/dev/null \
-  || missing+=("a C and C++ compiler (tch's and dist/'s C++ shims): sudo apt-get install build-essential")
-# gloo's headers for the c10d shim of dist/ (the torch wheel has gloo's code but not its headers).
+  || missing+=("a C and C++ compiler (tch's and distributed/'s C++ shims): sudo apt-get install build-essential")
+# gloo's headers for the c10d shim of distributed/ (the torch wheel has gloo's code but not its headers).
 if [ ! -f /usr/include/gloo/config.h ] && [ ! -f /usr/local/include/gloo/config.h ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing libgloo-dev (gloo's headers for dist/)"
+    echo "setup: installing libgloo-dev (gloo's headers for distributed/)"
     apt-get install -y --no-install-recommends libgloo-dev >/dev/null 2>&1 \
       || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends libgloo-dev >/dev/null; } \
       || missing+=("gloo's headers (apt-get could not install libgloo-dev): sudo apt-get install libgloo-dev")
   else
-    missing+=("gloo's headers for dist/: sudo apt-get install libgloo-dev")
+    missing+=("gloo's headers for distributed/: sudo apt-get install libgloo-dev")
   fi
 fi
 if [ ${#missing[@]} -gt 0 ]; then

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{ParamRole, ParamSpec};
+use crate::param::{ParamRole, ParamSpec};
 
 /// A supported backbone architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

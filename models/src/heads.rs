@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{bn, conv, linear};
-use crate::spec::{ParamRole, ParamSpec};
+use crate::param::{ParamRole, ParamSpec};
 
 /// MoCo-v2 MLP projection `Linear(D, hidden) → ReLU → Linear(hidden, out)`,
 /// parameters `proj.0.*` and `proj.2.*` (the released MoCo checkpoints' `fc.0`/`fc.2`).

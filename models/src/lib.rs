@@ -16,6 +16,8 @@ pub mod checkpoint;
 pub mod heads;
 pub mod io;
 pub mod norm;
+pub mod param;
+pub mod sample;
 pub mod spec;
 pub mod weights;
 

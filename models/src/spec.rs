@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::{Arch, BackboneSpec};
 use crate::heads::{HeadKind, HeadSpec};
 use crate::norm::Normalization;
+pub use crate::param::{ParamRole, ParamSpec};
 
 /// Current `spec.json` format version.
 pub const SPEC_FORMAT: u32 = 1;
@@ -14,48 +15,6 @@ pub const MAX_BANDS: usize = 64;
 /// Accepted input side lengths in pixels.
 pub const MIN_INPUT: usize = 32;
 pub const MAX_INPUT: usize = 8192;
-
-/// What a tensor in the state dict is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamRole {
-    Weight,
-    Bias,
-    RunningMean,
-    RunningVar,
-    /// BatchNorm's int64 scalar step counter.
-    NumBatchesTracked,
-}
-
-impl ParamRole {
-    /// Whether the optimizer updates it (false for BN buffers).
-    pub fn trainable(self) -> bool {
-        matches!(self, ParamRole::Weight | ParamRole::Bias)
-    }
-
-    /// Whether it is stored as int64 (else float32).
-    pub fn is_int64(self) -> bool {
-        self == ParamRole::NumBatchesTracked
-    }
-}
-
-/// One named tensor of the state dict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub role: ParamRole,
-}
-
-impl ParamSpec {
-    pub fn new(name: String, shape: Vec<usize>, role: ParamRole) -> Self {
-        Self { name, shape, role }
-    }
-
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
 
 /// How a checkpoint was trained (absent for imported weights).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -89,7 +48,7 @@ pub struct ModelSpec {
     /// `uint16` for Sentinel-2/Landsat digital numbers, …); `normalization`
     /// applies to values of this type. Absent in specs written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sample_type: Option<crate::io::SampleType>,
+    pub sample_type: Option<crate::sample::SampleType>,
     pub normalization: Normalization,
     #[serde(default)]
     pub heads: Vec<HeadSpec>,
@@ -105,7 +64,7 @@ impl ModelSpec {
             backbone: BackboneSpec::new(arch, 3),
             bands: vec!["red".into(), "green".into(), "blue".into()],
             input_size: [size, size],
-            sample_type: Some(crate::io::SampleType::U8),
+            sample_type: Some(crate::sample::SampleType::U8),
             normalization: Normalization::imagenet(),
             heads: Vec::new(),
             training: None,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
-use crate::spec::ParamSpec;
+use crate::param::ParamSpec;
 
 /// Element data of one tensor. Float types are widened to f32 and int32 to
 /// int64 on read; writes use f32 and int64.

@@ -15,7 +15,8 @@ use std::time::Instant;
 use geossl_models::Arch;
 use geossl_trainer::amp::AmpDtype;
 use geossl_trainer::config::PretrainConfig;
-use geossl_trainer::pretrain::{run_spec, Moco};
+use geossl_trainer::moco::Moco;
+use geossl_trainer::pretrain::run_spec;
 use tch::{Device, Kind, Tensor};
 
 struct Args {

@@ -33,7 +33,7 @@ fn embed(model: &Model, samples: &[Sample]) -> Tensor {
     let imgs: Vec<Tensor> =
         samples.iter().map(|x| image_io::decode_for(&x.path, &model.spec).expect("decode").tensor()).collect();
     let x = Tensor::stack(&imgs, 0).internal_upsample_bilinear2d_aa([s, s], false, None, None);
-    let x = geossl_trainer::labelled::normalize(&x, &model.spec);
+    let x = geossl_trainer::supervised::normalize(&x, &model.spec);
     let f = tch::no_grad(|| model.backbone.pooled(&x, false));
     geossl_trainer::model::l2_normalize(&f)
 }

@@ -142,3 +142,73 @@ pub fn load_checkpoint(dir: &Path, device: Device) -> Result<Loaded, CheckpointE
     load_state_dict(&vs, &spec, &sd, &dir.join(WEIGHTS_FILE))?;
     Ok(Loaded { spec, vs, model })
 }
+
+/// A new checkpoint's architecture and heads (`geossl-train init`).
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub arch: geossl_models::Arch,
+    /// Input bands (3: RGB with ImageNet's normalization; others: `band1..bandN`, identity normalization).
+    pub bands: usize,
+    pub input_size: usize,
+    /// The sample type the model will take (default: uint8 for 3 bands, unrecorded otherwise).
+    pub sample_type: Option<geossl_models::SampleType>,
+    /// Add the MoCo-v2 projection (D → D → 128) to the embedding head.
+    pub projection: bool,
+    pub num_classes: Option<usize>,
+    pub segmentation_classes: Option<usize>,
+    /// Class names of the classifier/segmentation head.
+    pub labels: Vec<String>,
+    /// torchvision weights as safetensors to load (names must match the spec).
+    pub from_safetensors: Option<PathBuf>,
+    pub seed: i64,
+}
+
+/// Writes a checkpoint directory at `out` (replaced atomically) for `o`: random weights seeded by `o.seed`,
+/// or `o.from_safetensors`'s; returns its spec.
+pub fn init_checkpoint(o: &InitOptions, out: &Path) -> Result<ModelSpec, CheckpointError> {
+    use geossl_models::{ClassifierHead, EmbeddingHead, HeadSpec, Normalization, ProjectionSpec, SegmentationHead};
+    let mut spec = ModelSpec::rgb(o.arch, o.input_size);
+    if o.bands != 3 {
+        spec.backbone.in_channels = o.bands;
+        spec.bands = (1..=o.bands).map(|i| format!("band{i}")).collect();
+        spec.normalization = Normalization::identity(o.bands, 1.0);
+        spec.sample_type = None;
+    }
+    if o.sample_type.is_some() {
+        spec.sample_type = o.sample_type;
+    }
+    let d = o.arch.feature_dim();
+    spec.heads.push(HeadSpec::Embedding(EmbeddingHead {
+        projection: o.projection.then(|| ProjectionSpec::moco_v2(d)),
+        l2_normalize: false,
+    }));
+    if let Some(k) = o.num_classes {
+        spec.heads.push(HeadSpec::Classifier(ClassifierHead { num_classes: k, labels: o.labels.clone() }));
+    }
+    if let Some(k) = o.segmentation_classes {
+        spec.heads.push(HeadSpec::Segmentation(SegmentationHead {
+            num_classes: k,
+            hidden: 64,
+            labels: o.labels.clone(),
+        }));
+    }
+    spec.validate().map_err(|msg| CheckpointError::InvalidSpec {
+        path: out.to_owned(),
+        msg: format!("invalid model options: {msg}"),
+    })?;
+    tch::manual_seed(o.seed);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _model = crate::Model::new(&vs.root(), &spec);
+    if let Some(src) = &o.from_safetensors {
+        let sd = StateDict::read(src)?;
+        load_state_dict(&vs, &spec, &sd, src)?;
+        let bytes = std::fs::read(src).map_err(|error| CheckpointError::Io { path: src.clone(), error })?;
+        spec.training = Some(geossl_models::TrainingInfo {
+            method: "import".into(),
+            source: Some(format!("{} sha256:{}", src.display(), geossl_models::sha256_hex(&bytes))),
+            ..Default::default()
+        });
+    }
+    save_checkpoint(out, &spec, &vs, |_| Ok(()))?;
+    Ok(spec)
+}

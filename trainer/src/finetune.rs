@@ -1,7 +1,7 @@
 //! Fine-tuning: the whole backbone plus a new classifier head trained end to
 //! end on labelled data (RandomResizedCrop + horizontal flip, SGD with
 //! momentum, cosine schedule). The epoch is chosen on the validation split
-//! (see [`crate::labelled`]); the test split is scored once, with it.
+//! (see [`crate::supervised`]); the test split is scored once, with it.
 //!
 //! Writes `finetune.json` (report with the validation curve),
 //! `predictions.csv` and `checkpoint/` (the fine-tuned model with its
@@ -15,11 +15,11 @@ use tch::{Device, Tensor};
 use crate::augment::{random_view, AugConfig};
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::data::Sample;
-use crate::labelled::{
+use crate::model::Model;
+use crate::supervised::{
     check_training, decode, eval_batches, eval_inputs, invalid, model_from, normalize, sgd, train_best_epoch,
     with_classifier, write_json, write_predictions, DataOptions, EvalError, Labelled, Schedule, SplitResult,
 };
-use crate::model::Model;
 use geossl_models::ModelSpec;
 
 /// What [`run`] needs.
@@ -113,7 +113,7 @@ pub fn run(opts: &FinetuneOptions) -> Result<FinetuneReport, EvalError> {
     let spec = with_classifier(&source.spec, &data.classes);
     let (vs, model) = model_from(&source, &spec, "fc.", opts.data.seed, dev);
     drop(source);
-    let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
+    let mut sgd = sgd(&vs, opts.weight_decay);
 
     // Evaluation inputs are fixed: prepared once.
     let (val_s, val_x, val_bad) = eval_inputs(&data.val, &spec, opts.workers);

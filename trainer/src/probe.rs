@@ -1,7 +1,7 @@
 //! Linear probe: the paper's evaluation of a pretrained backbone. Features of
-//! the frozen backbone (eval mode, [`eval_input`](crate::labelled::eval_input))
+//! the frozen backbone (eval mode, [`eval_input`](crate::supervised::eval_input))
 //! train a linear classifier; learning rate, weight decay and epoch are chosen
-//! on the validation split (see [`crate::labelled`]); the test split is
+//! on the validation split (see [`crate::supervised`]); the test split is
 //! scored once, with the chosen model.
 //!
 //! Writes `probe.json` (report), `predictions.csv` and `checkpoint/` (the
@@ -11,16 +11,16 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint, Loaded};
-use crate::labelled::{
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::supervised::{
     check_training, eval_batches, invalid, top1, with_classifier, write_json, write_predictions, DataOptions,
     EvalError, Labelled, SplitResult,
 };
-use crate::model::Model;
-use crate::rng::Rng;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -95,21 +95,18 @@ fn fit(train: &Split, val: &Split, k: i64, lr: f64, wd: f64, opts: &ProbeOptions
     let vs = nn::VarStore::new(train.x.device());
     let zero = nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true };
     let lin = nn::linear(vs.root() / "fc", d, k, zero);
-    let mut sgd = match (nn::Sgd { momentum: 0.9, dampening: 0.0, wd, nesterov: false }).build(&vs, lr) {
-        Ok(o) => o,
-        Err(e) => panic!("SGD over one linear layer: {e}"),
-    };
+    let mut sgd = crate::optim::Sgd::over(&vs, 0.9, wd);
     let mut rng = Rng::new(opts.data.seed);
     let mut order: Vec<i64> = (0..train.x.size()[0]).collect();
     let mut best = GridPoint { learning_rate: lr, weight_decay: wd, best_epoch: 0, val_top1: -1.0 };
     let mut weights = (lin.ws.detach().copy(), Tensor::zeros([k], (Kind::Float, train.x.device())));
     for epoch in 0..opts.epochs {
-        sgd.set_lr(crate::pretrain::cosine_lr(lr, epoch as u64, opts.epochs as u64));
+        let epoch_lr = crate::optim::cosine_lr(lr, epoch as u64, opts.epochs as u64);
         rng.shuffle(&mut order);
         for idx in order.chunks(opts.batch_size) {
             let i = Tensor::from_slice(idx).to_device(train.x.device());
             let loss = lin.forward(&train.x.index_select(0, &i)).cross_entropy_for_logits(&train.y.index_select(0, &i));
-            sgd.backward_step(&loss);
+            sgd.backward_step(&loss, epoch_lr);
         }
         let acc = tch::no_grad(|| top1(&lin.forward(&val.x), &val.y));
         if acc > best.val_top1 {

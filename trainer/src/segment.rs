@@ -21,12 +21,12 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
 use crate::image_io;
-use crate::labelled::{
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::supervised::{
     check_training, invalid, model_from, normalize, sgd, split_by_location, train_best_epoch, write_json, EvalError,
     Schedule,
 };
-use crate::model::Model;
-use crate::rng::Rng;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -221,7 +221,7 @@ pub fn evaluate(
     let mut conf = Confusion::new(k);
     let (mut n, mut unreadable) = (0, 0);
     let decode = |i: usize| load_normalized(&pairs[i], spec, k, ignore);
-    let run = crate::parallel::pipeline(pairs.len(), workers, decode, |_, pair| {
+    let run = crate::pipeline::pipeline(pairs.len(), workers, decode, |_, pair| {
         match pair {
             Ok((img, mask)) => n += usize::from(score_one(model, &img, &mask, &mut conf, ignore, dev)),
             Err(e) => {
@@ -253,7 +253,7 @@ struct Decoded {
 impl Decoded {
     fn new(pairs: &[Pair], spec: &ModelSpec, k: usize, ignore: u8, workers: usize) -> Self {
         let (mut items, mut unreadable) = (Vec::with_capacity(pairs.len()), 0);
-        for pair in crate::parallel::map_ordered(pairs, workers, |p| load_normalized(p, spec, k, ignore)) {
+        for pair in crate::pipeline::map_ordered(pairs, workers, |p| load_normalized(p, spec, k, ignore)) {
             match pair {
                 Ok(item) => items.push(item),
                 Err(e) => {
@@ -317,7 +317,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
     spec.validate().map_err(invalid)?;
     let (vs, model) = model_from(&source, &spec, "seg.", opts.seed, dev);
     drop(source);
-    let mut sgd = sgd(&vs, opts.learning_rate, opts.weight_decay)?;
+    let mut sgd = sgd(&vs, opts.weight_decay);
     let size = spec.input_size[0] as i64;
     // Validation is scored after every epoch: decoded once.
     let val_data = Decoded::new(&val, &spec, k, opts.ignore_index, opts.workers);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use geossl_dist::{ProcessGroup, Rendezvous};
 use geossl_trainer::moco::info_nce;
-use geossl_trainer::pretrain::Moco;
+use geossl_trainer::moco::Moco;
 use tch::{Device, Kind, Tensor};
 
 const ROLE: &str = "GEOSSL_DDP_TEST_ROLE";

@@ -15,8 +15,8 @@ use std::process::{Command, Output};
 use geossl_models::{Arch, HeadSpec, ModelSpec};
 use geossl_trainer::data::{read_manifest, write_manifest, Format, Sample};
 use geossl_trainer::fixtures::sentinel2_landcover_chips;
-use geossl_trainer::labelled::eval_input;
 use geossl_trainer::load_checkpoint;
+use geossl_trainer::supervised::eval_input;
 use serde_json::Value;
 use tch::{Device, Tensor};
 

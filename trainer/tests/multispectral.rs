@@ -17,7 +17,7 @@ use geossl_tests::server::Server;
 use geossl_tests::{python, run, text, workspace};
 use geossl_trainer::checkpoint::load_checkpoint;
 use geossl_trainer::image_io::decode_for;
-use geossl_trainer::labelled::normalize;
+use geossl_trainer::supervised::normalize;
 use tch::{Device, Kind};
 
 /// `max|a - b| / max|b|`.

@@ -4,10 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use geossl_models::{
-    Arch, ClassifierHead, EmbeddingHead, HeadSpec, ModelSpec, Normalization, ProjectionSpec, SegmentationHead,
-    StateDict,
-};
+use geossl_models::Arch;
 use geossl_trainer::{checkpoint, device};
 
 /// Geography-aware self-supervised learning for satellite imagery: training.
@@ -353,58 +350,18 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
-    use geossl_trainer::data::read_manifest;
-    let samples =
-        read_manifest(&a.data, geossl_trainer::data::Format::Csv).with_context(|| a.data.display().to_string())?;
-    if !a.offset.is_empty() && a.offset.len() != a.bands {
-        anyhow::bail!("--offset has {} values for {} bands", a.offset.len(), a.bands);
-    }
-    let step = if a.max_images == 0 { 1 } else { samples.len().div_ceil(a.max_images).max(1) };
-    let mut st = geossl_models::BandStats::new(a.bands);
-    let (mut images, mut skipped, mut stored) = (0usize, 0usize, None);
-    for s in samples.iter().step_by(step) {
-        let img = match geossl_trainer::image_io::decode(&s.path, &geossl_trainer::image_io::positional(a.bands)) {
-            Ok(img) => img,
-            Err(e) => {
-                tracing::warn!("skipping unreadable image: {e}");
-                skipped += 1;
-                continue;
-            }
-        };
-        if *stored.get_or_insert(img.stored()) != img.stored() {
-            anyhow::bail!("{}: stores {} samples; earlier images store {:?}", s.path.display(), img.stored(), stored);
-        }
-        let x = Vec::<f32>::try_from(img.tensor().flatten(0, -1)).context("decoded image")?;
-        let hw = img.h * img.w;
-        for i in 0..hw {
-            if a.nodata.is_some_and(|nd| (0..a.bands).all(|c| f64::from(x[c * hw + i]) == nd)) {
-                continue;
-            }
-            for c in 0..a.bands {
-                let o = a.offset.get(c).copied().unwrap_or(0.0);
-                st.push(c, f64::from(x[c * hw + i]) * f64::from(a.scale) + f64::from(o));
-            }
-        }
-        images += 1;
-    }
-    if images == 0 {
-        anyhow::bail!("{}: no readable image", a.data.display());
-    }
-    let (mean, std) = st.finish();
-    if let Some(c) = std.iter().position(|&s| s <= 0.0) {
-        anyhow::bail!("band {c} is constant over the images (std 0): no normalization can be derived");
-    }
-    let list = |v: &[f32]| v.iter().map(|x| format!("{x:.6}")).collect::<Vec<_>>().join(", ");
-    eprintln!("{images} images ({skipped} unreadable skipped), {} pixels per band", st.counts()[0]);
-    println!("[model]");
-    println!("sample_type = \"{}\"", stored.map_or("uint8", |t| t.name()));
-    println!("[model.normalization]");
-    println!("scale = {}", a.scale);
-    if !a.offset.is_empty() {
-        println!("offset = [{}]", list(&a.offset));
-    }
-    println!("mean = [{}]", list(&mean));
-    println!("std = [{}]", list(&std));
+    use geossl_trainer::stats::{band_stats, StatsOptions};
+    let o = StatsOptions {
+        manifest: a.data,
+        bands: a.bands,
+        scale: a.scale,
+        offset: a.offset,
+        nodata: a.nodata,
+        max_images: a.max_images,
+    };
+    let st = band_stats(&o).map_err(anyhow::Error::msg)?;
+    eprintln!("{} images ({} unreadable skipped), {} pixels per band", st.images, st.unreadable, st.pixels);
+    print!("{}", st.config_toml());
     Ok(())
 }
 
@@ -412,7 +369,9 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     use geossl_trainer::config::PretrainConfig;
     use geossl_trainer::pretrain::{pretrain, RunOptions};
     if a.nproc_per_node > 1 {
-        return launch_local_ranks(a.nproc_per_node as usize);
+        // Each rank is one process: the same command as ranks 0..N of one run on this machine.
+        let ranks = a.nproc_per_node as usize;
+        return Ok(geossl_dist::launch_local_ranks(ranks, "--nproc-per-node", &[("GEOSSL_NPROC_PER_NODE", "1")])?);
     }
     let (cfg, text) = PretrainConfig::load(&a.config)?;
     let manifest = a
@@ -421,24 +380,12 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         .context("no training data: pass --data MANIFEST.csv or set data.manifest in the config")?;
     let device_arg = a.device.as_deref().unwrap_or(&cfg.run.device);
     let timeout = std::time::Duration::from_secs(a.dist_timeout_s);
-    // A rank of a data-parallel run when WORLD_SIZE > 1, or when MASTER_ADDR is set too (a 1-rank run
-    // through the distributed code path).
-    let dist = match std::env::var("WORLD_SIZE").ok().map(|w| w.parse::<usize>()) {
-        Some(Ok(w)) if w > 1 || std::env::var_os("MASTER_ADDR").is_some() => {
-            Some(geossl_dist::Rendezvous::from_env(timeout)?)
-        }
-        Some(Err(_)) => bail!("WORLD_SIZE={:?} is not a number", std::env::var("WORLD_SIZE").unwrap_or_default()),
-        _ => None,
-    };
+    let dist = geossl_dist::rendezvous_from_env(timeout)?;
     // One GPU per rank, as torchrun does it: under a rendezvous, `cuda` (or `auto` with a GPU) means
     // cuda:LOCAL_RANK. Whether that device can run NCCL is checked just below, with the reason.
     let gpu_per_rank = dist.is_some() && (device_arg == "cuda" || (device_arg == "auto" && tch::Cuda::is_available()));
     let dev = if gpu_per_rank {
-        let local = match std::env::var("LOCAL_RANK") {
-            Ok(v) => v.parse::<usize>().map_err(|_| anyhow::anyhow!("LOCAL_RANK={v:?} is not a number"))?,
-            Err(_) => 0,
-        };
-        tch::Device::Cuda(local)
+        tch::Device::Cuda(geossl_dist::local_rank()?)
     } else {
         device::parse_device(device_arg).map_err(anyhow::Error::msg)?
     };
@@ -465,65 +412,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--nproc-per-node N`: runs this command again as ranks 0..N of one data-parallel run on this machine
-/// (MASTER_ADDR 127.0.0.1, a free port), waits for them, and stops the others as soon as one fails.
-fn launch_local_ranks(n: usize) -> Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let exe = std::env::current_exe()?;
-    // The same arguments less --nproc-per-node (each rank is one process).
-    let mut args: Vec<std::ffi::OsString> = Vec::new();
-    let mut skip = false;
-    for a in std::env::args_os().skip(1) {
-        let t = a.to_string_lossy();
-        if skip {
-            skip = false;
-        } else if t == "--nproc-per-node" {
-            skip = true;
-        } else if !t.starts_with("--nproc-per-node=") {
-            args.push(a);
-        }
-    }
-    let mut kids = Vec::with_capacity(n);
-    for rank in 0..n {
-        let child = std::process::Command::new(&exe)
-            .args(&args)
-            .env("GEOSSL_NPROC_PER_NODE", "1")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("WORLD_SIZE", n.to_string())
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"))?;
-        kids.push(child);
-    }
-    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
-    let mut running: Vec<(usize, std::process::Child)> = kids.into_iter().enumerate().collect();
-    while !running.is_empty() {
-        let mut i = 0;
-        while i < running.len() {
-            match running[i].1.try_wait()? {
-                Some(status) => {
-                    let (rank, _) = running.swap_remove(i);
-                    if !status.success() && failed.is_none() {
-                        failed = Some((rank, status));
-                        for (_, k) in running.iter_mut() {
-                            let _ = k.kill();
-                        }
-                    }
-                }
-                None => i += 1,
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    match failed {
-        Some((rank, status)) => bail!("rank {rank} of {n} failed ({status}); the other ranks were stopped"),
-        None => Ok(()),
-    }
-}
-
-fn data_options(d: DataArgs) -> Result<geossl_trainer::labelled::DataOptions> {
+fn data_options(d: DataArgs) -> Result<geossl_trainer::supervised::DataOptions> {
     use geossl_trainer::data::Format;
     let format = match d.format.as_str() {
         "csv" => Format::Csv,
@@ -531,7 +420,7 @@ fn data_options(d: DataArgs) -> Result<geossl_trainer::labelled::DataOptions> {
         "fmow" => Format::Fmow,
         f => bail!("--format {f}: csv, geo or fmow"),
     };
-    Ok(geossl_trainer::labelled::DataOptions {
+    Ok(geossl_trainer::supervised::DataOptions {
         train: d.train,
         val: d.val,
         test: d.test,
@@ -604,46 +493,20 @@ fn segment(a: SegmentArgs) -> Result<()> {
 }
 
 fn init(a: InitArgs) -> Result<()> {
-    let mut spec = ModelSpec::rgb(a.arch, a.input_size);
-    if a.bands != 3 {
-        spec.backbone.in_channels = a.bands;
-        spec.bands = (1..=a.bands).map(|i| format!("band{i}")).collect();
-        spec.normalization = Normalization::identity(a.bands, 1.0);
-        spec.sample_type = None;
-    }
-    if a.sample_type.is_some() {
-        spec.sample_type = a.sample_type;
-    }
-    let d = a.arch.feature_dim();
-    spec.heads.push(HeadSpec::Embedding(EmbeddingHead {
-        projection: a.projection.then(|| ProjectionSpec::moco_v2(d)),
-        l2_normalize: false,
-    }));
-    if let Some(k) = a.num_classes {
-        spec.heads.push(HeadSpec::Classifier(ClassifierHead { num_classes: k, labels: a.labels.clone() }));
-    }
-    if let Some(k) = a.segmentation_classes {
-        spec.heads.push(HeadSpec::Segmentation(SegmentationHead {
-            num_classes: k,
-            hidden: 64,
-            labels: a.labels.clone(),
-        }));
-    }
-    spec.validate().map_err(anyhow::Error::msg).context("invalid model options")?;
-    tch::manual_seed(a.seed);
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _model = geossl_trainer::Model::new(&vs.root(), &spec);
-    if let Some(src) = &a.from_safetensors {
-        let sd = StateDict::read(src)?;
-        checkpoint::load_state_dict(&vs, &spec, &sd, src)?;
-        spec.training = Some(geossl_models::TrainingInfo {
-            method: "import".into(),
-            source: Some(format!("{} sha256:{}", src.display(), geossl_models::sha256_hex(&std::fs::read(src)?))),
-            ..Default::default()
-        });
-    }
-    checkpoint::save_checkpoint(&a.out, &spec, &vs, |_| Ok(()))
-        .with_context(|| format!("writing checkpoint {}", a.out.display()))?;
+    use geossl_trainer::checkpoint::{init_checkpoint, InitOptions};
+    let o = InitOptions {
+        arch: a.arch,
+        bands: a.bands,
+        input_size: a.input_size,
+        sample_type: a.sample_type,
+        projection: a.projection,
+        num_classes: a.num_classes,
+        segmentation_classes: a.segmentation_classes,
+        labels: a.labels,
+        from_safetensors: a.from_safetensors,
+        seed: a.seed,
+    };
+    let spec = init_checkpoint(&o, &a.out).with_context(|| format!("writing checkpoint {}", a.out.display()))?;
     println!("wrote {} ({} parameter tensors, {})", a.out.display(), spec.parameters().len(), a.arch);
     Ok(())
 }

@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 
 use geossl_models::{ClassifierHead, HeadKind, HeadSpec, ModelSpec};
 use serde::Serialize;
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{CheckpointError, Loaded};
 use crate::data::{read_manifest, DataError, Format, Sample};
 use crate::image_io;
 use crate::model::Model;
+use crate::optim::Sgd;
 use crate::rng::Rng;
 
 /// Errors of a probe or fine-tuning run; each names what is wrong.
@@ -214,7 +215,7 @@ pub fn eval_input(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
 /// each, unreadable)`.
 pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec, workers: usize) -> (Vec<Sample>, Vec<Tensor>, usize) {
     let (mut kept, mut xs, mut bad) = (Vec::new(), Vec::new(), 0);
-    let decoded = samples.iter().zip(crate::parallel::map_ordered(samples, workers, |s| eval_input(s, spec)));
+    let decoded = samples.iter().zip(crate::pipeline::map_ordered(samples, workers, |s| eval_input(s, spec)));
     keep_readable(decoded, &mut kept, &mut xs, &mut bad);
     (kept, xs, bad)
 }
@@ -260,7 +261,7 @@ pub fn eval_batches(
         let chunk = &samples[b * batch..((b + 1) * batch).min(samples.len())];
         chunk.iter().map(|s| (s, eval_input(s, spec))).collect::<Vec<_>>()
     };
-    let run = crate::parallel::pipeline(samples.len().div_ceil(batch), workers, decode_chunk, |_, decoded| {
+    let run = crate::pipeline::pipeline(samples.len().div_ceil(batch), workers, decode_chunk, |_, decoded| {
         let mut xs = Vec::with_capacity(decoded.len());
         keep_readable(decoded, &mut kept, &mut xs, &mut bad);
         if !xs.is_empty() {
@@ -345,10 +346,8 @@ pub fn model_from(source: &Loaded, spec: &ModelSpec, new_head: &str, seed: u64, 
 }
 
 /// SGD with momentum 0.9 and weight decay `wd` over the trainable variables of `vs`.
-pub fn sgd(vs: &nn::VarStore, lr: f64, wd: f64) -> Result<nn::Optimizer, EvalError> {
-    (nn::Sgd { momentum: 0.9, dampening: 0.0, wd, nesterov: false })
-        .build(vs, lr)
-        .map_err(|e| invalid(format!("optimizer: {e}")))
+pub fn sgd(vs: &nn::VarStore, wd: f64) -> Sgd {
+    Sgd::over(vs, 0.9, wd)
 }
 
 /// Length, batch size, peak learning rate, seed and data workers of an
@@ -385,7 +384,7 @@ pub struct Trained {
 pub fn train_best_epoch<E: Send>(
     vs: &nn::VarStore,
     spec: &ModelSpec,
-    sgd: &mut nn::Optimizer,
+    sgd: &mut Sgd,
     s: Schedule,
     n: usize,
     example: impl Fn(usize, &mut Rng) -> Result<E, String> + Sync,
@@ -398,7 +397,7 @@ pub fn train_best_epoch<E: Send>(
     let mut curve = Vec::with_capacity(s.epochs);
     let mut best: Option<(usize, f64, geossl_models::StateDict)> = None;
     for epoch in 1..=s.epochs {
-        sgd.set_lr(crate::pretrain::cosine_lr(s.learning_rate, epoch as u64 - 1, s.epochs as u64));
+        let lr = crate::optim::cosine_lr(s.learning_rate, epoch as u64 - 1, s.epochs as u64);
         rng.shuffle(&mut order);
         let seeds: Vec<u64> = order.iter().map(|_| rng.next_u64()).collect();
         let (order, seeds) = (&order, &seeds);
@@ -408,7 +407,7 @@ pub fn train_best_epoch<E: Send>(
             let range = b * s.batch_size..((b + 1) * s.batch_size).min(order.len());
             range.map(|k| (order[k], example(order[k], &mut Rng::new(seeds[k])))).collect::<Vec<_>>()
         };
-        crate::parallel::pipeline(batches, s.workers, prepare, |_, prepared| {
+        crate::pipeline::pipeline(batches, s.workers, prepare, |_, prepared| {
             let mut batch = Vec::with_capacity(prepared.len());
             for (i, e) in prepared {
                 match e {
@@ -430,7 +429,7 @@ pub fn train_best_epoch<E: Send>(
                     "loss became {v} in epoch {epoch}; stopped (lower the learning rate, check the data); nothing was saved"
                 )));
             }
-            sgd.backward_step(&l);
+            sgd.backward_step(&l, lr);
             loss_sum += v;
             stepped += 1;
             Ok(())

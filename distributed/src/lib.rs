@@ -20,6 +20,9 @@ use std::ffi::{c_char, c_int, c_long, c_void, CString};
 
 use tch::Tensor;
 
+pub mod launch;
+pub use launch::{launch_local_ranks, local_rank, rendezvous_from_env};
+
 extern "C" {
     fn geossl_c10d_new(
         host: *const c_char,
