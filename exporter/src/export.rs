@@ -204,7 +204,8 @@ pub fn build_model(
     opts: &ExportOptions,
     source_sha256: &str,
 ) -> Result<ModelProto, ExportError> {
-    let contract = IoContract::for_export(spec, opts.head, opts.input).map_err(ExportError::Unsupported)?;
+    let contract =
+        IoContract::for_export(spec, opts.head, opts.input).map_err(|e| ExportError::Unsupported(e.to_string()))?;
     // Integer inputs carry stored samples: their type must be the one the normalization was made for.
     if let (Some(want), Some(trained)) = (opts.input.samples(), spec.sample_type) {
         if want != trained {

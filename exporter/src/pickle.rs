@@ -57,8 +57,14 @@ impl Value {
     }
 }
 
+geossl_models::message_error!(
+    /// A pickle this reader cannot follow (truncated, an unsupported opcode, a malformed stack); the message
+    /// says which opcode at which byte.
+    PickleError
+);
+
 /// Parses a pickle; errors say which opcode at which offset.
-pub fn parse(data: &[u8]) -> Result<Value, String> {
+pub fn parse(data: &[u8]) -> Result<Value, PickleError> {
     let mut stack: Vec<Value> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: std::collections::HashMap<u32, Value> = std::collections::HashMap::new();
@@ -86,7 +92,7 @@ pub fn parse(data: &[u8]) -> Result<Value, String> {
             0x95 => {
                 take(&mut i, 8)?;
             } // FRAME
-            b'.' => return pop(&mut stack),
+            b'.' => return Ok(pop(&mut stack)?),
             b'(' => marks.push(stack.len()),
             b'}' => stack.push(Value::Dict(Vec::new())),
             b']' => stack.push(Value::List(Vec::new())),
@@ -191,7 +197,7 @@ pub fn parse(data: &[u8]) -> Result<Value, String> {
                         d.extend(pairs);
                         *state = Some(Box::new(Value::Dict(d)));
                     }
-                    _ => return Err(format!("pickle SETITEM(S) on a non-dict at byte {at}")),
+                    _ => return Err(format!("pickle SETITEM(S) on a non-dict at byte {at}").into()),
                 }
             }
             b'q' => {
@@ -254,7 +260,7 @@ pub fn parse(data: &[u8]) -> Result<Value, String> {
                 let pid = pop(&mut stack)?;
                 stack.push(Value::Persistent(Box::new(pid)))
             }
-            other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {at}")),
+            other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {at}").into()),
         }
     }
 }

@@ -66,7 +66,7 @@ impl CheckpointPaths {
         })?;
         let spec: ModelSpec =
             serde_json::from_slice(&bytes).map_err(|source| SpecError::Parse { path: path.clone(), error: source })?;
-        spec.validate().map_err(|msg| SpecError::Invalid { path, msg })?;
+        spec.validate().map_err(|e| SpecError::Invalid { path, msg: e.to_string() })?;
         Ok(spec)
     }
 }

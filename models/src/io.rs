@@ -96,7 +96,7 @@ fn dynamic(s: &str) -> Dim {
 
 impl IoContract {
     /// The contract of `spec` exported with head `head` and input type `input`.
-    pub fn for_export(spec: &ModelSpec, head: HeadKind, input: InputDType) -> Result<Self, String> {
+    pub fn for_export(spec: &ModelSpec, head: HeadKind, input: InputDType) -> Result<Self, crate::ContractError> {
         let c = spec.backbone.in_channels;
         let [h, w] = spec.input_size;
         let spatial_dynamic = head == HeadKind::Segmentation;
@@ -129,7 +129,7 @@ impl IoContract {
                 vec![f32_out(OUTPUT_MASK_LOGITS, vec![dynamic("N"), Dim::Fixed(s.num_classes), hd, wd])]
             }
             (HeadKind::Geo, _) => return Err("the geo head is a training pretext and is not exported".into()),
-            (k, _) => return Err(format!("the checkpoint has no {} head", k.name())),
+            (k, _) => return Err(format!("the checkpoint has no {} head", k.name()).into()),
         };
         Ok(Self { inputs, outputs })
     }
@@ -166,6 +166,7 @@ mod tests {
         assert_eq!(b.outputs[0].dims[1], Dim::Fixed(2048));
         assert!(IoContract::for_export(&bare, HeadKind::Classifier, InputDType::Uint8)
             .unwrap_err()
+            .to_string()
             .contains("no classifier"));
     }
 }

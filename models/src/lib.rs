@@ -29,6 +29,43 @@ pub use norm::{BandStats, Normalization};
 pub use spec::{ModelSpec, ParamRole, ParamSpec, TrainingInfo};
 pub use weights::{NamedTensor, StateDict, TensorData, WeightsError};
 
+/// Defines an error type that is one kind of failure with a message naming what failed (a struct around
+/// the message, `Display`ed as it, built from `String`/`&str` so that `?` and `.into()` make it).
+#[macro_export]
+macro_rules! message_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(pub String);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::error::Error for $name {}
+
+        impl From<String> for $name {
+            fn from(m: String) -> Self {
+                $name(m)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(m: &str) -> Self {
+                $name(m.to_string())
+            }
+        }
+    };
+}
+
+message_error!(
+    /// A spec or input contract that is not valid (an unknown name, counts that disagree, a value out of
+    /// range); the message says which field and why.
+    ContractError
+);
+
 /// The version of geossl that wrote a file (stored in specs and ONNX metadata).
 pub const GEOSSL_VERSION: &str = env!("CARGO_PKG_VERSION");
 

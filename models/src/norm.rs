@@ -47,15 +47,15 @@ impl Normalization {
     }
 
     /// Look up a named preset for `bands` bands.
-    pub fn preset(name: &str, bands: usize) -> Result<Self, String> {
+    pub fn preset(name: &str, bands: usize) -> Result<Self, crate::ContractError> {
         match name {
             "imagenet" if bands == 3 => Ok(Self::imagenet()),
-            "imagenet" => Err(format!("the imagenet preset is for 3 RGB bands, not {bands}")),
+            "imagenet" => Err(format!("the imagenet preset is for 3 RGB bands, not {bands}").into()),
             "identity" => Ok(Self::identity(bands, 1.0)),
             "identity_u8" => Ok(Self::identity(bands, 1.0 / 255.0)),
             other => Err(format!(
                 "unknown normalization preset `{other}` (expected imagenet, identity, identity_u8, or per-band statistics)"
-            )),
+            ).into()),
         }
     }
 
@@ -64,28 +64,29 @@ impl Normalization {
     }
 
     /// Checks lengths and values; `bands` is the model's input channel count.
-    pub fn validate(&self, bands: usize) -> Result<(), String> {
+    pub fn validate(&self, bands: usize) -> Result<(), crate::ContractError> {
         if self.mean.len() != bands || self.std.len() != bands {
             return Err(format!(
                 "normalization has {} means and {} stds for {bands} bands",
                 self.mean.len(),
                 self.std.len()
-            ));
+            )
+            .into());
         }
         if !(self.scale.is_finite() && self.scale > 0.0) {
-            return Err(format!("normalization scale must be finite and > 0, got {}", self.scale));
+            return Err(format!("normalization scale must be finite and > 0, got {}", self.scale).into());
         }
         if let Some((i, s)) = self.std.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
-            return Err(format!("normalization std of band {i} must be finite and > 0, got {s}"));
+            return Err(format!("normalization std of band {i} must be finite and > 0, got {s}").into());
         }
         if !self.offset.is_empty() && self.offset.len() != bands {
-            return Err(format!("normalization has {} offsets for {bands} bands", self.offset.len()));
+            return Err(format!("normalization has {} offsets for {bands} bands", self.offset.len()).into());
         }
         if let Some((i, o)) = self.offset.iter().enumerate().find(|(_, o)| !o.is_finite()) {
-            return Err(format!("normalization offset of band {i} must be finite, got {o}"));
+            return Err(format!("normalization offset of band {i} must be finite, got {o}").into());
         }
         if let Some((i, m)) = self.mean.iter().enumerate().find(|(_, m)| !m.is_finite()) {
-            return Err(format!("normalization mean of band {i} must be finite, got {m}"));
+            return Err(format!("normalization mean of band {i} must be finite, got {m}").into());
         }
         Ok(())
     }
@@ -189,12 +190,12 @@ mod tests {
     #[test]
     fn validate_names_the_problem() {
         assert!(Normalization::imagenet().validate(3).is_ok());
-        assert!(Normalization::imagenet().validate(4).unwrap_err().contains("4 bands"));
+        assert!(Normalization::imagenet().validate(4).unwrap_err().to_string().contains("4 bands"));
         let mut n = Normalization::identity(2, 1.0);
         n.std[1] = 0.0;
-        assert!(n.validate(2).unwrap_err().contains("band 1"));
+        assert!(n.validate(2).unwrap_err().to_string().contains("band 1"));
         assert!(Normalization::preset("imagenet", 13).is_err());
-        assert!(Normalization::preset("nope", 3).unwrap_err().contains("nope"));
+        assert!(Normalization::preset("nope", 3).unwrap_err().to_string().contains("nope"));
     }
 
     #[test]

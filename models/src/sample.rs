@@ -51,7 +51,7 @@ impl SampleType {
     }
 
     /// Parses `uint8`, `uint16`, … as written by [`SampleType::name`].
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, crate::ContractError> {
         [
             SampleType::U8,
             SampleType::I8,
@@ -65,7 +65,9 @@ impl SampleType {
         .into_iter()
         .find(|t| t.name() == s)
         .ok_or_else(|| {
-            format!("unknown sample type `{s}` (expected uint8, int8, uint16, int16, uint32, int32, float32, float64)")
+            crate::ContractError(format!(
+                "unknown sample type `{s}` (expected uint8, int8, uint16, int16, uint32, int32, float32, float64)"
+            ))
         })
     }
 }

@@ -97,20 +97,22 @@ impl ModelSpec {
     }
 
     /// Checks internal consistency; the message names the offending field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::ContractError> {
         if self.format != SPEC_FORMAT {
-            return Err(format!("format {} is not supported (this geossl reads format {SPEC_FORMAT})", self.format));
+            return Err(
+                format!("format {} is not supported (this geossl reads format {SPEC_FORMAT})", self.format).into()
+            );
         }
         let c = self.backbone.in_channels;
         if c == 0 || c > MAX_BANDS {
-            return Err(format!("backbone.in_channels must be 1..={MAX_BANDS}, got {c}"));
+            return Err(format!("backbone.in_channels must be 1..={MAX_BANDS}, got {c}").into());
         }
         if self.bands.len() != c {
-            return Err(format!("bands lists {} names for in_channels = {c}", self.bands.len()));
+            return Err(format!("bands lists {} names for in_channels = {c}", self.bands.len()).into());
         }
         for (i, s) in self.input_size.iter().enumerate() {
             if !(MIN_INPUT..=MAX_INPUT).contains(s) {
-                return Err(format!("input_size[{i}] must be {MIN_INPUT}..={MAX_INPUT}, got {s}"));
+                return Err(format!("input_size[{i}] must be {MIN_INPUT}..={MAX_INPUT}, got {s}").into());
             }
         }
         self.normalization.validate(c)?;
@@ -118,7 +120,7 @@ impl ModelSpec {
         for h in &self.heads {
             let k = h.kind();
             if seen.contains(&k) {
-                return Err(format!("two {} heads", k.name()));
+                return Err(format!("two {} heads", k.name()).into());
             }
             seen.push(k);
             match h {
@@ -138,14 +140,15 @@ impl ModelSpec {
                 }
                 HeadSpec::Geo(g) => {
                     if g.num_clusters < 2 {
-                        return Err(format!("geo head needs at least 2 clusters, got {}", g.num_clusters));
+                        return Err(format!("geo head needs at least 2 clusters, got {}", g.num_clusters).into());
                     }
                     if !g.centroids.is_empty() && g.centroids.len() != g.num_clusters {
                         return Err(format!(
                             "geo head has {} centroids for {} clusters",
                             g.centroids.len(),
                             g.num_clusters
-                        ));
+                        )
+                        .into());
                     }
                     if self.projection_out().is_none() {
                         return Err(
@@ -160,12 +163,12 @@ impl ModelSpec {
     }
 }
 
-fn check_classes(what: &str, k: usize, labels: &[String]) -> Result<(), String> {
+fn check_classes(what: &str, k: usize, labels: &[String]) -> Result<(), crate::ContractError> {
     if k == 0 || k > 1_000_000 {
-        return Err(format!("{what} num_classes must be 1..=1000000, got {k}"));
+        return Err(format!("{what} num_classes must be 1..=1000000, got {k}").into());
     }
     if !labels.is_empty() && labels.len() != k {
-        return Err(format!("{what} has {} labels for {k} classes", labels.len()));
+        return Err(format!("{what} has {} labels for {k} classes", labels.len()).into());
     }
     Ok(())
 }
@@ -203,12 +206,12 @@ mod tests {
     fn validate_rejects_inconsistent_specs() {
         let mut s = ModelSpec::rgb(Arch::Resnet18, 224);
         s.backbone.in_channels = 4;
-        assert!(s.validate().unwrap_err().contains("bands"));
+        assert!(s.validate().unwrap_err().to_string().contains("bands"));
         let mut s = ModelSpec::rgb(Arch::Resnet18, 224);
         s.input_size = [224, 100_000];
-        assert!(s.validate().unwrap_err().contains("input_size[1]"));
+        assert!(s.validate().unwrap_err().to_string().contains("input_size[1]"));
         let mut s = ModelSpec::rgb(Arch::Resnet18, 224);
         s.heads.push(HeadSpec::Geo(GeoHead { num_clusters: 10, centroids: vec![] }));
-        assert!(s.validate().unwrap_err().contains("projection"));
+        assert!(s.validate().unwrap_err().to_string().contains("projection"));
     }
 }

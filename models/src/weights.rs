@@ -111,8 +111,8 @@ impl StateDict {
         Ok(Self { tensors, metadata })
     }
 
-    /// Serializes to safetensors bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+    /// Serializes to safetensors bytes; the error names the tensor safetensors refused.
+    fn to_bytes(&self) -> Result<Vec<u8>, String> {
         let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = self
             .tensors
             .iter()

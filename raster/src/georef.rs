@@ -40,31 +40,40 @@ pub struct GeoKeyTags {
     pub ascii: Option<String>,
 }
 
+geossl_models::message_error!(
+    /// A georeference that cannot be read or used (the tags are missing or malformed, the CRS has no
+    /// definition, a transform fails); the message says which.
+    GeorefError
+);
+
 /// Projections by PROJ.4 string, built once.
-fn projection_of(def: &str) -> Result<Arc<Proj>, String> {
+fn projection_of(def: &str) -> Result<Arc<Proj>, GeorefError> {
     static CACHE: OnceLock<Mutex<HashMap<String, Arc<Proj>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut m = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = m.get(def) {
         return Ok(p.clone());
     }
-    let p = Arc::new(Proj::from_proj_string(def).map_err(|e| format!("projection `{def}` is not supported: {e}"))?);
+    let p = Arc::new(
+        Proj::from_proj_string(def)
+            .map_err(|e| GeorefError::from(format!("projection `{def}` is not supported: {e}")))?,
+    );
     m.insert(def.to_string(), p.clone());
     Ok(p)
 }
 
 /// Projections by EPSG code, built once.
-fn projection(epsg: u32) -> Result<Arc<Proj>, String> {
+fn projection(epsg: u32) -> Result<Arc<Proj>, GeorefError> {
     static CACHE: OnceLock<Mutex<HashMap<u32, Arc<Proj>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
     let mut m = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = m.get(&epsg) {
         return Ok(p.clone());
     }
-    let code = u16::try_from(epsg).map_err(|_| format!("EPSG:{epsg} is not a known CRS"))?;
+    let code = u16::try_from(epsg).map_err(|_| GeorefError::from(format!("EPSG:{epsg} is not a known CRS")))?;
     let p = Arc::new(
         Proj::from_epsg_code(code)
-            .map_err(|e| format!("EPSG:{epsg} is not supported (no projection definition: {e})"))?,
+            .map_err(|e| GeorefError::from(format!("EPSG:{epsg} is not supported (no projection definition: {e})")))?,
     );
     m.insert(epsg, p.clone());
     Ok(p)
@@ -78,7 +87,7 @@ impl Georef {
         Georef { transform: [x0, scale[0], 0.0, y0, 0.0, -scale[1]], epsg, proj4: None, keys: None }
     }
 
-    fn source(&self) -> Result<Arc<Proj>, String> {
+    fn source(&self) -> Result<Arc<Proj>, GeorefError> {
         match &self.proj4 {
             Some(def) => projection_of(def),
             None => projection(self.epsg),
@@ -86,7 +95,7 @@ impl Georef {
     }
 
     /// Whether [`Georef::to_latlon`] can convert this CRS; the error names the EPSG code.
-    pub fn check_supported(&self) -> Result<(), String> {
+    pub fn check_supported(&self) -> Result<(), GeorefError> {
         if self.epsg == 4326 && self.proj4.is_none() {
             return Ok(());
         }
@@ -118,7 +127,7 @@ impl Georef {
 
     /// The footprint of the pixel window at `(x, y)` of `w × h`: a closed counter-clockwise ring of
     /// (lon, lat) corners (as GeoParquet and GeoJSON want it for north-up rasters).
-    pub fn footprint(&self, x: f64, y: f64, w: f64, h: f64) -> Result<Vec<(f64, f64)>, String> {
+    pub fn footprint(&self, x: f64, y: f64, w: f64, h: f64) -> Result<Vec<(f64, f64)>, GeorefError> {
         [(x, y), (x, y + h), (x + w, y + h), (x + w, y), (x, y)]
             .iter()
             .map(|&(px, py)| self.to_latlon(px, py).map(|(lat, lon)| (lon, lat)))
@@ -126,7 +135,7 @@ impl Georef {
     }
 
     /// WGS84 (lat, lon) in degrees of pixel position `(px, py)`.
-    pub fn to_latlon(&self, px: f64, py: f64) -> Result<(f64, f64), String> {
+    pub fn to_latlon(&self, px: f64, py: f64) -> Result<(f64, f64), GeorefError> {
         let (x, y) = self.pixel_to_map(px, py);
         if self.epsg == 4326 && self.proj4.is_none() {
             return Ok((y, x));
@@ -135,7 +144,7 @@ impl Georef {
         let dst = projection(4326)?;
         let mut p = (x, y, 0.0);
         proj4rs::transform::transform(&src, &dst, &mut p)
-            .map_err(|e| format!("EPSG:{} → WGS84 failed at ({x}, {y}): {e}", self.epsg))?;
+            .map_err(|e| GeorefError::from(format!("EPSG:{} → WGS84 failed at ({x}, {y}): {e}", self.epsg)))?;
         Ok((p.1.to_degrees(), p.0.to_degrees()))
     }
 }
@@ -143,7 +152,9 @@ impl Georef {
 /// The georeference in the GeoTIFF tags of an opened decoder (ModelTransformation, or ModelTiepoint +
 /// ModelPixelScale; PixelIsPoint rasters shifted by half a pixel; the EPSG code from the GeoKey
 /// directory), read with the rest of the header by [`crate::Raster::new`]. The error says what is missing.
-pub(crate) fn from_tags<R: std::io::Read + std::io::Seek>(d: &mut tiff::decoder::Decoder<R>) -> Result<Georef, String> {
+pub(crate) fn from_tags<R: std::io::Read + std::io::Seek>(
+    d: &mut tiff::decoder::Decoder<R>,
+) -> Result<Georef, GeorefError> {
     use tiff::tags::Tag;
     let keys = d
         .find_tag(Tag::GeoKeyDirectoryTag)
@@ -230,7 +241,7 @@ impl GeoKeys<'_> {
     }
 
     /// The ellipsoid and datum shift of the geographic CRS, as PROJ.4 parameters.
-    fn datum(&self) -> Result<String, String> {
+    fn datum(&self) -> Result<String, GeorefError> {
         let t = self.doubles(2062);
         let towgs84 = if t.is_empty() {
             String::new()
@@ -258,7 +269,7 @@ impl GeoKeys<'_> {
     }
 
     /// PROJ.4 string of a user-defined projected CRS (ProjectedCSTypeGeoKey = 32767).
-    fn user_defined_proj4(&self) -> Result<String, String> {
+    fn user_defined_proj4(&self) -> Result<String, GeorefError> {
         let p = |id: u16| self.double(id).unwrap_or(0.0);
         // False origin (LCC 2SP), natural origin or centre keys, whichever the file uses.
         let lat0 = self.double(3085).or(self.double(3081)).or(self.double(3089)).unwrap_or(0.0);
@@ -288,13 +299,17 @@ impl GeoKeys<'_> {
                 let pole = if lat_ts < 0.0 || lat0 < 0.0 { -90 } else { 90 };
                 format!("+proj=stere +lat_0={pole} +lat_ts={lat_ts} +lon_0={lon} +k={k} +x_0={x0} +y_0={y0}")
             }
-            m => return Err(format!("user-defined projection method {m} (ProjCoordTransGeoKey) is not supported")),
+            m => {
+                return Err(GeorefError(format!(
+                    "user-defined projection method {m} (ProjCoordTransGeoKey) is not supported"
+                )))
+            }
         };
         let units = match self.short(3076) {
             None | Some(9001) => "+units=m",
             Some(9002) => "+units=ft",
             Some(9003) => "+units=us-ft",
-            Some(u) => return Err(format!("linear unit {u} (ProjLinearUnitsGeoKey) is not supported")),
+            Some(u) => return Err(GeorefError(format!("linear unit {u} (ProjLinearUnitsGeoKey) is not supported"))),
         };
         Ok(format!("{proj} {} {units} +no_defs", self.datum()?))
     }
@@ -324,7 +339,7 @@ mod tests {
     #[test]
     fn unknown_crs_is_named() {
         let g = Georef::north_up([0.0; 2], [0.0; 2], [1.0; 2], 999_999);
-        assert!(g.to_latlon(0.0, 0.0).unwrap_err().contains("EPSG:999999"));
-        assert!(g.check_supported().unwrap_err().contains("EPSG:999999"));
+        assert!(g.to_latlon(0.0, 0.0).unwrap_err().to_string().contains("EPSG:999999"));
+        assert!(g.check_supported().unwrap_err().to_string().contains("EPSG:999999"));
     }
 }

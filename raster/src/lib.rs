@@ -36,7 +36,7 @@ pub mod georef;
 pub mod grid;
 pub mod image;
 pub mod write;
-pub use georef::{GeoKeyTags, Georef};
+pub use georef::{GeoKeyTags, Georef, GeorefError};
 pub use grid::{hilbert_index, nodata_fraction, WindowGrid};
 pub use image::{decode_bytes, decode_path, Image, ImageError, ImageErrorKind, Layout, Want};
 pub use write::{write_geotiff, GeoTiffMeta};
@@ -297,7 +297,7 @@ pub struct Raster<R: Source> {
     /// Each chunk's byte range in the file (from the offsets and byte counts tags).
     ranges: Vec<std::ops::Range<u64>>,
     /// The georeference from the same header, or why there is none.
-    georef: Result<Georef, String>,
+    georef: Result<Georef, georef::GeorefError>,
 }
 
 impl<R: Source> std::fmt::Debug for Raster<R> {
@@ -462,7 +462,7 @@ impl<R: Source> Raster<R> {
     pub fn georef(&self) -> Result<&Georef, RasterError> {
         self.georef
             .as_ref()
-            .map_err(|reason| RasterError::NotGeoreferenced { file: self.file.clone(), reason: reason.clone() })
+            .map_err(|reason| RasterError::NotGeoreferenced { file: self.file.clone(), reason: reason.to_string() })
     }
 
     /// The file's name, as errors give it.

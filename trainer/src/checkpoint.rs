@@ -98,7 +98,7 @@ pub fn save_checkpoint(
     vs: &nn::VarStore,
     extra: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    spec.validate().map_err(|msg| CheckpointError::InvalidSpec { path: dir.to_owned(), msg })?;
+    spec.validate().map_err(|e| CheckpointError::InvalidSpec { path: dir.to_owned(), msg: e.to_string() })?;
     let sd = state_dict(vs, spec)?;
     let io = |path: &Path| {
         let path = path.to_owned();

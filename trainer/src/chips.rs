@@ -13,9 +13,30 @@
 use std::path::{Path, PathBuf};
 
 use geossl_models::SampleType;
-use geossl_raster::{nodata_fraction, write_geotiff, GeoTiffMeta, Raster, WindowGrid};
+use geossl_raster::{nodata_fraction, write_geotiff, GeoTiffMeta, GeorefError, Raster, RasterError, WindowGrid};
 
-use crate::data::{write_manifest, Sample};
+use crate::data::{write_manifest, DataError, Sample};
+
+/// Why scenes could not be cut into chips.
+#[derive(Debug, thiserror::Error)]
+pub enum ChipsError {
+    /// A scene that cannot be read, or a chip that cannot be written.
+    #[error(transparent)]
+    Raster(#[from] RasterError),
+    #[error(transparent)]
+    Georef(#[from] GeorefError),
+    #[error(transparent)]
+    Manifest(#[from] DataError),
+    /// Options or scenes that cannot be cut (sizes, formats, no chip left).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for ChipsError {
+    fn from(m: String) -> Self {
+        ChipsError::Invalid(m)
+    }
+}
 
 pub use geossl_raster::read_georef;
 
@@ -50,19 +71,21 @@ impl Default for TileOptions {
 }
 
 /// Cuts `scene` into chips written under `out`; returns them as manifest rows.
-pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Sample>, String> {
+pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Sample>, ChipsError> {
     if opt.size < 8 || opt.stride == 0 {
-        return Err(format!("chip size must be ≥ 8 and stride ≥ 1 (got {} and {})", opt.size, opt.stride));
+        return Err(format!("chip size must be ≥ 8 and stride ≥ 1 (got {} and {})", opt.size, opt.stride).into());
     }
     if !(0.0..=1.0).contains(&opt.max_nodata) {
-        return Err(format!("max nodata fraction {} (must be 0..=1)", opt.max_nodata));
+        return Err(format!("max nodata fraction {} (must be 0..=1)", opt.max_nodata).into());
     }
-    let mut r = Raster::open(scene).map_err(|e| e.to_string())?;
-    let g = r.georef().map_err(|e| e.to_string())?.clone();
+    let mut r = Raster::open(scene)?;
+    let g = r.georef()?.clone();
     let info = r.info().clone();
     let size = opt.size as usize;
     if info.width < size || info.height < size {
-        return Err(format!("{}: {}×{} is smaller than one {size} px chip", scene.display(), info.width, info.height));
+        return Err(
+            format!("{}: {}×{} is smaller than one {size} px chip", scene.display(), info.width, info.height).into()
+        );
     }
     // Every band but an alpha channel, as stored.
     let bands: Vec<usize> = (0..info.bands - usize::from(info.alpha && info.bands > 1)).collect();
@@ -79,17 +102,18 @@ pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Sam
                 scene.display(),
                 bands.len(),
                 info.sample_type
-            ))
+            )
+            .into())
         }
         ChipFormat::Tiff => false,
     };
     let names: Vec<Option<String>> = bands.iter().map(|&b| info.band_names[b].clone()).collect();
     let stem = scene.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "scene".into());
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let grid = WindowGrid::new(info.width, info.height, size, size, opt.stride as usize).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out).map_err(|source| RasterError::Io { file: out.display().to_string(), source })?;
+    let grid = WindowGrid::new(info.width, info.height, size, size, opt.stride as usize)?;
     let mut chips = Vec::new();
     for (x0, y0) in grid.row_major() {
-        let block = r.read_window(x0, y0, size, size, &bands).map_err(|e| e.to_string())?;
+        let block = r.read_window(x0, y0, size, size, &bands)?;
         if nodata_fraction(&block, info.nodata) > opt.max_nodata {
             continue;
         }
@@ -108,7 +132,7 @@ pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Sam
                 nodata: info.nodata,
                 datetime: info.datetime.as_deref(),
             };
-            write_geotiff(&path, &block, &meta).map_err(|e| e.to_string())?;
+            write_geotiff(&path, &block, &meta)?;
             path
         };
         chips.push(Sample {
@@ -125,15 +149,15 @@ pub fn tile_scene(scene: &Path, out: &Path, opt: &TileOptions) -> Result<Vec<Sam
 }
 
 /// An 8-bit RGB planar block as a PNG.
-fn write_png(path: &Path, block: &geossl_raster::Block) -> Result<(), String> {
+fn write_png(path: &Path, block: &geossl_raster::Block) -> Result<(), ChipsError> {
     let geossl_raster::Samples::U8(px) = &block.samples else {
-        return Err(format!("{}: PNG chips hold 8-bit samples", path.display()));
+        return Err(format!("{}: PNG chips hold 8-bit samples", path.display()).into());
     };
     let n = block.width * block.height;
     let rgb: Vec<u8> = (0..n).flat_map(|i| [px[i], px[n + i], px[2 * n + i]]).collect();
     let img = image::RgbImage::from_raw(block.width as u32, block.height as u32, rgb)
         .ok_or_else(|| format!("{}: chip size", path.display()))?;
-    img.save(path).map_err(|e| format!("{}: {e}", path.display()))
+    img.save(path).map_err(|e| ChipsError::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// Tiles several scenes into `out` and writes `out/manifest.csv`.
@@ -143,9 +167,9 @@ pub fn tile_scenes(
     timestamps: &[String],
     out: &Path,
     opt: &TileOptions,
-) -> Result<(PathBuf, usize), String> {
+) -> Result<(PathBuf, usize), ChipsError> {
     if !timestamps.is_empty() && timestamps.len() != scenes.len() {
-        return Err(format!("{} timestamps for {} scenes", timestamps.len(), scenes.len()));
+        return Err(format!("{} timestamps for {} scenes", timestamps.len(), scenes.len()).into());
     }
     let mut all = Vec::new();
     for (i, s) in scenes.iter().enumerate() {
@@ -154,7 +178,7 @@ pub fn tile_scenes(
         all.extend(tile_scene(s, &sub, &o)?);
     }
     if all.is_empty() {
-        return Err("no chip passed the nodata filter".into());
+        return Err(ChipsError::Invalid("no chip passed the nodata filter".into()));
     }
     let n = all.len();
     Ok((write_manifest(&all, &out.join("manifest.csv"))?, n))

@@ -242,11 +242,11 @@ impl PretrainConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Self =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), error: Box::new(e) })?;
-        cfg.validate().map_err(|msg| ConfigError::Invalid { path: path.to_owned(), msg })?;
+        cfg.validate().map_err(|e| ConfigError::Invalid { path: path.to_owned(), msg: e.to_string() })?;
         Ok(cfg)
     }
 
-    pub fn normalization(&self) -> Result<Normalization, String> {
+    pub fn normalization(&self) -> Result<Normalization, geossl_models::ContractError> {
         match &self.model.normalization {
             NormalizationConfig::Preset(p) => Normalization::preset(p, self.model.bands.len()),
             NormalizationConfig::PerBand { scale, offset, mean, std } => {
@@ -263,40 +263,42 @@ impl PretrainConfig {
         self.optim.base_lr * self.optim.batch_size as f64 / 256.0
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), geossl_models::ContractError> {
         let b = self.optim.batch_size;
         if b < 2 {
-            return Err(format!("optim.batch_size must be at least 2, got {b}"));
+            return Err(format!("optim.batch_size must be at least 2, got {b}").into());
         }
         if self.moco.queue_size == 0 || !self.moco.queue_size.is_multiple_of(b) {
             return Err(format!(
                 "moco.queue_size ({}) must be a positive multiple of optim.batch_size ({b})",
                 self.moco.queue_size
-            ));
+            )
+            .into());
         }
         if !(0.0..1.0).contains(&self.moco.momentum) {
-            return Err(format!("moco.momentum must be in [0, 1), got {}", self.moco.momentum));
+            return Err(format!("moco.momentum must be in [0, 1), got {}", self.moco.momentum).into());
         }
         if !(self.moco.temperature > 0.0 && self.moco.temperature.is_finite()) {
-            return Err(format!("moco.temperature must be > 0, got {}", self.moco.temperature));
+            return Err(format!("moco.temperature must be > 0, got {}", self.moco.temperature).into());
         }
         let g = self.moco.shuffle_bn_groups;
         if g == 0 || !b.is_multiple_of(g) || b / g < 2 {
             return Err(format!(
                 "moco.shuffle_bn_groups ({g}) must divide optim.batch_size ({b}) into sub-batches of at least 2"
-            ));
+            )
+            .into());
         }
         if self.model.input_size < 32 || self.model.input_size > 4096 {
-            return Err(format!("model.input_size must be 32..=4096, got {}", self.model.input_size));
+            return Err(format!("model.input_size must be 32..=4096, got {}", self.model.input_size).into());
         }
         if self.optim.base_lr <= 0.0 || !self.optim.base_lr.is_finite() {
-            return Err(format!("optim.base_lr must be > 0, got {}", self.optim.base_lr));
+            return Err(format!("optim.base_lr must be > 0, got {}", self.optim.base_lr).into());
         }
         if self.optim.epochs == 0 {
             return Err("optim.epochs must be at least 1".into());
         }
         if self.geo.enabled && self.geo.clusters < 2 {
-            return Err(format!("geo.clusters must be at least 2, got {}", self.geo.clusters));
+            return Err(format!("geo.clusters must be at least 2, got {}", self.geo.clusters).into());
         }
         if self.run.workers == 0 || self.run.checkpoint_every == 0 || self.run.log_every == 0 {
             return Err("run.workers, run.checkpoint_every and run.log_every must be at least 1".into());

@@ -55,7 +55,7 @@ pub enum Format {
 
 /// Writes a CSV manifest (`path,lat,lon,timestamp,location_id[,label]`) with paths relative to its folder
 /// (the label column when any sample has a label), atomically; returns its path.
-pub fn write_manifest(samples: &[Sample], path: &Path) -> Result<PathBuf, String> {
+pub fn write_manifest(samples: &[Sample], path: &Path) -> Result<PathBuf, DataError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let labelled = samples.iter().any(|c| c.label.is_some());
     let mut s = String::from(if labelled {
@@ -81,9 +81,9 @@ pub fn write_manifest(samples: &[Sample], path: &Path) -> Result<PathBuf, String
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, s).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| {
+    std::fs::write(&tmp, s).and_then(|()| std::fs::rename(&tmp, path)).map_err(|error| {
         let _ = std::fs::remove_file(&tmp);
-        format!("{}: {e}", path.display())
+        DataError::Io { path: path.to_owned(), error }
     })?;
     Ok(path.to_owned())
 }

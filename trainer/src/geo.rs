@@ -36,9 +36,14 @@ pub fn assign(centroids: &[[f64; 3]], p: [f64; 3]) -> usize {
     best.0
 }
 
+geossl_models::message_error!(
+    /// Locations that cannot be clustered (fewer distinct points than clusters, a non-finite coordinate).
+    KmeansError
+);
+
 /// Spherical k-means with k-means++ seeding. Returns `k` unit centroids.
 /// Errors when there are fewer distinct points than clusters or a coordinate is not finite.
-pub fn kmeans_sphere(points: &[[f64; 3]], k: usize, iters: usize, seed: u64) -> Result<Vec<[f64; 3]>, String> {
+pub fn kmeans_sphere(points: &[[f64; 3]], k: usize, iters: usize, seed: u64) -> Result<Vec<[f64; 3]>, KmeansError> {
     if k == 0 {
         return Err("k-means needs at least one cluster".into());
     }
@@ -49,7 +54,9 @@ pub fn kmeans_sphere(points: &[[f64; 3]], k: usize, iters: usize, seed: u64) -> 
     distinct.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     distinct.dedup();
     if distinct.len() < k {
-        return Err(format!("{k} geo clusters requested but the data has only {} distinct locations", distinct.len()));
+        return Err(
+            format!("{k} geo clusters requested but the data has only {} distinct locations", distinct.len()).into()
+        );
     }
     let mut rng = Rng::new(seed);
     // k-means++ on the chord distance 1 - cos.
@@ -157,7 +164,7 @@ mod tests {
     #[test]
     fn errors_are_clear() {
         let p = vec![to_unit(0.0, 0.0); 5];
-        assert!(kmeans_sphere(&p, 2, 10, 0).unwrap_err().contains("only 1 distinct"));
-        assert!(kmeans_sphere(&[[f64::NAN, 0.0, 0.0]], 1, 10, 0).unwrap_err().contains("non-finite"));
+        assert!(kmeans_sphere(&p, 2, 10, 0).unwrap_err().to_string().contains("only 1 distinct"));
+        assert!(kmeans_sphere(&[[f64::NAN, 0.0, 0.0]], 1, 10, 0).unwrap_err().to_string().contains("non-finite"));
     }
 }

@@ -11,6 +11,22 @@ use geossl_models::SampleType;
 use geossl_raster::{ImageError, Layout, Samples, Want};
 use tch::{Kind, Tensor};
 
+/// Why an image could not be decoded for a model.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The file: unreadable, corrupt, another band count (the one decoder's refusal).
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{path}: stores {stored} samples; the model's normalization is for {want} (model.sample_type)")]
+    SampleType { path: std::path::PathBuf, stored: SampleType, want: SampleType },
+    /// A window that is not inside the image.
+    #[error("{0}")]
+    Window(String),
+    /// A segmentation mask that does not fit its image or its classes.
+    #[error("{0}")]
+    Mask(String),
+}
+
 /// Largest decoded image, in pixels (20,000² : guards against decompression bombs).
 pub const MAX_PIXELS: u64 = 20_000 * 20_000;
 
@@ -36,11 +52,14 @@ impl Image {
     }
 
     /// The window `[x, y, w, h]`, clamped to the image; empty windows are errors.
-    pub fn crop(&self, [x, y, w, h]: [u32; 4]) -> Result<Image, String> {
+    pub fn crop(&self, [x, y, w, h]: [u32; 4]) -> Result<Image, DecodeError> {
         let (x0, y0) = ((x as usize).min(self.w), (y as usize).min(self.h));
         let (x1, y1) = ((x as usize + w as usize).min(self.w), (y as usize + h as usize).min(self.h));
         if x1 <= x0 || y1 <= y0 {
-            return Err(format!("crop window {x},{y} {w}×{h} is outside the {}×{} image", self.w, self.h));
+            return Err(DecodeError::Window(format!(
+                "crop window {x},{y} {w}×{h} is outside the {}×{} image",
+                self.w, self.h
+            )));
         }
         let (c, iw, ih) = (self.c, self.w, self.h);
         let idx: Vec<usize> = match self.layout {
@@ -87,14 +106,12 @@ pub fn decode(path: &Path, band_names: &[String]) -> Result<Image, ImageError> {
 
 /// Decodes `path` for a model of `spec`: its bands, and the sample type its normalization was made for
 /// (when the spec records one).
-pub fn decode_for(path: &Path, spec: &geossl_models::ModelSpec) -> Result<Image, String> {
-    let img = decode(path, &spec.bands).map_err(|e| e.to_string())?;
+pub fn decode_for(path: &Path, spec: &geossl_models::ModelSpec) -> Result<Image, DecodeError> {
+    let img = decode(path, &spec.bands)?;
     match spec.sample_type {
-        Some(t) if t != img.stored() => Err(format!(
-            "{}: stores {} samples; the model's normalization is for {t} (model.sample_type)",
-            path.display(),
-            img.stored()
-        )),
+        Some(want) if want != img.stored() => {
+            Err(DecodeError::SampleType { path: path.to_owned(), stored: img.stored(), want })
+        }
         _ => Ok(img),
     }
 }
@@ -158,7 +175,7 @@ mod tests {
         assert_eq!((c.c, c.h, c.w), (2, 2, 2));
         let want = vec![5.0, 6.0, 9.0, 10.0, 17.0, 18.0, 21.0, 22.0];
         assert_eq!(Vec::<f32>::try_from(c.tensor().flatten(0, -1)).unwrap(), want);
-        assert!(img.crop([9, 0, 2, 2]).unwrap_err().contains("outside"));
+        assert!(img.crop([9, 0, 2, 2]).unwrap_err().to_string().contains("outside"));
         let hwc: Vec<u8> = (0..12).flat_map(|p| [p as u8, 12 + p as u8]).collect();
         let img8 = Image { samples: Arc::new(Samples::U8(hwc)), layout: Layout::Interleaved, c: 2, h: 3, w: 4 };
         assert!(img.tensor().equal(&img8.tensor()));

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::augment::{random_view_into, AugConfig};
 use crate::data::{Sample, TemporalIndex};
-use crate::image_io::{decode, Image};
+use crate::image_io::{decode, DecodeError, Image};
 use crate::rng::Rng;
 
 /// One training batch (CPU tensors, stored units).
@@ -31,6 +31,17 @@ pub struct Batch {
     pub with_partner: u64,
     /// Images that could not be read and were replaced by others.
     pub bad_images: u64,
+}
+
+/// Why the loader could not produce a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// More than a bounded number of images in a row could not be read (the data, not a glitch).
+    #[error("too many unreadable images in a row; last: {0}")]
+    Unreadable(#[source] DecodeError),
+    /// A worker thread ended (it panicked or could not start).
+    #[error("loader thread stopped")]
+    Stopped,
 }
 
 /// What the loader needs to know.
@@ -69,18 +80,19 @@ struct Shared {
 }
 
 impl Shared {
-    fn image(&self, i: usize) -> Result<Image, String> {
-        if let Some(img) = self.cache.map.lock().map_err(|_| "cache poisoned")?.get(&i) {
+    fn image(&self, i: usize) -> Result<Image, DecodeError> {
+        // A poisoned cache only means another worker panicked mid-insert: its map is still usable.
+        if let Some(img) = self.cache.map.lock().unwrap_or_else(|p| p.into_inner()).get(&i) {
             return Ok(img.clone());
         }
         let s = &self.samples[i];
-        let mut img = decode(&s.path, &self.cfg.bands).map_err(|e| e.to_string())?;
+        let mut img = decode(&s.path, &self.cfg.bands)?;
         if let Some(c) = s.crop {
-            img = img.crop(c).map_err(|e| format!("{}: {e}", s.path.display()))?;
+            img = img.crop(c).map_err(|e| DecodeError::Window(format!("{}: {e}", s.path.display())))?;
         }
         if self.cache.bytes.load(Ordering::Relaxed) + img.bytes() <= self.cfg.cache_bytes {
             self.cache.bytes.fetch_add(img.bytes(), Ordering::Relaxed);
-            self.cache.map.lock().map_err(|_| "cache poisoned")?.insert(i, img.clone());
+            self.cache.map.lock().unwrap_or_else(|p| p.into_inner()).insert(i, img.clone());
         }
         Ok(img)
     }
@@ -98,7 +110,7 @@ impl Shared {
         perm[at..at + b].to_vec()
     }
 
-    fn batch(&self, step: u64) -> Result<Batch, String> {
+    fn batch(&self, step: u64) -> Result<Batch, LoaderError> {
         // Each rank its own augmentations (rank 0's are a single process's).
         let rank = (self.cfg.rank as u64).wrapping_mul(0xd1b5_4a32_d192_ed03);
         let mut rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5151 ^ rank);
@@ -123,7 +135,7 @@ impl Shared {
                         bad += 1;
                         tries += 1;
                         if tries > 16 {
-                            return Err(format!("too many unreadable images in a row; last: {e}"));
+                            return Err(LoaderError::Unreadable(e));
                         }
                         a = rng.below(self.samples.len());
                     }
@@ -160,7 +172,7 @@ impl Shared {
 /// The running loader.
 #[derive(Debug)]
 pub struct Loader {
-    receivers: Vec<Receiver<Result<Batch, String>>>,
+    receivers: Vec<Receiver<Result<Batch, LoaderError>>>,
     next: u64,
     first: u64,
 }
@@ -200,9 +212,9 @@ impl Loader {
     }
 
     /// The next batch in step order.
-    pub fn next_batch(&mut self) -> Result<Batch, String> {
+    pub fn next_batch(&mut self) -> Result<Batch, LoaderError> {
         let w = ((self.next - self.first) % self.receivers.len() as u64) as usize;
-        let b = self.receivers[w].recv().map_err(|_| "loader thread stopped".to_string())??;
+        let b = self.receivers[w].recv().map_err(|_| LoaderError::Stopped)??;
         debug_assert_eq!(b.step, self.next);
         self.next += 1;
         Ok(b)

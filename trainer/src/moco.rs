@@ -20,6 +20,11 @@ pub const KEY_FILE: &str = "key.safetensors";
 /// The negative queue, beside them.
 pub const QUEUE_FILE: &str = "queue.safetensors";
 
+geossl_models::message_error!(
+    /// A batch of keys the queue cannot take (its size must divide the queue's).
+    QueueError
+);
+
 /// A FIFO of L2-normalized keys `[K, D]` used as negatives.
 #[derive(Debug)]
 pub struct Queue {
@@ -45,11 +50,11 @@ impl Queue {
     }
 
     /// Replaces the oldest `B` rows by `keys [B, D]`. `K` must be a multiple of `B`.
-    pub fn enqueue(&mut self, keys: &Tensor) -> Result<(), String> {
+    pub fn enqueue(&mut self, keys: &Tensor) -> Result<(), QueueError> {
         let b = keys.size()[0];
         let k = self.len();
         if b == 0 || k % b != 0 {
-            return Err(format!("queue size {k} is not a multiple of the batch size {b}"));
+            return Err(format!("queue size {k} is not a multiple of the batch size {b}").into());
         }
         tch::no_grad(|| {
             self.keys.narrow(0, self.ptr, b).copy_(&keys.detach().to_kind(self.keys.kind()));
@@ -500,7 +505,7 @@ mod tests {
         assert_eq!(q.ptr, 2);
         assert_eq!(v(&q.keys.narrow(0, 0, 2)), [3., 3., 4., 4.]);
         let three = Tensor::zeros([4, 2], (Kind::Float, Device::Cpu));
-        assert!(q.enqueue(&three).unwrap_err().contains("multiple"));
+        assert!(q.enqueue(&three).unwrap_err().to_string().contains("multiple"));
     }
 
     #[test]

@@ -3,6 +3,11 @@
 
 use std::path::Path;
 
+geossl_models::message_error!(
+    /// A `.npy` file that cannot be read (named, with what is unsupported).
+    NpyError
+);
+
 /// An array as f32 with its shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyArray {
@@ -11,9 +16,9 @@ pub struct NpyArray {
 }
 
 /// Reads a `.npy` file; errors name the file and what is unsupported.
-pub fn read_npy(path: &Path) -> Result<NpyArray, String> {
+pub fn read_npy(path: &Path) -> Result<NpyArray, NpyError> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let err = |m: &str| format!("{}: {m}", path.display());
+    let err = |m: &str| NpyError(format!("{}: {m}", path.display()));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(err("not a .npy file"));
     }

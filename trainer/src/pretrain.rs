@@ -33,6 +33,8 @@ pub enum PretrainError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
+    Loader(#[from] crate::loader::LoaderError),
+    #[error(transparent)]
     Dist(#[from] geossl_dist::DistError),
     #[error("{path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
@@ -91,7 +93,10 @@ pub struct RunOptions {
 }
 
 /// The model spec a run trains: backbone + projection (+ geo head with centroids).
-pub fn run_spec(cfg: &PretrainConfig, centroids: Option<Vec<[f64; 3]>>) -> Result<ModelSpec, String> {
+pub fn run_spec(
+    cfg: &PretrainConfig,
+    centroids: Option<Vec<[f64; 3]>>,
+) -> Result<ModelSpec, geossl_models::ContractError> {
     let mut spec = ModelSpec::rgb(cfg.model.arch, cfg.model.input_size);
     spec.backbone.in_channels = cfg.model.bands.len();
     spec.bands = cfg.model.bands.clone();
@@ -250,13 +255,16 @@ fn check_data(cfg: &PretrainConfig, samples: &[Sample], manifest: &Path, world: 
     Ok(())
 }
 
+/// Geo-cluster centroids on the unit sphere (`None` without the geo pretext).
+type Centroids = Option<Vec<[f64; 3]>>;
+
 /// The geo clusters (k-means on the training locations, or the resumed checkpoint's) and each image's
 /// cluster; `None` and zeros without the geo pretext.
 fn geo_clusters(
     cfg: &PretrainConfig,
     samples: &[Sample],
     resumed: Option<&ModelSpec>,
-) -> Result<(Option<Vec<[f64; 3]>>, Vec<i64>), PretrainError> {
+) -> Result<(Centroids, Vec<i64>), PretrainError> {
     let points: Vec<[f64; 3]> = samples.iter().map(|s| to_unit(s.lat, s.lon)).collect();
     let centroids = match (resumed, cfg.geo.enabled) {
         (_, false) => None,
@@ -266,7 +274,7 @@ fn geo_clusters(
         },
         (None, true) => Some(
             kmeans_sphere(&points, cfg.geo.clusters, cfg.geo.kmeans_iters, cfg.run.seed)
-                .map_err(PretrainError::Invalid)?,
+                .map_err(|e| PretrainError::Invalid(e.to_string()))?,
         ),
     };
     let labels = match &centroids {
@@ -379,7 +387,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     let mut run = RunDir::open(&opts.out, cfg_text, rank)?;
     let resumed = if opts.resume { Some(run.resume_state(world)?) } else { None };
     let (centroids, geo_labels) = geo_clusters(cfg, &samples, resumed.as_ref().map(|r| &r.0))?;
-    let spec = run_spec(cfg, centroids).map_err(PretrainError::Invalid)?;
+    let spec = run_spec(cfg, centroids).map_err(|e| PretrainError::Invalid(e.to_string()))?;
     let index = TemporalIndex::new(&samples);
     let coverage = index.partner_coverage(&samples);
     tracing::info!(
@@ -455,7 +463,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
     let mut skipped_steps = 0u64;
     explain_queue_fill(cfg, st.step);
     while st.step < end {
-        let batch = loader.next_batch().map_err(PretrainError::Invalid)?;
+        let batch = loader.next_batch()?;
         // Augmentation randomness on the device is a function of (seed, step) too.
         let seed = (cfg.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(st.step as i64);
         tch::manual_seed(seed.wrapping_add(rank as i64 * 7_919));
@@ -480,7 +488,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let ips = ((st.step - start_step) * b as u64) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(st.step);
         bar.set_message(progress_message(&out, ips));
-        if st.step % cfg.run.log_every == 0 || st.step == end {
+        if st.step.is_multiple_of(cfg.run.log_every) || st.step == end {
             run.log(&serde_json::json!({
                 "step": st.step, "loss": out.loss, "info_nce": out.info_nce,
                 "geo_ce": out.geo_ce,
@@ -499,7 +507,7 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
             }
         }
         // Rank 0 writes the checkpoint; every rank holds the same weights and queue.
-        if rank == 0 && (st.step % cfg.run.checkpoint_every == 0 || st.step == end) {
+        if rank == 0 && (st.step.is_multiple_of(cfg.run.checkpoint_every) || st.step == end) {
             st.queue_ptr = moco.queue.ptr;
             st.loss_scale = moco.loss_scale;
             run.save(&spec, &cfg.preset, &moco, &st)?;

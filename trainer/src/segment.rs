@@ -20,7 +20,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::checkpoint::{load_checkpoint, save_checkpoint};
-use crate::image_io;
+use crate::image_io::{self, DecodeError};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::supervised::{
@@ -126,11 +126,11 @@ pub fn read_pairs(manifest: &Path) -> Result<Vec<Pair>, EvalError> {
 }
 
 /// Image `[C, H, W]` (stored units) and mask `[H, W]` (int64 class ids) of a pair.
-fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), String> {
+fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), DecodeError> {
     let img = image_io::decode_for(&p.image, spec)?;
-    let m = image_io::decode(&p.mask, &image_io::positional(1)).map_err(|e| format!("mask {e}"))?;
+    let m = image_io::decode(&p.mask, &image_io::positional(1)).map_err(|e| DecodeError::Mask(format!("mask {e}")))?;
     if (m.h, m.w) != (img.h, img.w) {
-        return Err(format!(
+        return Err(DecodeError::Mask(format!(
             "{}: mask is {}×{}, image {} is {}×{}",
             p.mask.display(),
             m.w,
@@ -138,20 +138,25 @@ fn load_pair(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor
             p.image.display(),
             img.w,
             img.h
-        ));
+        )));
     }
     let m = m.tensor();
-    let values = Vec::<f32>::try_from(m.flatten(0, -1)).map_err(|e| format!("{}: {e}", p.mask.display()))?;
+    let values =
+        Vec::<f32>::try_from(m.flatten(0, -1)).map_err(|e| DecodeError::Mask(format!("{}: {e}", p.mask.display())))?;
     if let Some(v) = values.iter().find(|&&v| v != f32::from(ignore) && (v < 0.0 || v >= k as f32 || v.fract() != 0.0))
     {
-        return Err(format!("{}: mask value {v} is not a class id (0..{}) or {ignore}", p.mask.display(), k - 1));
+        return Err(DecodeError::Mask(format!(
+            "{}: mask value {v} is not a class id (0..{}) or {ignore}",
+            p.mask.display(),
+            k - 1
+        )));
     }
     let mask = m.squeeze_dim(0).to_kind(Kind::Int64);
     Ok((img.tensor(), mask))
 }
 
 /// [`load_pair`] with the image normalized for the model: what evaluation scores.
-fn load_normalized(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), String> {
+fn load_normalized(p: &Pair, spec: &ModelSpec, k: usize, ignore: u8) -> Result<(Tensor, Tensor), DecodeError> {
     load_pair(p, spec, k, ignore).map(|(img, mask)| (normalize(&img, spec), mask))
 }
 
@@ -314,7 +319,7 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
         hidden: 64,
         labels: opts.classes.clone(),
     }));
-    spec.validate().map_err(invalid)?;
+    spec.validate().map_err(|e| invalid(e.to_string()))?;
     let (vs, model) = model_from(&source, &spec, "seg.", opts.seed, dev);
     drop(source);
     let mut sgd = sgd(&vs, opts.weight_decay);
@@ -337,7 +342,10 @@ pub fn run(opts: &SegmentOptions) -> Result<SegmentReport, EvalError> {
         |i, rng| {
             let (img, m) = load_pair(&train[i], &spec, k, opts.ignore_index)?;
             let (img, m) = random_crop(&img, &m, size, rng).ok_or_else(|| {
-                format!("{} is smaller than the {size}×{size} training crop", train[i].image.display())
+                DecodeError::Window(format!(
+                    "{} is smaller than the {size}×{size} training crop",
+                    train[i].image.display()
+                ))
             })?;
             Ok((normalize(&img, &spec), m))
         },

@@ -55,11 +55,21 @@ impl Stats {
     }
 }
 
+/// Why band statistics cannot be derived.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error(transparent)]
+    Manifest(#[from] crate::data::DataError),
+    /// The images or options make statistics impossible; the message says which image, band or option.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// The statistics of `o.manifest`'s images; the error says which image or band makes them impossible.
-pub fn band_stats(o: &StatsOptions) -> Result<Stats, String> {
-    let samples = read_manifest(&o.manifest, Format::Csv).map_err(|e| e.to_string())?;
+pub fn band_stats(o: &StatsOptions) -> Result<Stats, StatsError> {
+    let samples = read_manifest(&o.manifest, Format::Csv)?;
     if !o.offset.is_empty() && o.offset.len() != o.bands {
-        return Err(format!("--offset has {} values for {} bands", o.offset.len(), o.bands));
+        return Err(StatsError::Invalid(format!("--offset has {} values for {} bands", o.offset.len(), o.bands)));
     }
     let step = if o.max_images == 0 { 1 } else { samples.len().div_ceil(o.max_images).max(1) };
     let mut st = BandStats::new(o.bands);
@@ -74,14 +84,15 @@ pub fn band_stats(o: &StatsOptions) -> Result<Stats, String> {
             }
         };
         if *stored.get_or_insert(img.stored()) != img.stored() {
-            return Err(format!(
+            return Err(StatsError::Invalid(format!(
                 "{}: stores {} samples; earlier images store {:?}",
                 s.path.display(),
                 img.stored(),
                 stored
-            ));
+            )));
         }
-        let x = Vec::<f32>::try_from(img.tensor().flatten(0, -1)).map_err(|e| format!("{}: {e}", s.path.display()))?;
+        let x = Vec::<f32>::try_from(img.tensor().flatten(0, -1))
+            .map_err(|e| StatsError::Invalid(format!("{}: {e}", s.path.display())))?;
         let hw = img.h * img.w;
         for i in 0..hw {
             if o.nodata.is_some_and(|nd| (0..o.bands).all(|c| f64::from(x[c * hw + i]) == nd)) {
@@ -95,11 +106,13 @@ pub fn band_stats(o: &StatsOptions) -> Result<Stats, String> {
         images += 1;
     }
     if images == 0 {
-        return Err(format!("{}: no readable image", o.manifest.display()));
+        return Err(StatsError::Invalid(format!("{}: no readable image", o.manifest.display())));
     }
     let (mean, std) = st.finish();
     if let Some(c) = std.iter().position(|&s| s <= 0.0) {
-        return Err(format!("band {c} is constant over the images (std 0): no normalization can be derived"));
+        return Err(StatsError::Invalid(format!(
+            "band {c} is constant over the images (std 0): no normalization can be derived"
+        )));
     }
     Ok(Stats {
         images,

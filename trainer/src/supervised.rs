@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{CheckpointError, Loaded};
 use crate::data::{read_manifest, DataError, Format, Sample};
-use crate::image_io;
+use crate::image_io::{self, DecodeError};
 use crate::model::Model;
 use crate::optim::Sgd;
 use crate::rng::Rng;
@@ -178,7 +178,7 @@ pub fn split_by_location<T>(
 }
 
 /// Decodes `s` (its window when it has one) in stored units, `[C, H, W]`.
-pub fn decode(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
+pub fn decode(s: &Sample, spec: &ModelSpec) -> Result<Tensor, DecodeError> {
     let mut img = image_io::decode_for(&s.path, spec)?;
     if let Some(w) = s.crop {
         img = img.crop(w)?;
@@ -199,7 +199,7 @@ pub fn normalize(x: &Tensor, spec: &ModelSpec) -> Tensor {
 /// Normalized model input `[C, S, S]` of one image: the window, shorter side
 /// resized to `S` (antialiased bilinear), centre crop — what the image
 /// endpoints of geossl-serve do.
-pub fn eval_input(s: &Sample, spec: &ModelSpec) -> Result<Tensor, String> {
+pub fn eval_input(s: &Sample, spec: &ModelSpec) -> Result<Tensor, DecodeError> {
     let img = decode(s, spec)?;
     let size = spec.input_size[0] as i64;
     let (h, w) = (img.size()[1] as f64, img.size()[2] as f64);
@@ -223,7 +223,7 @@ pub fn eval_inputs(samples: &[Sample], spec: &ModelSpec, workers: usize) -> (Vec
 /// Sorts decoded samples: readable ones into `kept` and `xs`, the others
 /// logged and counted in `bad`.
 fn keep_readable<'a>(
-    decoded: impl IntoIterator<Item = (&'a Sample, Result<Tensor, String>)>,
+    decoded: impl IntoIterator<Item = (&'a Sample, Result<Tensor, DecodeError>)>,
     kept: &mut Vec<Sample>,
     xs: &mut Vec<Tensor>,
     bad: &mut usize,
@@ -387,7 +387,7 @@ pub fn train_best_epoch<E: Send>(
     sgd: &mut Sgd,
     s: Schedule,
     n: usize,
-    example: impl Fn(usize, &mut Rng) -> Result<E, String> + Sync,
+    example: impl Fn(usize, &mut Rng) -> Result<E, DecodeError> + Sync,
     mut loss: impl FnMut(Vec<E>) -> Result<Tensor, EvalError>,
     mut score: impl FnMut() -> f64,
 ) -> Result<Trained, EvalError> {

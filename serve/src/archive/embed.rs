@@ -282,7 +282,7 @@ fn read_windows(
         };
         // A scene outside the box is not read (its outline: corners and edge midpoints).
         let (sw, sh) = (ri.width as f64, ri.height as f64);
-        let outline: Result<Vec<(f64, f64)>, String> =
+        let outline: Result<Vec<(f64, f64)>, geossl_raster::GeorefError> =
             [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (1.0, 0.5), (1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (0.0, 0.5)]
                 .iter()
                 .map(|&(fx, fy)| scene.georef.to_latlon(fx * sw, fy * sh).map(|(lat, lon)| (lon, lat)))
@@ -327,12 +327,13 @@ fn read_windows(
             // Place, read, drop windows over the nodata limit (windows outside the box are not in `order`).
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
             let g = &scene.georef;
-            let placed = g.footprint(xf, yf, wf, hf).map_err(ArchiveError::Input).and_then(|ring| {
+            let placed = g.footprint(xf, yf, wf, hf).map_err(|e| ArchiveError::Input(e.to_string())).and_then(|ring| {
                 let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(ArchiveError::raster)?;
                 if nodata_fraction(&win, ri.nodata) > opts.max_nodata {
                     return Ok(None);
                 }
-                let centre = g.to_latlon(xf + wf / 2.0, yf + hf / 2.0).map_err(ArchiveError::Input)?;
+                let centre =
+                    g.to_latlon(xf + wf / 2.0, yf + hf / 2.0).map_err(|e| ArchiveError::Input(e.to_string()))?;
                 Ok(Some((win, ring, centre)))
             });
             let (win, corners, center) = match placed {
@@ -397,8 +398,8 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
         Some(p) => p.clone(),
         None => collect_inputs(&opts.inputs, opts.band_groups)?,
     };
-    let env = crate::infer::ort::init(&opts.ort_lib).map_err(bad)?;
-    let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session).map_err(bad)?;
+    let env = crate::infer::ort::init(&opts.ort_lib).map_err(ArchiveError::run)?;
+    let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session).map_err(ArchiveError::run)?;
     // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
     // row group covers a compact area and readers filtering by the bbox covering skip the others. (After
     // the model loads: a bad model fails before any input header is read.)

@@ -157,7 +157,7 @@ fn stac_items(doc: &Location) -> Result<Arc<Vec<crate::archive::stac::Item>>, Ar
     }
     let bytes =
         doc.read().map_err(ArchiveError::reading)?.ok_or_else(|| ArchiveError::Input(format!("{doc}: not found")))?;
-    let items = Arc::new(crate::archive::stac::items_of(doc.as_str(), &bytes).map_err(ArchiveError::Input)?);
+    let items = Arc::new(crate::archive::stac::items_of(doc.as_str(), &bytes)?);
     docs.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.as_str().to_string(), items.clone());
     Ok(items)
 }
@@ -274,7 +274,7 @@ impl Input {
             files,
             bands: Some(picks.iter().map(|&(k, b)| offsets[k] + b).collect()),
             band_counts: Some(counts),
-            datetime: item.datetime_micros().map_err(ArchiveError::Input)?,
+            datetime: item.datetime_micros()?,
         })
     }
 

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use arrow_array::{Float64Array, StringArray};
 use image::{Rgb, RgbImage};
 
+use crate::archive::error::ArchiveError;
+
 /// What to draw.
 #[derive(Debug, Clone)]
 pub struct MapOptions {
@@ -59,19 +61,19 @@ struct Rows {
 }
 
 /// Reads the rows of `source` (a canonical path as `embed` records it).
-fn read_rows(path: &Path, source: &str) -> Result<Rows, String> {
+fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
     use crate::archive::geoparquet::{col, column, embedding_column, read_columns, window_columns};
     let label = path.display().to_string();
     let cols = [col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING];
-    let batches = read_columns(&crate::archive::store::Location::local(path), &cols).map_err(|e| e.to_string())?;
+    let batches = read_columns(&crate::archive::store::Location::local(path), &cols)?;
     let mut rows = Rows { windows: Vec::new(), d: 0, emb: Vec::new() };
     let mut sources = std::collections::BTreeSet::new();
     for batch in &batches {
-        let src: &StringArray = column(batch, col::SOURCE, &label).map_err(|e| e.to_string())?;
-        let [x, y, w, h] = window_columns(batch, &label).map_err(|e| e.to_string())?;
-        let lat: &Float64Array = column(batch, col::CENTER_LAT, &label).map_err(|e| e.to_string())?;
-        let lon: &Float64Array = column(batch, col::CENTER_LON, &label).map_err(|e| e.to_string())?;
-        let (emb, values, d) = embedding_column(batch, &label).map_err(|e| e.to_string())?;
+        let src: &StringArray = column(batch, col::SOURCE, &label)?;
+        let [x, y, w, h] = window_columns(batch, &label)?;
+        let lat: &Float64Array = column(batch, col::CENTER_LAT, &label)?;
+        let lon: &Float64Array = column(batch, col::CENTER_LON, &label)?;
+        let (emb, values, d) = embedding_column(batch, &label)?;
         rows.d = d;
         for i in 0..batch.num_rows() {
             if src.value(i) != source {
@@ -92,7 +94,10 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, String> {
     }
     if rows.windows.is_empty() {
         let others: Vec<_> = sources.into_iter().take(5).collect();
-        return Err(format!("{label} has no rows of {source} (its sources include: {})", others.join(", ")));
+        return Err(ArchiveError::Run(format!(
+            "{label} has no rows of {source} (its sources include: {})",
+            others.join(", ")
+        )));
     }
     Ok(rows)
 }
@@ -159,29 +164,32 @@ pub fn nearest(emb: &[f32], d: usize, q: usize, k: usize) -> Vec<(usize, f64)> {
 }
 
 /// Draws the picture and writes it atomically; the error names what is wrong.
-pub fn run(opts: &MapOptions) -> Result<MapSummary, String> {
+pub fn run(opts: &MapOptions) -> Result<MapSummary, ArchiveError> {
     let scene_label = opts.scene.display().to_string();
-    let source = std::fs::canonicalize(&opts.scene).map_err(|e| format!("{scene_label}: {e}"))?.display().to_string();
+    let source = std::fs::canonicalize(&opts.scene)
+        .map_err(|e| ArchiveError::Run(format!("{scene_label}: {e}")))?
+        .display()
+        .to_string();
     let rows = read_rows(&opts.embeddings, &source)?;
     let n = rows.windows.len();
     if n < 2 {
-        return Err(format!(
+        return Err(ArchiveError::Run(format!(
             "{}: {scene_label} has {n} embedded window; a map needs at least 2",
             opts.embeddings.display()
-        ));
+        )));
     }
     // Drawn in colour: a one-band scene as grey.
     let rgb = geossl_raster::positional_names(3);
     let want = geossl_raster::Want { bands: &rgb, grey_to_rgb: true, max_pixels: u64::MAX };
-    let planes = geossl_raster::decode_path(&opts.scene, &want).map_err(|e| e.to_string())?.into_planar();
+    let planes = geossl_raster::decode_path(&opts.scene, &want).map_err(ArchiveError::run)?.into_planar();
     let (sw, sh) = (planes.width, planes.height);
     if let Some(w) = rows.windows.iter().find(|w| (w.x + w.w) as usize > sw || (w.y + w.h) as usize > sh) {
-        return Err(format!(
+        return Err(ArchiveError::Run(format!(
             "{}: window at ({}, {}) lies outside {scene_label} ({sw}×{sh}): is this the scene it was embedded from?",
             opts.embeddings.display(),
             w.x,
             w.y
-        ));
+        )));
     }
     let pcs = principal_components(&rows.emb, n, rows.d, 3);
     let (qx, qy) = opts.query.unwrap_or((sw as f64 / 2.0, sh as f64 / 2.0));
@@ -307,13 +315,14 @@ fn outline(img: &mut RgbImage, w: &Window, scale: usize, x0: usize, thick: u32, 
 
 /// Writes `img` as PNG beside `out`, then renames it there (an earlier file at
 /// `out` stays until the new one is complete).
-fn write_png(img: &RgbImage, out: &Path) -> Result<(), String> {
-    let name = out.file_name().ok_or_else(|| format!("{}: not a file path", out.display()))?;
+fn write_png(img: &RgbImage, out: &Path) -> Result<(), ArchiveError> {
+    let name = out.file_name().ok_or_else(|| ArchiveError::Run(format!("{}: not a file path", out.display())))?;
     let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
     let result = img
         .save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| format!("{}: {e}", out.display()))
-        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display())));
+        .map_err(|e| e.to_string())
+        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| e.to_string()))
+        .map_err(|e| ArchiveError::Run(format!("{}: {e}", out.display())));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

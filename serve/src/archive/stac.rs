@@ -8,6 +8,8 @@
 //! tests.
 
 use indexmap::IndexMap;
+
+use crate::archive::error::ArchiveError;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -69,13 +71,13 @@ impl Item {
     }
 
     /// The acquisition time as microseconds since 1970 (UTC): `datetime`, else `start_datetime`.
-    pub fn datetime_micros(&self) -> Result<Option<i64>, String> {
+    pub fn datetime_micros(&self) -> Result<Option<i64>, ArchiveError> {
         let p = &self.properties;
         let s = p.datetime.as_deref().or_else(|| p.additional_fields.get("start_datetime").and_then(Value::as_str));
         s.map(|s| {
             chrono::DateTime::parse_from_rfc3339(s)
                 .map(|d| d.timestamp_micros())
-                .map_err(|e| format!("STAC item {}: datetime {s:?} is not RFC 3339: {e}", self.id))
+                .map_err(|e| ArchiveError::Input(format!("STAC item {}: datetime {s:?} is not RFC 3339: {e}", self.id)))
         })
         .transpose()
     }
@@ -112,13 +114,13 @@ enum Document {
 }
 
 /// The items of a STAC Item or ItemCollection document (assets in document order); `doc` names it in errors.
-pub fn items_of(doc: &str, bytes: &[u8]) -> Result<Vec<Item>, String> {
+pub fn items_of(doc: &str, bytes: &[u8]) -> Result<Vec<Item>, ArchiveError> {
     match serde_json::from_slice::<Document>(bytes) {
         Ok(Document::Feature(item)) => Ok(vec![item]),
         Ok(Document::FeatureCollection { features }) => Ok(features),
         Err(e) => {
             let kind = serde_json::from_slice::<Value>(bytes).ok().and_then(|v| v.get("type").cloned());
-            Err(match kind {
+            Err(ArchiveError::Input(match kind {
                 Some(Value::String(t)) if t == "Feature" || t == "FeatureCollection" => {
                     format!("{doc}: not a STAC {}: {e}", if t == "Feature" { "Item" } else { "ItemCollection" })
                 }
@@ -127,7 +129,7 @@ pub fn items_of(doc: &str, bytes: &[u8]) -> Result<Vec<Item>, String> {
                      expected, not {other}"
                 ),
                 None => format!("{doc}: not a STAC Item or ItemCollection: {e}"),
-            })
+            }))
         }
     }
 }
@@ -167,9 +169,12 @@ mod tests {
         assert_eq!(a.properties.additional_fields["platform"], "x");
         assert_eq!(items[1].datetime_micros().unwrap(), Some(1_000_000));
         let e = items_of("x.json", br#"{"type": "Collection"}"#).unwrap_err();
+        assert!(e.is_input(), "a bad document skips its input: {e:?}");
+        let e = e.to_string();
         assert!(e.contains("x.json") && e.contains("Collection"), "{e}");
         let bad = serde_json::json!({ "type": "Feature", "id": "z", "properties": { "datetime": "yesterday" } });
         let z = items_of("z.json", bad.to_string().as_bytes()).unwrap();
-        assert!(z[0].datetime_micros().unwrap_err().contains("not RFC 3339"));
+        let e = z[0].datetime_micros().unwrap_err();
+        assert!(e.is_input() && e.to_string().contains("not RFC 3339"), "{e:?}");
     }
 }

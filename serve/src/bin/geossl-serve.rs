@@ -367,7 +367,7 @@ fn map(a: MapArgs) -> Result<()> {
         query: a.query,
         neighbours: a.neighbours,
     };
-    let s = geossl_serve::archive::map::run(&opts).map_err(anyhow::Error::msg)?;
+    let s = geossl_serve::archive::map::run(&opts)?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
         return Ok(());

@@ -11,6 +11,11 @@ use serde::Deserialize;
 use crate::infer::batcher::BatchConfig;
 use crate::infer::ort::EpPreference;
 
+geossl_models::message_error!(
+    /// What is wrong with a model repository; the message names the directory or file.
+    RepositoryError
+);
+
 /// Contents of a `config.toml`. Every field is optional.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -38,7 +43,7 @@ const MAX_QUEUE: usize = 1 << 20;
 
 impl ModelConfig {
     /// Batching settings with defaults filled in, checked for sanity.
-    pub fn batch_config(&self) -> Result<BatchConfig, String> {
+    pub fn batch_config(&self) -> Result<BatchConfig, RepositoryError> {
         let d = BatchConfig::default();
         let c = BatchConfig {
             max_batch_size: self.max_batch_size.unwrap_or(d.max_batch_size),
@@ -47,25 +52,28 @@ impl ModelConfig {
             instances: self.instances.unwrap_or(d.instances),
         };
         if !(1..=MAX_BATCH).contains(&c.max_batch_size) {
-            return Err(format!("max_batch_size = {} (must be 1..={MAX_BATCH})", c.max_batch_size));
+            return Err(RepositoryError(format!("max_batch_size = {} (must be 1..={MAX_BATCH})", c.max_batch_size)));
         }
         if !(1..=MAX_INSTANCES).contains(&c.instances) {
-            return Err(format!("instances = {} (must be 1..={MAX_INSTANCES})", c.instances));
+            return Err(RepositoryError(format!("instances = {} (must be 1..={MAX_INSTANCES})", c.instances)));
         }
         if !(1..=MAX_QUEUE).contains(&c.queue_capacity) {
-            return Err(format!("queue_capacity = {} (must be 1..={MAX_QUEUE})", c.queue_capacity));
+            return Err(RepositoryError(format!("queue_capacity = {} (must be 1..={MAX_QUEUE})", c.queue_capacity)));
         }
         if c.max_queue_delay > Duration::from_secs(10) {
-            return Err(format!("max_queue_delay_ms = {} (must be at most 10000)", c.max_queue_delay.as_millis()));
+            return Err(RepositoryError(format!(
+                "max_queue_delay_ms = {} (must be at most 10000)",
+                c.max_queue_delay.as_millis()
+            )));
         }
         Ok(c)
     }
 
-    fn read(path: &Path) -> Result<Option<Self>, String> {
+    fn read(path: &Path) -> Result<Option<Self>, RepositoryError> {
         match std::fs::read_to_string(path) {
-            Ok(s) => toml::from_str(&s).map(Some).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(s) => toml::from_str(&s).map(Some).map_err(|e| RepositoryError(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(RepositoryError(format!("{}: {e}", path.display()))),
         }
     }
 }
@@ -97,20 +105,20 @@ pub struct Entry {
 }
 
 /// Lists every model version in `dir`, sorted by name then version.
-pub fn scan(dir: &Path) -> Result<Vec<Entry>, String> {
-    let rd = std::fs::read_dir(dir).map_err(|e| format!("model repository {}: {e}", dir.display()))?;
+pub fn scan(dir: &Path) -> Result<Vec<Entry>, RepositoryError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| RepositoryError(format!("model repository {}: {e}", dir.display())))?;
     let mut names: Vec<(String, PathBuf)> = Vec::new();
     for ent in rd {
-        let ent = ent.map_err(|e| format!("model repository {}: {e}", dir.display()))?;
+        let ent = ent.map_err(|e| RepositoryError(format!("model repository {}: {e}", dir.display())))?;
         let name = ent.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || !ent.path().is_dir() {
             continue;
         }
         if !valid_model_name(&name) {
-            return Err(format!(
+            return Err(RepositoryError(format!(
                 "model repository {}: invalid model name {name:?} (names are [a-z0-9_.-]+)",
                 dir.display()
-            ));
+            )));
         }
         names.push((name, ent.path()));
     }
@@ -119,33 +127,40 @@ pub fn scan(dir: &Path) -> Result<Vec<Entry>, String> {
     for (name, mdir) in names {
         let model_cfg = ModelConfig::read(&mdir.join("config.toml"))?;
         let mut versions = Vec::new();
-        for ent in std::fs::read_dir(&mdir).map_err(|e| format!("{}: {e}", mdir.display()))? {
-            let ent = ent.map_err(|e| format!("{}: {e}", mdir.display()))?;
+        for ent in std::fs::read_dir(&mdir).map_err(|e| RepositoryError(format!("{}: {e}", mdir.display())))? {
+            let ent = ent.map_err(|e| RepositoryError(format!("{}: {e}", mdir.display())))?;
             let vname = ent.file_name().to_string_lossy().into_owned();
             if vname.starts_with('.') || !ent.path().is_dir() {
                 continue;
             }
-            let version = parse_version(&vname)
-                .ok_or_else(|| format!("{}: version directory {vname:?} is not a positive integer", mdir.display()))?;
+            let version = parse_version(&vname).ok_or_else(|| {
+                RepositoryError(format!("{}: version directory {vname:?} is not a positive integer", mdir.display()))
+            })?;
             let model_path = ent.path().join("model.onnx");
             if !model_path.is_file() {
-                return Err(format!("{}: missing model.onnx", ent.path().display()));
+                return Err(RepositoryError(format!("{}: missing model.onnx", ent.path().display())));
             }
             let config = match ModelConfig::read(&ent.path().join("config.toml"))? {
                 Some(c) => c,
                 None => model_cfg.clone().unwrap_or_default(),
             };
-            config.batch_config().map_err(|e| format!("{}: config: {e}", ent.path().display()))?;
+            config.batch_config().map_err(|e| RepositoryError(format!("{}: config: {e}", ent.path().display())))?;
             versions.push(Entry { name: name.clone(), version, model_path, config });
         }
         if versions.is_empty() {
-            return Err(format!("{}: model {name:?} has no version directory (<model>/1/model.onnx)", mdir.display()));
+            return Err(RepositoryError(format!(
+                "{}: model {name:?} has no version directory (<model>/1/model.onnx)",
+                mdir.display()
+            )));
         }
         versions.sort_by_key(|e| e.version);
         out.extend(versions);
     }
     if out.is_empty() {
-        return Err(format!("model repository {} has no models (<model>/<version>/model.onnx)", dir.display()));
+        return Err(RepositoryError(format!(
+            "model repository {} has no models (<model>/<version>/model.onnx)",
+            dir.display()
+        )));
     }
     Ok(out)
 }
@@ -186,22 +201,22 @@ mod tests {
         assert_eq!(e[1].config.batch_config().unwrap().instances, 2);
 
         std::fs::write(d.path().join("emb/config.toml"), "max_batch = 8\n").unwrap();
-        assert!(scan(d.path()).unwrap_err().contains("unknown field"));
+        assert!(scan(d.path()).unwrap_err().to_string().contains("unknown field"));
         std::fs::write(d.path().join("emb/config.toml"), "max_batch_size = 0\n").unwrap();
-        assert!(scan(d.path()).unwrap_err().contains("max_batch_size = 0"));
+        assert!(scan(d.path()).unwrap_err().to_string().contains("max_batch_size = 0"));
         std::fs::remove_file(d.path().join("emb/config.toml")).unwrap();
 
         touch(&d.path().join("emb/latest/model.onnx"));
-        assert!(scan(d.path()).unwrap_err().contains("\"latest\" is not a positive integer"));
+        assert!(scan(d.path()).unwrap_err().to_string().contains("\"latest\" is not a positive integer"));
         std::fs::remove_dir_all(d.path().join("emb/latest")).unwrap();
         std::fs::create_dir_all(d.path().join("emb/3")).unwrap();
-        assert!(scan(d.path()).unwrap_err().contains("missing model.onnx"));
+        assert!(scan(d.path()).unwrap_err().to_string().contains("missing model.onnx"));
         std::fs::remove_dir_all(d.path().join("emb/3")).unwrap();
         touch(&d.path().join("Bad Name/1/model.onnx"));
-        assert!(scan(d.path()).unwrap_err().contains("invalid model name"));
+        assert!(scan(d.path()).unwrap_err().to_string().contains("invalid model name"));
 
         let empty = tempfile::tempdir().unwrap();
-        assert!(scan(empty.path()).unwrap_err().contains("has no models"));
-        assert!(scan(&empty.path().join("nope")).unwrap_err().contains("nope"));
+        assert!(scan(empty.path()).unwrap_err().to_string().contains("has no models"));
+        assert!(scan(&empty.path().join("nope")).unwrap_err().to_string().contains("nope"));
     }
 }

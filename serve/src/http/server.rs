@@ -141,9 +141,22 @@ fn warmup_input(info: &ModelInfo, n: usize) -> Tensor {
     }
 }
 
+/// Why the server could not start its models.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Repository(#[from] repository::RepositoryError),
+    #[error(transparent)]
+    Load(#[from] crate::infer::LoadError),
+    #[error("{model}: warm-up with batch {batch} failed: {message}")]
+    Warmup { model: String, batch: usize, message: String },
+    #[error("starting workers: {0}")]
+    Workers(#[from] std::io::Error),
+}
+
 /// Loads every model version of the repository, warms each session up
 /// (batch 1 and `max_batch_size`) and starts its workers.
-pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Worker>, String> {
+pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Worker>, StartError> {
     let entries = repository::scan(&opts.model_repository)?;
     let env = ort::init(&opts.ort_lib)?;
     let mut workers = Vec::new();
@@ -163,22 +176,22 @@ pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Wo
             let (mut b, sig) = OrtBackend::load(env, &e.model_path, &session)?;
             let i = sig.into_info(&e.name, e.version, e.config.labels.clone());
             for n in [1, batch.max_batch_size] {
-                b.infer(&warmup_input(&i, n))
-                    .map_err(|err| format!("{}: warm-up with batch {n} failed: {err}", e.model_path.display()))?;
+                b.infer(&warmup_input(&i, n)).map_err(|err| StartError::Warmup {
+                    model: e.model_path.display().to_string(),
+                    batch: n,
+                    message: err.to_string(),
+                })?;
             }
             backends.push(Box::new(b));
             info = Some(i);
         }
-        let info = info.ok_or("no instances")?;
+        let Some(info) = info else { continue }; // instances ≥ 1 (checked by the repository)
         tracing::info!(
             model = %e.name, version = e.version, task = ?info.task, execution_provider = %info.execution_provider,
             input = ?info.input.shape, max_batch_size = batch.max_batch_size, instances = batch.instances,
             warmup_ms = started.elapsed().as_millis() as u64, "model ready"
         );
-        workers.push(
-            Worker::start(info, batch, backends, metrics.infer.clone())
-                .map_err(|err| format!("starting workers: {err}"))?,
-        );
+        workers.push(Worker::start(info, batch, backends, metrics.infer.clone())?);
     }
     Ok(workers)
 }
@@ -201,7 +214,6 @@ pub async fn run(opts: ServeOptions, on_bound: impl FnOnce(Bound)) -> anyhow::Re
     let workers = tokio::task::spawn_blocking(move || load_models(&o, &m))
         .await
         .context("model loading task")?
-        .map_err(anyhow::Error::msg)
         .context("loading the model repository")?;
     let state = web::Data::new(
         AppState::new(workers, metrics.clone(), opts.limits, opts.api_key.clone()).with_grey_to_rgb(opts.grey_to_rgb),

@@ -12,6 +12,7 @@ pub mod tensor;
 pub use backend::{Backend, BackendError, ModelInfo, Task, TensorSpec};
 pub use batcher::{Arrival, BatchConfig, Worker};
 pub use metrics::InferMetrics;
+pub use ort::LoadError;
 pub use tensor::{DType, Data, Tensor};
 
 /// Why the engine did not produce outputs for an input.

@@ -10,6 +10,21 @@ use ort::session::{IoBinding, Session};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::infer::backend::{Backend, BackendError, ModelInfo, TensorSpec};
+
+/// Why a model could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// ONNX Runtime itself: its library is missing or does not start.
+    #[error("{0}")]
+    Runtime(String),
+    /// The model file: missing, unreadable, or not a model geossl serves (one `[N, C, H, W]` input; uint8,
+    /// uint16 or float32 tensors).
+    #[error("{0}")]
+    Model(String),
+    /// The execution provider asked for (CUDA) could not be had.
+    #[error("{0}")]
+    Provider(String),
+}
 use crate::infer::tensor::{DType, Data, Tensor};
 
 /// Which execution provider a model should get.
@@ -70,22 +85,22 @@ impl Default for SessionOptions {
     }
 }
 
-static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+static ENV: OnceLock<Result<ort::environment::Environment, LoadError>> = OnceLock::new();
 
 /// Loads the ONNX Runtime library once (`lib`, e.g. `libonnxruntime.so.1.31.1`).
-pub fn init(lib: &Path) -> Result<&'static ort::environment::Environment, String> {
+pub fn init(lib: &Path) -> Result<&'static ort::environment::Environment, LoadError> {
     ENV.get_or_init(|| {
         if !lib.exists() {
-            return Err(format!(
+            return Err(LoadError::Runtime(format!(
                 "ONNX Runtime library {} not found (run scripts/setup.sh, or pass --ort-lib / ORT_DYLIB_PATH)",
                 lib.display()
-            ));
+            )));
         }
         ort::init_from(lib)
-            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", lib.display()))?
+            .map_err(|e| LoadError::Runtime(format!("cannot load ONNX Runtime from {}: {e}", lib.display())))?
             .with_name("geossl-serve")
             .build()
-            .map_err(|e| format!("cannot initialise ONNX Runtime: {e}"))
+            .map_err(|e| LoadError::Runtime(format!("cannot initialise ONNX Runtime: {e}")))
     })
     .as_ref()
     .map_err(Clone::clone)
@@ -160,12 +175,13 @@ fn dtype(t: TensorElementType) -> Option<DType> {
     }
 }
 
-fn spec_of(name: &str, ty: &ValueType) -> Result<TensorSpec, String> {
+fn spec_of(name: &str, ty: &ValueType) -> Result<TensorSpec, LoadError> {
     let ValueType::Tensor { ty, shape, .. } = ty else {
-        return Err(format!("`{name}` is not a tensor"));
+        return Err(LoadError::Model(format!("`{name}` is not a tensor")));
     };
-    let datatype =
-        dtype(*ty).ok_or_else(|| format!("`{name}` has element type {ty:?}; served models use uint8 or float32"))?;
+    let datatype = dtype(*ty).ok_or_else(|| {
+        LoadError::Model(format!("`{name}` has element type {ty:?}; served models use uint8, uint16 or float32"))
+    })?;
     Ok(TensorSpec { name: name.to_string(), datatype, shape: shape.iter().copied().collect() })
 }
 
@@ -174,8 +190,15 @@ fn build(
     path: &Path,
     opts: &SessionOptions,
     cuda: bool,
-) -> Result<Session, String> {
-    let e = |e: ort::Error| format!("{}: {e}", path.display());
+) -> Result<Session, LoadError> {
+    let e = |e: ort::Error| {
+        let m = format!("{}: {e}", path.display());
+        if cuda {
+            LoadError::Provider(m)
+        } else {
+            LoadError::Model(m)
+        }
+    };
     let mut b = Session::builder(env).map_err(e)?;
     if opts.intra_threads > 0 {
         b = b.with_intra_threads(opts.intra_threads).map_err(|err| e(err.into()))?;
@@ -200,7 +223,7 @@ fn build(
 
 /// A CUDA session; when NHWC kernels were asked for and the provider refuses
 /// them, once more without (speed is lost, the GPU is not).
-fn build_cuda(env: &ort::environment::Environment, path: &Path, opts: &SessionOptions) -> Result<Session, String> {
+fn build_cuda(env: &ort::environment::Environment, path: &Path, opts: &SessionOptions) -> Result<Session, LoadError> {
     match build(env, path, opts, true) {
         Err(e) if opts.cuda_nhwc => {
             tracing::warn!(model = %path.display(), reason = %e, "CUDA with NHWC kernels failed; retrying without");
@@ -217,13 +240,16 @@ impl OrtBackend {
         env: &ort::environment::Environment,
         path: &Path,
         opts: &SessionOptions,
-    ) -> Result<(Self, ModelSignature), String> {
+    ) -> Result<(Self, ModelSignature), LoadError> {
+        let model = |m: String| LoadError::Model(m);
         if !path.is_file() {
-            return Err(format!("{}: model file not found", path.display()));
+            return Err(model(format!("{}: model file not found", path.display())));
         }
         let (session, ep) = match opts.ep {
             EpPreference::Cpu => (build(env, path, opts, false)?, "CPU"),
-            EpPreference::Cuda => (build_cuda(env, path, opts).map_err(|e| format!("CUDA requested: {e}"))?, "CUDA"),
+            EpPreference::Cuda => {
+                (build_cuda(env, path, opts).map_err(|e| LoadError::Provider(format!("CUDA requested: {e}")))?, "CUDA")
+            }
             EpPreference::Auto => match build_cuda(env, path, opts) {
                 Ok(s) => (s, "CUDA"),
                 Err(err) => {
@@ -234,23 +260,28 @@ impl OrtBackend {
         };
         let inputs = session.inputs();
         if inputs.len() != 1 {
-            return Err(format!("{}: {} inputs; served models take one (`images`)", path.display(), inputs.len()));
+            return Err(model(format!(
+                "{}: {} inputs; served models take one (`images`)",
+                path.display(),
+                inputs.len()
+            )));
         }
-        let input = spec_of(inputs[0].name(), inputs[0].dtype()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let input =
+            spec_of(inputs[0].name(), inputs[0].dtype()).map_err(|e| model(format!("{}: {e}", path.display())))?;
         if input.shape.len() != 4 {
-            return Err(format!(
+            return Err(model(format!(
                 "{}: input `{}` has rank {}; expected [N, C, H, W]",
                 path.display(),
                 input.name,
                 input.shape.len()
-            ));
+            )));
         }
         let outputs = session
             .outputs()
             .iter()
             .map(|o| spec_of(o.name(), o.dtype()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| model(format!("{}: {e}", path.display())))?;
         let mut metadata = BTreeMap::new();
         if let Ok(m) = session.metadata() {
             for k in m.custom_keys().unwrap_or_default() {
@@ -265,7 +296,7 @@ impl OrtBackend {
             (IoBindingMode::Off, _) | (IoBindingMode::Auto, false) => None,
             (IoBindingMode::On, _) => Some(
                 Binding::new(&session, cuda, &output_names)
-                    .map_err(|e| format!("{}: IO binding: {e}", path.display()))?,
+                    .map_err(|e| LoadError::Provider(format!("{}: IO binding: {e}", path.display())))?,
             ),
             // Auto under CUDA: a binding that can't be made costs speed, not service.
             (IoBindingMode::Auto, true) => match Binding::new(&session, cuda, &output_names) {

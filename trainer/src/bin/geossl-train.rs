@@ -359,7 +359,7 @@ fn stats(a: StatsArgs) -> Result<()> {
         nodata: a.nodata,
         max_images: a.max_images,
     };
-    let st = band_stats(&o).map_err(anyhow::Error::msg)?;
+    let st = band_stats(&o)?;
     eprintln!("{} images ({} unreadable skipped), {} pixels per band", st.images, st.unreadable, st.pixels);
     print!("{}", st.config_toml());
     Ok(())
@@ -384,11 +384,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     // One GPU per rank, as torchrun does it: under a rendezvous, `cuda` (or `auto` with a GPU) means
     // cuda:LOCAL_RANK. Whether that device can run NCCL is checked just below, with the reason.
     let gpu_per_rank = dist.is_some() && (device_arg == "cuda" || (device_arg == "auto" && tch::Cuda::is_available()));
-    let dev = if gpu_per_rank {
-        tch::Device::Cuda(geossl_dist::local_rank()?)
-    } else {
-        device::parse_device(device_arg).map_err(anyhow::Error::msg)?
-    };
+    let dev =
+        if gpu_per_rank { tch::Device::Cuda(geossl_dist::local_rank()?) } else { device::parse_device(device_arg)? };
     if dist.is_some() {
         // Gloo for the CPU, NCCL for a GPU: refused here, before any model is built, where it cannot run.
         geossl_dist::Backend::for_device(dev)?;
@@ -434,7 +431,7 @@ fn probe(a: ProbeArgs) -> Result<()> {
     use geossl_trainer::probe::{run, ProbeOptions};
     let opts = ProbeOptions {
         checkpoint: a.checkpoint,
-        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        device: device::parse_device(&a.device)?,
         data: data_options(a.data)?,
         out: a.out,
         epochs: a.epochs,
@@ -453,7 +450,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     let [lo, hi] = a.crop_scale[..] else { bail!("--crop-scale takes two numbers: min,max") };
     let opts = FinetuneOptions {
         checkpoint: a.checkpoint,
-        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        device: device::parse_device(&a.device)?,
         data: data_options(a.data)?,
         out: a.out,
         epochs: a.epochs,
@@ -472,7 +469,7 @@ fn segment(a: SegmentArgs) -> Result<()> {
     use geossl_trainer::segment::{run, SegmentOptions};
     let opts = SegmentOptions {
         checkpoint: a.checkpoint,
-        device: device::parse_device(&a.device).map_err(anyhow::Error::msg)?,
+        device: device::parse_device(&a.device)?,
         train: a.train,
         val: a.val,
         test: a.test,
@@ -520,7 +517,7 @@ fn chips(a: ChipsArgs) -> Result<()> {
         timestamp: None,
         format: a.format,
     };
-    let (manifest, n) = tile_scenes(&a.input, &a.timestamp, &a.out, &opt).map_err(anyhow::Error::msg)?;
+    let (manifest, n) = tile_scenes(&a.input, &a.timestamp, &a.out, &opt)?;
     println!("wrote {n} chips and {}", manifest.display());
     Ok(())
 }
