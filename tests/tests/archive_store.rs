@@ -113,6 +113,20 @@ fn model(dir: &Path) -> PathBuf {
     dir.join("embed/1/model.onnx")
 }
 
+/// `n` copies of rasterio's Landsat scene as `s3://archive/scenes/s{i}.tif` and `dir/scenes/s{i}.tif`;
+/// returns the scene's bytes and the local folder.
+fn scenes_in_s3_and_local(moto: &Moto, dir: &Path, n: usize) -> (Vec<u8>, PathBuf) {
+    moto.bucket("archive");
+    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
+    let local_dir = dir.join("scenes");
+    std::fs::create_dir_all(&local_dir).unwrap();
+    for i in 0..n {
+        moto.put("archive", &format!("scenes/s{i}.tif"), &scene);
+        std::fs::write(local_dir.join(format!("s{i}.tif")), &scene).unwrap();
+    }
+    (scene, local_dir)
+}
+
 /// A COG read over S3 and over HTTP gives the local file's rows, its header fetched once; for a small
 /// area, the bytes fetched are a small fraction of the file.
 #[test]
@@ -213,14 +227,7 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
     let model = model(d.path());
     let m = model.to_str().unwrap();
     let moto = Moto::start();
-    moto.bucket("archive");
-    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
-    let local_dir = d.path().join("scenes");
-    std::fs::create_dir_all(&local_dir).unwrap();
-    for i in 0..5 {
-        moto.put("archive", &format!("scenes/s{i}.tif"), &scene);
-        std::fs::write(local_dir.join(format!("s{i}.tif")), &scene).unwrap();
-    }
+    let (_, local_dir) = scenes_in_s3_and_local(&moto, d.path(), 5);
     let env = Moto::env(moto.addr);
     let o = out(serve(&["embed", "plan", "--input", "s3://archive/scenes/", "--out", "s3://archive/plan.json"], &env));
     assert!(o.status.success() && text(&o).contains("5 inputs"), "{}", text(&o));
@@ -427,14 +434,7 @@ fn a_store_outage_mid_shard_loses_nothing() {
     let model = model(d.path());
     let m = model.to_str().unwrap();
     let moto = Moto::start();
-    moto.bucket("archive");
-    let scene = std::fs::read(geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif")).unwrap();
-    let local_dir = d.path().join("scenes");
-    std::fs::create_dir_all(&local_dir).unwrap();
-    for i in 0..6 {
-        moto.put("archive", &format!("scenes/s{i}.tif"), &scene);
-        std::fs::write(local_dir.join(format!("s{i}.tif")), &scene).unwrap();
-    }
+    let (scene, local_dir) = scenes_in_s3_and_local(&moto, d.path(), 6);
     let local_out = d.path().join("local.parquet");
     let o = out(serve(&["embed", "--model", m, "--input", local_dir.to_str().unwrap(), "--out"], &[]).arg(&local_out));
     assert!(o.status.success(), "{}", text(&o));
