@@ -56,7 +56,8 @@ if [ ! -f "$stamp" ] || ! cmp -s "$lock" "$stamp"; then
     exit 1
   fi
   echo "setup: installing $lock into .venv (torch is large; first run takes minutes)"
-  pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps)
+  # --no-compile: Python compiles what it imports on first use; byte-compiling all of torch up front took ~6 s.
+  pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --no-compile)
   # Large wheels (over ~100 MB installed) one pip call each: a call keeps its
   # downloads until it ends, and all of them at once would need ~3 GB more.
   big='^(torch|nvidia-[a-z0-9-]+)=='
