@@ -17,6 +17,7 @@ pub mod heads;
 pub mod io;
 pub mod norm;
 pub mod param;
+pub mod rng;
 pub mod sample;
 pub mod spec;
 pub mod weights;

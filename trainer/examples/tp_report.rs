@@ -119,6 +119,7 @@ fn main() {
                 max_steps: None,
                 stop_after: None,
                 progress: false,
+                stop_on_collapse: false,
                 dist: None,
             };
             let t = std::time::Instant::now();

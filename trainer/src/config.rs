@@ -167,6 +167,9 @@ pub struct RunConfig {
     pub seed: u64,
     pub checkpoint_every: u64,
     pub log_every: u64,
+    /// Every this many steps, the collapse and health measures of the queue's embeddings (std, effective
+    /// rank, uniformity, mean cosine; see `health`) go to metrics.jsonl and the log; 0: never.
+    pub health_every: u64,
     /// Loader threads decoding and cropping images.
     pub workers: usize,
     /// Batches prepared ahead per worker.
@@ -187,6 +190,7 @@ impl Default for RunConfig {
             seed: 0,
             checkpoint_every: 500,
             log_every: 10,
+            health_every: 100,
             workers: 4,
             prefetch: 2,
             amp: true,

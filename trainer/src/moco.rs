@@ -130,6 +130,8 @@ pub struct StepOut {
     pub geo_ce: Option<f64>,
     /// Share of queries whose positive key scores above every negative.
     pub positive_top1: f64,
+    /// Mean `‖q − k‖²` of the batch's positive pairs (Wang & Isola's alignment; 0: they coincide).
+    pub alignment: f64,
     /// Share of queries whose geo head predicts their location cluster.
     pub geo_top1: Option<f64>,
     /// fp16 loss scale after this step (`None` without fp16 autocast).
@@ -405,7 +407,7 @@ impl Moco {
                     Some(g) => &nce + g * self.geo_weight,
                     None => nce.shallow_clone(),
                 };
-                let acc = positive_top1(&logits.detach());
+                let acc = (positive_top1(&logits.detach()), crate::health::alignment(&q.detach(), &k));
                 Ok((loss, nce, (geo_loss, geo_acc), acc, all_keys))
             })?;
         let (geo_loss, geo_top1) = geo_loss;
@@ -413,7 +415,8 @@ impl Moco {
             loss: loss.double_value(&[]),
             info_nce: nce.double_value(&[]),
             geo_ce: geo_loss.as_ref().map(|g| g.double_value(&[])),
-            positive_top1: acc,
+            positive_top1: acc.0,
+            alignment: acc.1,
             geo_top1,
             loss_scale: None,
             skipped: false,

@@ -42,6 +42,11 @@ pub enum PretrainError {
         "loss became {loss} at step {step}; stopped. The last good checkpoint ({checkpoint}) is kept: lower the learning rate or check the data"
     )]
     NonFinite { step: u64, loss: f64, checkpoint: String },
+    #[error(
+        "the embeddings collapsed at step {step}: {why}; stopped (--stop-on-collapse). The last checkpoint \
+         ({checkpoint}) is kept: lower the learning rate, check the augmentations and the data"
+    )]
+    Collapsed { step: u64, why: String, checkpoint: String },
 }
 
 /// Trainer state saved with each checkpoint (`state.json`).
@@ -88,6 +93,8 @@ pub struct RunOptions {
     /// Stop (with a checkpoint) after this step, without changing the schedule.
     pub stop_after: Option<u64>,
     pub progress: bool,
+    /// Stop (with an error, keeping the last checkpoint) when the health measures say the run collapses.
+    pub stop_on_collapse: bool,
     /// Train data-parallel with these ranks (torchrun's variables); `None`: one process.
     pub dist: Option<geossl_dist::Rendezvous>,
 }
@@ -488,15 +495,20 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let ips = ((st.step - start_step) * b as u64) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(st.step);
         bar.set_message(progress_message(&out, ips));
-        if st.step.is_multiple_of(cfg.run.log_every) || st.step == end {
-            run.log(&serde_json::json!({
+        let health = queue_health(cfg, &moco, st.step, (b * world) as u64, end);
+        if st.step.is_multiple_of(cfg.run.log_every) || st.step == end || health.is_some() {
+            let mut record = serde_json::json!({
                 "step": st.step, "loss": out.loss, "info_nce": out.info_nce,
                 "geo_ce": out.geo_ce,
-                "positive_top1": out.positive_top1, "geo_top1": out.geo_top1, "lr": lr, "img_per_s": ips,
-                "temporal_partner_rate": st.pairs.rate(), "bad_images": st.bad_images,
+                "positive_top1": out.positive_top1, "alignment": out.alignment, "geo_top1": out.geo_top1, "lr": lr,
+                "img_per_s": ips, "temporal_partner_rate": st.pairs.rate(), "bad_images": st.bad_images,
                 "loss_scale": out.loss_scale, "overflow_skipped_steps": skipped_steps,
                 "world_size": world, "comm_s": moco.comm_timed().then_some(moco.comm_seconds),
-            }))?;
+            });
+            if let Some(h) = &health {
+                record["health"] = serde_json::to_value(h).unwrap_or_default();
+            }
+            run.log(&record)?;
             if rank == 0 {
                 tracing::info!(
                     "step {}/{total} {} lr {lr:.5} partner rate {:.3}",
@@ -504,6 +516,15 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
                     progress_message(&out, ips),
                     st.pairs.rate()
                 );
+            }
+        }
+        if let Some(why) = health.as_ref().and_then(|h| h.collapse()) {
+            if opts.stop_on_collapse {
+                let checkpoint = run.checkpoint.display().to_string();
+                return Err(PretrainError::Collapsed { step: st.step, why, checkpoint });
+            }
+            if rank == 0 {
+                tracing::warn!(step = st.step, "the embeddings are collapsing: {why}");
             }
         }
         // Rank 0 writes the checkpoint; every rank holds the same weights and queue.
@@ -523,6 +544,33 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         images_per_sec: ((st.step - start_step) * b as u64) as f64 / elapsed.max(1e-9),
         checkpoint: run.checkpoint,
     })
+}
+
+/// The health of the queue's keys at `step` when it is due (every `run.health_every` steps and at the
+/// end), over the keys that real images produced (the first `step × global_batch` rows, all once the queue
+/// has turned over) when there are more of them than dimensions; logged on rank 0.
+fn queue_health(
+    cfg: &PretrainConfig,
+    moco: &Moco,
+    step: u64,
+    global_batch: u64,
+    end: u64,
+) -> Option<crate::health::Health> {
+    let every = cfg.run.health_every;
+    if every == 0 || !(step.is_multiple_of(every) || step == end) {
+        return None;
+    }
+    let keys = &moco.queue.keys;
+    let (k, d) = (keys.size()[0], keys.size()[1]);
+    let real = (step.saturating_mul(global_batch)).min(k as u64) as i64;
+    if real <= d {
+        return None;
+    }
+    let h = crate::health::health(&keys.narrow(0, 0, real));
+    if moco.rank_world().0 == 0 {
+        tracing::info!("step {step} {}", h.line());
+    }
+    Some(h)
 }
 
 /// Says, at the start, why the loss rises while the queue's random initial negatives are replaced.

@@ -140,3 +140,88 @@ fn bad_inputs_give_clear_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("spec.json") && err.contains("not found"), "{err}");
 }
+
+/// A run whose embeddings are collapsed — the projection's last layer (weights, bias, momentum buffers, the
+/// key encoder's copy) and the queue zeroed in its checkpoint, so every embedding is the zero vector and no
+/// gradient can move it — is warned about by name and goes on; with `--stop-on-collapse` it stops with an
+/// error at the first measurement and the checkpoint on disk stays the one it resumed from.
+#[test]
+fn a_collapsed_run_is_named_and_stopped_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest =
+        geossl_trainer::fixtures::real_chips(&geossl_tests::data::fixtures(), &tmp.path().join("chips")).unwrap();
+    // Embeddings of width 16 so that 3 steps of 8 keys are more rows than dimensions; measured every step.
+    let cfg = common::small_config(tmp.path(), "collapse", "moco", 64, 2);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("dim = 128", "dim = 16");
+    let text = text.replace("health_every = 100", "health_every = 1").replace("max_steps = 4", "max_steps = 6");
+    assert!(text.contains("dim = 16") && text.contains("health_every = 1") && text.contains("max_steps = 6"), "{text}");
+    std::fs::write(&cfg, text).unwrap();
+    let run = tmp.path().join("run");
+    let o = train(&cfg, &manifest, &run, 2, false, None);
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{log}");
+    // A healthy start: measured from step 3 (24 keys > 16 dimensions) on, never flagged.
+    assert!(!log.contains("collaps"), "{log}");
+    let ck = run.join("checkpoint");
+    for file in ["model.safetensors", "key.safetensors", "optimizer.safetensors", "queue.safetensors"] {
+        let mut sd = StateDict::read(&ck.join(file)).unwrap();
+        let mut zeroed = 0;
+        for t in sd.tensors.iter_mut().filter(|t| t.name.starts_with("proj.2.") || t.name == "queue") {
+            if let geossl_models::TensorData::F32(v) = &mut t.data {
+                v.fill(0.0);
+                zeroed += 1;
+            }
+        }
+        assert!(zeroed > 0, "{file}: nothing to zero");
+        sd.write(&ck.join(file)).unwrap();
+    }
+    let saved = tmp.path().join("collapsed-checkpoint");
+    std::fs::create_dir(&saved).unwrap();
+    for e in std::fs::read_dir(&ck).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), saved.join(e.file_name())).unwrap();
+    }
+
+    // Warned by name, the run goes on to its end.
+    let o = train(&cfg, &manifest, &run, 6, true, None);
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("the embeddings are collapsing: embedding std 0.000"), "{log}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let health: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["step"].as_u64().unwrap() > 2)
+        .map(|r| r["health"].clone())
+        .collect();
+    assert_eq!(health.len(), 4, "{metrics}");
+    for h in &health {
+        assert_eq!((h["std"].as_f64(), h["effective_rank"].as_f64()), (Some(0.0), Some(0.0)), "{h}");
+        assert_eq!(h["mean_cosine"].as_f64(), Some(0.0), "zero vectors: {h}");
+    }
+
+    // Stopped on request at the first measurement; the checkpoint it resumed from is untouched.
+    let stopped = tmp.path().join("stopped");
+    std::fs::create_dir_all(stopped.join("checkpoint")).unwrap();
+    for e in std::fs::read_dir(&saved).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), stopped.join("checkpoint").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(run.join("config.toml"), stopped.join("config.toml")).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_geossl-train"));
+    c.args(["pretrain", "--no-progress", "--resume", "--stop-on-collapse", "--config"]).arg(&cfg);
+    c.arg("--data").arg(&manifest).arg("--out").arg(&stopped);
+    let o = c.output().unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{log}");
+    assert!(
+        log.contains("the embeddings collapsed at step 3: embedding std 0.000") && log.contains("is kept"),
+        "{log}"
+    );
+    assert_eq!(state(&stopped)["step"], 2);
+    for file in ["model.safetensors", "queue.safetensors", "state.json"] {
+        let (a, b) =
+            (std::fs::read(saved.join(file)).unwrap(), std::fs::read(stopped.join("checkpoint").join(file)).unwrap());
+        assert!(a == b, "{file} changed");
+    }
+}

@@ -261,6 +261,10 @@ struct PretrainArgs {
     /// Hide the progress bar (logs still report every `run.log_every` steps).
     #[arg(long, env = "GEOSSL_NO_PROGRESS")]
     no_progress: bool,
+    /// Stop with an error when the embeddings collapse (health measures every `run.health_every` steps; the
+    /// last checkpoint is kept). Without it the run warns and goes on.
+    #[arg(long, env = "GEOSSL_STOP_ON_COLLAPSE")]
+    stop_on_collapse: bool,
     /// Data-parallel on this machine: start this many ranks (one per GPU where there are GPUs), like
     /// `torchrun --nproc-per-node`. Without it, WORLD_SIZE > 1 with RANK, MASTER_ADDR and MASTER_PORT (as
     /// torchrun and Kubernetes set them) makes this process one rank of a larger run.
@@ -400,6 +404,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         stop_after: a.stop_after,
         progress: !a.no_progress && dist.as_ref().is_none_or(|d| d.rank == 0),
+        stop_on_collapse: a.stop_on_collapse,
         dist,
     };
     let s = pretrain(&cfg, &text, &opts)?;
