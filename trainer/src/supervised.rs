@@ -274,6 +274,21 @@ pub fn eval_batches(
     (kept, out, bad)
 }
 
+/// Pooled backbone features `[N, D]` of the readable `samples`, in eval mode, 32 at a time, decoded on
+/// `workers` threads: `(kept samples, features on dev, unreadable)`.
+pub fn frozen_features(
+    model: &crate::model::Model,
+    samples: &[Sample],
+    spec: &ModelSpec,
+    workers: usize,
+    dev: Device,
+) -> (Vec<Sample>, Tensor, usize) {
+    let (kept, x, bad) =
+        eval_batches(samples, spec, workers, 32, |x| tch::no_grad(|| model.backbone.pooled(&x.to_device(dev), false)));
+    let d = spec.backbone.feature_dim() as i64;
+    (kept, x.unwrap_or_else(|| Tensor::zeros([0, d], (Kind::Float, dev))), bad)
+}
+
 /// Top-1 accuracy of logits `[N, K]` against class ids `[N]`.
 pub fn top1(logits: &Tensor, y: &Tensor) -> f64 {
     if y.size()[0] == 0 {

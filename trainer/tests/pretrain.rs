@@ -83,6 +83,22 @@ fn every_preset_trains_checkpoints_and_resumes_exactly() {
             }
         }
     }
+
+    // The four straight runs' curves in one picture, one colour each (geo top-1 only from the geo presets).
+    let png = tmp.path().join("curves.png");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_geossl-train"));
+    c.arg("plot");
+    for preset in ["moco", "moco-tp", "moco-geo", "moco-tp-geo"] {
+        c.arg(tmp.path().join(format!("{preset}-a")));
+    }
+    let o = c.arg("--out").arg(&png).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("4 runs"), "{}", String::from_utf8_lossy(&o.stdout));
+    let img = image::open(&png).unwrap().to_rgb8();
+    for (i, (r, g, b)) in geossl_trainer::plot::COLOURS.iter().take(5).enumerate() {
+        let n = img.pixels().filter(|p| p.0 == [*r, *g, *b]).count();
+        assert_eq!(n > 0, i < 4, "colour {i}: {n} pixels");
+    }
 }
 
 #[test]

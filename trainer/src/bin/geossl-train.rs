@@ -35,6 +35,15 @@ enum Command {
     /// Train an FCN segmentation head with its backbone on image/mask pairs (manifest: path,mask[,location_id]);
     /// the epoch is chosen on validation mIoU, the test split scored once; writes segment.json and checkpoint/.
     Segment(SegmentArgs),
+    /// Frozen-backbone evaluation on labelled georeferenced chips: a spatial-block split (no train chip within
+    /// a chip of a test chip), weighted kNN (k 20, cosine) and a logistic-regression probe (C chosen on
+    /// validation), top-1 and macro-F1 with bootstrap 95 % intervals; writes eval.json and the features, and
+    /// appends a row to --report.
+    Eval(EvalArgs),
+    /// Draw the training curves of one or several pretraining runs (loss, positive and geo top-1, learning
+    /// rate, alignment and the collapse measures against the step; one panel each, one colour per run) into one
+    /// PNG.
+    Plot(PlotArgs),
     /// Create a checkpoint directory from an architecture (random init) or from
     /// a torchvision state dict saved as safetensors.
     Init(InitArgs),
@@ -47,6 +56,71 @@ enum Command {
     /// Per-band mean and standard deviation of a manifest's images (in physical units: stored value ×
     /// --scale + --offset), printed as the `[model.normalization]` table of a pretraining config.
     Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// Run directories (each holds the metrics.jsonl `pretrain` writes); each run gets one colour.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// The PNG to write (replaced whole).
+    #[arg(long, env = "GEOSSL_PLOT", default_value = "curves.png")]
+    out: PathBuf,
+    /// Picture width in pixels.
+    #[arg(long, env = "GEOSSL_PLOT_WIDTH", default_value_t = 1500)]
+    width: u32,
+    /// Picture height in pixels.
+    #[arg(long, env = "GEOSSL_PLOT_HEIGHT", default_value_t = 1000)]
+    height: u32,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Checkpoint directory of the backbone (pretrained, imported or `init`'s random one).
+    #[arg(long, env = "GEOSSL_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Labelled manifest of georeferenced GeoTIFF chips (geossl-train chips --labels … --format tiff).
+    #[arg(long, env = "GEOSSL_DATA")]
+    data: PathBuf,
+    /// Output directory: eval.json and features/{train,val,test}_{x,y}.npy.
+    #[arg(long, env = "GEOSSL_OUT")]
+    out: PathBuf,
+    /// Markdown table to append this evaluation's row to (created with its header).
+    #[arg(long, env = "GEOSSL_REPORT")]
+    report: Option<PathBuf>,
+    /// The row's name in the report (default: the checkpoint path).
+    #[arg(long, env = "GEOSSL_RUN_NAME")]
+    name: Option<String>,
+    /// Side of the spatial blocks, in chip extents.
+    #[arg(long, env = "GEOSSL_BLOCK", default_value_t = 4.0)]
+    block: f64,
+    /// Share of the blocks for validation (the probe's C).
+    #[arg(long, env = "GEOSSL_VAL_SHARE", default_value_t = 0.15)]
+    val_share: f64,
+    /// Share of the blocks for the test.
+    #[arg(long, env = "GEOSSL_TEST_SHARE", default_value_t = 0.25)]
+    test_share: f64,
+    /// Neighbours voting in kNN.
+    #[arg(long, env = "GEOSSL_KNN_K", default_value_t = 20)]
+    knn_k: usize,
+    /// Temperature of the kNN votes' weights exp(similarity / T).
+    #[arg(long, env = "GEOSSL_KNN_TEMPERATURE", default_value_t = 0.07)]
+    knn_temperature: f64,
+    /// Inverse regularization strengths of the probe tried on validation (scikit-learn's C).
+    #[arg(long, env = "GEOSSL_PROBE_C", value_delimiter = ',', default_value = "0.0001,0.001,0.01,0.1,1,10,100")]
+    probe_c: Vec<f64>,
+    /// Bootstrap resamples of the test chips for the intervals.
+    #[arg(long, env = "GEOSSL_RESAMPLES", default_value_t = 1000)]
+    resamples: usize,
+    /// Seed of the split and the bootstrap.
+    #[arg(long, env = "GEOSSL_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, env = "GEOSSL_DEVICE", default_value = "auto")]
+    device: String,
+    /// Threads decoding chips.
+    #[arg(long, env = "GEOSSL_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +165,17 @@ struct ChipsArgs {
     /// Chip files: auto (PNG for 8-bit RGB scenes, GeoTIFF otherwise), png, tiff.
     #[arg(long, env = "GEOSSL_CHIP_FORMAT", value_enum, default_value = "auto")]
     format: geossl_trainer::chips::ChipFormat,
+    /// Labels for the manifest's label column, one for all scenes or one per --input: a class raster (any
+    /// grid and CRS; a chip takes the class most of its pixels have) or GeoJSON polygons (with
+    /// --label-field; a chip takes the class of the polygon holding its centre). Unlabelled chips are left out.
+    #[arg(long, env = "GEOSSL_CHIP_LABELS", num_args = 1..)]
+    labels: Vec<PathBuf>,
+    /// The GeoJSON property holding a polygon's class.
+    #[arg(long, env = "GEOSSL_LABEL_FIELD")]
+    label_field: Option<String>,
+    /// With a class raster: the least share of a chip's pixels its majority class must cover.
+    #[arg(long, env = "GEOSSL_MIN_LABEL_SHARE", default_value_t = 0.5)]
+    min_label_share: f64,
     /// Output folder (chips and manifest.csv).
     #[arg(long, env = "GEOSSL_OUT")]
     out: PathBuf,
@@ -344,6 +429,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain(a) => pretrain(a),
         Command::Probe(a) => probe(a),
+        Command::Eval(a) => eval(a),
+        Command::Plot(a) => plot(a),
         Command::Finetune(a) => finetune(a),
         Command::Segment(a) => segment(a),
         Command::Init(a) => init(a),
@@ -450,6 +537,38 @@ fn probe(a: ProbeArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval(a: EvalArgs) -> Result<()> {
+    use geossl_trainer::evaluate::{run, EvalOptions};
+    let opts = EvalOptions {
+        checkpoint: a.checkpoint,
+        data: a.data,
+        out: a.out,
+        report: a.report,
+        name: a.name,
+        block: a.block,
+        val: a.val_share,
+        test: a.test_share,
+        seed: a.seed,
+        knn: geossl_eval::KnnOptions { k: a.knn_k, temperature: a.knn_temperature },
+        c_grid: a.probe_c,
+        resamples: a.resamples,
+        device: device::parse_device(&a.device)?,
+        workers: a.workers.into(),
+    };
+    let r = run(&opts)?;
+    let iv = |i: &geossl_eval::Interval| format!("{:.3} [{:.3}, {:.3}]", i.value, i.low, i.high);
+    eprintln!(
+        "kNN top-1 {}  probe top-1 {} (C {})  majority {}  ({} test chips)",
+        iv(&r.knn.top1),
+        iv(&r.probe.scores.top1),
+        r.probe.c,
+        iv(&r.majority_top1),
+        r.split.test
+    );
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
 fn finetune(a: FinetuneArgs) -> Result<()> {
     use geossl_trainer::finetune::{run, FinetuneOptions};
     let [lo, hi] = a.crop_scale[..] else { bail!("--crop-scale takes two numbers: min,max") };
@@ -494,6 +613,14 @@ fn segment(a: SegmentArgs) -> Result<()> {
     Ok(())
 }
 
+fn plot(a: PlotArgs) -> Result<()> {
+    use geossl_trainer::plot;
+    let runs = plot::read_runs(&a.runs)?;
+    let drawn = plot::plot(&runs, &a.out, a.width, a.height)?;
+    println!("wrote {} ({} panels, {} runs)", a.out.display(), drawn.panels.len(), drawn.colours.len());
+    Ok(())
+}
+
 fn init(a: InitArgs) -> Result<()> {
     use geossl_trainer::checkpoint::{init_checkpoint, InitOptions};
     let o = InitOptions {
@@ -514,15 +641,22 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 fn chips(a: ChipsArgs) -> Result<()> {
-    use geossl_trainer::chips::{tile_scenes, TileOptions};
+    use geossl_trainer::chips::{tile_scenes, LabelSource, TileOptions};
     let opt = TileOptions {
         size: a.size,
         stride: a.stride.unwrap_or(a.size),
         max_nodata: a.max_nodata,
         timestamp: None,
         format: a.format,
+        labels: None,
+        min_label_share: a.min_label_share,
     };
-    let (manifest, n) = tile_scenes(&a.input, &a.timestamp, &a.out, &opt)?;
+    if a.label_field.is_some() && a.labels.is_empty() {
+        bail!("--label-field names the class property of --labels polygons: give --labels too");
+    }
+    let labels =
+        a.labels.iter().map(|p| LabelSource::from_path(p, a.label_field.as_deref())).collect::<Result<Vec<_>, _>>()?;
+    let (manifest, n) = tile_scenes(&a.input, &a.timestamp, &labels, &a.out, &opt)?;
     println!("wrote {n} chips and {}", manifest.display());
     Ok(())
 }
