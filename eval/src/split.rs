@@ -1,7 +1,8 @@
 //! Train / validation / test splits by spatial blocks.
 //!
 //! Neighbouring windows of a scene share pixels and land cover, so a random split of chips puts near-copies
-//! on both sides and inflates every score. Here chips are grouped by the square block their centre falls in;
+//! on both sides and inflates every score. Here chips are grouped by the square block their centre falls in
+//! (a grid from the lower-left corner of all footprints, so a small area is not cut into slivers);
 //! whole blocks go to one side; and a train or validation chip whose footprint comes within `buffer` of a
 //! test chip's is dropped, so no training pixel is closer than that to a test pixel.
 //!
@@ -47,8 +48,11 @@ pub fn gap(a: &[f64; 4], b: &[f64; 4]) -> f64 {
 /// the first `test` share to test, the next `val` share to validation (each at least one block when the
 /// share is positive and there are blocks to spare), the rest to training.
 pub fn spatial_split(footprints: &[[f64; 4]], o: &SplitOptions) -> Split {
-    let key =
-        |f: &[f64; 4]| (((f[0] + f[2]) / 2.0 / o.block).floor() as i64, ((f[1] + f[3]) / 2.0 / o.block).floor() as i64);
+    let x0 = footprints.iter().map(|f| f[0]).fold(f64::INFINITY, f64::min);
+    let y0 = footprints.iter().map(|f| f[1]).fold(f64::INFINITY, f64::min);
+    let key = |f: &[f64; 4]| {
+        (((f[0] + f[2]) / 2.0 - x0).div_euclid(o.block) as i64, ((f[1] + f[3]) / 2.0 - y0).div_euclid(o.block) as i64)
+    };
     let mut blocks: Vec<(i64, i64)> = footprints.iter().map(key).collect();
     blocks.sort_unstable();
     blocks.dedup();

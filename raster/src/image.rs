@@ -36,6 +36,8 @@ pub struct Image {
     pub width: usize,
     pub layout: Layout,
     pub samples: Samples,
+    /// The stored value that marks missing pixels, where the file declares one (GeoTIFF's GDAL_NODATA).
+    pub nodata: Option<f64>,
 }
 
 impl Image {
@@ -208,7 +210,14 @@ fn decode_raster<R: crate::Source>(r: RasterLike<R>, label: &str, want: &Want) -
         RasterLike::Group(mut g) => g.read_window(0, 0, w, h, &bands)?,
     };
     finite(label, &block.samples)?;
-    Ok(Image { bands: block.bands, height: h, width: w, layout: Layout::Planar, samples: block.samples })
+    Ok(Image {
+        bands: block.bands,
+        height: h,
+        width: w,
+        layout: Layout::Planar,
+        samples: block.samples,
+        nodata: info.nodata,
+    })
 }
 
 fn decode_image(bytes: &[u8], format: ImageFormat, label: &str, want: &Want) -> Result<Image, ImageError> {
@@ -264,7 +273,7 @@ fn decode_image(bytes: &[u8], format: ImageFormat, label: &str, want: &Want) -> 
             sample_type: samples.sample_type(),
         }));
     };
-    Ok(Image { bands, height: h as usize, width: w as usize, layout: Layout::Interleaved, samples })
+    Ok(Image { bands, height: h as usize, width: w as usize, layout: Layout::Interleaved, samples, nodata: None })
 }
 
 /// Interleaved samples of `c` channels, less the last one when it is alpha.

@@ -8,6 +8,7 @@ From eo-learn's REFERENCE_SCENES.npy (5 acquisitions of one 1 km spot in Sloveni
                              georeferenced; OUT/chips/manifest.csv (path,lat,lon,timestamp,location_id);
   OUT/variants/reversed.tif  the first date with its bands (and their descriptions) in reverse order;
   OUT/variants/no_b8a.tif    the first date without band B8A;
+  OUT/scenes/lulc.tif        eo-learn's land-cover classes (LULC, uint16, 0 = no data) on the same grid;
 and prints {"bands", "mean", "std" (reflectance units over the chips), "scenes", "chips"} as JSON.
 """
 import argparse
@@ -74,6 +75,9 @@ def main():
             d.write(first[order])
             for k, i in enumerate(order):
                 d.set_band_description(k + 1, BANDS[i])
+    lulc = np.load(os.path.join(a.data, "TestEOPatch", "mask_timeless", "LULC.npy"))[:, :, 0].astype(np.uint16)
+    with rasterio.open(os.path.join(a.out, "scenes", "lulc.tif"), "w", **dict(profile, count=1, nodata=0)) as d:
+        d.write(lulc[None])
     with open(os.path.join(a.out, "chips", "manifest.csv"), "w") as f:
         f.write("path,lat,lon,timestamp,location_id\n" + "\n".join(rows) + "\n")
     stack = np.stack(chips)  # (n, 13, s, s)

@@ -38,6 +38,8 @@ pub struct Image {
     pub c: usize,
     pub h: usize,
     pub w: usize,
+    /// The stored value marking missing pixels, where the file declares one.
+    pub nodata: Option<f64>,
 }
 
 impl Image {
@@ -68,7 +70,14 @@ impl Image {
                 .flat_map(|b| (y0..y1).flat_map(move |r| (b * ih + r) * iw + x0..(b * ih + r) * iw + x1))
                 .collect(),
         };
-        Ok(Image { samples: Arc::new(self.samples.gather(&idx)), layout: self.layout, c, h: y1 - y0, w: x1 - x0 })
+        Ok(Image {
+            samples: Arc::new(self.samples.gather(&idx)),
+            layout: self.layout,
+            c,
+            h: y1 - y0,
+            w: x1 - x0,
+            nodata: self.nodata,
+        })
     }
 
     /// `[C, H, W]` as the training views want it: 8-bit samples as `uint8` (a channels-last view of
@@ -101,7 +110,14 @@ impl Image {
 pub fn decode(path: &Path, band_names: &[String]) -> Result<Image, ImageError> {
     let want = Want { bands: band_names, grey_to_rgb: false, max_pixels: MAX_PIXELS };
     let img = geossl_raster::decode_path(path, &want)?;
-    Ok(Image { c: img.bands, h: img.height, w: img.width, layout: img.layout, samples: Arc::new(img.samples) })
+    Ok(Image {
+        c: img.bands,
+        h: img.height,
+        w: img.width,
+        layout: img.layout,
+        samples: Arc::new(img.samples),
+        nodata: img.nodata,
+    })
 }
 
 /// Decodes `path` for a model of `spec`: its bands, and the sample type its normalization was made for
@@ -170,6 +186,7 @@ mod tests {
             c: 2,
             h: 3,
             w: 4,
+            nodata: None,
         };
         let c = img.crop([1, 1, 2, 5]).unwrap();
         assert_eq!((c.c, c.h, c.w), (2, 2, 2));
@@ -177,7 +194,8 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(c.tensor().flatten(0, -1)).unwrap(), want);
         assert!(img.crop([9, 0, 2, 2]).unwrap_err().to_string().contains("outside"));
         let hwc: Vec<u8> = (0..12).flat_map(|p| [p as u8, 12 + p as u8]).collect();
-        let img8 = Image { samples: Arc::new(Samples::U8(hwc)), layout: Layout::Interleaved, c: 2, h: 3, w: 4 };
+        let img8 =
+            Image { samples: Arc::new(Samples::U8(hwc)), layout: Layout::Interleaved, c: 2, h: 3, w: 4, nodata: None };
         assert!(img.tensor().equal(&img8.tensor()));
         let c8 = img8.crop([1, 1, 2, 5]).unwrap();
         assert_eq!((c8.c, c8.h, c8.w), (2, 2, 2));

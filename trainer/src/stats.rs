@@ -17,7 +17,8 @@ pub struct StatsOptions {
     pub scale: f32,
     /// Per-band offsets (empty = none).
     pub offset: Vec<f32>,
-    /// A stored value marking missing pixels (skipped when every band has it).
+    /// A stored value marking missing pixels (skipped when every band has it); `None`: each file's own
+    /// nodata value, where it declares one (GeoTIFF chips keep their scene's).
     pub nodata: Option<f64>,
     /// At most this many images, evenly spread over the manifest (0 = all).
     pub max_images: usize,
@@ -94,8 +95,9 @@ pub fn band_stats(o: &StatsOptions) -> Result<Stats, StatsError> {
         let x = Vec::<f32>::try_from(img.tensor().flatten(0, -1))
             .map_err(|e| StatsError::Invalid(format!("{}: {e}", s.path.display())))?;
         let hw = img.h * img.w;
+        let nodata = o.nodata.or(img.nodata);
         for i in 0..hw {
-            if o.nodata.is_some_and(|nd| (0..o.bands).all(|c| f64::from(x[c * hw + i]) == nd)) {
+            if nodata.is_some_and(|nd| (0..o.bands).all(|c| f64::from(x[c * hw + i]) == nd)) {
                 continue;
             }
             for c in 0..o.bands {

@@ -39,6 +39,7 @@ fn trainer(path: &Path, c: usize) -> Result<Block, String> {
         width: img.w,
         layout: img.layout,
         samples: (*img.samples).clone(),
+        nodata: img.nodata,
     };
     Ok(r.into_planar())
 }

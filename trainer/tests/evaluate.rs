@@ -65,6 +65,36 @@ fn eval_on_a_labelled_raster_matches_scikit_learn_and_keeps_test_chips_apart() {
     let manifest = labelled_chips(tmp.path());
     let rows = std::fs::read_to_string(&manifest).unwrap();
     assert!(rows.lines().count() > 300, "{} chips", rows.lines().count());
+
+    // The chips keep the scene's nodata (-99999) at its edges; `stats` skips it as numpy does with a mask.
+    let o = train(&["stats", "--data", p(&manifest), "--bands", "5"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let printed = String::from_utf8(o.stdout.clone()).unwrap();
+    let values = |k: &str| -> Vec<f64> {
+        let line = printed.lines().find(|l| l.starts_with(&format!("{k} = ["))).unwrap();
+        line[k.len() + 4..line.len() - 1].split(',').map(|v| v.trim().parse().unwrap()).collect()
+    };
+    let numpy = r#"
+import csv, json, os, sys, numpy as np, rasterio
+m = sys.argv[1]
+px = []
+for r in csv.DictReader(open(m)):
+    with rasterio.open(os.path.join(os.path.dirname(m), r["path"])) as d:
+        a = d.read().reshape(d.count, -1).astype(np.float64)
+        px.append(a[:, ~(a == d.nodata).all(axis=0)])
+a = np.concatenate(px, axis=1)
+print(json.dumps({"mean": a.mean(axis=1).tolist(), "std": a.std(axis=1).tolist(), "nodata_chips": sum(p.shape[1] < 1024 for p in px)}))
+"#;
+    let o = Command::new(common::python()).args(["-c", numpy, p(&manifest)]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let np: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(np["nodata_chips"].as_u64().unwrap() > 0, "no chip has nodata pixels: nothing tested {np}");
+    for k in ["mean", "std"] {
+        for (c, (g, w)) in values(k).iter().zip(np[k].as_array().unwrap()).enumerate() {
+            let w = w.as_f64().unwrap();
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{k} of band {c}: {g} vs numpy {w}");
+        }
+    }
     let ck = tmp.path().join("ck");
     let o = train(&[
         "init",

@@ -137,7 +137,8 @@ struct StatsArgs {
     /// Per-band offset added after --scale (Sentinel-2 L2A since baseline 04.00: -0.1 with --scale 1e-4).
     #[arg(long, env = "GEOSSL_OFFSET", value_delimiter = ',')]
     offset: Vec<f32>,
-    /// Stored value that marks missing pixels (skipped when every band has it); default: none.
+    /// Stored value that marks missing pixels (skipped when every band has it); default: each file's own
+    /// nodata value, where it declares one (GeoTIFF chips keep their scene's).
     #[arg(long, env = "GEOSSL_NODATA")]
     nodata: Option<f64>,
     /// Use at most this many images (evenly spread over the manifest; 0 = all).
