@@ -140,13 +140,9 @@ fn footprint(path: &Path) -> Result<([f64; 4], u32, f64), EvalError> {
 
 /// SHA-256 over the manifest's bytes and each chip file's, in order.
 fn data_sha256(manifest: &Path, samples: &[Sample]) -> Result<String, EvalError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |error| EvalError::Io { path, error }
-    };
-    let mut acc = geossl_models::sha256_hex(&std::fs::read(manifest).map_err(io(manifest))?);
+    let mut acc = geossl_models::sha256_hex(&std::fs::read(manifest).map_err(EvalError::io(manifest))?);
     for s in samples {
-        acc.push_str(&geossl_models::sha256_hex(&std::fs::read(&s.path).map_err(io(&s.path))?));
+        acc.push_str(&geossl_models::sha256_hex(&std::fs::read(&s.path).map_err(EvalError::io(&s.path))?));
     }
     Ok(geossl_models::sha256_hex(acc.as_bytes()))
 }
@@ -318,9 +314,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport, EvalError> {
     yte.iter().for_each(|&y| test_counts[y] += 1);
 
     let weights = o.checkpoint.join("model.safetensors");
-    let checkpoint_sha256 = geossl_models::sha256_hex(
-        &std::fs::read(&weights).map_err(|error| EvalError::Io { path: weights.clone(), error })?,
-    );
+    let checkpoint_sha256 = geossl_models::sha256_hex(&std::fs::read(&weights).map_err(EvalError::io(&weights))?);
     let report = EvalReport {
         name: o.name.clone().unwrap_or_else(|| o.checkpoint.display().to_string()),
         checkpoint: o.checkpoint.clone(),
@@ -365,7 +359,7 @@ pub fn run(o: &EvalOptions) -> Result<EvalReport, EvalError> {
         .chain(samples.iter().zip(&side).map(|(s, side)| format!("{},{side}\n", s.path.display())))
         .collect();
     let path = o.out.join("split.csv");
-    geossl_models::weights::write_atomic(&path, csv.as_bytes()).map_err(|error| EvalError::Io { path, error })?;
+    geossl_models::weights::write_atomic(&path, csv.as_bytes()).map_err(EvalError::io(&path))?;
     Ok(report)
 }
 
@@ -376,12 +370,8 @@ fn write_outputs(
     splits: [(&Vec<f32>, &Vec<usize>); 3],
     dim: usize,
 ) -> Result<(), EvalError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |error| EvalError::Io { path, error }
-    };
     let fdir = o.out.join("features");
-    std::fs::create_dir_all(&fdir).map_err(io(&fdir))?;
+    std::fs::create_dir_all(&fdir).map_err(EvalError::io(&fdir))?;
     for ((x, y), name) in splits.into_iter().zip(["train", "val", "test"]) {
         let npy = |e: crate::npy::NpyError| invalid(e.to_string());
         crate::npy::write_npy(&fdir.join(format!("{name}_x.npy")), &[y.len(), dim], x).map_err(npy)?;
@@ -392,7 +382,7 @@ fn write_outputs(
     if let Some(path) = &o.report {
         let iv = |i: &Interval| format!("{:.3} [{:.3}, {:.3}]", i.value, i.low, i.high);
         let mut text = if path.exists() {
-            std::fs::read_to_string(path).map_err(io(path))?
+            std::fs::read_to_string(path).map_err(EvalError::io(path))?
         } else {
             "| run | kNN top-1 [95 % CI] | kNN macro-F1 | probe top-1 | probe macro-F1 | probe C | majority top-1 | \
              train/val/test chips | data sha256 | checkpoint sha256 |\n|---|---|---|---|---|---|---|---|---|---|\n"
@@ -416,7 +406,7 @@ fn write_outputs(
             &r.data_sha256[..12],
             &r.checkpoint_sha256[..12]
         );
-        geossl_models::weights::write_atomic(path, text.as_bytes()).map_err(io(path))?;
+        geossl_models::weights::write_atomic(path, text.as_bytes()).map_err(EvalError::io(path))?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! against the step, one panel per measure and one colour per run, so runs can be compared by eye.
 //!
 //! Drawing is plotters' (bitmap backend into a buffer, text by ab_glyph with the embedded DejaVu Sans Mono,
-//! so a machine without fonts draws the same picture); the PNG is written by `image` through a temporary file,
+//! so a machine without fonts draws the same picture); the PNG is encoded by `image` and written atomically,
 //! so an earlier picture is replaced whole or not at all.
 
 use std::collections::BTreeMap;
@@ -110,9 +110,10 @@ pub fn read_runs(dirs: &[PathBuf]) -> Result<Vec<RunCurves>, PlotError> {
         return Err(PlotError::NoRuns);
     }
     let mut runs = dirs.iter().map(|d| read_run(d)).collect::<Result<Vec<_>, _>>()?;
-    for (i, d) in dirs.iter().enumerate() {
-        if runs.iter().filter(|r| r.name == runs[i].name).count() > 1 {
-            runs[i].name = d.display().to_string();
+    let names: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
+    for (r, d) in runs.iter_mut().zip(dirs) {
+        if names.iter().filter(|n| **n == r.name).count() > 1 {
+            r.name = d.display().to_string();
         }
     }
     Ok(runs)
@@ -252,12 +253,10 @@ fn tick(y: f64) -> String {
 
 fn write_png(img: &image::RgbImage, out: &Path) -> Result<(), PlotError> {
     let werr = |source| PlotError::Write { path: out.to_path_buf(), source };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(werr)?;
-    }
-    let tmp = out.with_extension("png.partial");
-    img.save_with_format(&tmp, image::ImageFormat::Png).map_err(|e| werr(std::io::Error::other(e)))?;
-    std::fs::rename(&tmp, out).map_err(werr)
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| werr(std::io::Error::other(e)))?;
+    geossl_models::weights::write_atomic(out, &png).map_err(werr)
 }
 
 #[cfg(test)]
@@ -328,7 +327,22 @@ mod tests {
         assert_eq!(pixels_of(&right, COLOURS[1]), 0);
         assert!(matches!(plot(&[a.clone()], &out, 100, 100), Err(PlotError::TooSmall(100, 100))));
         assert!(matches!(plot(&[], &out, 900, 400), Err(PlotError::NoRuns)));
-        assert!(!d.path().join("sub/curves.png.partial").exists());
+        let left: Vec<_> = std::fs::read_dir(d.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("curves.png")], "no temporary file left");
+    }
+
+    #[test]
+    fn runs_that_share_a_name_are_named_by_their_paths() {
+        let line = [r#"{"step":1,"loss":5.0}"#];
+        let (a, b) = (run_dir(&line), run_dir(&line));
+        let (ra, rb, rc) = (a.path().join("run"), b.path().join("run"), b.path().join("other"));
+        for d in [&ra, &rb, &rc] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join(METRICS_FILE), line[0]).unwrap();
+        }
+        let runs = read_runs(&[ra.clone(), rb.clone(), rc]).unwrap();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec![ra.to_str().unwrap(), rb.to_str().unwrap(), "other"]);
     }
 
     #[test]

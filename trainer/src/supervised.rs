@@ -32,6 +32,14 @@ pub enum EvalError {
     Io { path: PathBuf, error: std::io::Error },
 }
 
+impl EvalError {
+    /// For `map_err`: an I/O failure on `path`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError {
+        let path = path.to_owned();
+        move |error| EvalError::Io { path, error }
+    }
+}
+
 pub fn invalid(msg: impl Into<String>) -> EvalError {
     EvalError::Invalid(msg.into())
 }
