@@ -35,6 +35,20 @@ pub struct AugConfig {
     pub blur_p: f64,
     pub blur_sigma: [f64; 2],
     pub flip_p: f64,
+    /// Where the geometric views are cut: `loader` (per image, on the loader threads), `device` (a whole
+    /// batch at once on the training device, from raw chips: needs a chip pack), `auto` (device for a
+    /// pack, loader otherwise).
+    pub geometric: Geometric,
+}
+
+/// Where the geometric views (RandomResizedCrop and the temporal path's resize/crop) are cut.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Geometric {
+    #[default]
+    Auto,
+    Loader,
+    Device,
 }
 
 impl Default for AugConfig {
@@ -52,6 +66,7 @@ impl Default for AugConfig {
             blur_p: 0.5,
             blur_sigma: [0.1, 2.0],
             flip_p: 0.5,
+            geometric: Geometric::Auto,
         }
     }
 }
@@ -119,7 +134,7 @@ pub fn crop_resize_into(img: &Tensor, c: Crop, dst: &Tensor) {
 /// Baseline: RandomResizedCrop. Temporal path (`cfg.tp_resize` set):
 /// Resize(shorter side → R) → CenterCrop(R) → RandomResizedCrop; the resize
 /// and the final crop are fused into one resampling of the original.
-fn view_crop(h: i64, w: i64, cfg: &AugConfig, rng: &mut Rng) -> Crop {
+pub fn view_crop(h: i64, w: i64, cfg: &AugConfig, rng: &mut Rng) -> Crop {
     match cfg.tp_resize {
         None => rrc_params(h, w, cfg.crop_scale, cfg.crop_ratio, rng),
         Some(_) => {
@@ -142,6 +157,67 @@ pub fn random_view(img: &Tensor, out: i64, cfg: &AugConfig, rng: &mut Rng) -> Te
 pub fn random_view_into(img: &Tensor, dst: &Tensor, cfg: &AugConfig, rng: &mut Rng) {
     let s = img.size();
     crop_resize_into(img, view_crop(s[1], s[2], cfg, rng), dst);
+}
+
+/// The views of a whole batch at once: row `i` of `chips [B, C, H, W]` (any sample type) cut at
+/// `boxes[i]` and resized to `[C, out, out]`, on the chips' device. Returns `[B, C, out, out]` in the
+/// chips' units: uint8 for uint8 chips on the CPU, float otherwise.
+///
+/// On a GPU: one batched bilinear resampling ([`crop_resize_grid`]). On the CPU: libtorch's vectorized
+/// kernel per row ([`crop_resize_rows`]), the per-image path's own, which costs a tenth of a batched
+/// `grid_sampler_2d` there (`docs/benchmarks/loader.md`).
+pub fn crop_resize_batch(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
+    match chips.device() {
+        Device::Cpu => crop_resize_rows(chips, boxes, out),
+        _ => crop_resize_grid(chips, boxes, out),
+    }
+}
+
+/// [`crop_resize_batch`] row by row with [`crop_resize_into`]: exactly the views the loader threads cut
+/// (uint8 chips stay uint8 and are fastest as a channels-last view, which a pack's batch is).
+pub fn crop_resize_rows(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
+    let s = chips.size();
+    assert_eq!(boxes.len() as i64, s[0], "one crop per chip");
+    let x = match chips.kind() {
+        Kind::Uint8 | Kind::Float => chips.shallow_clone(),
+        _ => chips.to_kind(Kind::Float),
+    };
+    let dst = Tensor::empty([s[0], s[1], out, out], (x.kind(), x.device()));
+    for (r, b) in boxes.iter().enumerate() {
+        crop_resize_into(&x.get(r as i64), *b, &dst.narrow(0, r as i64, 1));
+    }
+    dst
+}
+
+/// [`crop_resize_batch`] as one batched bilinear resampling (`grid_sampler_2d`), returning float.
+///
+/// Each output pixel samples the source at the position [`crop_resize`] uses (`top + (y + ½)·h/out − ½`,
+/// clamped to the crop, likewise for x), so where the crop grows to the output the two agree to float
+/// rounding. Where it shrinks, [`crop_resize`] widens its triangle kernel (antialiasing) and this does
+/// not: their difference is bounded by the two kernels' weights (see the tests), and is zero on flat
+/// areas.
+pub fn crop_resize_grid(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
+    let dev = chips.device();
+    let s = chips.size();
+    let (b, h, w) = (s[0], s[2], s[3]);
+    assert_eq!(boxes.len() as i64, b, "one crop per chip");
+    let col = |f: fn(&Crop) -> i64| {
+        let v: Vec<f32> = boxes.iter().map(|c| f(c) as f32).collect();
+        Tensor::from_slice(&v).to_device(dev).reshape([b, 1])
+    };
+    let d = (Tensor::arange(out, (Kind::Float, dev)) + 0.5).reshape([1, out]);
+    // Source positions [B, out] in pixels of the whole chip, then normalized for align_corners = true.
+    let pos = |start: Tensor, len: Tensor, full: i64| {
+        let p = (&d * (&len / out as f64) - 0.5).clamp_min(0.0).minimum(&(len - 1.0)) + start;
+        p * (2.0 / (full - 1).max(1) as f64) - 1.0
+    };
+    let gy = pos(col(|c| c.top), col(|c| c.h), h);
+    let gx = pos(col(|c| c.left), col(|c| c.w), w);
+    let grid =
+        Tensor::stack(&[gx.unsqueeze(1).expand([b, out, out], false), gy.unsqueeze(2).expand([b, out, out], false)], 3);
+    let x = if chips.kind() == Kind::Float { chips.shallow_clone() } else { chips.to_kind(Kind::Float) };
+    // Bilinear (0), border padding (1; never reached: positions are inside the crop), align_corners.
+    x.grid_sampler_2d(&grid, 0, 1, true)
 }
 
 /// Per-sample uniform in `[lo, hi]`, shaped `[B, 1, 1, 1]`.

@@ -22,6 +22,9 @@ pub enum DecodeError {
     /// A window that is not inside the image.
     #[error("{0}")]
     Window(String),
+    /// A chip pack's record that cannot be read or fails its checksum (named by shard, record and chip).
+    #[error("{0}")]
+    Record(String),
     /// A segmentation mask that does not fit its image or its classes.
     #[error("{0}")]
     Mask(String),

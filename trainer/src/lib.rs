@@ -24,6 +24,7 @@ pub mod moco;
 pub mod model;
 pub mod npy;
 pub mod optim;
+pub mod pack;
 pub mod pipeline;
 pub mod plot;
 pub mod pretrain;

@@ -1,6 +1,12 @@
-//! Parallel batch preparation for pretraining: worker threads decode images,
-//! pick temporal partners and cut the geometric views; the training thread
-//! receives ready `[B, C, S, S]` batches in step order.
+//! Parallel batch preparation for pretraining: worker threads read images,
+//! pick temporal partners and draw the geometric views; the training thread
+//! receives batches in step order. Two ways to cut the views:
+//!
+//! * on the loader threads (files or a pack): each image decoded and each view resampled there, batches
+//!   of ready `[B, C, S, S]` views;
+//! * on the training device (a chip pack): the threads only read each chip's bytes into `[B, C, H, W]`
+//!   and draw the crop boxes (the same draws, in the same order, as the first way); the whole batch is
+//!   cut at once on the device ([`crate::augment::crop_resize_batch`]).
 //!
 //! Everything a batch contains is a function of `(seed, step)`, so a resumed
 //! run sees exactly the batches the original run would have seen.
@@ -12,20 +18,61 @@ use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::augment::{random_view_into, AugConfig};
+use geossl_models::SampleType;
+
+use crate::augment::{crop_resize_batch, random_view_into, view_crop, AugConfig, Crop};
 use crate::data::{Sample, TemporalIndex};
 use crate::image_io::{decode, DecodeError, Image};
+use crate::pack::Pack;
 use crate::rng::Rng;
 
-/// One training batch (CPU tensors, stored units).
+/// One side of a batch (query or key), as CPU tensors in stored units.
+#[derive(Debug)]
+pub enum Views {
+    /// Views cut on the loader threads, `[B, C, S, S]`: uint8 when every image of the batch is 8-bit,
+    /// else float.
+    Cut(Tensor),
+    /// Raw chips `[B, C, H, W]` (a channels-last view of the pack's `[B, H, W, C]` bytes) as stored:
+    /// uint8; int16 holding uint16 or int16 samples; float. And the crop of each row's view, to cut on the
+    /// training device.
+    Raw { chips: Tensor, boxes: Vec<Crop>, stored: SampleType },
+}
+
+impl Views {
+    /// The views `[B, C, size, size]` on `dev`: cut ones moved there, raw chips moved and cut there
+    /// (float in stored units).
+    pub fn to_device(&self, dev: Device, size: i64) -> Tensor {
+        match self {
+            Views::Cut(t) => t.to_device(dev),
+            Views::Raw { chips, boxes, stored } => {
+                let x = chips.to_device(dev);
+                // uint16 travels as int16 bits: widen and mask back to 0..65535 on the device.
+                let x = if *stored == SampleType::U16 { x.to_kind(Kind::Int).bitwise_and(0xffff) } else { x };
+                crop_resize_batch(&x, boxes, size)
+            }
+        }
+    }
+
+    /// Rows of the batch.
+    pub fn len(&self) -> i64 {
+        match self {
+            Views::Cut(t) | Views::Raw { chips: t, .. } => t.size()[0],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One training batch.
 #[derive(Debug)]
 pub struct Batch {
     pub step: u64,
-    /// Query views `[B, C, S, S]`: uint8 when every image of the batch is
-    /// 8-bit, else float.
-    pub q: Tensor,
-    /// Key views `[B, C, S, S]` (as `q`): the temporal partner's, or a second view of the anchor.
-    pub k: Tensor,
+    /// Query views of the anchors.
+    pub q: Views,
+    /// Key views (as `q`): the temporal partner's, or a second view of the anchor.
+    pub k: Views,
     /// Geo-cluster label of each anchor `[B]` (int64; zeros without geo).
     pub geo: Tensor,
     pub with_partner: u64,
@@ -61,6 +108,10 @@ pub struct LoaderConfig {
     /// and takes its own `batch_size` of each global batch of `world × batch_size` (DistributedSampler).
     pub rank: usize,
     pub world: usize,
+    /// The chip pack the samples come from (in its order); `None`: decode the samples' files.
+    pub pack: Option<Arc<Pack>>,
+    /// Hand raw chips and crop boxes to the training device instead of cut views (needs `pack`).
+    pub device_crop: bool,
 }
 
 /// Decoded-image cache shared by the workers, bounded in bytes.
@@ -86,6 +137,9 @@ impl Shared {
             return Ok(img.clone());
         }
         let s = &self.samples[i];
+        if let Some(p) = &self.cfg.pack {
+            return p.image(i).map_err(|e| DecodeError::Record(e.to_string()));
+        }
         let mut img = decode(&s.path, &self.cfg.bands)?;
         if let Some(c) = s.crop {
             img = img.crop(c).map_err(|e| DecodeError::Window(format!("{}: {e}", s.path.display())))?;
@@ -110,10 +164,95 @@ impl Shared {
         perm[at..at + b].to_vec()
     }
 
-    fn batch(&self, step: u64) -> Result<Batch, LoaderError> {
-        // Each rank its own augmentations (rank 0's are a single process's).
+    /// The random stream of `step` (each rank its own augmentations; rank 0's are a single process's).
+    fn rng(&self, step: u64) -> Rng {
         let rank = (self.cfg.rank as u64).wrapping_mul(0xd1b5_4a32_d192_ed03);
-        let mut rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5151 ^ rank);
+        Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5151 ^ rank)
+    }
+
+    /// Reads a readable anchor for `a`: unreadable ones are replaced by random others, a bounded number
+    /// of times (`bad` counts them).
+    fn readable<T>(
+        &self,
+        mut a: usize,
+        rng: &mut Rng,
+        bad: &mut u64,
+        mut read: impl FnMut(usize) -> Result<T, DecodeError>,
+    ) -> Result<(usize, T), LoaderError> {
+        let mut tries = 0;
+        loop {
+            match read(a) {
+                Ok(x) => return Ok((a, x)),
+                Err(e) => {
+                    tracing::warn!("skipping unreadable image: {e}");
+                    *bad += 1;
+                    tries += 1;
+                    if tries > 16 {
+                        return Err(LoaderError::Unreadable(e));
+                    }
+                    a = rng.below(self.samples.len());
+                }
+            }
+        }
+    }
+
+    fn batch(&self, step: u64) -> Result<Batch, LoaderError> {
+        match &self.cfg.pack {
+            Some(p) if self.cfg.device_crop => self.raw_batch(step, p),
+            _ => self.cut_batch(step),
+        }
+    }
+
+    /// Raw chips and crop boxes: the same anchors, partners and crop draws as [`Self::cut_batch`], read
+    /// straight into the batch arrays.
+    fn raw_batch(&self, step: u64, pack: &Pack) -> Result<Batch, LoaderError> {
+        let mut rng = self.rng(step);
+        let sh = &pack.shape;
+        let kind = match sh.sample_type {
+            SampleType::U8 => Kind::Uint8,
+            SampleType::U16 | SampleType::I16 => Kind::Int16,
+            _ => Kind::Float,
+        };
+        let (b, n) = (self.cfg.batch_size, sh.record_bytes() as usize);
+        let shape = [b as i64, sh.height as i64, sh.width as i64, sh.channels as i64];
+        // Each chip is read straight into its row of the batch's bytes (one positioned read; no decoding).
+        let (mut qbuf, mut kbuf) = (vec![0u8; b * n], vec![0u8; b * n]);
+        let read = |i: usize, dst: &mut [u8]| pack.read_into(i, dst).map_err(|e| DecodeError::Record(e.to_string()));
+        let (mut qb, mut kb, mut geo) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+        let (mut with_partner, mut bad) = (0u64, 0u64);
+        let (h, w) = (sh.height as i64, sh.width as i64);
+        let rows = qbuf.chunks_exact_mut(n).zip(kbuf.chunks_exact_mut(n));
+        for (a, (qrow, krow)) in self.anchors(step).into_iter().zip(rows) {
+            let (a, ()) = self.readable(a, &mut rng, &mut bad, |i| read(i, qrow))?;
+            let partner = if self.cfg.temporal { self.index.partner(a, &self.samples, &mut rng) } else { None };
+            match partner.map(|p| read(p, krow)) {
+                Some(Ok(())) => with_partner += 1,
+                Some(Err(e)) => {
+                    tracing::warn!("temporal partner unreadable, using the anchor: {e}");
+                    bad += 1;
+                    krow.copy_from_slice(qrow);
+                }
+                None => krow.copy_from_slice(qrow),
+            }
+            qb.push(view_crop(h, w, &self.cfg.aug, &mut rng));
+            kb.push(view_crop(h, w, &self.cfg.aug, &mut rng));
+            geo.push(self.geo_labels[a]);
+        }
+        let q = Tensor::from_data_size(&qbuf, &shape, kind).permute([0, 3, 1, 2]);
+        let k = Tensor::from_data_size(&kbuf, &shape, kind).permute([0, 3, 1, 2]);
+        let stored = sh.sample_type;
+        Ok(Batch {
+            step,
+            q: Views::Raw { chips: q, boxes: qb, stored },
+            k: Views::Raw { chips: k, boxes: kb, stored },
+            geo: Tensor::from_slice(&geo).to_kind(Kind::Int64),
+            with_partner,
+            bad_images: bad,
+        })
+    }
+
+    fn cut_batch(&self, step: u64) -> Result<Batch, LoaderError> {
+        let mut rng = self.rng(step);
         let s = self.cfg.input_size;
         let b = self.cfg.batch_size as i64;
         // Views are resampled straight into their batch rows: uint8 while every
@@ -124,23 +263,8 @@ impl Shared {
             (Tensor::empty(shape, (Kind::Uint8, Device::Cpu)), Tensor::empty(shape, (Kind::Uint8, Device::Cpu)));
         let mut geo = Vec::new();
         let (mut with_partner, mut bad) = (0u64, 0u64);
-        for (row, mut a) in self.anchors(step).into_iter().enumerate() {
-            // Unreadable images are replaced by random others, a bounded number of times.
-            let mut tries = 0;
-            let anchor_img = loop {
-                match self.image(a) {
-                    Ok(img) => break img,
-                    Err(e) => {
-                        tracing::warn!("skipping unreadable image: {e}");
-                        bad += 1;
-                        tries += 1;
-                        if tries > 16 {
-                            return Err(LoaderError::Unreadable(e));
-                        }
-                        a = rng.below(self.samples.len());
-                    }
-                }
-            };
+        for (row, a) in self.anchors(step).into_iter().enumerate() {
+            let (a, anchor_img) = self.readable(a, &mut rng, &mut bad, |i| self.image(i))?;
             let partner = if self.cfg.temporal { self.index.partner(a, &self.samples, &mut rng) } else { None };
             let key_img = match partner.map(|p| self.image(p)) {
                 Some(Ok(img)) => {
@@ -165,7 +289,14 @@ impl Shared {
             random_view_into(&kt, &k.narrow(0, row as i64, 1), &self.cfg.aug, &mut rng);
             geo.push(self.geo_labels[a]);
         }
-        Ok(Batch { step, q, k, geo: Tensor::from_slice(&geo).to_kind(Kind::Int64), with_partner, bad_images: bad })
+        Ok(Batch {
+            step,
+            q: Views::Cut(q),
+            k: Views::Cut(k),
+            geo: Tensor::from_slice(&geo).to_kind(Kind::Int64),
+            with_partner,
+            bad_images: bad,
+        })
     }
 }
 
@@ -251,6 +382,8 @@ mod tests {
             aug: AugConfig::default(),
             rank: 0,
             world: 1,
+            pack: None,
+            device_crop: false,
         };
         let index = TemporalIndex::new(&samples);
         let n = samples.len();
@@ -275,17 +408,22 @@ mod tests {
     fn eight_bit_batches_stay_uint8_and_mixed_batches_become_float() {
         let dir = tempfile::tempdir().unwrap();
         let (p8, p16) = pair_of_depths(dir.path());
+        let cut = |v: &Views| match v {
+            Views::Cut(t) => t.shallow_clone(),
+            Views::Raw { .. } => panic!("views cut on the device without a pack"),
+        };
         let eight = first_batch(vec![sample(p8.clone(), "a", "2020"), sample(p8.clone(), "a", "2021")]);
-        assert_eq!((eight.q.kind(), eight.k.kind()), (Kind::Uint8, Kind::Uint8));
-        assert_eq!(eight.q.size(), [2, 3, 16, 16]);
+        let (eight_q, eight_k) = (cut(&eight.q), cut(&eight.k));
+        assert_eq!((eight_q.kind(), eight_k.kind()), (Kind::Uint8, Kind::Uint8));
+        assert_eq!(eight_q.size(), [2, 3, 16, 16]);
         assert_eq!(eight.with_partner, 2);
         // With a 16-bit image in the batch, the whole batch is float (stored units).
         let mixed = first_batch(vec![sample(p8.clone(), "a", "2020"), sample(p16.clone(), "a", "2021")]);
-        assert_eq!((mixed.q.kind(), mixed.k.kind()), (Kind::Float, Kind::Float));
+        assert_eq!((cut(&mixed.q).kind(), cut(&mixed.k).kind()), (Kind::Float, Kind::Float));
         // The same draws on 8-bit pixels resample alike in uint8 and in float (to rounding).
         let sixteen = first_batch(vec![sample(p16.clone(), "a", "2020"), sample(p16, "a", "2021")]);
-        assert_eq!(sixteen.q.kind(), Kind::Float);
-        let diff = (eight.q.to_kind(Kind::Float) - sixteen.q / 257.0).abs().max().double_value(&[]);
+        assert_eq!(cut(&sixteen.q).kind(), Kind::Float);
+        let diff = (eight_q.to_kind(Kind::Float) - cut(&sixteen.q) / 257.0).abs().max().double_value(&[]);
         assert!(diff <= 1.0, "uint8 vs float resampling differ by {diff}");
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::amp::LossScale;
+use crate::augment::Geometric;
 use crate::checkpoint::{save_checkpoint, CheckpointError};
 use crate::config::PretrainConfig;
 use crate::data::{read_manifest, PairStats, Sample, TemporalIndex};
@@ -18,6 +19,7 @@ use crate::geo::{assign, kmeans_sphere, to_unit};
 use crate::loader::{Loader, LoaderConfig};
 use crate::moco::{Moco, StepOut};
 use crate::optim::cosine_lr;
+use crate::pack::Pack;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -229,7 +231,13 @@ impl RunDir {
 /// Refuses data a run cannot train on: fewer images than one global batch, a queue the global batch does
 /// not divide, or images of another sample type than the config's normalization is for (checked on the
 /// first readable image; unreadable ones are skipped and counted by the loader).
-fn check_data(cfg: &PretrainConfig, samples: &[Sample], manifest: &Path, world: usize) -> Result<(), PretrainError> {
+fn check_data(
+    cfg: &PretrainConfig,
+    samples: &[Sample],
+    pack: Option<&Pack>,
+    manifest: &Path,
+    world: usize,
+) -> Result<(), PretrainError> {
     let b = cfg.optim.batch_size;
     let global = b * world;
     if samples.len() < global {
@@ -247,14 +255,22 @@ fn check_data(cfg: &PretrainConfig, samples: &[Sample], manifest: &Path, world: 
         )));
     }
     let bands = &cfg.model.bands;
-    if let Some((path, img)) =
-        samples.iter().take(64).find_map(|s| crate::image_io::decode(&s.path, bands).ok().map(|i| (&s.path, i)))
-    {
-        if img.stored() != cfg.model.sample_type {
+    let first = match pack {
+        Some(p) => {
+            p.check_bands(bands).map_err(|e| PretrainError::Invalid(e.to_string()))?;
+            Some((p.dir.clone(), p.shape.sample_type))
+        }
+        None => samples
+            .iter()
+            .take(64)
+            .find_map(|s| crate::image_io::decode(&s.path, bands).ok().map(|i| (s.path.clone(), i.stored()))),
+    };
+    if let Some((path, stored)) = first {
+        if stored != cfg.model.sample_type {
             return Err(PretrainError::Invalid(format!(
                 "{}: stores {} samples; the config's model.sample_type is {} (set it, with a normalization for that type)",
                 path.display(),
-                img.stored(),
+                stored,
                 cfg.model.sample_type
             )));
         }
@@ -384,10 +400,28 @@ fn progress_bar(show: bool, end: u64, step: u64) -> indicatif::ProgressBar {
 
 /// Runs (or resumes) pretraining. Returns when `total_steps` are done.
 pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Result<Summary, PretrainError> {
-    let samples = read_manifest(&opts.manifest, cfg.data.format)?;
+    // A chip pack (a folder with pack.json) or a manifest of image files.
+    let (samples, pack) = if crate::pack::is_pack(&opts.manifest) {
+        let pack = Pack::open(&opts.manifest).map_err(|e| PretrainError::Invalid(e.to_string()))?;
+        (pack.samples(), Some(pack))
+    } else {
+        (read_manifest(&opts.manifest, cfg.data.format)?, None)
+    };
+    let device_crop = match (cfg.aug.geometric, &pack) {
+        (Geometric::Auto, p) => p.is_some(),
+        (Geometric::Loader, _) => false,
+        (Geometric::Device, Some(_)) => true,
+        (Geometric::Device, None) => {
+            return Err(PretrainError::Invalid(format!(
+                "aug.geometric = \"device\" cuts views from raw chips of one size: {} is not a chip pack \
+                 (make one with `geossl-train pack`)",
+                opts.manifest.display()
+            )))
+        }
+    };
     let b = cfg.optim.batch_size;
     let (rank, world) = opts.dist.as_ref().map_or((0, 1), |r| (r.rank, r.world_size));
-    check_data(cfg, &samples, &opts.manifest, world)?;
+    check_data(cfg, &samples, pack.as_deref(), &opts.manifest, world)?;
     let steps_per_epoch = (samples.len() / (b * world)) as u64;
     let total = opts.max_steps.or(cfg.optim.max_steps).unwrap_or(cfg.optim.epochs as u64 * steps_per_epoch);
     let end = opts.stop_after.map_or(total, |s| s.min(total));
@@ -460,7 +494,10 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         aug: cfg.aug.clone(),
         rank,
         world,
+        pack,
+        device_crop,
     };
+    let size = cfg.model.input_size as i64;
     let mut loader = Loader::start(samples, index, geo_labels, loader_cfg, st.step, end);
     let bar = progress_bar(opts.progress, end, st.step);
     // The learning rate scales with the global batch (base_lr × global batch / 256).
@@ -477,7 +514,12 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let lr = cosine_lr(base_lr, st.step, total);
         let geo_t = batch.geo.to_device(dev);
         let out = moco
-            .step(&prep.apply(&batch.q), &prep.apply(&batch.k), cfg.geo.enabled.then_some(&geo_t), lr)
+            .step(
+                &prep.apply(&batch.q.to_device(dev, size)),
+                &prep.apply(&batch.k.to_device(dev, size)),
+                cfg.geo.enabled.then_some(&geo_t),
+                lr,
+            )
             .map_err(|e| lost_rank(&moco, e, st.step))?;
         if !out.loss.is_finite() {
             let checkpoint = run.checkpoint.display().to_string();

@@ -53,6 +53,10 @@ enum Command {
     /// type, kept as stored (GeoTIFF chips with bands, names, nodata and georeference; PNG for 8-bit RGB);
     /// lat/lon from the georeference, so co-registered scenes share location ids.
     Chips(ChipsArgs),
+    /// Pack a manifest's chips into shard files made for training reads (fixed-size arrays, no decoding;
+    /// location, date and bands inside; a CRC-32 per chip): pretraining reads the folder with `--data`, and
+    /// cuts the views on the training device. `--verify PACK` reads every chip and names damaged ones.
+    Pack(PackArgs),
     /// Per-band mean and standard deviation of a manifest's images (in physical units: stored value ×
     /// --scale + --offset), printed as the `[model.normalization]` table of a pretraining config.
     Stats(StatsArgs),
@@ -144,6 +148,37 @@ struct StatsArgs {
     /// Use at most this many images (evenly spread over the manifest; 0 = all).
     #[arg(long, env = "GEOSSL_MAX_IMAGES", default_value_t = 0)]
     max_images: usize,
+}
+
+#[derive(Debug, Args)]
+struct PackArgs {
+    /// Manifest of the chips (path,lat,lon,timestamp,location_id[,label]); every chip of one shape and
+    /// sample type (as `chips` cuts them).
+    #[arg(long, env = "GEOSSL_DATA", required_unless_present = "verify")]
+    data: Option<PathBuf>,
+    /// Manifest format: csv, geo (path,lat,lon,label) or fmow (an fMoW-RGB split folder).
+    #[arg(long, env = "GEOSSL_FORMAT", default_value = "csv")]
+    format: String,
+    /// The pretraining config whose `model.bands` the chips are read for (band names picked from
+    /// multi-band GeoTIFFs); without it, --band-count bands by position.
+    #[arg(long, env = "GEOSSL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Number of bands of the chips, matched by position (without --config).
+    #[arg(long, env = "GEOSSL_BAND_COUNT", default_value_t = 3)]
+    band_count: usize,
+    /// Output folder (pack.json and shard-*.gcp); must not hold a pack already.
+    #[arg(long, env = "GEOSSL_OUT", required_unless_present = "verify")]
+    out: Option<PathBuf>,
+    /// Shard size in MiB.
+    #[arg(long, env = "GEOSSL_SHARD_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    shard_mib: u64,
+    /// Threads decoding chips.
+    #[arg(long, env = "GEOSSL_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: u16,
+    /// Instead of packing: read every chip of this pack, check its CRC-32 and name each damaged one
+    /// (non-zero exit when any is).
+    #[arg(long, env = "GEOSSL_VERIFY", conflicts_with_all = ["data", "out"])]
+    verify: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -322,7 +357,8 @@ struct PretrainArgs {
     /// Config file, or a built-in preset: moco, moco-tp, moco-geo, moco-tp-geo, quickstart.
     #[arg(long, env = "GEOSSL_CONFIG")]
     config: PathBuf,
-    /// Manifest CSV (path,lat,lon,timestamp,location_id[,label]); overrides `data.manifest`.
+    /// Manifest CSV (path,lat,lon,timestamp,location_id[,label]) or a chip pack folder (`geossl-train
+    /// pack`); overrides `data.manifest`.
     #[arg(long, env = "GEOSSL_DATA")]
     data: Option<PathBuf>,
     /// Run directory: config.toml, metrics.jsonl, checkpoint/.
@@ -437,8 +473,57 @@ fn run(cli: Cli) -> Result<()> {
         Command::Init(a) => init(a),
         Command::Info(a) => info(a),
         Command::Chips(a) => chips(a),
+        Command::Pack(a) => pack(a),
         Command::Stats(a) => stats(a),
     }
+}
+
+fn pack(a: PackArgs) -> Result<()> {
+    use geossl_trainer::data::read_manifest;
+    use geossl_trainer::pack::{write_pack, Pack, PackOptions};
+    if let Some(dir) = a.verify {
+        let p = Pack::open(&dir)?;
+        let (n, bad) = p.verify();
+        for e in &bad {
+            eprintln!("damaged: {e}");
+        }
+        if !bad.is_empty() {
+            bail!("{}: {} of {n} chips damaged (named above); the others read correctly", dir.display(), bad.len());
+        }
+        println!("{}: {n} chips, every checksum correct", dir.display());
+        return Ok(());
+    }
+    let (Some(data), Some(out)) = (a.data, a.out) else { bail!("--data and --out are required to pack") };
+    let format = manifest_format(&a.format)?;
+    let bands = match &a.config {
+        Some(c) => geossl_trainer::config::PretrainConfig::load(c)?.0.model.bands,
+        None => geossl_trainer::image_io::positional(a.band_count),
+    };
+    let samples = read_manifest(&data, format)?;
+    let bar = indicatif::ProgressBar::new(samples.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("packing {bar:30} {pos}/{len} chips {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let opt = PackOptions { bands, shard_bytes: a.shard_mib << 20, workers: a.workers as usize };
+    let index = write_pack(&samples, &out, &opt, &bar)?;
+    bar.finish_and_clear();
+    let bytes: u64 = index.shards.iter().map(|s| s.bytes).sum();
+    println!(
+        "packed {} chips ({} band(s) of {}×{} {:?}) into {} shard(s), {:.1} MiB, in {}",
+        index.records,
+        index.shape.channels,
+        index.shape.width,
+        index.shape.height,
+        index.shape.sample_type,
+        index.shards.len(),
+        bytes as f64 / (1u64 << 20) as f64,
+        out.display()
+    );
+    Ok(())
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
@@ -502,14 +587,19 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn data_options(d: DataArgs) -> Result<geossl_trainer::supervised::DataOptions> {
+/// A `--format` flag's manifest format.
+fn manifest_format(f: &str) -> Result<geossl_trainer::data::Format> {
     use geossl_trainer::data::Format;
-    let format = match d.format.as_str() {
+    Ok(match f {
         "csv" => Format::Csv,
         "geo" => Format::Geo,
         "fmow" => Format::Fmow,
         f => bail!("--format {f}: csv, geo or fmow"),
-    };
+    })
+}
+
+fn data_options(d: DataArgs) -> Result<geossl_trainer::supervised::DataOptions> {
+    let format = manifest_format(&d.format)?;
     Ok(geossl_trainer::supervised::DataOptions {
         train: d.train,
         val: d.val,
