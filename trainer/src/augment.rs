@@ -182,10 +182,17 @@ pub fn crop_resize_rows(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
         Kind::Uint8 | Kind::Float => chips.shallow_clone(),
         _ => chips.to_kind(Kind::Float),
     };
-    let dst = Tensor::empty([s[0], s[1], out, out], (x.kind(), x.device()));
+    // Channels-last rows, like the chips: libtorch's uint8 kernel writes them in place (a `[C, S, S]`
+    // row would take a temporary and a copy per view).
+    let dst = Tensor::empty([s[0], out, out, s[1]], (x.kind(), x.device())).permute([0, 3, 1, 2]);
+    // One view is too small to share between threads: libtorch's threads would mostly wait (spinning,
+    // which costs CPU time the step could use), so the rows run on this thread alone.
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
     for (r, b) in boxes.iter().enumerate() {
         crop_resize_into(&x.get(r as i64), *b, &dst.narrow(0, r as i64, 1));
     }
+    tch::set_num_threads(threads);
     dst
 }
 

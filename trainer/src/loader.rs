@@ -35,7 +35,45 @@ pub enum Views {
     /// Raw chips `[B, C, H, W]` (a channels-last view of the pack's `[B, H, W, C]` bytes) as stored:
     /// uint8; int16 holding uint16 or int16 samples; float. And the crop of each row's view, to cut on the
     /// training device.
-    Raw { chips: Tensor, boxes: Vec<Crop>, stored: SampleType },
+    Raw { chips: Tensor, boxes: Vec<Crop>, stored: SampleType, recycle: Recycle },
+}
+
+/// Batch arrays a loader reuses: a raw batch's array returns here when its batch is dropped, and the next
+/// batch is read into it instead of into fresh memory (whose page faults cost as much CPU time as the reads).
+#[derive(Debug, Default)]
+struct Pool(Mutex<Vec<Tensor>>);
+
+impl Pool {
+    /// A contiguous CPU array of `shape` and `kind` (a returned one, or a new one).
+    fn take(&self, shape: [i64; 4], kind: Kind) -> Tensor {
+        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match free.iter().position(|t| t.size() == shape && t.kind() == kind) {
+            Some(i) => free.swap_remove(i),
+            None => Tensor::empty(shape, (kind, Device::Cpu)),
+        }
+    }
+}
+
+/// Hands a raw batch's array back to its loader's pool when the batch is dropped. The views of a batch
+/// must not be kept past it (`Views::to_device` makes new tensors).
+#[derive(Debug, Default)]
+pub struct Recycle(Option<(Tensor, std::sync::Weak<Pool>)>);
+
+impl Recycle {
+    /// Nothing to hand back (arrays made outside a loader).
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        if let Some((t, pool)) = self.0.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.0.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+            }
+        }
+    }
 }
 
 impl Views {
@@ -44,7 +82,7 @@ impl Views {
     pub fn to_device(&self, dev: Device, size: i64) -> Tensor {
         match self {
             Views::Cut(t) => t.to_device(dev),
-            Views::Raw { chips, boxes, stored } => {
+            Views::Raw { chips, boxes, stored, .. } => {
                 let x = chips.to_device(dev);
                 // uint16 travels as int16 bits: widen and mask back to 0..65535 on the device.
                 let x = if *stored == SampleType::U16 { x.to_kind(Kind::Int).bitwise_and(0xffff) } else { x };
@@ -128,6 +166,7 @@ struct Shared {
     geo_labels: Vec<i64>,
     cfg: LoaderConfig,
     cache: Cache,
+    pool: Arc<Pool>,
 }
 
 impl Shared {
@@ -215,8 +254,11 @@ impl Shared {
         };
         let (b, n) = (self.cfg.batch_size, sh.record_bytes() as usize);
         let shape = [b as i64, sh.height as i64, sh.width as i64, sh.channels as i64];
-        // Each chip is read straight into its row of the batch's bytes (one positioned read; no decoding).
-        let (mut qbuf, mut kbuf) = (vec![0u8; b * n], vec![0u8; b * n]);
+        // Each chip is read straight into its row of the batch (one positioned read; no decoding, no copy).
+        let (mut q, mut k) = (self.pool.take(shape, kind), self.pool.take(shape, kind));
+        let recycle = |t: &Tensor| Recycle(Some((t.shallow_clone(), Arc::downgrade(&self.pool))));
+        let (q_back, k_back) = (recycle(&q), recycle(&k));
+        let (qbuf, kbuf) = (bytes_mut(&mut q), bytes_mut(&mut k));
         let read = |i: usize, dst: &mut [u8]| pack.read_into(i, dst).map_err(|e| DecodeError::Record(e.to_string()));
         let (mut qb, mut kb, mut geo) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
         let (mut with_partner, mut bad) = (0u64, 0u64);
@@ -238,13 +280,12 @@ impl Shared {
             kb.push(view_crop(h, w, &self.cfg.aug, &mut rng));
             geo.push(self.geo_labels[a]);
         }
-        let q = Tensor::from_data_size(&qbuf, &shape, kind).permute([0, 3, 1, 2]);
-        let k = Tensor::from_data_size(&kbuf, &shape, kind).permute([0, 3, 1, 2]);
+        let (q, k) = (q.permute([0, 3, 1, 2]), k.permute([0, 3, 1, 2]));
         let stored = sh.sample_type;
         Ok(Batch {
             step,
-            q: Views::Raw { chips: q, boxes: qb, stored },
-            k: Views::Raw { chips: k, boxes: kb, stored },
+            q: Views::Raw { chips: q, boxes: qb, stored, recycle: q_back },
+            k: Views::Raw { chips: k, boxes: kb, stored, recycle: k_back },
             geo: Tensor::from_slice(&geo).to_kind(Kind::Int64),
             with_partner,
             bad_images: bad,
@@ -300,6 +341,18 @@ impl Shared {
     }
 }
 
+/// The bytes of `t`, a contiguous CPU tensor that nothing else reads or writes meanwhile, to fill in place.
+#[allow(unsafe_code)]
+fn bytes_mut(t: &mut Tensor) -> &mut [u8] {
+    assert!(t.is_contiguous() && t.device() == Device::Cpu, "a contiguous CPU tensor");
+    let n = t.numel() * t.kind().elt_size_in_bytes();
+    // SAFETY: `t` is a contiguous CPU tensor of `n` bytes starting at `data_ptr` (a whole array from
+    // `Pool::take`, never a view with an offset); the slice borrows `t` mutably, so it cannot outlive it.
+    // The only other handle to the storage is the batch's `Recycle`, untouched until the batch is dropped.
+    // Any byte pattern is a valid value of the integer and float kinds written through it.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<u8>(), n) }
+}
+
 /// The running loader.
 #[derive(Debug)]
 pub struct Loader {
@@ -319,7 +372,14 @@ impl Loader {
         end: u64,
     ) -> Self {
         let workers = cfg.workers.max(1);
-        let shared = Arc::new(Shared { samples, index, geo_labels, cfg: cfg.clone(), cache: Cache::default() });
+        let shared = Arc::new(Shared {
+            samples,
+            index,
+            geo_labels,
+            cfg: cfg.clone(),
+            cache: Cache::default(),
+            pool: Arc::default(),
+        });
         let mut receivers = Vec::new();
         for w in 0..workers as u64 {
             let (tx, rx) = sync_channel(cfg.prefetch.max(1));

@@ -17,7 +17,7 @@ use geossl_trainer::augment::{crop_resize, crop_resize_batch, crop_resize_grid, 
 use geossl_trainer::data::{read_manifest, write_manifest, Format, Sample, TemporalIndex};
 use geossl_trainer::fixtures::sentinel2_chips;
 use geossl_trainer::image_io::{decode, positional};
-use geossl_trainer::loader::{Batch, Loader, LoaderConfig, Views};
+use geossl_trainer::loader::{Batch, Loader, LoaderConfig, Recycle, Views};
 use geossl_trainer::pack::{write_pack, Pack, PackError, PackOptions};
 use tch::{Device, Kind, Tensor};
 
@@ -139,7 +139,8 @@ fn a_pack_holds_the_manifests_chips_bit_for_bit() {
     let (chips16, boxes) = raw(&b[0].q);
     let full: Vec<Crop> = boxes.iter().map(|_| Crop { top: 0, left: 0, h: 32, w: 32 }).collect();
     let views =
-        Views::Raw { chips: chips16, boxes: full, stored: geossl_models::SampleType::U16 }.to_device(Device::Cpu, 32);
+        Views::Raw { chips: chips16, boxes: full, stored: geossl_models::SampleType::U16, recycle: Recycle::none() }
+            .to_device(Device::Cpu, 32);
     for (r, &i) in anchors(&b[0]).iter().enumerate() {
         let want = p16.image(i as usize).unwrap().tensor();
         assert!(views.get(r as i64).allclose(&want, 0.0, 0.5, false), "uint16 row {r} changed on the way");
@@ -213,6 +214,19 @@ fn rank_slices_and_resume_are_unchanged_with_a_pack() {
         both.sort_unstable();
         one.sort_unstable();
         assert_eq!(both, one, "step {step}");
+    }
+    // Batch arrays are reused once their batch is dropped: a consumer that drops each batch as it goes gets
+    // exactly the chips of one that keeps them all (no reuse).
+    let kept = batches(&samples, cfg(8, Some(p.clone()), true, 0, 1, Some(64)), 0, 12);
+    let ids: Vec<i64> = (0..samples.len() as i64).collect();
+    let c = cfg(8, Some(p.clone()), true, 0, 1, Some(64));
+    let mut l = Loader::start(samples.clone(), TemporalIndex::new(&samples), ids, c, 0, 12);
+    for want in &kept {
+        let b = l.next_batch().unwrap();
+        for (x, y) in [(&b.q, &want.q), (&b.k, &want.k)] {
+            let ((cx, bx), (cy, by)) = (raw(x), raw(y));
+            assert!(cx.equal(&cy) && bx == by, "step {} with reused arrays", b.step);
+        }
     }
     // Resume: a loader started at step 3 hands out exactly the batches of one that started at 0.
     let straight = batches(&samples, cfg(8, Some(p.clone()), true, 0, 1, Some(64)), 0, 6);
