@@ -179,9 +179,11 @@ fn main() {
                 let mut partners = 0;
                 for _ in 0..a.batches {
                     let b = loader.next_batch().unwrap_or_else(|e| panic!("{e}"));
-                    let (q, k) = (b.q.to_device(dev, a.size), b.k.to_device(dev, a.size));
-                    assert_eq!(q.size(), [a.batch as i64, 3, a.size, a.size]);
-                    assert_eq!(k.size(), q.size());
+                    // As the step takes them: each side's views made on the device and used once.
+                    for side in [&b.q, &b.k] {
+                        let size = side.with_device(dev, a.size, |v| v.size());
+                        assert_eq!(size, [a.batch as i64, 3, a.size, a.size]);
+                    }
                     if let tch::Device::Cuda(_) = dev {
                         tch::Cuda::synchronize(0);
                     }

@@ -177,14 +177,22 @@ pub fn crop_resize_batch(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
 /// (uint8 chips stay uint8 and are fastest as a channels-last view, which a pack's batch is).
 pub fn crop_resize_rows(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
     let s = chips.size();
-    assert_eq!(boxes.len() as i64, s[0], "one crop per chip");
+    let kind = if chips.kind() == Kind::Uint8 { Kind::Uint8 } else { Kind::Float };
+    // Channels-last rows, like the chips: libtorch's uint8 kernel writes them in place (a `[C, S, S]`
+    // row would take a temporary and a copy per view).
+    let dst = Tensor::empty([s[0], out, out, s[1]], (kind, chips.device())).permute([0, 3, 1, 2]);
+    crop_resize_rows_into(chips, boxes, &dst);
+    dst
+}
+
+/// [`crop_resize_rows`] into `dst [B, C, S, S]`: uint8 for uint8 chips, else float (chips of other kinds
+/// are widened to float first).
+pub fn crop_resize_rows_into(chips: &Tensor, boxes: &[Crop], dst: &Tensor) {
+    assert_eq!(boxes.len() as i64, chips.size()[0], "one crop per chip");
     let x = match chips.kind() {
         Kind::Uint8 | Kind::Float => chips.shallow_clone(),
         _ => chips.to_kind(Kind::Float),
     };
-    // Channels-last rows, like the chips: libtorch's uint8 kernel writes them in place (a `[C, S, S]`
-    // row would take a temporary and a copy per view).
-    let dst = Tensor::empty([s[0], out, out, s[1]], (x.kind(), x.device())).permute([0, 3, 1, 2]);
     // One view is too small to share between threads: libtorch's threads would mostly wait (spinning,
     // which costs CPU time the step could use), so the rows run on this thread alone.
     let threads = tch::get_num_threads();
@@ -193,7 +201,6 @@ pub fn crop_resize_rows(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
         crop_resize_into(&x.get(r as i64), *b, &dst.narrow(0, r as i64, 1));
     }
     tch::set_num_threads(threads);
-    dst
 }
 
 /// [`crop_resize_batch`] as one batched bilinear resampling (`grid_sampler_2d`), returning float.

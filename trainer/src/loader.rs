@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use geossl_models::SampleType;
 
-use crate::augment::{crop_resize_batch, random_view_into, view_crop, AugConfig, Crop};
+use crate::augment::{crop_resize_batch, crop_resize_rows_into, random_view_into, view_crop, AugConfig, Crop};
 use crate::data::{Sample, TemporalIndex};
 use crate::image_io::{decode, DecodeError, Image};
 use crate::pack::Pack;
@@ -36,6 +36,15 @@ pub enum Views {
     /// uint8; int16 holding uint16 or int16 samples; float. And the crop of each row's view, to cut on the
     /// training device.
     Raw { chips: Tensor, boxes: Vec<Crop>, stored: SampleType, recycle: Recycle },
+}
+
+/// uint16 samples travel as int16 bits: widened and masked back to 0..65535 (on the chips' device).
+fn widen(chips: &Tensor, stored: SampleType) -> Tensor {
+    if stored == SampleType::U16 {
+        chips.to_kind(Kind::Int).bitwise_and(0xffff)
+    } else {
+        chips.shallow_clone()
+    }
 }
 
 /// Batch arrays a loader reuses: a raw batch's array returns here when its batch is dropped, and the next
@@ -78,16 +87,37 @@ impl Drop for Recycle {
 
 impl Views {
     /// The views `[B, C, size, size]` on `dev`: cut ones moved there, raw chips moved and cut there
-    /// (float in stored units).
+    /// (float in stored units, or uint8 for 8-bit chips cut on the CPU).
     pub fn to_device(&self, dev: Device, size: i64) -> Tensor {
         match self {
             Views::Cut(t) => t.to_device(dev),
             Views::Raw { chips, boxes, stored, .. } => {
-                let x = chips.to_device(dev);
-                // uint16 travels as int16 bits: widen and mask back to 0..65535 on the device.
-                let x = if *stored == SampleType::U16 { x.to_kind(Kind::Int).bitwise_and(0xffff) } else { x };
-                crop_resize_batch(&x, boxes, size)
+                crop_resize_batch(&widen(&chips.to_device(dev), *stored), boxes, size)
             }
+        }
+    }
+
+    /// `f` applied to [`Self::to_device`]'s views. On the CPU a raw batch's views are cut into an array of
+    /// the loader's pool, reused by a later batch once `f` returns: `f` must not keep the views or a view of
+    /// them (its result must own its memory, as the step's normalization does).
+    pub fn with_device<R>(&self, dev: Device, size: i64, f: impl FnOnce(&Tensor) -> R) -> R {
+        match self {
+            Views::Raw { chips, boxes, stored, recycle } if dev == Device::Cpu => {
+                let x = widen(chips, *stored);
+                let kind = if x.kind() == Kind::Uint8 { Kind::Uint8 } else { Kind::Float };
+                let shape = [x.size()[0], size, size, x.size()[1]];
+                let pool = recycle.0.as_ref().and_then(|(_, p)| p.upgrade());
+                let array = pool.as_ref().map_or_else(|| Tensor::empty(shape, (kind, dev)), |p| p.take(shape, kind));
+                let views = array.permute([0, 3, 1, 2]);
+                crop_resize_rows_into(&x, boxes, &views);
+                let out = f(&views);
+                drop(views);
+                if let Some(p) = pool {
+                    p.0.lock().unwrap_or_else(|p| p.into_inner()).push(array);
+                }
+                out
+            }
+            _ => f(&self.to_device(dev, size)),
         }
     }
 

@@ -515,8 +515,8 @@ pub fn pretrain(cfg: &PretrainConfig, cfg_text: &str, opts: &RunOptions) -> Resu
         let geo_t = batch.geo.to_device(dev);
         let out = moco
             .step(
-                &prep.apply(&batch.q.to_device(dev, size)),
-                &prep.apply(&batch.k.to_device(dev, size)),
+                &batch.q.with_device(dev, size, |v| prep.apply(v)),
+                &batch.k.with_device(dev, size, |v| prep.apply(v)),
                 cfg.geo.enabled.then_some(&geo_t),
                 lr,
             )

@@ -179,6 +179,10 @@ fn loaders_over_a_pack_and_over_the_files_draw_the_same_batches() {
             // On the CPU the device crop is the loader's kernel: the views are the loader's, exactly.
             assert!(dv.q.to_device(Device::Cpu, OUT).equal(&cut(&f.q)), "tp {tp:?}: device-cut query views");
             assert!(dv.k.to_device(Device::Cpu, OUT).equal(&cut(&f.k)), "tp {tp:?}: device-cut key views");
+            // The same through the step's door (views cut into a reused array, used, handed back), twice.
+            for _ in 0..2 {
+                assert!(dv.q.with_device(Device::Cpu, OUT, |v| v.equal(&cut(&f.q))), "tp {tp:?}: with_device");
+            }
             for (r, &a) in anchors(dv).iter().enumerate() {
                 let (chips, _) = raw(&dv.q);
                 assert!(chips.get(r as i64).equal(&p.image(a as usize).unwrap().tensor().to_kind(Kind::Uint8)));
@@ -226,6 +230,8 @@ fn rank_slices_and_resume_are_unchanged_with_a_pack() {
         for (x, y) in [(&b.q, &want.q), (&b.k, &want.k)] {
             let ((cx, bx), (cy, by)) = (raw(x), raw(y));
             assert!(cx.equal(&cy) && bx == by, "step {} with reused arrays", b.step);
+            // Views cut into the pool's arrays (handed back after each use) are the freshly cut ones.
+            assert!(x.with_device(Device::Cpu, OUT, |v| v.equal(&y.to_device(Device::Cpu, OUT))), "step {}", b.step);
         }
     }
     // Resume: a loader started at step 3 hands out exactly the batches of one that started at 0.
