@@ -8,10 +8,11 @@
 #   1. runs geossl's MoCo step vs PyTorch eager on ResNet-50, 224 px, batch 256,
 #      queue 65536, bf16 autocast, channels-last, ABAB rounds, and appends to docs/benchmarks/moco_step.md
 #      ($OUT/moco_step.md when $OUT is set);
-#   2. times the loader alone with 14 threads (appends to docs/benchmarks/loader.md);
-#   3. runs `geossl-train pretrain` end to end (PNG decoding + augmentation every
-#      step, scripts/gpu/pretrain_e2e.toml) on real chips cut here from tests/fixtures,
-#      and reports pairs/s from its metrics (target ≥ 3300 pairs/s on an H200).
+#   2. times the input pipeline alone with 14 threads, PNG chips cut by the loader vs a chip pack cut on
+#      the GPU, alternated (appends to docs/benchmarks/loader_ab.md);
+#   3. runs `geossl-train pretrain` end to end (scripts/gpu/pretrain_e2e.toml) on real chips cut here
+#      from tests/fixtures: once from the PNG chips (decoding + views on the loader threads), once from
+#      their pack (views cut on the GPU); reports pairs/s from the metrics (goal: ≥ 0.95× the step alone).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 case "${1:-}" in
@@ -43,12 +44,17 @@ case "${1:-}" in
     report=${OUT:-docs/benchmarks}/moco_step.md
     .gpu/moco_step --device cuda --arch resnet50 --size 224 --batch 256 --queue 65536 --groups 8 \
       --amp --amp-dtype bf16 --channels-last --warmup 5 --steps 20 --rounds 3 --report "$report"
-    # The loader alone with the e2e run's 14 threads: can the host's CPUs feed 3300 pairs/s?
-    .gpu/loader --manifest .gpu/chips/manifest.csv --batch 256 --batches 24 --workers 14 \
-      --report "${OUT:-docs/benchmarks}/loader.md"
+    # The pack is made here (54 MB would not fit the carried tree); a few seconds.
+    rm -rf /tmp/gpu-pack && .gpu/geossl-train pack --data .gpu/chips/manifest.csv --out /tmp/gpu-pack
+    # The input pipeline alone with the e2e run's 14 threads: files cut by the loader vs the pack cut on the GPU.
+    .gpu/loader --manifest .gpu/chips/manifest.csv --pack /tmp/gpu-pack --modes files,pack-device \
+      --device cuda --batch 256 --batches 24 --workers 14 --rounds 2 --report "${OUT:-docs/benchmarks}/loader_ab.md"
     .gpu/geossl-train pretrain --config scripts/gpu/pretrain_e2e.toml --data .gpu/chips/manifest.csv \
       --out /tmp/e2e --no-progress
     tail -n 3 /tmp/e2e/metrics.jsonl | tee "${OUT:-/tmp}/e2e_metrics.jsonl"
+    .gpu/geossl-train pretrain --config scripts/gpu/pretrain_e2e.toml --data /tmp/gpu-pack \
+      --out /tmp/e2e-pack --no-progress
+    tail -n 3 /tmp/e2e-pack/metrics.jsonl | tee "${OUT:-/tmp}/e2e_pack_metrics.jsonl"
     ;;
   *) echo "usage: $0 build|run" >&2; exit 2 ;;
 esac
