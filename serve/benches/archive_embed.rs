@@ -82,6 +82,7 @@ fn main() {
             bbox: None,
             model_name: None,
             model_version: None,
+            dtype: Default::default(),
         };
         let s = geossl_serve::archive::embed::run(&opts).unwrap();
         let (cpu, store_cpu) = (me() - cpu0, moto.cpu_seconds() - store0);

@@ -634,3 +634,110 @@ fn failed_inputs_are_verified_and_retried_exactly() {
         ids(&[clean.join("part-00000.parquet")])
     );
 }
+
+/// `--dtype float16|int8` on real pixels (the Landsat scene): the same rows as float32, each value within the
+/// bound its storage implies (float16: half a unit in the last place, ≤ |x|·2⁻¹¹, or 2⁻²⁵ below the normal
+/// range; int8: half the row's step, `embedding_scale / 2`), so each row's direction is off by at most
+/// asin(‖e‖/‖x‖) with ‖e‖ from those bounds, and a cosine similarity between two rows by at most the sum of
+/// their two angles. `map` reads the quantized file like the float32 one.
+#[test]
+fn quantized_embeddings_stay_within_the_bounds_of_their_storage() {
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 64, &[("embed", "embed", &[])]);
+    let model = d.path().join("embed/1/model.onnx");
+    let scene = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
+    let out = |t: &str| d.path().join(format!("{t}.parquet"));
+    for t in ["float32", "float16", "int8"] {
+        let o = embed(&model, &scene, &out(t), &["--dtype", t]);
+        assert!(o.status.success(), "{t}: {}", text(&o));
+    }
+    let (f32b, _) = read_parquet(&out("float32"));
+    let emb = f32b.column_by_name("embedding").unwrap().as_fixed_size_list();
+    let dim = emb.value_length() as usize;
+    let x: Vec<f64> = emb.values().as_primitive::<Float32Type>().values().iter().map(|&v| f64::from(v)).collect();
+    let n = f32b.num_rows();
+    let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
+    let cos = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>() / (norm(a) * norm(b));
+    let mut sizes = vec![("float32", std::fs::metadata(out("float32")).unwrap().len())];
+    for t in ["float16", "int8"] {
+        let (b, kv) = read_parquet(&out(t));
+        assert_eq!(b.num_rows(), n, "{t}: rows");
+        assert_eq!(
+            b.column_by_name("chip_id").unwrap().as_string::<i32>(),
+            f32b.column_by_name("chip_id").unwrap().as_string::<i32>()
+        );
+        let prov: serde_json::Value = serde_json::from_str(&kv["geossl"]).unwrap();
+        assert_eq!(prov["embedding"]["dtype"], t, "{prov}");
+        let list = b.column_by_name("embedding").unwrap().as_fixed_size_list();
+        // The stored values, decoded here from the raw columns, and each element's bound.
+        let (y, bound): (Vec<f64>, Vec<f64>) = if t == "float16" {
+            let v = list.values().as_primitive::<arrow_array::types::Float16Type>();
+            let y: Vec<f64> = v.values().iter().map(|h| f64::from(h.to_f32())).collect();
+            let bound = x.iter().map(|a| (a.abs() * 2f64.powi(-11)).max(2f64.powi(-25))).collect();
+            (y, bound)
+        } else {
+            assert!(prov["embedding"]["quantization"]["scale_column"] == "embedding_scale", "{prov}");
+            let q = list.values().as_primitive::<arrow_array::types::Int8Type>();
+            let scale = b.column_by_name("embedding_scale").unwrap().as_primitive::<Float32Type>();
+            let y = (0..n * dim).map(|k| f64::from(q.value(k)) * f64::from(scale.value(k / dim))).collect();
+            // Half a step, and the float32 rounding of x / step (a few ulps of 127 steps).
+            let bound = (0..n * dim).map(|k| f64::from(scale.value(k / dim)) * (0.5 + 1e-4)).collect();
+            (y, bound)
+        };
+        let (mut worst_cos, mut worst_pair) = (0f64, 0f64);
+        let mut angle = Vec::with_capacity(n);
+        for r in 0..n {
+            let (xr, yr) = (&x[r * dim..(r + 1) * dim], &y[r * dim..(r + 1) * dim]);
+            for k in 0..dim {
+                let e = (xr[k] - yr[k]).abs();
+                assert!(
+                    e <= bound[r * dim + k],
+                    "{t}: row {r} element {k}: |{} - {}| > {}",
+                    xr[k],
+                    yr[k],
+                    bound[r * dim + k]
+                );
+            }
+            let e_norm = bound[r * dim..(r + 1) * dim].iter().map(|b| b * b).sum::<f64>().sqrt();
+            let rho = e_norm / norm(xr);
+            assert!(rho < 1.0, "{t}: row {r}: error bound as large as the row");
+            let theta = rho.asin();
+            let c = cos(xr, yr);
+            assert!(c >= theta.cos() - 1e-12, "{t}: row {r}: cos {c} < cos {theta} allowed");
+            worst_cos = worst_cos.max(1.0 - c);
+            angle.push(theta);
+        }
+        // What search sees: the similarity of neighbouring windows, quantized vs float32.
+        for r in 1..n {
+            let (xa, xb) = (&x[(r - 1) * dim..r * dim], &x[r * dim..(r + 1) * dim]);
+            let (ya, yb) = (&y[(r - 1) * dim..r * dim], &y[r * dim..(r + 1) * dim]);
+            let err = (cos(xa, xb) - cos(ya, yb)).abs();
+            assert!(err <= angle[r - 1] + angle[r] + 1e-12, "{t}: rows {} and {r}: similarity off by {err}", r - 1);
+            worst_pair = worst_pair.max(err);
+        }
+        eprintln!("{t}: {n} rows of {dim}: largest 1 − cos(row, float32 row) {worst_cos:.2e}, largest similarity error {worst_pair:.2e}");
+        sizes.push((t, std::fs::metadata(out(t)).unwrap().len()));
+        // map reads it like float32.
+        let png = d.path().join(format!("{t}.png"));
+        let o = run(
+            "geossl-serve",
+            &[
+                "map",
+                "--embeddings",
+                out(t).to_str().unwrap(),
+                "--scene",
+                scene.to_str().unwrap(),
+                "--out",
+                png.to_str().unwrap(),
+                "--query",
+                "400,350",
+                "--neighbours",
+                "4",
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{t} map: {}", text(&o));
+    }
+    eprintln!("file sizes: {sizes:?}");
+    assert!(sizes[1].1 < sizes[0].1 && sizes[2].1 < sizes[1].1, "{sizes:?}");
+}

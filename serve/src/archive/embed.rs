@@ -52,6 +52,8 @@ pub struct EmbedOptions {
     /// Recorded in every row (default: the model file's parent directory names).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
+    /// How the embedding column stores values (float32, float16, or int8 with a per-row step).
+    pub dtype: crate::archive::geoparquet::EmbeddingDtype,
 }
 
 /// An input that could not be embedded (none of its rows were kept).
@@ -449,8 +451,17 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
         "max_nodata": opts.max_nodata,
         "bbox": opts.bbox,
         "inputs": files.len(),
+        "embedding": {
+            "dimensions": d,
+            "dtype": opts.dtype.name(),
+            "quantization": (opts.dtype == crate::archive::geoparquet::EmbeddingDtype::Int8).then(|| serde_json::json!({
+                "method": "per-row symmetric: value = q × embedding_scale, embedding_scale = max|x| / 127",
+                "scale_column": crate::archive::geoparquet::col::EMBEDDING_SCALE,
+            })),
+        },
     });
-    let mut sink = Sink::create(&opts.out, d, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
+    let mut sink =
+        Sink::create(&opts.out, d, opts.dtype, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
     let mut summary = Summary::default();
     let progress = indicatif::ProgressBar::new(files.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} inputs · {msg} · ETA {eta}")

@@ -4,15 +4,17 @@
 //! Rows (GeoParquet 1.1, geometry WKB in OGC:CRS84): `chip_id` (SHA-256 of model hash + source + window),
 //! `source`, `window {x, y, w, h}` (pixels), `geometry` (the window's footprint polygon), `bbox {xmin, ymin,
 //! xmax, ymax}` (the covering), `center_lat`, `center_lon`, `datetime` (nullable), `model_name`,
-//! `model_version`, `model_sha256`, `embedding` (`FixedSizeList<Float32, D>`).
+//! `model_version`, `model_sha256`, `embedding` (`FixedSizeList<Float32, D>`; with `--dtype float16`
+//! `FixedSizeList<Float16, D>`; with `--dtype int8` `FixedSizeList<Int8, D>` and `embedding_scale`
+//! (Float32): the row's values are `q × embedding_scale`, see [`EmbeddingDtype`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+use arrow_array::builder::{FixedSizeListBuilder, Float16Builder, Float32Builder, Int8Builder};
 use arrow_array::{
-    Array, ArrayRef, BinaryArray, FixedSizeListArray, Float32Array, Float64Array, RecordBatch, StringArray,
-    StructArray, TimestampMicrosecondArray, UInt32Array,
+    Array, ArrayRef, BinaryArray, FixedSizeListArray, Float16Array, Float32Array, Float64Array, Int8Array, RecordBatch,
+    StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
 };
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 
@@ -33,6 +35,54 @@ pub mod col {
     pub const MODEL_VERSION: &str = "model_version";
     pub const MODEL_SHA256: &str = "model_sha256";
     pub const EMBEDDING: &str = "embedding";
+    /// int8 rows only: the step of the row's quantization.
+    pub const EMBEDDING_SCALE: &str = "embedding_scale";
+}
+
+/// How the `embedding` column stores values.
+///
+/// * `float32`: as the model gave them.
+/// * `float16`: rounded to the nearest half-precision value (relative error ≤ 2⁻¹¹ in its normal range;
+///   half the bytes).
+/// * `int8`: per-row symmetric quantization, a quarter of the bytes: `scale = max|x| / 127` (in the row's
+///   `embedding_scale` column) and `q = round(x / scale)`, so `q × scale` is within `scale / 2` of `x` in
+///   every element.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingDtype {
+    #[default]
+    Float32,
+    Float16,
+    Int8,
+}
+
+impl EmbeddingDtype {
+    fn element(self) -> DataType {
+        match self {
+            EmbeddingDtype::Float32 => DataType::Float32,
+            EmbeddingDtype::Float16 => DataType::Float16,
+            EmbeddingDtype::Int8 => DataType::Int8,
+        }
+    }
+
+    /// The name used in metadata (`float32`, `float16`, `int8`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EmbeddingDtype::Float32 => "float32",
+            EmbeddingDtype::Float16 => "float16",
+            EmbeddingDtype::Int8 => "int8",
+        }
+    }
+}
+
+/// A row's int8 quantization: the step and the values (see [`EmbeddingDtype`]).
+pub fn quantize_i8(x: &[f32]) -> (f32, Vec<i8>) {
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        return (0.0, vec![0; x.len()]);
+    }
+    let scale = max / 127.0;
+    (scale, x.iter().map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8).collect())
 }
 
 /// Default rows per Parquet row group: bounds the writer's memory (with D = 2048, 8192 rows of embeddings
@@ -107,25 +157,26 @@ fn geo_metadata() -> serde_json::Value {
 }
 
 /// The schema of rows with `d`-dimensional embeddings and `meta` (`geo`, `geossl`) in its metadata.
-pub fn schema(d: usize, meta: &[(String, String)]) -> Schema {
-    let element = Arc::new(Field::new("element", DataType::Float32, false));
-    Schema::new_with_metadata(
-        vec![
-            Field::new(col::CHIP_ID, DataType::Utf8, false),
-            Field::new(col::SOURCE, DataType::Utf8, false),
-            Field::new(col::WINDOW, DataType::Struct(window_fields()), false),
-            Field::new(col::GEOMETRY, DataType::Binary, false),
-            Field::new(col::BBOX, DataType::Struct(bbox_fields()), false),
-            Field::new(col::CENTER_LAT, DataType::Float64, false),
-            Field::new(col::CENTER_LON, DataType::Float64, false),
-            Field::new(col::DATETIME, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
-            Field::new(col::MODEL_NAME, DataType::Utf8, false),
-            Field::new(col::MODEL_VERSION, DataType::Utf8, false),
-            Field::new(col::MODEL_SHA256, DataType::Utf8, false),
-            Field::new(col::EMBEDDING, DataType::FixedSizeList(element, d as i32), false),
-        ],
-        meta.iter().cloned().collect::<std::collections::HashMap<String, String>>(),
-    )
+pub fn schema(d: usize, dtype: EmbeddingDtype, meta: &[(String, String)]) -> Schema {
+    let element = Arc::new(Field::new("element", dtype.element(), false));
+    let mut fields = vec![
+        Field::new(col::CHIP_ID, DataType::Utf8, false),
+        Field::new(col::SOURCE, DataType::Utf8, false),
+        Field::new(col::WINDOW, DataType::Struct(window_fields()), false),
+        Field::new(col::GEOMETRY, DataType::Binary, false),
+        Field::new(col::BBOX, DataType::Struct(bbox_fields()), false),
+        Field::new(col::CENTER_LAT, DataType::Float64, false),
+        Field::new(col::CENTER_LON, DataType::Float64, false),
+        Field::new(col::DATETIME, DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new(col::MODEL_NAME, DataType::Utf8, false),
+        Field::new(col::MODEL_VERSION, DataType::Utf8, false),
+        Field::new(col::MODEL_SHA256, DataType::Utf8, false),
+        Field::new(col::EMBEDDING, DataType::FixedSizeList(element, d as i32), false),
+    ];
+    if dtype == EmbeddingDtype::Int8 {
+        fields.push(Field::new(col::EMBEDDING_SCALE, DataType::Float32, false));
+    }
+    Schema::new_with_metadata(fields, meta.iter().cloned().collect::<std::collections::HashMap<String, String>>())
 }
 
 /// The GeoParquet output (ZSTD, the `geo` and `geossl` provenance metadata in both the Arrow schema and the
@@ -137,6 +188,7 @@ pub struct Sink {
     schema: Arc<Schema>,
     path: PathBuf,
     d: usize,
+    dtype: EmbeddingDtype,
     /// Model name, version and SHA-256, recorded in every row.
     model: [String; 3],
     pub rows: usize,
@@ -150,6 +202,7 @@ impl Sink {
     pub fn create(
         path: &Path,
         d: usize,
+        dtype: EmbeddingDtype,
         model: [&str; 3],
         provenance: &serde_json::Value,
         row_group_rows: usize,
@@ -158,7 +211,7 @@ impl Sink {
         use parquet::file::properties::WriterProperties;
         // In the Arrow schema (pyarrow, GeoPandas) and in the file's key-value metadata (GDAL, DuckDB).
         let meta = [("geo".to_string(), geo_metadata().to_string()), ("geossl".to_string(), provenance.to_string())];
-        let schema = Arc::new(schema(d, &meta));
+        let schema = Arc::new(schema(d, dtype, &meta));
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| ArchiveError::Run(format!("{}: {e}", dir.display())))?;
         }
@@ -176,6 +229,7 @@ impl Sink {
             schema,
             path: path.to_path_buf(),
             d,
+            dtype,
             model: model.map(str::to_string),
             rows: 0,
         })
@@ -190,18 +244,45 @@ impl Sink {
         let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
         let window = StructArray::new(window_fields(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
         let chip_ids = rows.iter().map(|r| chip_id(&self.model[2], &r.source, r.window));
-        let mut emb = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
-            .with_field(Arc::new(Field::new("element", DataType::Float32, false)));
-        for row in embeddings.chunks(d) {
-            emb.values().append_slice(row);
-            emb.append(true);
-        }
+        let element = Arc::new(Field::new("element", self.dtype.element(), false));
+        let mut scales = Vec::new();
+        let emb: ArrayRef = match self.dtype {
+            EmbeddingDtype::Float32 => {
+                let mut b = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
+                    .with_field(element);
+                for row in embeddings.chunks(d) {
+                    b.values().append_slice(row);
+                    b.append(true);
+                }
+                Arc::new(b.finish())
+            }
+            EmbeddingDtype::Float16 => {
+                let mut b = FixedSizeListBuilder::with_capacity(Float16Builder::with_capacity(n * d), d as i32, n)
+                    .with_field(element);
+                for row in embeddings.chunks(d) {
+                    row.iter().for_each(|&v| b.values().append_value(half::f16::from_f32(v)));
+                    b.append(true);
+                }
+                Arc::new(b.finish())
+            }
+            EmbeddingDtype::Int8 => {
+                let mut b = FixedSizeListBuilder::with_capacity(Int8Builder::with_capacity(n * d), d as i32, n)
+                    .with_field(element);
+                for row in embeddings.chunks(d) {
+                    let (scale, q) = quantize_i8(row);
+                    b.values().append_slice(&q);
+                    b.append(true);
+                    scales.push(scale);
+                }
+                Arc::new(b.finish())
+            }
+        };
         // The covering: each footprint's bounding box in CRS84.
         let bounds: Vec<[f64; 4]> = rows.iter().map(|r| ring_bounds(&r.corners)).collect();
         let f64s = |k: usize| Arc::new(Float64Array::from_iter_values(bounds.iter().map(|b| b[k]))) as ArrayRef;
         let bbox = StructArray::new(bbox_fields(), vec![f64s(0), f64s(1), f64s(2), f64s(3)], None);
         let constant = |v: &str| Arc::new(StringArray::from(vec![v; n])) as ArrayRef;
-        let columns: Vec<ArrayRef> = vec![
+        let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(chip_ids)),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.source.as_str()))),
             Arc::new(window),
@@ -216,8 +297,11 @@ impl Sink {
             constant(&self.model[0]),
             constant(&self.model[1]),
             constant(&self.model[2]),
-            Arc::new(emb.finish()),
+            emb,
         ];
+        if self.dtype == EmbeddingDtype::Int8 {
+            columns.push(Arc::new(Float32Array::from(scales)));
+        }
         let batch = RecordBatch::try_new(self.schema.clone(), columns)
             .map_err(|e| ArchiveError::Run(format!("building rows: {e}")))?;
         let w = self.writer.as_mut().ok_or_else(|| ArchiveError::Run("the output is already closed".into()))?;
@@ -245,12 +329,17 @@ impl Drop for Sink {
 }
 
 /// The record batches of `columns` of a GeoParquet file (a remote one is read by ranges: its footer, then
-/// those columns' chunks). Failures end the run (a dataset that cannot be read).
+/// those columns' chunks; `embedding` brings `embedding_scale` along where the file has it). Failures end the run (a dataset that cannot be read).
 pub fn read_columns(at: &Location, columns: &[&str]) -> Result<Vec<RecordBatch>, ArchiveError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ProjectionMask;
     let builder = ParquetRecordBatchReaderBuilder::try_new(at.parquet_reader().map_err(ArchiveError::run)?)
         .map_err(|e| ArchiveError::Run(format!("{at}: not a readable Parquet file: {e}")))?;
+    // The embedding's quantization step travels with it (int8 files).
+    let mut columns = columns.to_vec();
+    if columns.contains(&col::EMBEDDING) && builder.schema().column_with_name(col::EMBEDDING_SCALE).is_some() {
+        columns.push(col::EMBEDDING_SCALE);
+    }
     let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
     let reader =
         builder.with_projection(mask).build().map_err(|e| ArchiveError::Run(format!("{at}: not readable: {e}")))?;
@@ -277,18 +366,33 @@ pub fn window_columns<'a>(b: &'a RecordBatch, file: &str) -> Result<[&'a UInt32A
     Ok([field("x")?, field("y")?, field("w")?, field("h")?])
 }
 
-/// The `embedding` column: the list array, its values and the dimension.
-pub fn embedding_column<'a>(
-    b: &'a RecordBatch,
-    file: &str,
-) -> Result<(&'a FixedSizeListArray, &'a Float32Array, usize), ArchiveError> {
+/// The `embedding` column of a batch as float32, row-major, and the dimension: float16 widened, int8 rows
+/// multiplied by their `embedding_scale`.
+pub fn embedding_values(b: &RecordBatch, file: &str) -> Result<(Vec<f32>, usize), ArchiveError> {
     let emb: &FixedSizeListArray = column(b, col::EMBEDDING, file)?;
-    let values = emb
-        .values()
-        .as_any()
-        .downcast_ref::<Float32Array>()
-        .ok_or_else(|| ArchiveError::Run(format!("{file}: column `embedding` is not float32")))?;
-    Ok((emb, values, emb.value_length() as usize))
+    let d = emb.value_length() as usize;
+    // Rows sliced out of a larger batch start at their offset in the values.
+    let (start, n) = (emb.value_offset(0).max(0) as usize, emb.len() * d);
+    let values = emb.values();
+    let any = values.as_any();
+    let out = if let Some(v) = any.downcast_ref::<Float32Array>() {
+        v.values()[start..start + n].to_vec()
+    } else if let Some(v) = any.downcast_ref::<Float16Array>() {
+        v.values()[start..start + n].iter().map(|x| x.to_f32()).collect()
+    } else if let Some(v) = any.downcast_ref::<Int8Array>() {
+        let scale: &Float32Array = column(b, col::EMBEDDING_SCALE, file)?;
+        let q = &v.values()[start..start + n];
+        q.chunks(d.max(1))
+            .zip(scale.values().iter())
+            .flat_map(|(row, &s)| row.iter().map(move |&x| f32::from(x) * s))
+            .collect()
+    } else {
+        return Err(ArchiveError::Run(format!(
+            "{file}: column `embedding` holds {}; expected float32, float16 or int8",
+            values.data_type()
+        )));
+    };
+    Ok((out, d))
 }
 
 /// Every chip id of a file (only that column is read).
@@ -304,6 +408,19 @@ pub fn chip_ids(at: &Location) -> Result<Vec<String>, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int8_rows_are_within_half_a_step() {
+        let x: Vec<f32> = (0..300).map(|i| ((i as f32) * 0.37).sin() * 0.2 - 0.01).collect();
+        let (scale, q) = quantize_i8(&x);
+        assert!((scale - x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).abs() < 1e-9);
+        assert!(q.iter().any(|&v| v.abs() == 127));
+        for (a, &b) in x.iter().zip(&q) {
+            // Half a step, plus the float rounding of x / scale (a few ulps of 127 × scale).
+            assert!((a - f32::from(b) * scale).abs() <= scale * (0.5 + 4.0 * f32::EPSILON * 127.0), "{a} {b}");
+        }
+        assert_eq!(quantize_i8(&[0.0; 4]), (0.0, vec![0; 4]));
+    }
 
     #[test]
     fn wkb_polygon_layout() {

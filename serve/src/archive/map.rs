@@ -62,7 +62,7 @@ struct Rows {
 
 /// Reads the rows of `source` (a canonical path as `embed` records it).
 fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
-    use crate::archive::geoparquet::{col, column, embedding_column, read_columns, window_columns};
+    use crate::archive::geoparquet::{col, column, embedding_values, read_columns, window_columns};
     let label = path.display().to_string();
     let cols = [col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING];
     let batches = read_columns(&crate::archive::store::Location::local(path), &cols)?;
@@ -73,7 +73,7 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
         let [x, y, w, h] = window_columns(batch, &label)?;
         let lat: &Float64Array = column(batch, col::CENTER_LAT, &label)?;
         let lon: &Float64Array = column(batch, col::CENTER_LON, &label)?;
-        let (emb, values, d) = embedding_column(batch, &label)?;
+        let (values, d) = embedding_values(batch, &label)?;
         rows.d = d;
         for i in 0..batch.num_rows() {
             if src.value(i) != source {
@@ -88,8 +88,7 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
                 lat: lat.value(i),
                 lon: lon.value(i),
             });
-            let start = emb.value_offset(i) as usize;
-            rows.emb.extend_from_slice(&values.values()[start..start + d]);
+            rows.emb.extend_from_slice(&values[i * d..(i + 1) * d]);
         }
     }
     if rows.windows.is_empty() {

@@ -221,6 +221,10 @@ struct EmbedArgs {
     /// Model version recorded in the rows.
     #[arg(long, env = "GEOSSL_MODEL_VERSION")]
     model_version: Option<String>,
+    /// How the embedding column stores values: float32 (as computed), float16 (half the bytes), or int8 (a
+    /// quarter: per-row symmetric, value = q × embedding_scale, each within half a step of float32).
+    #[arg(long, env = "GEOSSL_EMBEDDING_DTYPE", value_enum, default_value = "float32")]
+    dtype: geossl_serve::archive::geoparquet::EmbeddingDtype,
     /// Execution provider: auto, cuda, cpu.
     #[arg(long, env = "GEOSSL_EXECUTION_PROVIDER", value_enum, default_value = "auto")]
     execution_provider: EpPreference,
@@ -450,6 +454,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         ort_lib: a.ort_lib,
         model_name: a.model_name,
         model_version: a.model_version,
+        dtype: a.dtype,
     };
     let failed = |s: &geossl_serve::archive::embed::Summary| {
         for f in &s.failed {
