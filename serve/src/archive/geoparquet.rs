@@ -11,7 +11,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::builder::{FixedSizeListBuilder, Float16Builder, Float32Builder, Int8Builder};
 use arrow_array::{
     Array, ArrayRef, BinaryArray, FixedSizeListArray, Float16Array, Float32Array, Float64Array, Int8Array, RecordBatch,
     StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
@@ -246,37 +245,23 @@ impl Sink {
         let chip_ids = rows.iter().map(|r| chip_id(&self.model[2], &r.source, r.window));
         let element = Arc::new(Field::new("element", self.dtype.element(), false));
         let mut scales = Vec::new();
-        let emb: ArrayRef = match self.dtype {
-            EmbeddingDtype::Float32 => {
-                let mut b = FixedSizeListBuilder::with_capacity(Float32Builder::with_capacity(n * d), d as i32, n)
-                    .with_field(element);
-                for row in embeddings.chunks(d) {
-                    b.values().append_slice(row);
-                    b.append(true);
-                }
-                Arc::new(b.finish())
-            }
+        let values: ArrayRef = match self.dtype {
+            EmbeddingDtype::Float32 => Arc::new(Float32Array::from(embeddings.to_vec())),
             EmbeddingDtype::Float16 => {
-                let mut b = FixedSizeListBuilder::with_capacity(Float16Builder::with_capacity(n * d), d as i32, n)
-                    .with_field(element);
-                for row in embeddings.chunks(d) {
-                    row.iter().for_each(|&v| b.values().append_value(half::f16::from_f32(v)));
-                    b.append(true);
-                }
-                Arc::new(b.finish())
+                Arc::new(Float16Array::from_iter_values(embeddings.iter().map(|&v| half::f16::from_f32(v))))
             }
             EmbeddingDtype::Int8 => {
-                let mut b = FixedSizeListBuilder::with_capacity(Int8Builder::with_capacity(n * d), d as i32, n)
-                    .with_field(element);
+                let mut q = Vec::with_capacity(n * d);
                 for row in embeddings.chunks(d) {
-                    let (scale, q) = quantize_i8(row);
-                    b.values().append_slice(&q);
-                    b.append(true);
+                    let (scale, r) = quantize_i8(row);
+                    q.extend(r);
                     scales.push(scale);
                 }
-                Arc::new(b.finish())
+                Arc::new(Int8Array::from(q))
             }
         };
+        let emb = FixedSizeListArray::try_new(element, d as i32, values, None)
+            .map_err(|e| ArchiveError::Run(format!("building embeddings: {e}")))?;
         // The covering: each footprint's bounding box in CRS84.
         let bounds: Vec<[f64; 4]> = rows.iter().map(|r| ring_bounds(&r.corners)).collect();
         let f64s = |k: usize| Arc::new(Float64Array::from_iter_values(bounds.iter().map(|b| b[k]))) as ArrayRef;
@@ -297,7 +282,7 @@ impl Sink {
             constant(&self.model[0]),
             constant(&self.model[1]),
             constant(&self.model[2]),
-            emb,
+            Arc::new(emb),
         ];
         if self.dtype == EmbeddingDtype::Int8 {
             columns.push(Arc::new(Float32Array::from(scales)));
