@@ -164,8 +164,8 @@ pub fn random_view_into(img: &Tensor, dst: &Tensor, cfg: &AugConfig, rng: &mut R
 /// chips' units: uint8 for uint8 chips on the CPU, float otherwise.
 ///
 /// On a GPU: one batched bilinear resampling ([`crop_resize_grid`]). On the CPU: libtorch's vectorized
-/// kernel per row ([`crop_resize_rows`]), the per-image path's own, which costs a tenth of a batched
-/// `grid_sampler_2d` there (`docs/benchmarks/loader.md`).
+/// kernel per row ([`crop_resize_rows`]), the per-image path's own, which costs a sixth to a twelfth of a
+/// batched `grid_sampler_2d` there (`docs/benchmarks/loader.md`).
 pub fn crop_resize_batch(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
     match chips.device() {
         Device::Cpu => crop_resize_rows(chips, boxes, out),
