@@ -453,7 +453,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
         "inputs": files.len(),
         "embedding": {
             "dimensions": d,
-            "dtype": opts.dtype.name(),
+            "dtype": opts.dtype,
             "quantization": (opts.dtype == crate::archive::geoparquet::EmbeddingDtype::Int8).then(|| serde_json::json!({
                 "method": "per-row symmetric: value = q × embedding_scale, embedding_scale = max|x| / 127",
                 "scale_column": crate::archive::geoparquet::col::EMBEDDING_SCALE,

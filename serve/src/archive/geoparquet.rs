@@ -63,15 +63,6 @@ impl EmbeddingDtype {
             EmbeddingDtype::Int8 => DataType::Int8,
         }
     }
-
-    /// The name used in metadata (`float32`, `float16`, `int8`).
-    pub fn name(self) -> &'static str {
-        match self {
-            EmbeddingDtype::Float32 => "float32",
-            EmbeddingDtype::Float16 => "float16",
-            EmbeddingDtype::Int8 => "int8",
-        }
-    }
 }
 
 /// A row's int8 quantization: the step and the values (see [`EmbeddingDtype`]).
@@ -314,7 +305,8 @@ impl Drop for Sink {
 }
 
 /// The record batches of `columns` of a GeoParquet file (a remote one is read by ranges: its footer, then
-/// those columns' chunks; `embedding` brings `embedding_scale` along where the file has it). Failures end the run (a dataset that cannot be read).
+/// those columns' chunks; `embedding` brings `embedding_scale` along where the file has it). Failures end the
+/// run (a dataset that cannot be read).
 pub fn read_columns(at: &Location, columns: &[&str]) -> Result<Vec<RecordBatch>, ArchiveError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ProjectionMask;
