@@ -193,6 +193,20 @@ macro_rules! samples {
                 }
             }
 
+            /// Band-by-band samples of `bands` channels interleaved (`[(y * w + x) * bands + band]`): the
+            /// inverse of [`Samples::interleaved_to_planar`].
+            pub fn planar_to_interleaved(self, bands: usize) -> Samples {
+                match self {
+                    $(Samples::$v(v) => {
+                        if bands <= 1 {
+                            return Samples::$v(v);
+                        }
+                        let n = v.len() / bands;
+                        Samples::$v((0..n * bands).map(|i| v[(i % bands) * n + i / bands]).collect())
+                    })*
+                }
+            }
+
             /// The samples at `indices`, in that order.
             pub fn gather(&self, indices: &[usize]) -> Samples {
                 match self {
@@ -907,6 +921,17 @@ impl LenBytes for DecodingResult {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn planar_and_interleaved_are_inverse() {
+        // 3 bands of 2×2: band b, pixel p holds 10·b + p.
+        let planar: Vec<u16> = (0..3).flat_map(|b| (0..4).map(move |p| 10 * b + p)).collect();
+        let hwc = Samples::U16(planar.clone()).planar_to_interleaved(3);
+        let Samples::U16(v) = &hwc else { panic!("type changed") };
+        assert_eq!(v, &[0, 10, 20, 1, 11, 21, 2, 12, 22, 3, 13, 23]);
+        assert!(matches!(hwc.interleaved_to_planar(3), Samples::U16(p) if p == planar));
+        assert!(matches!(Samples::F32(vec![1.0, 2.0]).planar_to_interleaved(1), Samples::F32(p) if p == [1.0, 2.0]));
+    }
 
     /// A small planar and a small chunky uint16 TIFF written with the `tiff`
     /// crate's encoder (strips of 3 rows), read back whole and by windows.

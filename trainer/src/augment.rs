@@ -176,13 +176,20 @@ pub fn crop_resize_batch(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
 /// [`crop_resize_batch`] row by row with [`crop_resize_into`]: exactly the views the loader threads cut
 /// (uint8 chips stay uint8 and are fastest as a channels-last view, which a pack's batch is).
 pub fn crop_resize_rows(chips: &Tensor, boxes: &[Crop], out: i64) -> Tensor {
-    let s = chips.size();
-    let kind = if chips.kind() == Kind::Uint8 { Kind::Uint8 } else { Kind::Float };
-    // Channels-last rows, like the chips: libtorch's uint8 kernel writes them in place (a `[C, S, S]`
-    // row would take a temporary and a copy per view).
-    let dst = Tensor::empty([s[0], out, out, s[1]], (kind, chips.device())).permute([0, 3, 1, 2]);
+    let (shape, kind) = rows_array(chips, out);
+    let dst = Tensor::empty(shape, (kind, chips.device())).permute([0, 3, 1, 2]);
     crop_resize_rows_into(chips, boxes, &dst);
     dst
+}
+
+/// The array [`crop_resize_rows_into`] writes the views of `chips` into: `[B, out, out, C]` (its
+/// `[B, C, out, out]` view is channels-last, like the chips: libtorch's uint8 kernel writes such rows in
+/// place, where a `[C, S, S]` row would take a temporary and a copy per view), uint8 for uint8 chips, else
+/// float.
+pub fn rows_array(chips: &Tensor, out: i64) -> ([i64; 4], Kind) {
+    let s = chips.size();
+    let kind = if chips.kind() == Kind::Uint8 { Kind::Uint8 } else { Kind::Float };
+    ([s[0], out, out, s[1]], kind)
 }
 
 /// [`crop_resize_rows`] into `dst [B, C, S, S]`: uint8 for uint8 chips, else float (chips of other kinds

@@ -20,7 +20,9 @@ use tch::{Device, Kind, Tensor};
 
 use geossl_models::SampleType;
 
-use crate::augment::{crop_resize_batch, crop_resize_rows_into, random_view_into, view_crop, AugConfig, Crop};
+use crate::augment::{
+    crop_resize_batch, crop_resize_rows_into, random_view_into, rows_array, view_crop, AugConfig, Crop,
+};
 use crate::data::{Sample, TemporalIndex};
 use crate::image_io::{decode, DecodeError, Image};
 use crate::pack::Pack;
@@ -61,6 +63,11 @@ impl Pool {
             None => Tensor::empty(shape, (kind, Device::Cpu)),
         }
     }
+
+    /// Hands `t` back for a later [`Pool::take`].
+    fn give(&self, t: Tensor) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    }
 }
 
 /// Hands a raw batch's array back to its loader's pool when the batch is dropped. The views of a batch
@@ -79,7 +86,7 @@ impl Drop for Recycle {
     fn drop(&mut self) {
         if let Some((t, pool)) = self.0.take() {
             if let Some(pool) = pool.upgrade() {
-                pool.0.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+                pool.give(t);
             }
         }
     }
@@ -104,8 +111,7 @@ impl Views {
         match self {
             Views::Raw { chips, boxes, stored, recycle } if dev == Device::Cpu => {
                 let x = widen(chips, *stored);
-                let kind = if x.kind() == Kind::Uint8 { Kind::Uint8 } else { Kind::Float };
-                let shape = [x.size()[0], size, size, x.size()[1]];
+                let (shape, kind) = rows_array(&x, size);
                 let pool = recycle.0.as_ref().and_then(|(_, p)| p.upgrade());
                 let array = pool.as_ref().map_or_else(|| Tensor::empty(shape, (kind, dev)), |p| p.take(shape, kind));
                 let views = array.permute([0, 3, 1, 2]);
@@ -113,7 +119,7 @@ impl Views {
                 let out = f(&views);
                 drop(views);
                 if let Some(p) = pool {
-                    p.0.lock().unwrap_or_else(|p| p.into_inner()).push(array);
+                    p.give(array);
                 }
                 out
             }

@@ -79,6 +79,11 @@ pub struct ChipShape {
 }
 
 impl ChipShape {
+    /// The shape and sample type of `img`, read for `bands`.
+    fn of(img: &Image, bands: &[String]) -> Self {
+        ChipShape { bands: bands.to_vec(), sample_type: img.stored(), channels: img.c, height: img.h, width: img.w }
+    }
+
     /// Bytes of one chip.
     pub fn record_bytes(&self) -> u64 {
         (self.channels * self.height * self.width * self.sample_type.bytes()) as u64
@@ -151,8 +156,12 @@ pub struct PackOptions {
 
 /// The chip's samples, pixel-interleaved, as little-endian bytes.
 fn record_bytes(img: &Image) -> Result<Vec<u8>, String> {
-    let le: Vec<u8> = match &*img.samples {
-        Samples::U8(v) => v.clone(),
+    let samples = match img.layout {
+        Layout::Interleaved => (*img.samples).clone(),
+        Layout::Planar => (*img.samples).clone().planar_to_interleaved(img.c),
+    };
+    Ok(match samples {
+        Samples::U8(v) => v,
         Samples::U16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Samples::I16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Samples::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -161,20 +170,6 @@ fn record_bytes(img: &Image) -> Result<Vec<u8>, String> {
                 "stores {:?} samples; packs hold uint8, uint16, int16 and float32 chips",
                 other.sample_type()
             ))
-        }
-    };
-    Ok(match img.layout {
-        Layout::Interleaved => le,
-        Layout::Planar => {
-            // [C, H·W] samples of `es` bytes → [H·W, C].
-            let (c, px, es) = (img.c, img.h * img.w, img.stored().bytes());
-            let mut out = vec![0u8; le.len()];
-            for (b, plane) in le.chunks_exact(px * es).enumerate() {
-                for (p, v) in plane.chunks_exact(es).enumerate() {
-                    out[(p * c + b) * es..(p * c + b + 1) * es].copy_from_slice(v);
-                }
-            }
-            out
         }
     })
 }
@@ -206,13 +201,7 @@ pub fn write_pack(
         Ok((img, bytes))
     };
     let (first, _) = load(&samples[0])?;
-    let shape = ChipShape {
-        bands: opt.bands.clone(),
-        sample_type: first.stored(),
-        channels: first.c,
-        height: first.h,
-        width: first.w,
-    };
+    let shape = ChipShape::of(&first, &opt.bands);
     let per_shard = (opt.shard_bytes / shape.stride()).max(1) as usize;
     let mut shards = Vec::new();
     for (n, chunk) in samples.chunks(per_shard).enumerate() {
@@ -222,13 +211,7 @@ pub fn write_pack(
         for block in chunk.chunks(opt.workers.max(1) * 8) {
             for (s, r) in block.iter().zip(crate::pipeline::map_ordered(block, opt.workers, load)) {
                 let (img, bytes) = r?;
-                let got = ChipShape {
-                    bands: opt.bands.clone(),
-                    sample_type: img.stored(),
-                    channels: img.c,
-                    height: img.h,
-                    width: img.w,
-                };
+                let got = ChipShape::of(&img, &opt.bands);
                 if got != shape {
                     return Err(PackError::Invalid(format!(
                         "{}: {} but the pack's chips ({}) are {}: a pack holds chips of one shape and type \
@@ -458,7 +441,8 @@ impl Pack {
     /// positional names (`band1…`) with the same count.
     pub fn check_bands(&self, bands: &[String]) -> Result<(), PackError> {
         let have = &self.shape.bands;
-        let positional = have.iter().enumerate().all(|(i, b)| b.eq_ignore_ascii_case(&format!("band{}", i + 1)));
+        let positional =
+            have.iter().zip(crate::image_io::positional(have.len())).all(|(a, b)| a.eq_ignore_ascii_case(&b));
         let same =
             have.len() == bands.len() && (positional || have.iter().zip(bands).all(|(a, b)| a.eq_ignore_ascii_case(b)));
         if same {

@@ -113,6 +113,26 @@ fn a_pack_holds_the_manifests_chips_bit_for_bit() {
     let (n, bad) = p.verify();
     assert_eq!((n, bad.len()), (45, 0));
 
+    // GeoTIFF chips decode band by band (planar): packed pixel-interleaved, they read back the same.
+    let opt = geossl_trainer::chips::TileOptions {
+        size: 64,
+        stride: 64,
+        format: geossl_trainer::chips::ChipFormat::Tiff,
+        ..Default::default()
+    };
+    let tifs = geossl_trainer::chips::tile_scene(
+        &geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif"),
+        &d.path().join("tif"),
+        &opt,
+    )
+    .unwrap();
+    let tifs = &tifs[..6];
+    assert_eq!(decode(&tifs[0].path, &positional(3)).unwrap().layout, geossl_raster::Layout::Planar);
+    let pt = pack(tifs, &d.path().join("pack-tif"), 4, 3);
+    for (i, s) in tifs.iter().enumerate() {
+        assert!(decode(&s.path, &positional(3)).unwrap().tensor().equal(&pt.image(i).unwrap().tensor()), "tif {i}");
+    }
+
     // 16-bit chips (the scenes' reflectance × 10000, bands 4-3-2) keep their samples exactly.
     let a =
         geossl_trainer::npy::read_npy(&geossl_tests::data::fixtures().join("eolearn/REFERENCE_SCENES.npy")).unwrap();
