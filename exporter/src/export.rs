@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use geossl_models::checkpoint::CheckpointPaths;
 use geossl_models::io::{metadata, INPUT_NAME};
+use geossl_models::mlm;
 use geossl_models::{
     BlockKind, Dim, ElemType, HeadKind, HeadSpec, InputDType, IoContract, ModelSpec, SpecError, StateDict, TensorData,
     WeightsError,
@@ -342,8 +343,9 @@ pub fn build_model(
     })
 }
 
-/// Exports the checkpoint directory `dir` to `out` (written through a
-/// temporary file and renamed: on any error no file is left at `out`).
+/// Exports the checkpoint directory `dir` to `out`, with its STAC MLM model card beside it
+/// ([`mlm::card_path`]); both are written through temporary files and renamed: on any error no
+/// model is left at `out`.
 pub fn export_checkpoint(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<usize, ExportError> {
     if !(13..=21).contains(&opts.opset) {
         return Err(ExportError::Unsupported(format!(
@@ -364,6 +366,20 @@ pub fn export_checkpoint(dir: &Path, out: &Path, opts: &ExportOptions) -> Result
     sd.check(&spec.parameters(), &paths.weights())?;
     let model = build_model(&spec, &sd, opts, &geossl_models::sha256_hex(&bytes))?;
     let buf = model.encode_to_vec();
+    // The model card beside it (`model.onnx` → `model.item.json`): the same contract for the field's tools.
+    let contract =
+        IoContract::for_export(&spec, opts.head, opts.input).map_err(|e| ExportError::Unsupported(e.to_string()))?;
+    let href = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.onnx".into());
+    let file = mlm::ModelFile { href, size: buf.len() as u64, sha256_hex: geossl_models::sha256_hex(&buf) };
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let card = mlm::card_for_export(&spec, &contract, opts.head, opts.input, &file, &now, opts.opset);
+    let card_json = serde_json::to_vec_pretty(&card).map_err(|e| ExportError::Unsupported(e.to_string()))?;
+    let card_out = mlm::card_path(out);
     geossl_models::weights::write_atomic(out, &buf).map_err(|error| ExportError::Io { path: out.to_owned(), error })?;
+    if let Err(error) = geossl_models::weights::write_atomic(&card_out, &card_json) {
+        // Both or neither: a model without its card would be served from its metadata alone, silently.
+        let _ = std::fs::remove_file(out);
+        return Err(ExportError::Io { path: card_out, error });
+    }
     Ok(buf.len())
 }

@@ -15,6 +15,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod heads;
 pub mod io;
+pub mod mlm;
 pub mod norm;
 pub mod param;
 pub mod rng;

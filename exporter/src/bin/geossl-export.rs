@@ -25,7 +25,8 @@ enum Head {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Export a checkpoint directory to an ONNX model (embedding, classifier or segmentation head).
+    /// Export a checkpoint directory to an ONNX model (embedding, classifier or segmentation head), with its
+    /// STAC MLM model card beside it (`model.onnx` → `model.item.json`).
     Onnx(OnnxArgs),
     /// Import a PyTorch `.pth`/`.pth.tar` (the paper's released MoCo checkpoints, torchvision
     /// state dicts) or torchvision-layout safetensors into a checkpoint directory.
@@ -141,7 +142,11 @@ fn run(cli: Cli) -> Result<()> {
                 geossl_exporter::ExportOptions { head, input: a.input.into(), fp16: a.fp16, opset: a.opset as i64 };
             let n = geossl_exporter::export_checkpoint(&a.checkpoint, &a.out, &opts)
                 .with_context(|| format!("exporting {} to {}", a.checkpoint.display(), a.out.display()))?;
-            println!("wrote {} ({n} bytes)", a.out.display());
+            println!(
+                "wrote {} ({n} bytes) and its STAC MLM card {}",
+                a.out.display(),
+                geossl_models::mlm::card_path(&a.out).display()
+            );
             Ok(())
         }
         Command::Import(a) => {
