@@ -36,7 +36,7 @@ fn main() {
     // The raw session: batches of the model's input shape, back to back.
     let envr = ort::init(std::path::Path::new(&lib)).expect("onnxruntime");
     let (mut b, sig) = OrtBackend::load(envr, &model, &session).expect("model");
-    let info = sig.into_info("bench", 1, None);
+    let info = sig.into_info("bench", 1, None, None).expect("model info");
     let (c, Some(h), Some(w)) = info.input_chw() else { panic!("the model's input size is not fixed") };
     let x = Tensor::u8(vec![batch, c, h, w], (0..batch * c * h * w).map(|i| (i * 7 % 251) as u8).collect());
     for _ in 0..3 {

@@ -72,14 +72,14 @@ fn info(m: &Model) -> ModelInfo {
         Task::Classification => (vec![-1, 3, 8, 8], vec![("logits", vec![-1, 3])]),
         _ => (vec![-1, 3, -1, -1], vec![("mask_logits", vec![-1, 2, -1, -1])]),
     };
+    let outputs: Vec<TensorSpec> =
+        outputs.into_iter().map(|(n, s)| TensorSpec { name: n.into(), datatype: DType::F32, shape: s }).collect();
     ModelInfo {
         name: m.name.into(),
         version: 1,
         input: TensorSpec { name: "images".into(), datatype: m.dtype, shape: input_shape },
-        outputs: outputs
-            .into_iter()
-            .map(|(n, s)| TensorSpec { name: n.into(), datatype: DType::F32, shape: s })
-            .collect(),
+        roles: ModelInfo::roles_from_names(&outputs),
+        outputs,
         task: m.task,
         labels: vec!["bright".into(), "dark".into(), "never".into()],
         normalization: Some((vec![1.0; 3], vec![0.0; 3])),

@@ -33,6 +33,21 @@ pub fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// A Parquet file's rows as one batch, and its footer's key-value metadata (`geo`, `geossl`).
+pub fn read_parquet(p: &std::path::Path) -> (arrow_array::RecordBatch, std::collections::HashMap<String, String>) {
+    let f = std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).expect("a Parquet file");
+    let kv = b
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|v| v.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let batches: Vec<_> = b.build().expect("reader").collect::<Result<_, _>>().expect("batches");
+    let schema = batches[0].schema();
+    (arrow_select::concat::concat_batches(&schema, &batches).expect("one batch"), kv)
+}
+
 /// The project venv's Python (`GEOSSL_PYTHON` overrides), for reference tools.
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("GEOSSL_PYTHON") {

@@ -10,21 +10,7 @@ use arrow_array::types::{Float32Type, Float64Type, UInt32Type};
 use arrow_array::Array;
 use geossl_models::{NamedTensor, StateDict, TensorData};
 use geossl_tests::server::make_repository;
-use geossl_tests::{embed, python, run, text, workspace};
-
-fn read_parquet(p: &Path) -> (arrow_array::RecordBatch, HashMap<String, String>) {
-    let f = std::fs::File::open(p).unwrap();
-    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
-    let kv: HashMap<String, String> = b
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|v| v.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
-        .unwrap_or_default();
-    let batches: Vec<_> = b.build().unwrap().collect::<Result<_, _>>().unwrap();
-    let schema = batches[0].schema();
-    (arrow_select::concat::concat_batches(&schema, &batches).unwrap(), kv)
-}
+use geossl_tests::{embed, python, read_parquet, run, text, workspace};
 
 #[test]
 fn landsat_scene_to_geoparquet() {

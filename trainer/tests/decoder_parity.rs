@@ -20,6 +20,7 @@ fn model(c: usize, h: usize, w: usize) -> ModelInfo {
         version: 1,
         input: spec("images", vec![-1, c as i64, h as i64, w as i64]),
         outputs: vec![spec("embedding", vec![-1, 8])],
+        roles: vec![Some(geossl_serve::infer::backend::OutputRole::Embedding)],
         task: Task::Embedding,
         labels: Vec::new(),
         normalization: None,

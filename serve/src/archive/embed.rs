@@ -16,12 +16,15 @@ pub use crate::archive::geoparquet::ROW_GROUP_ROWS;
 use crate::archive::geoparquet::{Row, Sink};
 pub use crate::archive::inputs::{collect_inputs, Input};
 use crate::archive::store::Location;
+use crate::infer::backend::OutputRole;
 use crate::infer::ort::{OrtBackend, SessionOptions};
 use crate::infer::{Backend, ModelInfo, Task};
 
 /// What to embed and how.
 #[derive(Debug, Clone)]
 pub struct EmbedOptions {
+    /// The ONNX model, or a STAC MLM model card (`.json`) whose `mlm:model` asset is the ONNX file and
+    /// whose input contract and output roles are used instead of the model's own metadata.
     pub model: PathBuf,
     /// Paths, directories, globs, object-store URLs or prefixes, STAC Items/ItemCollections.
     pub inputs: Vec<String>,
@@ -401,28 +404,51 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
         None => collect_inputs(&opts.inputs, opts.band_groups)?,
     };
     let env = crate::infer::ort::init(&opts.ort_lib).map_err(ArchiveError::run)?;
-    let (mut backend, sig) = OrtBackend::load(env, &opts.model, &opts.session).map_err(ArchiveError::run)?;
+    // A model card names its model file; a plain ONNX file is its own contract.
+    let (model_path, card) = if opts.model.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+        let (item, contract) = crate::infer::ort::read_card(&opts.model).map_err(ArchiveError::run)?;
+        let path = geossl_models::mlm::resolve_href(&opts.model, &contract.model_href)
+            .map_err(|e| bad(format!("{}: {e}", opts.model.display())))?;
+        (path, Some((item, contract)))
+    } else {
+        (opts.model.clone(), None)
+    };
+    let (mut backend, sig) = OrtBackend::load(env, &model_path, &opts.session).map_err(ArchiveError::run)?;
     // Rows are written in space-filling-curve order (inputs by centre, windows within each), so each
     // row group covers a compact area and readers filtering by the bbox covering skip the others. (After
     // the model loads: a bad model fails before any input header is read.)
     let files = spatial_order(&files);
-    let model_bytes = std::fs::read(&opts.model).map_err(|e| bad(format!("{}: {e}", opts.model.display())))?;
+    let model_bytes = std::fs::read(&model_path).map_err(|e| bad(format!("{}: {e}", model_path.display())))?;
     let model_sha = geossl_models::sha256_hex(&model_bytes);
     drop(model_bytes);
     let parent =
-        |n: usize| opts.model.ancestors().nth(n).and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned());
-    let name = opts.model_name.clone().or_else(|| parent(2)).unwrap_or_else(|| "model".into());
+        |n: usize| model_path.ancestors().nth(n).and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned());
+    let name = opts
+        .model_name
+        .clone()
+        .or_else(|| card.as_ref().map(|(_, c)| c.name.clone()))
+        .or_else(|| parent(2))
+        .unwrap_or_else(|| "model".into());
     let version = opts.model_version.clone().or_else(|| parent(1)).unwrap_or_else(|| "1".into());
-    let info = sig.into_info(&name, 1, None);
+    let info = sig.into_info(&name, 1, None, card.as_ref().map(|(_, c)| c)).map_err(ArchiveError::run)?;
     // Throughput is timed from here: the model is loaded, the inputs are resolved.
     let started = Instant::now();
-    if info.task != Task::Embedding {
-        return Err(bad(format!("{}: not an embedding model (outputs {:?})", opts.model.display(), info.outputs)));
-    }
-    let (c, Some(h), Some(w)) = info.input_chw() else {
-        return Err(bad(format!("{}: the input size must be fixed for archive embedding", opts.model.display())));
+    let embedding = match (info.task, info.output_index(OutputRole::Embedding)) {
+        (Task::Embedding, Some(i)) => i,
+        _ => {
+            return Err(bad(format!(
+                "{}: not an embedding model: no output is the embedding (outputs {:?}; geossl's exports name it \
+                 `embedding`; a model made elsewhere needs its STAC MLM model card, --model card.item.json, to say \
+                 which output is the embedding and how its input is scaled)",
+                model_path.display(),
+                info.outputs.iter().map(|o| &o.name).collect::<Vec<_>>()
+            )))
+        }
     };
-    let d = info.outputs[0]
+    let (c, Some(h), Some(w)) = info.input_chw() else {
+        return Err(bad(format!("{}: the input size must be fixed for archive embedding", model_path.display())));
+    };
+    let d = info.outputs[embedding]
         .shape
         .get(1)
         .copied()
@@ -441,11 +467,23 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
         .and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok());
     let provenance = serde_json::json!({
         "software": format!("geossl {}", geossl_models::GEOSSL_VERSION),
-        "model": { "name": name, "version": version, "sha256": model_sha, "file": opts.model.display().to_string() },
+        "model": {
+            "name": name, "version": version, "sha256": model_sha, "file": model_path.display().to_string(),
+            "card": card.as_ref().map(|_| opts.model.display().to_string()),
+        },
         "bands": info.bands,
         "band_selection": opts.bands,
-        "sample_type": spec.as_ref().and_then(|s| s.sample_type),
-        "normalization": spec.as_ref().map(|s| &s.normalization),
+        "sample_type": info.sample_type,
+        // The spec's normalization when the model carries it; a card's value scaling as the affine map
+        // the embedder applied.
+        "normalization": match (&card, &spec) {
+            (Some((item, _)), _) => serde_json::json!({
+                "value_scaling": item.properties.input.first().map(|i| &i.value_scaling),
+                "affine": info.normalization,
+            }),
+            (None, Some(s)) => serde_json::json!(s.normalization),
+            (None, None) => serde_json::Value::Null,
+        },
         "window": [h, w],
         "stride": stride,
         "max_nodata": opts.max_nodata,
@@ -481,7 +519,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
                     Read::Batch(rows, px) => {
                         let input = info.input_from_samples([rows.len(), c, h, w], &px).map_err(ArchiveError::run)?;
                         let out = backend.infer(&input).map_err(|e| bad(format!("inference failed: {e}")))?;
-                        let emb = out[0].as_f32().ok_or_else(|| bad("embedding is not float32".into()))?;
+                        let emb = out[embedding].as_f32().ok_or_else(|| bad("embedding is not float32".into()))?;
                         embedded += rows.len();
                         rows_held.extend(rows);
                         emb_held.extend_from_slice(emb);

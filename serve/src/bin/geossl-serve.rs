@@ -161,7 +161,9 @@ struct VerifyArgs {
 struct EmbedArgs {
     #[command(subcommand)]
     sub: Option<EmbedSub>,
-    /// ONNX embedding model (from `geossl-export onnx --head embed`).
+    /// ONNX embedding model (from `geossl-export onnx --head embed`), or a STAC MLM model card (`.json`,
+    /// e.g. the `model.item.json` the exporter writes, or one written for a model made elsewhere) whose
+    /// `mlm:model` asset is the ONNX file: its bands, input type, value scaling and embedding output are used.
     #[arg(long, env = "GEOSSL_MODEL", required = true)]
     model: Option<PathBuf>,
     /// GeoTIFFs, directories or object-store prefixes (searched recursively for .tif/.tiff), globs, or STAC

@@ -21,6 +21,7 @@ use image::{imageops::FilterType, ImageBuffer, ImageEncoder, Luma};
 
 use crate::http::error::ServeError;
 use crate::http::state::AppState;
+use crate::infer::backend::OutputRole;
 use crate::infer::{Arrival, ModelInfo, Task, Tensor, Worker};
 
 /// Query parameters of the image endpoints.
@@ -270,8 +271,8 @@ async fn accept(
     Ok((Prepared { worker, arrival, planes, query }, permit))
 }
 
-fn output<'a>(info: &ModelInfo, outs: &'a [Tensor], name: &str) -> Option<&'a Tensor> {
-    info.outputs.iter().position(|o| o.name == name).map(|i| &outs[i])
+fn output<'a>(info: &ModelInfo, outs: &'a [Tensor], role: OutputRole) -> Option<&'a Tensor> {
+    info.output_index(role).and_then(|i| outs.get(i))
 }
 
 /// `POST /v1/models/{m}/embed` → `{"embeddings": [[f32; D]; N], "dim": D}`
@@ -282,7 +283,7 @@ pub async fn embed(
 ) -> Result<HttpResponse, ServeError> {
     let (p, _permit) = accept(&state, &req, payload, Task::Embedding, "embed").await?;
     let outs = run_rows(&state, &p, &p.planes).await?;
-    let e = output(&p.worker.info, &outs, geossl_models::io::OUTPUT_EMBEDDING)
+    let e = output(&p.worker.info, &outs, OutputRole::Embedding)
         .ok_or_else(|| ServeError::Internal("embedding output missing".into()))?;
     let d = e.shape.get(1).copied().unwrap_or(0);
     let v = e.as_f32().unwrap_or(&[]);
@@ -318,12 +319,12 @@ pub async fn classify(
     let (p, _permit) = accept(&state, &req, payload, Task::Classification, "classify").await?;
     let info = &p.worker.info;
     let outs = run_rows(&state, &p, &p.planes).await?;
-    use geossl_models::io::{OUTPUT_LOGITS, OUTPUT_PROBABILITIES};
-    let (t, is_prob) = match output(info, &outs, OUTPUT_PROBABILITIES) {
+    let (t, is_prob) = match output(info, &outs, OutputRole::Probabilities) {
         Some(t) => (t, true),
-        None => {
-            (output(info, &outs, OUTPUT_LOGITS).ok_or_else(|| ServeError::Internal("logits missing".into()))?, false)
-        }
+        None => (
+            output(info, &outs, OutputRole::Logits).ok_or_else(|| ServeError::Internal("logits missing".into()))?,
+            false,
+        ),
     };
     let k = t.shape.get(1).copied().unwrap_or(0);
     let top_k = p.query.top_k.unwrap_or(5).clamp(1, k.max(1));
@@ -365,7 +366,7 @@ pub async fn segment(
     let results = try_join_all(futures).await?;
     let mut masks = Vec::with_capacity(results.len());
     for (pl, outs) in p.planes.iter().zip(&results) {
-        let t = output(info, outs, geossl_models::io::OUTPUT_MASK_LOGITS)
+        let t = output(info, outs, OutputRole::MaskLogits)
             .ok_or_else(|| ServeError::Internal("mask_logits missing".into()))?;
         let (k, h, w) = (t.shape[1], t.shape[2], t.shape[3]);
         debug_assert_eq!((h, w), (pl.height, pl.width));

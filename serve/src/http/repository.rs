@@ -1,6 +1,8 @@
 //! The model repository: `DIR/<model>/<version>/model.onnx` with an optional
 //! `config.toml` in the model directory (all versions) or a version directory
-//! (that version only). Model names are `[a-z0-9_.-]+`, versions positive
+//! (that version only), and an optional STAC MLM model card `model.item.json`
+//! beside the model (its input contract and output roles are served; its asset
+//! href is not followed: the version's model is `model.onnx`). Model names are `[a-z0-9_.-]+`, versions positive
 //! integers; anything else is refused by name.
 
 use std::path::{Path, PathBuf};
@@ -101,6 +103,8 @@ pub struct Entry {
     pub name: String,
     pub version: u64,
     pub model_path: PathBuf,
+    /// `model.item.json` beside the model, when there is one.
+    pub card: Option<PathBuf>,
     pub config: ModelConfig,
 }
 
@@ -145,7 +149,8 @@ pub fn scan(dir: &Path) -> Result<Vec<Entry>, RepositoryError> {
                 None => model_cfg.clone().unwrap_or_default(),
             };
             config.batch_config().map_err(|e| RepositoryError(format!("{}: config: {e}", ent.path().display())))?;
-            versions.push(Entry { name: name.clone(), version, model_path, config });
+            let card = Some(geossl_models::mlm::card_path(&model_path)).filter(|p| p.is_file());
+            versions.push(Entry { name: name.clone(), version, model_path, card, config });
         }
         if versions.is_empty() {
             return Err(RepositoryError(format!(

@@ -170,11 +170,12 @@ pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Wo
             session.intra_threads = t;
         }
         let started = Instant::now();
+        let card = e.card.as_deref().map(ort::read_card).transpose()?.map(|(_, c)| c);
         let mut backends: Vec<Box<dyn Backend>> = Vec::new();
         let mut info = None;
         for _ in 0..batch.instances {
             let (mut b, sig) = OrtBackend::load(env, &e.model_path, &session)?;
-            let i = sig.into_info(&e.name, e.version, e.config.labels.clone());
+            let i = sig.into_info(&e.name, e.version, e.config.labels.clone(), card.as_ref())?;
             for n in [1, batch.max_batch_size] {
                 b.infer(&warmup_input(&i, n)).map_err(|err| StartError::Warmup {
                     model: e.model_path.display().to_string(),
@@ -189,7 +190,9 @@ pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Wo
         tracing::info!(
             model = %e.name, version = e.version, task = ?info.task, execution_provider = %info.execution_provider,
             input = ?info.input.shape, max_batch_size = batch.max_batch_size, instances = batch.instances,
-            warmup_ms = started.elapsed().as_millis() as u64, "model ready"
+            warmup_ms = started.elapsed().as_millis() as u64,
+            contract = e.card.as_ref().map_or_else(|| "onnx metadata".to_string(), |p| p.display().to_string()),
+            "model ready"
         );
         workers.push(Worker::start(info, batch, backends, metrics.infer.clone())?);
     }

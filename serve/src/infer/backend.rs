@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+pub use geossl_models::mlm::OutputRole;
 use geossl_raster::{SampleType, Samples};
 use serde::Serialize;
 
@@ -45,6 +46,8 @@ pub struct ModelInfo {
     /// The single input, `[N, C, H, W]`.
     pub input: TensorSpec,
     pub outputs: Vec<TensorSpec>,
+    /// What each output is (parallel to `outputs`): from geossl's output names, or a model card's tasks.
+    pub roles: Vec<Option<OutputRole>>,
     pub task: Task,
     /// Class names (classification, segmentation), may be empty.
     pub labels: Vec<String>,
@@ -119,19 +122,28 @@ impl ModelInfo {
         }
     }
 
-    /// Task from output names, following `geossl_models::io`.
-    pub fn task_from_outputs(outputs: &[TensorSpec]) -> Task {
-        use geossl_models::io::{OUTPUT_EMBEDDING, OUTPUT_LOGITS, OUTPUT_MASK_LOGITS};
-        let has = |n: &str| outputs.iter().any(|o| o.name == n);
-        if has(OUTPUT_EMBEDDING) {
+    /// Roles from output names, following `geossl_models::io` (`embedding`, `logits`, …).
+    pub fn roles_from_names(outputs: &[TensorSpec]) -> Vec<Option<OutputRole>> {
+        outputs.iter().map(|o| OutputRole::of_name(&o.name)).collect()
+    }
+
+    /// The task the roles make: an embedding, a mask, or class scores.
+    pub fn task_from_roles(roles: &[Option<OutputRole>]) -> Task {
+        let has = |r: OutputRole| roles.contains(&Some(r));
+        if has(OutputRole::Embedding) {
             Task::Embedding
-        } else if has(OUTPUT_MASK_LOGITS) {
+        } else if has(OutputRole::MaskLogits) {
             Task::Segmentation
-        } else if has(OUTPUT_LOGITS) {
+        } else if has(OutputRole::Logits) || has(OutputRole::Probabilities) {
             Task::Classification
         } else {
             Task::Other
         }
+    }
+
+    /// Position of the output that plays `role` (in `outputs` and in what [`Backend::infer`] returns).
+    pub fn output_index(&self, role: OutputRole) -> Option<usize> {
+        self.roles.iter().position(|r| *r == Some(role))
     }
 }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use geossl_models::mlm::CardContract;
 use ort::ep::{ArenaExtendStrategy, ExecutionProviderDispatch, CUDA};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session};
@@ -323,32 +324,99 @@ pub struct ModelSignature {
 }
 
 impl ModelSignature {
-    /// The model description for `name`/`version`, reading labels and
-    /// normalization from the exporter's metadata when present.
-    pub fn into_info(self, name: &str, version: u64, labels_override: Option<Vec<String>>) -> ModelInfo {
+    /// The model description for `name`/`version`: its input contract (bands, stored sample type,
+    /// normalization), labels and output roles from a model card when there is one (checked against the
+    /// session: input name, type and channels, output names), else from the exporter's metadata; labels
+    /// from the repository's config first.
+    pub fn into_info(
+        self,
+        name: &str,
+        version: u64,
+        labels_override: Option<Vec<String>>,
+        card: Option<&CardContract>,
+    ) -> Result<ModelInfo, LoadError> {
         use geossl_models::io::metadata as md;
-        let labels = labels_override
-            .or_else(|| self.metadata.get(md::LABELS).and_then(|s| serde_json::from_str(s).ok()))
-            .unwrap_or_default();
         let spec = self.metadata.get(md::SPEC).and_then(|s| serde_json::from_str::<geossl_models::ModelSpec>(s).ok());
-        let normalization = spec.as_ref().map(|spec| spec.normalization.affine());
-        let sample_type = spec.as_ref().and_then(|spec| spec.sample_type);
-        let bands = spec.as_ref().map(|spec| spec.bands.clone()).unwrap_or_default();
-        let task = ModelInfo::task_from_outputs(&self.outputs);
-        ModelInfo {
+        let (labels, normalization, sample_type, bands, roles) = match card {
+            Some(c) => {
+                check_card(c, &self.input, &self.outputs)
+                    .map_err(|m| LoadError::Model(format!("model {name}: {m}")))?;
+                let roles = self
+                    .outputs
+                    .iter()
+                    .map(|o| c.outputs.iter().find(|(n, _)| *n == o.name).map(|(_, r)| *r))
+                    .collect();
+                (c.labels.clone(), c.affine.clone(), c.sample_type, c.bands.clone(), roles)
+            }
+            None => (
+                self.metadata.get(md::LABELS).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default(),
+                spec.as_ref().map(|spec| spec.normalization.affine()),
+                spec.as_ref().and_then(|spec| spec.sample_type),
+                spec.as_ref().map(|spec| spec.bands.clone()).unwrap_or_default(),
+                ModelInfo::roles_from_names(&self.outputs),
+            ),
+        };
+        let task = ModelInfo::task_from_roles(&roles);
+        Ok(ModelInfo {
             name: name.into(),
             version,
             input: self.input,
             outputs: self.outputs,
+            roles,
             task,
-            labels,
+            labels: labels_override.unwrap_or(labels),
             normalization,
             sample_type,
             bands,
             metadata: self.metadata,
             execution_provider: self.execution_provider,
+        })
+    }
+}
+
+/// Whether the card describes this session's model: input name, type and channel count, output names.
+fn check_card(c: &CardContract, input: &TensorSpec, outputs: &[TensorSpec]) -> Result<(), String> {
+    if c.input_name != input.name {
+        return Err(format!("the model card's input is {:?}; the model's is {:?}", c.input_name, input.name));
+    }
+    let want = match c.input {
+        geossl_models::InputDType::Uint8 => DType::U8,
+        geossl_models::InputDType::Uint16 => DType::U16,
+        geossl_models::InputDType::Float32 => DType::F32,
+    };
+    if want != input.datatype {
+        return Err(format!(
+            "the model card says input {:?} is {}; the model takes {}",
+            input.name,
+            want.oip_name(),
+            input.datatype.oip_name()
+        ));
+    }
+    let (card_c, model_c) = (c.shape.get(1).copied().unwrap_or(-1), input.shape.get(1).copied().unwrap_or(-1));
+    if card_c > 0 && model_c > 0 && card_c != model_c {
+        return Err(format!("the model card says {card_c} channels; the model takes {model_c}"));
+    }
+    if !c.bands.is_empty() && model_c > 0 && c.bands.len() as i64 != model_c {
+        return Err(format!("the model card names {} bands; the model takes {model_c} channels", c.bands.len()));
+    }
+    for (n, _) in &c.outputs {
+        if !outputs.iter().any(|o| o.name == *n) {
+            return Err(format!(
+                "the model card's output {n:?} is not one of the model's ({:?})",
+                outputs.iter().map(|o| &o.name).collect::<Vec<_>>()
+            ));
         }
     }
+    Ok(())
+}
+
+/// Reads the model card at `path` into the contract a server takes from it.
+pub fn read_card(path: &Path) -> Result<(geossl_models::mlm::Item, CardContract), LoadError> {
+    let bad = |m: String| LoadError::Model(format!("{}: {m}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let item = geossl_models::mlm::Item::from_json(&text).map_err(|e| bad(e.to_string()))?;
+    let contract = item.contract().map_err(|e| bad(e.to_string()))?;
+    Ok((item, contract))
 }
 
 impl Backend for OrtBackend {
