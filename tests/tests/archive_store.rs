@@ -258,6 +258,39 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
     for i in 0..3 {
         union.extend(rows(&moto.get("archive", &format!("ds/part-{i:05}.parquet")).unwrap()));
     }
+    // Verify wrote the dataset's STAC Collection beside the parts, one Item per part: a copy of the prefix
+    // validates (relative links) and each Item's footprint is the union of its part's rows' footprints.
+    let copy = d.path().join("ds-copy");
+    // (boto3 with the job's credentials: objects written by single PUTs are not public in moto.)
+    let o = Command::new(python())
+        .arg("-c")
+        .arg(
+            "import boto3, pathlib, sys\n\
+             s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='testing', \
+             aws_secret_access_key='testing', region_name='us-east-1')\n\
+             out = pathlib.Path(sys.argv[2]); out.mkdir()\n\
+             for o in s3.list_objects_v2(Bucket='archive', Prefix='ds/')['Contents']:\n\
+             \x20   s3.download_file('archive', o['Key'], str(out / o['Key'][3:]))\n",
+        )
+        .arg(format!("http://{}", moto.addr))
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let v = stac_dataset(&copy.join("collection.json"));
+    assert_eq!(v["items"].as_array().unwrap().len(), 3);
+    assert_eq!(v["rows"], union.len());
+    assert_eq!(
+        v["chip_layout"],
+        serde_json::json!({"layout_type": "regular_grid", "chip_size": [64, 64], "stride": [64, 64]})
+    );
+    let sources: std::collections::BTreeSet<String> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["sources"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(sources, (0..5).map(|i| format!("s3://archive/scenes/s{i}.tif")).collect());
     let local_out = d.path().join("local.parquet");
     let o = out(serve(&["embed", "--model", m, "--input", local_dir.to_str().unwrap(), "--out"], &[]).arg(&local_out));
     assert!(o.status.success(), "{}", text(&o));
@@ -295,6 +328,19 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
     std::io::Read::read_to_string(&mut log, &mut rest).unwrap();
     assert!(!status.success() && rest.contains("changed while shard 0 ran"), "{rest}");
     assert!(moto.keys("archive", "ds2/").is_empty(), "published: {:?}", moto.keys("archive", "ds2/"));
+}
+
+/// What `scripts/reference/stac_embeddings_validate.py` found in a dataset's STAC Collection (pystac's core
+/// schemas, the embeddings extension's required fields, each Item against its part's rows); fails the test
+/// on an invalid document.
+fn stac_dataset(collection: &Path) -> serde_json::Value {
+    let o = Command::new(geossl_tests::python())
+        .arg(geossl_tests::workspace().join("scripts/reference/stac_embeddings_validate.py"))
+        .arg(collection)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// Writes the Landsat scene's bands as single-band files and as a reversed 3-band file.
@@ -385,6 +431,13 @@ fn stac_items_and_bad_inputs() {
     assert!(o.status.success(), "{t}");
     let got = rows(&std::fs::read(&got_out).unwrap());
     let date = 981_173_106_000_000i64; // 2001-02-03T04:05:06Z
+                                       // The file's STAC Collection: one Item, dated by the rows (the STAC items' datetime), its sources the
+                                       // items' assets.
+    let v = stac_dataset(&d.path().join("stac.collection.json"));
+    let item: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("stac.item.json")).unwrap()).unwrap();
+    assert_eq!(item["properties"]["datetime"], "2001-02-03T04:05:06Z");
+    assert_eq!(v["items"][0]["rows"], got.len());
     for id in ["bands", "stack"] {
         let mine = renamed(&got, id, "RGB.byte.tif");
         assert_eq!(without_dates(&mine), without_dates(&local), "STAC item {id} differs from the local scene");

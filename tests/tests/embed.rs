@@ -654,6 +654,17 @@ fn quantized_embeddings_stay_within_the_bounds_of_their_storage() {
         );
         let prov: serde_json::Value = serde_json::from_str(&kv["geossl"]).unwrap();
         assert_eq!(prov["embedding"]["dtype"], t, "{prov}");
+        // The file's STAC Collection says how its values are stored (validated by pystac).
+        let o = std::process::Command::new(python())
+            .arg(workspace().join("scripts/reference/stac_embeddings_validate.py"))
+            .arg(d.path().join(format!("{t}.collection.json")))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let stac: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(stac["data_type"], t);
+        assert_eq!(stac["items"][0]["quantization"]["quantized_dtype"], t);
+        assert_eq!(stac["items"][0]["quantization"]["original_dtype"], "float32");
         let list = b.column_by_name("embedding").unwrap().as_fixed_size_list();
         // The stored values, decoded here from the raw columns, and each element's bound.
         let (y, bound): (Vec<f64>, Vec<f64>) = if t == "float16" {

@@ -120,6 +120,21 @@ pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
     b
 }
 
+/// The ring of a one-ring polygon in the WKB [`wkb_polygon`] writes (little-endian OGC WKB); `None` for
+/// anything else.
+pub fn wkb_ring(b: &[u8]) -> Option<Vec<(f64, f64)>> {
+    let u32_at = |i: usize| b.get(i..i + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+    if b.first() != Some(&1) || u32_at(1)? != 3 || u32_at(5)? != 1 {
+        return None;
+    }
+    let n = u32_at(9)? as usize;
+    if b.len() != 13 + 16 * n {
+        return None;
+    }
+    let f = |i: usize| f64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    Some((0..n).map(|k| (f(13 + 16 * k), f(21 + 16 * k))).collect())
+}
+
 fn bbox_fields() -> Fields {
     ["xmin", "ymin", "xmax", "ymax"].iter().map(|f| Field::new(*f, DataType::Float64, false)).collect::<Vec<_>>().into()
 }
@@ -385,6 +400,17 @@ pub fn chip_ids(at: &Location) -> Result<Vec<String>, ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wkb_rings_read_back() {
+        let ring = vec![(-78.5, 25.4), (-78.4, 25.4), (-78.4, 25.5), (-78.5, 25.5), (-78.5, 25.4)];
+        let b = wkb_polygon(&ring);
+        assert_eq!(wkb_ring(&b), Some(ring));
+        assert_eq!(wkb_ring(&b[..b.len() - 1]), None);
+        let mut point = b.clone();
+        point[1] = 1;
+        assert_eq!(wkb_ring(&point), None);
+    }
 
     #[test]
     fn int8_rows_are_within_half_a_step() {

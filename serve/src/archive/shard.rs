@@ -15,7 +15,8 @@
 //! - [`retry_failed`] embeds exactly the inputs a finished shard's marker lists as failed into one more part
 //!   of that shard, then rewrites the marker with what still failed.
 //! - [`verify`] checks a dataset against its plan: every shard done, its parts hold the rows it counts, no
-//!   chip id twice; it reports the inputs that failed.
+//!   chip id twice; it reports the inputs that failed. `embed verify` then writes the dataset's STAC
+//!   Collection (`collection.json`, one `part-….item.json` per part: [`crate::archive::collection`]).
 
 use std::collections::HashSet;
 
@@ -333,6 +334,8 @@ pub struct Verified {
     pub rows: usize,
     /// Each failed input's reason (`embed --retry-failed` redoes them).
     pub failed_inputs: Vec<String>,
+    /// Every part of the dataset (file names), in shard order.
+    pub parts: Vec<String>,
 }
 
 /// Checks `dataset` against the plan: every shard has its marker (of this plan) and parts, the parts hold
@@ -355,12 +358,14 @@ pub fn verify(plan_at: &Location, dataset: &Location) -> Result<Verified, Archiv
     let mut seen = HashSet::new();
     let mut rows = 0;
     let mut failed = Vec::new();
+    let mut parts = Vec::new();
     markers.sort_by_key(|m| m.shard_index);
     for m in &markers {
         failed.extend(m.failure_reasons().cloned());
         let mut ids = 0;
         for name in m.part_names() {
             let part = dataset.join(&name);
+            parts.push(name);
             for id in geoparquet::chip_ids(&part)? {
                 ids += 1;
                 if !seen.insert(id.clone()) {
@@ -376,5 +381,5 @@ pub fn verify(plan_at: &Location, dataset: &Location) -> Result<Verified, Archiv
         }
         rows += m.rows;
     }
-    Ok(Verified { shards: count, rows, failed_inputs: failed })
+    Ok(Verified { shards: count, rows, failed_inputs: failed, parts })
 }

@@ -426,6 +426,13 @@ fn embed(a: EmbedArgs) -> Result<()> {
                 r.rows,
                 r.failed_inputs.len()
             );
+            // The verified dataset as STAC: a Collection with one Item per part.
+            let parts: Vec<_> = r.parts.iter().map(|p| dataset.join(p)).collect();
+            let collection_at = dataset.join("collection.json");
+            let id = dataset.file_name();
+            geossl_serve::archive::collection::write(&id, &parts, &collection_at, std::slice::from_ref(&v.plan))
+                .with_context(|| format!("writing the dataset's STAC Collection {collection_at}"))?;
+            println!("wrote {collection_at} ({} items)", parts.len());
             if !r.failed_inputs.is_empty() && !v.allow_failed {
                 bail!(
                     "{} input(s) failed (listed above): redo them with `embed --retry-failed` on each shard, or pass \
@@ -500,5 +507,11 @@ fn embed(a: EmbedArgs) -> Result<()> {
     }
     out.publish(&opts.out)?;
     println!("wrote {out}: {}", s.line());
+    // The file as STAC: `<stem>.collection.json` with one Item, `<stem>.item.json`, beside it.
+    let stem = out.file_name().trim_end_matches(".parquet").to_string();
+    let collection_at = out.resolve(&format!("{stem}.collection.json"))?;
+    geossl_serve::archive::collection::write(&stem, std::slice::from_ref(&out), &collection_at, &opts.inputs)
+        .with_context(|| format!("{out} is written; its STAC Collection {collection_at} is not"))?;
+    println!("wrote {collection_at}");
     Ok(())
 }

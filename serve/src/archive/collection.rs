@@ -1,0 +1,335 @@
+//! The embeddings dataset as STAC: one Collection per dataset, one Item per GeoParquet part, following the
+//! embeddings STAC extension's published text (geo-embeddings/embeddings-stac-specification, `emb:`
+//! [`EMB_SCHEMA`]; on no registry) over STAC 1.1.
+//!
+//! - **Item** (per part): footprint = the union of its rows' footprints (CRS84, exterior rings
+//!   counter-clockwise), bbox, the rows' datetime (or their range), `table:row_count`, the run's parameters
+//!   (`emb:runtime_parameters`: bands, chip size, stride, nodata limit, area), `processing:datetime` and
+//!   `processing:software`, `emb:quantization` for float16/int8 rows; links to the model (`emb:model`: its
+//!   STAC MLM card when there is one) and to each source file (`emb:source-data`); the asset `embeddings`.
+//! - **Collection**: `emb:type` (`chip`), `emb:dimensions`, `data_type`, `emb:chip_layout` (regular grid,
+//!   chip size, stride), extent (union of the items' boxes, their time range), `item_assets`, summaries,
+//!   links to every item, the model and the source data.
+//!
+//! The GeoParquet footers keep their `geo` and `geossl` keys; these documents are derived from them and from
+//! the rows, so writing them again gives the same content (less `processing:datetime`).
+
+use std::collections::BTreeSet;
+
+use arrow_array::{Array, BinaryArray, StringArray, TimestampMicrosecondArray};
+use geo::{Coord, LineString, MultiPolygon, Orient, Polygon};
+use serde_json::{json, Value};
+
+use crate::archive::error::ArchiveError;
+use crate::archive::geoparquet::{self, col};
+use crate::archive::store::Location;
+
+/// The embeddings extension's schema identifier (v0.0.1, the published proposal).
+pub const EMB_SCHEMA: &str = "https://stac-extensions.github.io/embeddings/v0.0.1/schema.json";
+/// The processing extension (`processing:datetime`, `processing:software`).
+pub const PROCESSING_SCHEMA: &str = "https://stac-extensions.github.io/processing/v1.2.0/schema.json";
+/// The table extension (`table:row_count`).
+pub const TABLE_SCHEMA: &str = "https://stac-extensions.github.io/table/v1.2.0/schema.json";
+/// The item-assets extension (the Collection's `item_assets`).
+pub const ITEM_ASSETS_SCHEMA: &str = "https://stac-extensions.github.io/item-assets/v1.0.0/schema.json";
+const PARQUET_MEDIA_TYPE: &str = "application/vnd.apache.parquet";
+
+/// What one part holds, read from its footer and rows.
+#[derive(Debug, Clone)]
+pub struct PartSummary {
+    /// The part's file name (its href from documents beside it).
+    pub file: String,
+    pub rows: usize,
+    /// The union of the rows' footprints.
+    pub footprint: MultiPolygon<f64>,
+    /// `[xmin, ymin, xmax, ymax]`.
+    pub bbox: [f64; 4],
+    /// Earliest and latest row datetime (µs since 1970, UTC), when rows have one.
+    pub datetimes: Option<(i64, i64)>,
+    /// Distinct `source` values, sorted.
+    pub sources: BTreeSet<String>,
+    /// The footer's `geossl` provenance.
+    pub provenance: Value,
+}
+
+/// Reads `part`'s provenance and the rows' geometry, datetime and source into a [`PartSummary`].
+pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
+    let name = part.as_str().to_string();
+    let reader = part.parquet_reader().map_err(ArchiveError::run)?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(reader)
+        .map_err(|e| ArchiveError::Run(format!("{name}: not a readable Parquet file: {e}")))?;
+    let provenance = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == "geossl").and_then(|k| k.value.clone()))
+        .and_then(|v| serde_json::from_str::<Value>(&v).ok())
+        .ok_or_else(|| ArchiveError::Run(format!("{name}: no geossl provenance in the footer")))?;
+    let mut polygons = Vec::new();
+    // The rows' exact bounds (the union is computed on i_overlay's fixed-point grid: its vertices are
+    // within ~1e-9° of the rows').
+    let mut bbox = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
+    let mut datetimes: Option<(i64, i64)> = None;
+    let mut sources = BTreeSet::new();
+    for b in geoparquet::read_columns(part, &[col::GEOMETRY, col::DATETIME, col::SOURCE])? {
+        let geom: &BinaryArray = geoparquet::column(&b, col::GEOMETRY, &name)?;
+        let dt: &TimestampMicrosecondArray = geoparquet::column(&b, col::DATETIME, &name)?;
+        let src: &StringArray = geoparquet::column(&b, col::SOURCE, &name)?;
+        for i in 0..b.num_rows() {
+            let ring = geoparquet::wkb_ring(geom.value(i))
+                .ok_or_else(|| ArchiveError::Run(format!("{name}: row {i}: geometry is not a one-ring polygon")))?;
+            let b = geoparquet::ring_bounds(&ring);
+            bbox = [bbox[0].min(b[0]), bbox[1].min(b[1]), bbox[2].max(b[2]), bbox[3].max(b[3])];
+            polygons.push(Polygon::new(LineString::from(ring), vec![]));
+            if dt.is_valid(i) {
+                let t = dt.value(i);
+                datetimes = Some(datetimes.map_or((t, t), |(a, z)| (a.min(t), z.max(t))));
+            }
+            if !sources.contains(src.value(i)) {
+                sources.insert(src.value(i).to_string());
+            }
+        }
+    }
+    if polygons.is_empty() {
+        return Err(ArchiveError::Run(format!("{name}: no rows")));
+    }
+    let footprint = geo::unary_union(&polygons).orient(geo::orient::Direction::Default);
+    if footprint.0.is_empty() {
+        return Err(ArchiveError::Run(format!("{name}: the rows' footprints have no area")));
+    }
+    Ok(PartSummary { file: part.file_name(), rows: polygons.len(), bbox, footprint, datetimes, sources, provenance })
+}
+
+fn ring_json(l: &LineString<f64>) -> Value {
+    Value::Array(l.coords().map(|c: &Coord<f64>| json!([c.x, c.y])).collect())
+}
+
+/// GeoJSON of a footprint: a Polygon when it is one piece, else a MultiPolygon.
+fn geojson(m: &MultiPolygon<f64>) -> Value {
+    let poly = |p: &Polygon<f64>| {
+        let mut rings = vec![ring_json(p.exterior())];
+        rings.extend(p.interiors().iter().map(ring_json));
+        Value::Array(rings)
+    };
+    match m.0.as_slice() {
+        [one] => json!({"type": "Polygon", "coordinates": poly(one)}),
+        many => json!({"type": "MultiPolygon", "coordinates": many.iter().map(poly).collect::<Vec<_>>()}),
+    }
+}
+
+fn rfc3339(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_default()
+}
+
+/// The model link of a run: its STAC MLM card (the one it was given, or the exporter's beside the ONNX
+/// file), else the ONNX file.
+fn model_link(provenance: &Value) -> Value {
+    let m = &provenance["model"];
+    let name = m["name"].as_str().unwrap_or("model");
+    // Local paths as absolute ones: the documents are read from elsewhere than where the run started.
+    let absolute = |p: &str| std::fs::canonicalize(p).map_or_else(|_| p.to_string(), |a| a.display().to_string());
+    let card = m["card"].as_str().map(absolute).or_else(|| {
+        let onnx = std::path::Path::new(m["file"].as_str()?);
+        let beside = geossl_models::mlm::card_path(onnx);
+        beside.is_file().then(|| absolute(&beside.display().to_string()))
+    });
+    let file = m["file"].as_str().map(absolute);
+    match card {
+        Some(c) => json!({"rel": "emb:model", "href": c, "type": "application/geo+json",
+            "title": format!("{name}: STAC MLM model card")}),
+        None => json!({"rel": "emb:model", "href": file, "type": geossl_models::mlm::ONNX_MEDIA_TYPE,
+            "title": format!("{name}: ONNX model")}),
+    }
+}
+
+/// `data_type` of the stored embeddings (STAC common metadata names).
+fn data_type(provenance: &Value) -> String {
+    provenance["embedding"]["dtype"].as_str().unwrap_or("float32").to_string()
+}
+
+/// The Item of one part, beside it and its Collection (`collection_file`; links are relative).
+pub fn part_item(collection_id: &str, collection_file: &str, p: &PartSummary, now: &str) -> Value {
+    let pv = &p.provenance;
+    let id = p.file.trim_end_matches(".parquet").to_string();
+    let mut props = serde_json::Map::new();
+    match p.datetimes {
+        Some((a, z)) if a == z => {
+            props.insert("datetime".into(), rfc3339(a).into());
+        }
+        Some((a, z)) => {
+            props.insert("datetime".into(), Value::Null);
+            props.insert("start_datetime".into(), rfc3339(a).into());
+            props.insert("end_datetime".into(), rfc3339(z).into());
+        }
+        // STAC needs a time: the rows carry no acquisition time, so the item's is when it was embedded.
+        None => {
+            props.insert("datetime".into(), now.into());
+            props.insert("geossl:datetime_is".into(), "processing time (the rows carry no acquisition time)".into());
+        }
+    }
+    props.insert("table:row_count".into(), p.rows.into());
+    props.insert(
+        "emb:runtime_parameters".into(),
+        json!({
+            "bands": pv["bands"], "band_selection": pv["band_selection"], "sample_type": pv["sample_type"],
+            "chip_size": pv["window"], "stride": pv["stride"], "max_nodata": pv["max_nodata"], "bbox": pv["bbox"],
+        }),
+    );
+    props.insert("processing:datetime".into(), now.into());
+    props.insert("processing:software".into(), json!({"geossl": geossl_models::GEOSSL_VERSION}));
+    let dtype = data_type(pv);
+    if dtype != "float32" {
+        let method = match dtype.as_str() {
+            "int8" => format!(
+                "per-row symmetric: value = q × {}, {} = max|x| / 127 (a Float32 column per row)",
+                col::EMBEDDING_SCALE,
+                col::EMBEDDING_SCALE
+            ),
+            _ => "round to nearest half-precision value".to_string(),
+        };
+        props.insert(
+            "emb:quantization".into(),
+            json!({"method": method, "original_dtype": "float32", "quantized_dtype": dtype}),
+        );
+    }
+    let mut links = vec![
+        json!({"rel": "collection", "href": collection_file, "type": "application/json", "title": collection_id}),
+        json!({"rel": "parent", "href": collection_file, "type": "application/json"}),
+        json!({"rel": "root", "href": collection_file, "type": "application/json"}),
+        model_link(pv),
+    ];
+    links.extend(p.sources.iter().map(|s| json!({"rel": "emb:source-data", "href": s, "title": "source scene"})));
+    json!({
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": [EMB_SCHEMA, PROCESSING_SCHEMA, TABLE_SCHEMA],
+        "id": id,
+        "collection": collection_id,
+        "geometry": geojson(&p.footprint),
+        "bbox": p.bbox,
+        "properties": props,
+        "links": links,
+        "assets": { "embeddings": {
+            "href": p.file, "type": PARQUET_MEDIA_TYPE, "roles": ["data"],
+            "title": format!("{} chip embeddings (GeoParquet)", p.rows),
+        } },
+    })
+}
+
+/// The Collection (`collection_file`) over `parts`, whose items are `item_files` (same order) beside it;
+/// `sources` are the run's inputs (or its plan) for the collection's `emb:source-data` links.
+pub fn collection(
+    id: &str,
+    collection_file: &str,
+    parts: &[PartSummary],
+    item_files: &[String],
+    sources: &[String],
+    now: &str,
+) -> Value {
+    let pv = parts.first().map(|p| p.provenance.clone()).unwrap_or(Value::Null);
+    let bbox = parts.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, p| {
+        [b[0].min(p.bbox[0]), b[1].min(p.bbox[1]), b[2].max(p.bbox[2]), b[3].max(p.bbox[3])]
+    });
+    let times: Vec<(i64, i64)> = parts.iter().filter_map(|p| p.datetimes).collect();
+    let interval = match (times.iter().map(|t| t.0).min(), times.iter().map(|t| t.1).max()) {
+        (Some(a), Some(z)) => json!([[rfc3339(a), rfc3339(z)]]),
+        _ => json!([[now, now]]),
+    };
+    let dims = pv["embedding"]["dimensions"].clone();
+    let dtype = data_type(&pv);
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    let mut links: Vec<Value> = vec![
+        json!({"rel": "self", "href": collection_file, "type": "application/json"}),
+        json!({"rel": "root", "href": collection_file, "type": "application/json"}),
+        model_link(&pv),
+    ];
+    links.extend(sources.iter().map(|s| json!({"rel": "emb:source-data", "href": s, "title": "source data"})));
+    links.extend(item_files.iter().map(|f| json!({"rel": "item", "href": f, "type": "application/geo+json"})));
+    let stride = pv["stride"].clone();
+    json!({
+        "type": "Collection",
+        "stac_version": "1.1.0",
+        "stac_extensions": [EMB_SCHEMA, ITEM_ASSETS_SCHEMA, TABLE_SCHEMA],
+        "id": id,
+        "title": format!("{id}: chip embeddings by {}", pv["model"]["name"].as_str().unwrap_or("model")),
+        "description": format!(
+            "{rows} chip embeddings ({dims} dimensions, {dtype}) of windows of {} pixels at stride {stride}, one \
+             GeoParquet row each (footprint, centre, source, window, datetime, model), written by geossl {}.",
+            pv["window"], geossl_models::GEOSSL_VERSION
+        ),
+        "license": "other",
+        "extent": {
+            "spatial": {"bbox": [bbox]},
+            "temporal": {"interval": interval},
+        },
+        "emb:type": "chip",
+        "emb:dimensions": dims,
+        "data_type": dtype,
+        "emb:chip_layout": {
+            "layout_type": "regular_grid",
+            "chip_size": pv["window"],
+            "stride": [stride, stride],
+        },
+        "emb:fit_for_use": ["retrieval", "classification"],
+        "table:row_count": rows,
+        "item_assets": {"embeddings": {"type": PARQUET_MEDIA_TYPE, "roles": ["data"], "title": "chip embeddings"}},
+        "summaries": {"emb:type": ["chip"], "emb:dimensions": [dims], "data_type": [dtype]},
+        "links": links,
+        "assets": {},
+    })
+}
+
+/// Writes the Collection `collection_at` over `parts` (Items beside each part: `part-00000.parquet` →
+/// `part-00000.item.json`; the parts, items and collection share one directory or prefix). Returns the
+/// items' locations.
+pub fn write(
+    id: &str,
+    parts: &[Location],
+    collection_at: &Location,
+    sources: &[String],
+) -> Result<Vec<Location>, ArchiveError> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let collection_file = collection_at.file_name();
+    let summaries = parts.iter().map(summarize_part).collect::<Result<Vec<_>, _>>()?;
+    let mut items = Vec::new();
+    let mut files = Vec::new();
+    for (part, s) in parts.iter().zip(&summaries) {
+        let file = format!("{}.item.json", s.file.trim_end_matches(".parquet"));
+        let at = part.resolve(&file).map_err(ArchiveError::run)?;
+        let body = serde_json::to_vec_pretty(&part_item(id, &collection_file, s, &now))
+            .map_err(|e| ArchiveError::Run(e.to_string()))?;
+        at.write(&body, false).map_err(ArchiveError::run)?;
+        items.push(at);
+        files.push(file);
+    }
+    let c = collection(id, &collection_file, &summaries, &files, sources, &now);
+    let body = serde_json::to_vec_pretty(&c).map_err(|e| ArchiveError::Run(e.to_string()))?;
+    collection_at.write(&body, false).map_err(ArchiveError::run)?;
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two adjacent squares and a third apart: one polygon of their union plus the third, counter-clockwise.
+    #[test]
+    fn footprints_are_unions_oriented_as_geojson_asks() {
+        let sq = |x: f64| {
+            Polygon::new(LineString::from(vec![(x, 0.0), (x, 1.0), (x + 1.0, 1.0), (x + 1.0, 0.0), (x, 0.0)]), vec![])
+        };
+        let u = geo::unary_union(&[sq(0.0), sq(1.0), sq(5.0)]).orient(geo::orient::Direction::Default);
+        assert_eq!(u.0.len(), 2);
+        use geo::Area;
+        assert!((u.unsigned_area() - 3.0).abs() < 1e-12);
+        for p in &u.0 {
+            assert!(p.exterior().is_closed());
+            assert!(p.signed_area() > 0.0, "exterior counter-clockwise");
+        }
+        let g = geojson(&u);
+        assert_eq!(g["type"], "MultiPolygon");
+        assert_eq!(geojson(&MultiPolygon(vec![sq(0.0)]))["type"], "Polygon");
+    }
+}
