@@ -165,6 +165,33 @@ fn every_kustomization_renders_and_validates_strictly() {
     assert!(by_name("k8s/overlays/gpu-prometheus").iter().any(|o| o["kind"] == "ServiceMonitor"));
 }
 
+/// Every container of every rendered kustomization runs an image `scripts/images.sh` builds (same name and
+/// tag: the workspace version), so what CI builds and checks is what the manifests deploy.
+#[test]
+fn manifests_run_the_images_the_build_makes() {
+    let o =
+        std::process::Command::new("bash").arg(workspace().join("scripts/images.sh")).arg("names").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let built: Vec<String> = String::from_utf8(o.stdout).unwrap().split_whitespace().map(str::to_string).collect();
+    assert_eq!(
+        built,
+        [format!("geossl/serve:{}", env!("CARGO_PKG_VERSION")), format!("geossl/train:{}", env!("CARGO_PKG_VERSION"))]
+    );
+    let mut used = std::collections::BTreeSet::new();
+    for (name, objects) in rendered() {
+        for c in containers(&objects) {
+            let image = c["image"].as_str().unwrap().to_string();
+            assert!(
+                built.contains(&image),
+                "{name}: container {} runs {image}, which scripts/images.sh does not build",
+                c["name"]
+            );
+            used.insert(image);
+        }
+    }
+    assert_eq!(used.len(), 2, "both images are deployed somewhere: {used:?}");
+}
+
 #[test]
 fn readme_deploy_commands_are_rendered_kustomizations() {
     let ks: Vec<String> = kustomizations().into_iter().filter(|(_, c)| !c).map(|(d, _)| rel(&d)).collect();
