@@ -293,6 +293,8 @@ pub fn build_model(
             finals.push((logits, contract.outputs[0].name.clone()));
             finals.push((probs, contract.outputs[1].name.clone()));
         }
+        // Patch-level embeddings: the last feature map as it is.
+        (HeadKind::Features, _) => finals.push((fm, contract.outputs[0].name.clone())),
         (k, _) => return Err(ExportError::Unsupported(format!("cannot export head {}", k.name()))),
     }
     for (v, name) in &finals {

@@ -71,6 +71,8 @@ pub enum HeadKind {
     Classifier,
     Segmentation,
     Geo,
+    /// No head: the backbone's last feature map `[N, D, H/32, W/32]` (patch-level embeddings).
+    Features,
 }
 
 impl HeadKind {
@@ -80,6 +82,7 @@ impl HeadKind {
             HeadKind::Classifier => "classifier",
             HeadKind::Segmentation => "segmentation",
             HeadKind::Geo => "geo",
+            HeadKind::Features => "features",
         }
     }
 }

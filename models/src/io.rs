@@ -22,6 +22,8 @@ pub const OUTPUT_EMBEDDING: &str = "embedding";
 pub const OUTPUT_LOGITS: &str = "logits";
 pub const OUTPUT_PROBABILITIES: &str = "probabilities";
 pub const OUTPUT_MASK_LOGITS: &str = "mask_logits";
+/// The backbone's last feature map `[N, D, ⌈H/32⌉, ⌈W/32⌉]` (`--head features`): one embedding per cell.
+pub const OUTPUT_FEATURE_MAP: &str = "feature_map";
 
 /// `metadata_props` keys written by the exporter.
 pub mod metadata {
@@ -129,6 +131,14 @@ impl IoContract {
                 vec![f32_out(OUTPUT_MASK_LOGITS, vec![dynamic("N"), Dim::Fixed(s.num_classes), hd, wd])]
             }
             (HeadKind::Geo, _) => return Err("the geo head is a training pretext and is not exported".into()),
+            // Every ResNet stage halves with ceil (stride-2 convolutions and max-pool, padded): 5 of them.
+            (HeadKind::Features, _) => {
+                let cells = |n: usize| Dim::Fixed((0..5).fold(n, |a, _| a.div_ceil(2)));
+                vec![f32_out(
+                    OUTPUT_FEATURE_MAP,
+                    vec![dynamic("N"), Dim::Fixed(spec.backbone.feature_dim()), cells(h), cells(w)],
+                )]
+            }
             (k, _) => return Err(format!("the checkpoint has no {} head", k.name()).into()),
         };
         Ok(Self { inputs, outputs })
@@ -161,6 +171,8 @@ mod tests {
         let s = IoContract::for_export(&spec, HeadKind::Segmentation, InputDType::Uint8).unwrap();
         assert_eq!(s.outputs[0].dims[2], dynamic("H"));
         assert!(IoContract::for_export(&spec, HeadKind::Geo, InputDType::Uint8).is_err());
+        let f = IoContract::for_export(&spec, HeadKind::Features, InputDType::Uint8).unwrap();
+        assert_eq!(f.outputs[0].dims, vec![dynamic("N"), Dim::Fixed(512), Dim::Fixed(7), Dim::Fixed(7)]);
         let bare = ModelSpec::rgb(Arch::Resnet50, 224);
         let b = IoContract::for_export(&bare, HeadKind::Embedding, InputDType::Uint8).unwrap();
         assert_eq!(b.outputs[0].dims[1], Dim::Fixed(2048));

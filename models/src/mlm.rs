@@ -203,13 +203,18 @@ pub enum OutputRole {
     Probabilities,
     /// `[N, K, H, W]` per-pixel class scores (`segmentation`, `semantic-segmentation`).
     MaskLogits,
+    /// `[N, D, h, w]` one embedding per cell of the backbone's last feature map (`similarity-search`, 4-D).
+    FeatureMap,
 }
 
 impl OutputRole {
     /// The role of an output named by geossl's I/O contract (`embedding`, `logits`, …).
     pub fn of_name(name: &str) -> Option<Self> {
-        use crate::io::{OUTPUT_EMBEDDING, OUTPUT_LOGITS, OUTPUT_MASK_LOGITS, OUTPUT_PROBABILITIES};
+        use crate::io::{
+            OUTPUT_EMBEDDING, OUTPUT_FEATURE_MAP, OUTPUT_LOGITS, OUTPUT_MASK_LOGITS, OUTPUT_PROBABILITIES,
+        };
         match name {
+            OUTPUT_FEATURE_MAP => Some(Self::FeatureMap),
             OUTPUT_EMBEDDING => Some(Self::Embedding),
             OUTPUT_LOGITS => Some(Self::Logits),
             OUTPUT_PROBABILITIES => Some(Self::Probabilities),
@@ -221,7 +226,7 @@ impl OutputRole {
     /// The MLM tasks an output of this role serves.
     fn tasks(self) -> Vec<String> {
         let t: &[&str] = match self {
-            Self::Embedding => &["similarity-search"],
+            Self::Embedding | Self::FeatureMap => &["similarity-search"],
             Self::Logits | Self::Probabilities => &["scene-classification", "classification"],
             Self::MaskLogits => &["semantic-segmentation", "segmentation"],
         };
@@ -235,7 +240,8 @@ impl OutputRole {
         }
         let has = |t: &[&str]| o.tasks.iter().any(|x| t.contains(&x.as_str()));
         if has(&["similarity-search", "feature-extraction", "embedding"]) {
-            Some(Self::Embedding)
+            // A 4-D result is a map of embeddings, one per cell.
+            Some(if o.result.shape.len() == 4 { Self::FeatureMap } else { Self::Embedding })
         } else if has(&["semantic-segmentation", "segmentation"]) {
             Some(Self::MaskLogits)
         } else if has(&["scene-classification", "classification"]) {
@@ -425,12 +431,14 @@ pub fn card_for_export(
                 OutputRole::Embedding => &["batch", "embedding"],
                 OutputRole::Logits | OutputRole::Probabilities => &["batch", "class"],
                 OutputRole::MaskLogits => &["batch", "class", "height", "width"],
+                OutputRole::FeatureMap => &["batch", "embedding", "height", "width"],
             };
             let description = match role {
                 OutputRole::Embedding => "pooled backbone features (projected and L2-normalized when the head says so)",
                 OutputRole::Logits => "class scores before softmax",
                 OutputRole::Probabilities => "softmax of the logits",
                 OutputRole::MaskLogits => "per-pixel class scores at the input's size",
+                OutputRole::FeatureMap => "the backbone's last feature map: one embedding per 32×32-pixel cell",
             };
             Some(ModelOutput {
                 name: o.name.clone(),
@@ -440,7 +448,11 @@ pub fn card_for_export(
                     dim_order: dim_order.iter().map(|s| s.to_string()).collect(),
                     data_type: dtype_name(o.dtype).into(),
                 },
-                classes: if role == OutputRole::Embedding { Vec::new() } else { classes.clone() },
+                classes: if matches!(role, OutputRole::Embedding | OutputRole::FeatureMap) {
+                    Vec::new()
+                } else {
+                    classes.clone()
+                },
                 post_processing_function: None,
                 description: Some(description.into()),
             })

@@ -83,6 +83,7 @@ fn main() {
             model_name: None,
             model_version: None,
             dtype: Default::default(),
+            level: Default::default(),
         };
         let s = geossl_serve::archive::embed::run(&opts).unwrap();
         let (cpu, store_cpu) = (me() - cpu0, moto.cpu_seconds() - store0);

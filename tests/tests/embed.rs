@@ -738,3 +738,80 @@ fn quantized_embeddings_stay_within_the_bounds_of_their_storage() {
     eprintln!("file sizes: {sizes:?}");
     assert!(sizes[1].1 < sizes[0].1 && sizes[2].1 < sizes[1].1, "{sizes:?}");
 }
+
+/// `embed --level spatial` with a `--head features` export: a row per cell of each window's 7×7 feature map,
+/// each cell's footprint centred where its receptive field is (measured by PyTorch's autograd on torchvision's
+/// ResNet-18: scripts/reference/receptive_field.py, against rasterio + pyproj), and the mean of a window's cells
+/// is its pooled embedding (the embedding head is that global average).
+#[test]
+fn patch_level_rows_sit_on_their_cells_receptive_fields() {
+    let d = tempfile::tempdir().unwrap();
+    make_repository(d.path(), 224, &[("pooled", "embed", &[]), ("cells", "features", &[])]);
+    let scene = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
+    let (pooled, cells) = (d.path().join("pooled.parquet"), d.path().join("cells.parquet"));
+    let o = embed(&d.path().join("pooled/1/model.onnx"), &scene, &pooled, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The pooled model has no feature map: named, nothing written.
+    let o = embed(&d.path().join("pooled/1/model.onnx"), &scene, &cells, &["--level", "spatial"]);
+    assert!(!o.status.success() && text(&o).contains("--head features"), "{}", text(&o));
+    assert!(!cells.exists());
+    let o = embed(&d.path().join("cells/1/model.onnx"), &scene, &cells, &["--level", "spatial"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let (p, _) = read_parquet(&pooled);
+    let (c, kv) = read_parquet(&cells);
+    let prov: serde_json::Value = serde_json::from_str(&kv["geossl"]).unwrap();
+    assert_eq!(
+        (prov["level"].clone(), prov["grid"].clone()),
+        (serde_json::json!("spatial"), serde_json::json!([7, 7]))
+    );
+    assert_eq!(c.num_rows(), 49 * p.num_rows(), "49 cells per window");
+    let ids = c.column_by_name("chip_id").unwrap().as_string::<i32>();
+    assert_eq!((0..c.num_rows()).map(|i| ids.value(i)).collect::<std::collections::HashSet<_>>().len(), c.num_rows());
+    let key = |b: &arrow_array::RecordBatch, i: usize| {
+        let w = b.column_by_name("window").unwrap().as_struct();
+        let v = |k: &str| w.column_by_name(k).unwrap().as_primitive::<UInt32Type>().value(i);
+        (v("x"), v("y"))
+    };
+    let pooled_rows: HashMap<(u32, u32), Vec<f32>> = {
+        let e = p.column_by_name("embedding").unwrap().as_fixed_size_list();
+        (0..p.num_rows()).map(|i| (key(&p, i), e.value(i).as_primitive::<Float32Type>().values().to_vec())).collect()
+    };
+    let e = c.column_by_name("embedding").unwrap().as_fixed_size_list();
+    let cell = c.column_by_name("cell").unwrap().as_struct();
+    // Per window: the sum of its cells' embeddings and the cells seen.
+    type Cells = (Vec<f64>, Vec<(u32, u32)>);
+    let mut sums: HashMap<(u32, u32), Cells> = HashMap::new();
+    for i in 0..c.num_rows() {
+        let v = e.value(i);
+        let s = sums.entry(key(&c, i)).or_insert_with(|| (vec![0.0; 512], Vec::new()));
+        for (a, x) in s.0.iter_mut().zip(v.as_primitive::<Float32Type>().values()) {
+            *a += f64::from(*x);
+        }
+        let rc = |k: &str| cell.column_by_name(k).unwrap().as_primitive::<UInt32Type>().value(i);
+        s.1.push((rc("row"), rc("col")));
+    }
+    for (k, (sum, mut cells_of)) in sums {
+        cells_of.sort();
+        assert_eq!(cells_of, (0..49).map(|q| (q / 7, q % 7)).collect::<Vec<_>>(), "window {k:?}: every cell once");
+        let want = &pooled_rows[&k];
+        let top = want.iter().fold(1.0f32, |a, x| a.max(x.abs()));
+        let err = sum.iter().zip(want).map(|(s, w)| (s / 49.0 - f64::from(*w)).abs()).fold(0.0, f64::max);
+        assert!(err <= 1e-5 * f64::from(top), "window {k:?}: the cells' mean is {err} from the pooled embedding");
+    }
+
+    let o = std::process::Command::new(python())
+        .arg(workspace().join("scripts/reference/receptive_field.py"))
+        .args(["--parquet", cells.to_str().unwrap(), "--scene", scene.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for axis in ["x", "y"] {
+        let f = &rf["receptive_field"][axis];
+        assert!((f["stride"].as_f64().unwrap() - 32.0).abs() < 1e-3 && f["cells"].as_u64().unwrap() >= 5, "{rf}");
+    }
+    assert_eq!(rf["rows"], c.num_rows());
+    assert!(rf["max_error_px"].as_f64().unwrap() < 1e-3, "cell centres vs receptive-field centres: {rf}");
+    assert_eq!(rf["centres_outside_their_footprint"], 0, "{rf}");
+}

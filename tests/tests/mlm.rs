@@ -39,9 +39,10 @@ fn exported_cards_are_valid_mlm_and_carry_the_input_contract() {
             ("embed_f32", "embed", &["--input", "float32"]),
             ("classify", "classify", &[]),
             ("segment", "segment", &[]),
+            ("features", "features", &[]),
         ],
     );
-    let names = ["embed", "embed_f32", "classify", "segment"];
+    let names = ["embed", "embed_f32", "classify", "segment", "features"];
     let cards: Vec<PathBuf> = names.iter().map(|n| d.path().join(n).join("1/model.item.json")).collect();
     let read: Vec<&Path> = cards.iter().map(PathBuf::as_path).collect();
     let got = validate(&read);
@@ -59,7 +60,11 @@ fn exported_cards_are_valid_mlm_and_carry_the_input_contract() {
         assert_eq!(v["asset"]["checksum"], format!("1220{}", sha256_file(&model)));
         assert!(v["asset"]["roles"].as_array().unwrap().contains(&Value::from("mlm:model")));
     }
-    let [embed, embed_f32, classify, segment] = got.as_slice() else { unreachable!() };
+    let [embed, embed_f32, classify, segment, features] = got.as_slice() else { unreachable!() };
+    assert_eq!(
+        features["outputs"],
+        serde_json::json!([{"name": "feature_map", "tasks": ["similarity-search"], "shape": [-1, 512, 2, 2]}])
+    );
     assert_eq!(embed["tasks"], serde_json::json!(["similarity-search"]));
     assert_eq!(embed["input"]["data_type"], "uint8");
     assert_eq!(embed["input"]["shape"], serde_json::json!([-1, 3, 64, 64]));

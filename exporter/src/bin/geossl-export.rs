@@ -21,6 +21,8 @@ enum Head {
     Embed,
     Classify,
     Segment,
+    /// The backbone's last feature map `[N, D, H/32, W/32]`: patch-level embeddings (`embed --level spatial`).
+    Features,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
                 Head::Embed => geossl_models::HeadKind::Embedding,
                 Head::Classify => geossl_models::HeadKind::Classifier,
                 Head::Segment => geossl_models::HeadKind::Segmentation,
+                Head::Features => geossl_models::HeadKind::Features,
             };
             let opts =
                 geossl_exporter::ExportOptions { head, input: a.input.into(), fp16: a.fp16, opset: a.opset as i64 };

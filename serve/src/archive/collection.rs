@@ -175,6 +175,7 @@ pub fn part_item(collection_id: &str, collection_file: &str, p: &PartSummary, no
         json!({
             "bands": pv["bands"], "band_selection": pv["band_selection"], "sample_type": pv["sample_type"],
             "chip_size": pv["window"], "stride": pv["stride"], "max_nodata": pv["max_nodata"], "bbox": pv["bbox"],
+            "level": pv["level"], "feature_grid": pv["grid"],
         }),
     );
     props.insert("processing:datetime".into(), now.into());
@@ -267,10 +268,11 @@ pub fn collection(
         "emb:type": "chip",
         "emb:dimensions": dims,
         "data_type": dtype,
-        "emb:chip_layout": {
-            "layout_type": "regular_grid",
-            "chip_size": pv["window"],
-            "stride": [stride, stride],
+        // Patch-level rows: a cell per row, cells a cell apart within each window.
+        "emb:chip_layout": if pv["cell"].is_array() {
+            json!({"layout_type": "regular_grid", "chip_size": pv["cell"], "stride": pv["cell"]})
+        } else {
+            json!({"layout_type": "regular_grid", "chip_size": pv["window"], "stride": [stride, stride]})
         },
         "emb:fit_for_use": ["retrieval", "classification"],
         "table:row_count": rows,

@@ -18,7 +18,7 @@ pub use crate::archive::inputs::{collect_inputs, Input};
 use crate::archive::store::Location;
 use crate::infer::backend::OutputRole;
 use crate::infer::ort::{OrtBackend, SessionOptions};
-use crate::infer::{Backend, ModelInfo, Task};
+use crate::infer::{Backend, ModelInfo};
 
 /// What to embed and how.
 #[derive(Debug, Clone)]
@@ -57,6 +57,21 @@ pub struct EmbedOptions {
     pub model_version: Option<String>,
     /// How the embedding column stores values (float32, float16, or int8 with a per-row step).
     pub dtype: crate::archive::geoparquet::EmbeddingDtype,
+    /// One row per window (`pooled`), or one per cell of the window's feature map (`spatial`).
+    pub level: Level,
+}
+
+/// What a row embeds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// The window: the model's `embedding [N, D]` (`geossl-export onnx --head embed`).
+    #[default]
+    Pooled,
+    /// Each cell of the window's feature grid, with the footprint of the cell around its receptive field's
+    /// centre: the model's `feature_map [N, D, h, w]` (`geossl-export onnx --head features`; a ResNet's
+    /// cell is 32 × 32 pixels, centred on the window's pixel (32·i, 32·j)).
+    Spatial,
 }
 
 /// An input that could not be embedded (none of its rows were kept).
@@ -259,6 +274,7 @@ fn read_windows(
     opts: &EmbedOptions,
     info: &ModelInfo,
     [c, h, w, stride]: [usize; 4],
+    feature_grid: Option<[usize; 2]>,
     tx: &std::sync::mpsc::SyncSender<Read>,
 ) {
     let fail = |input: &Input, error: ArchiveError| {
@@ -299,7 +315,7 @@ fn read_windows(
             continue;
         }
         let (mut rows, mut px) = (Vec::new(), Samples::with_capacity(ri.sample_type, opts.batch_size * c * h * w));
-        let (mut windows, mut nodata) = (0, 0);
+        let (mut windows, mut nodata, mut in_batch) = (0, 0, 0usize);
         // Windows in Hilbert order; with a box, only those meeting it (nothing else is read or fetched).
         let grid = match WindowGrid::new(ri.width, ri.height, w, h, stride) {
             Ok(g) => g,
@@ -358,16 +374,54 @@ fn read_windows(
                     continue 'files;
                 }
             };
-            rows.push(Row {
-                source: scene.source.clone(),
-                window: [x as u32, y as u32, w as u32, h as u32],
-                corners,
-                center,
-                datetime: scene.datetime,
-            });
+            let window = [x as u32, y as u32, w as u32, h as u32];
+            match feature_grid {
+                None => rows.push(Row {
+                    source: scene.source.clone(),
+                    window,
+                    corners,
+                    center,
+                    datetime: scene.datetime,
+                    cell: None,
+                }),
+                // Patch-level: a row per cell (row-major, as the feature map is laid out). A cell's centre is
+                // its receptive field's: ResNet's padded stride-2 stages centre cell (i, j) on the window's
+                // pixel (s·i, s·j), s = 32 (measured: scripts/reference/receptive_field.py), i.e. at
+                // continuous coordinates (s·j + ½, s·i + ½); its footprint is the s × s box around that centre
+                // (so row and column 0 reach half a cell before the window).
+                Some([gh, gw]) => {
+                    let (ch, cw) = (hf / gh as f64, wf / gw as f64);
+                    let cells: Result<Vec<Row>, geossl_raster::GeorefError> = (0..gh * gw)
+                        .map(|k| {
+                            let (i, j) = (k / gw, k % gw);
+                            let (mx, my) = (xf + j as f64 * cw + 0.5, yf + i as f64 * ch + 0.5);
+                            Ok(Row {
+                                source: scene.source.clone(),
+                                window,
+                                corners: g.footprint(mx - cw / 2.0, my - ch / 2.0, cw, ch)?,
+                                center: g.to_latlon(mx, my)?,
+                                datetime: scene.datetime,
+                                cell: Some([i as u32, j as u32]),
+                            })
+                        })
+                        .collect();
+                    match cells {
+                        Ok(c) => rows.extend(c),
+                        Err(e) => {
+                            let e = ArchiveError::Input(format!("{} (window at {x}, {y}): {e}", scene.label));
+                            if fail(file, e) {
+                                return;
+                            }
+                            continue 'files;
+                        }
+                    }
+                }
+            }
             px.extend_from(&win.samples);
             windows += 1;
-            if rows.len() == opts.batch_size {
+            in_batch += 1;
+            if in_batch == opts.batch_size {
+                in_batch = 0;
                 let cap = px.len();
                 let full = std::mem::replace(&mut px, Samples::with_capacity(ri.sample_type, cap));
                 if tx.send(Read::Batch(std::mem::take(&mut rows), full)).is_err() {
@@ -433,9 +487,21 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
     let info = sig.into_info(&name, 1, None, card.as_ref().map(|(_, c)| c)).map_err(ArchiveError::run)?;
     // Throughput is timed from here: the model is loaded, the inputs are resolved.
     let started = Instant::now();
-    let embedding = match (info.task, info.output_index(OutputRole::Embedding)) {
-        (Task::Embedding, Some(i)) => i,
-        _ => {
+    let role = match opts.level {
+        Level::Pooled => OutputRole::Embedding,
+        Level::Spatial => OutputRole::FeatureMap,
+    };
+    let embedding = match info.output_index(role) {
+        Some(i) => i,
+        None if opts.level == Level::Spatial => {
+            return Err(bad(format!(
+                "{}: --level spatial needs the backbone's feature map (`feature_map [N, D, h, w]`: export with \
+                 geossl-export onnx --head features); outputs {:?}",
+                model_path.display(),
+                info.outputs.iter().map(|o| &o.name).collect::<Vec<_>>()
+            )))
+        }
+        None => {
             return Err(bad(format!(
                 "{}: not an embedding model: no output is the embedding (outputs {:?}; geossl's exports name it \
                  `embedding`; a model made elsewhere needs its STAC MLM model card, --model card.item.json, to say \
@@ -448,12 +514,26 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
     let (c, Some(h), Some(w)) = info.input_chw() else {
         return Err(bad(format!("{}: the input size must be fixed for archive embedding", model_path.display())));
     };
-    let d = info.outputs[embedding]
-        .shape
-        .get(1)
-        .copied()
-        .filter(|&d| d > 0)
-        .ok_or_else(|| bad("embedding size is not fixed".into()))? as usize;
+    let out_shape = &info.outputs[embedding].shape;
+    let d =
+        out_shape.get(1).copied().filter(|&d| d > 0).ok_or_else(|| bad("embedding size is not fixed".into()))? as usize;
+    // Patch-level: the feature grid, whose cells must tile the window.
+    let grid = match opts.level {
+        Level::Pooled => None,
+        Level::Spatial => {
+            let (gh, gw) = match out_shape.as_slice() {
+                [_, _, gh, gw] if *gh > 0 && *gw > 0 => (*gh as usize, *gw as usize),
+                s => return Err(bad(format!("the feature map's shape {s:?} is not [N, D, h, w] with h, w fixed"))),
+            };
+            if h % gh != 0 || w % gw != 0 {
+                return Err(bad(format!(
+                    "the model's {h}×{w} input is not a whole number of its {gh}×{gw} feature cells: export at a \
+                     multiple of 32 pixels for patch-level rows"
+                )));
+            }
+            Some([gh, gw])
+        }
+    };
     let stride = opts.stride.unwrap_or(h.min(w));
     if stride == 0 {
         return Err(bad("stride must be at least 1".into()));
@@ -486,6 +566,9 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
         },
         "window": [h, w],
         "stride": stride,
+        "level": opts.level,
+        "grid": grid,
+        "cell": grid.map(|[gh, gw]| [h / gh, w / gw]),
         "max_nodata": opts.max_nodata,
         "bbox": opts.bbox,
         "inputs": files.len(),
@@ -498,8 +581,15 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
             })),
         },
     });
-    let mut sink =
-        Sink::create(&opts.out, d, opts.dtype, [&name, &version, &model_sha], &provenance, opts.row_group_rows)?;
+    let mut sink = Sink::create(
+        &opts.out,
+        d,
+        opts.dtype,
+        grid.is_some(),
+        [&name, &version, &model_sha],
+        &provenance,
+        opts.row_group_rows,
+    )?;
     let mut summary = Summary::default();
     let progress = indicatif::ProgressBar::new(files.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} inputs · {msg} · ETA {eta}")
@@ -509,7 +599,7 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
     std::thread::scope(|s| -> Result<(), ArchiveError> {
         let (tx, batches) = std::sync::mpsc::sync_channel(2);
         let (files, info_r) = (&files, &info);
-        let reader = s.spawn(move || read_windows(files, opts, info_r, [c, h, w, stride], &tx));
+        let reader = s.spawn(move || read_windows(files, opts, info_r, [c, h, w, stride], grid, &tx));
         // The current input's rows and embeddings, written when it is done, dropped when it fails.
         let (mut rows_held, mut emb_held): (Vec<Row>, Vec<f32>) = (Vec::new(), Vec::new());
         let mut embedded = 0usize;
@@ -517,12 +607,24 @@ pub fn run(opts: &EmbedOptions) -> Result<Summary, ArchiveError> {
             for msg in &batches {
                 match msg {
                     Read::Batch(rows, px) => {
-                        let input = info.input_from_samples([rows.len(), c, h, w], &px).map_err(ArchiveError::run)?;
+                        let n = px.len() / (c * h * w);
+                        let input = info.input_from_samples([n, c, h, w], &px).map_err(ArchiveError::run)?;
                         let out = backend.infer(&input).map_err(|e| bad(format!("inference failed: {e}")))?;
                         let emb = out[embedding].as_f32().ok_or_else(|| bad("embedding is not float32".into()))?;
                         embedded += rows.len();
                         rows_held.extend(rows);
-                        emb_held.extend_from_slice(emb);
+                        match grid {
+                            None => emb_held.extend_from_slice(emb),
+                            // [n, D, gh, gw] → one D-vector per cell, windows then cells row-major.
+                            Some([gh, gw]) => {
+                                let cells = gh * gw;
+                                for win in emb.chunks_exact(d * cells) {
+                                    for k in 0..cells {
+                                        emb_held.extend((0..d).map(|ch| win[ch * cells + k]));
+                                    }
+                                }
+                            }
+                        }
                         let secs = started.elapsed().as_secs_f64().max(1e-9);
                         progress.set_message(format!("{embedded} chips · {:.1} chips/s", embedded as f64 / secs));
                     }

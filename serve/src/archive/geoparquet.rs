@@ -36,6 +36,8 @@ pub mod col {
     pub const EMBEDDING: &str = "embedding";
     /// int8 rows only: the step of the row's quantization.
     pub const EMBEDDING_SCALE: &str = "embedding_scale";
+    /// Patch-level rows only (`embed --level spatial`): the cell `{row, col}` of the window's feature grid.
+    pub const CELL: &str = "cell";
 }
 
 /// How the `embedding` column stores values.
@@ -91,6 +93,18 @@ pub struct Row {
     pub center: (f64, f64),
     /// Microseconds since 1970 (UTC).
     pub datetime: Option<i64>,
+    /// Patch-level rows: `[row, col]` of the cell in the window's feature grid (`window` stays the window's;
+    /// `corners` and `center` are the cell's).
+    pub cell: Option<[u32; 2]>,
+}
+
+/// A row's chip id: [`chip_id`] of its window, the cell's appended to the source for patch-level rows
+/// (cells of overlapping windows can cover the same pixels and still differ: their context does).
+pub fn row_chip_id(model_sha256: &str, r: &Row) -> String {
+    match r.cell {
+        None => chip_id(model_sha256, &r.source, r.window),
+        Some([i, j]) => chip_id(model_sha256, &format!("{}#cell({i},{j})", r.source), r.window),
+    }
 }
 
 /// The chip id of a window: the first 128 bits of SHA-256 of the model hash, the source and the window.
@@ -139,6 +153,10 @@ fn bbox_fields() -> Fields {
     ["xmin", "ymin", "xmax", "ymax"].iter().map(|f| Field::new(*f, DataType::Float64, false)).collect::<Vec<_>>().into()
 }
 
+fn cell_fields() -> Fields {
+    ["row", "col"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
+}
+
 fn window_fields() -> Fields {
     ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
 }
@@ -161,8 +179,9 @@ fn geo_metadata() -> serde_json::Value {
     })
 }
 
-/// The schema of rows with `d`-dimensional embeddings and `meta` (`geo`, `geossl`) in its metadata.
-pub fn schema(d: usize, dtype: EmbeddingDtype, meta: &[(String, String)]) -> Schema {
+/// The schema of rows with `d`-dimensional embeddings (patch-level when `cells`) and `meta` (`geo`,
+/// `geossl`) in its metadata.
+pub fn schema(d: usize, dtype: EmbeddingDtype, cells: bool, meta: &[(String, String)]) -> Schema {
     let element = Arc::new(Field::new("element", dtype.element(), false));
     let mut fields = vec![
         Field::new(col::CHIP_ID, DataType::Utf8, false),
@@ -180,6 +199,9 @@ pub fn schema(d: usize, dtype: EmbeddingDtype, meta: &[(String, String)]) -> Sch
     ];
     if dtype == EmbeddingDtype::Int8 {
         fields.push(Field::new(col::EMBEDDING_SCALE, DataType::Float32, false));
+    }
+    if cells {
+        fields.push(Field::new(col::CELL, DataType::Struct(cell_fields()), false));
     }
     Schema::new_with_metadata(fields, meta.iter().cloned().collect::<std::collections::HashMap<String, String>>())
 }
@@ -208,6 +230,7 @@ impl Sink {
         path: &Path,
         d: usize,
         dtype: EmbeddingDtype,
+        cells: bool,
         model: [&str; 3],
         provenance: &serde_json::Value,
         row_group_rows: usize,
@@ -216,7 +239,7 @@ impl Sink {
         use parquet::file::properties::WriterProperties;
         // In the Arrow schema (pyarrow, GeoPandas) and in the file's key-value metadata (GDAL, DuckDB).
         let meta = [("geo".to_string(), geo_metadata().to_string()), ("geossl".to_string(), provenance.to_string())];
-        let schema = Arc::new(schema(d, dtype, &meta));
+        let schema = Arc::new(schema(d, dtype, cells, &meta));
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| ArchiveError::Run(format!("{}: {e}", dir.display())))?;
         }
@@ -248,7 +271,7 @@ impl Sink {
         }
         let u32s = |k: usize| Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.window[k]))) as ArrayRef;
         let window = StructArray::new(window_fields(), vec![u32s(0), u32s(1), u32s(2), u32s(3)], None);
-        let chip_ids = rows.iter().map(|r| chip_id(&self.model[2], &r.source, r.window));
+        let chip_ids = rows.iter().map(|r| row_chip_id(&self.model[2], r));
         let element = Arc::new(Field::new("element", self.dtype.element(), false));
         let mut scales = Vec::new();
         let values: ArrayRef = match self.dtype {
@@ -292,6 +315,12 @@ impl Sink {
         ];
         if self.dtype == EmbeddingDtype::Int8 {
             columns.push(Arc::new(Float32Array::from(scales)));
+        }
+        if self.schema.column_with_name(col::CELL).is_some() {
+            let cell = |k: usize| {
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.cell.map_or(0, |c| c[k])))) as ArrayRef
+            };
+            columns.push(Arc::new(StructArray::new(cell_fields(), vec![cell(0), cell(1)], None)));
         }
         let batch = RecordBatch::try_new(self.schema.clone(), columns)
             .map_err(|e| ArchiveError::Run(format!("building rows: {e}")))?;

@@ -227,6 +227,11 @@ struct EmbedArgs {
     /// quarter: per-row symmetric, value = q × embedding_scale, each within half a step of float32).
     #[arg(long, env = "GEOSSL_EMBEDDING_DTYPE", value_enum, default_value = "float32")]
     dtype: geossl_serve::archive::geoparquet::EmbeddingDtype,
+    /// pooled: one row per window (the model's `embedding`); spatial: one row per cell of the window's feature
+    /// map, with the cell's footprint and a `cell` column (a model exported with `geossl-export onnx --head
+    /// features`; ResNet cells are 32×32 pixels).
+    #[arg(long, env = "GEOSSL_EMBED_LEVEL", value_enum, default_value = "pooled")]
+    level: geossl_serve::archive::embed::Level,
     /// Execution provider: auto, cuda, cpu.
     #[arg(long, env = "GEOSSL_EXECUTION_PROVIDER", value_enum, default_value = "auto")]
     execution_provider: EpPreference,
@@ -464,6 +469,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         model_name: a.model_name,
         model_version: a.model_version,
         dtype: a.dtype,
+        level: a.level,
     };
     let failed = |s: &geossl_serve::archive::embed::Summary| {
         for f in &s.failed {
