@@ -9,11 +9,11 @@ Exits 1 naming the first card that fails.
 """
 import json
 import pathlib
-import sys
 
 import pystac
 from pystac.validation.stac_validator import JsonSchemaSTACValidator
 from stac_model.schema import SCHEMA_URI, MLModelExtension, MLModelProperties
+from validation_cli import run
 
 
 def check(path: pathlib.Path) -> dict:
@@ -63,14 +63,5 @@ def check(path: pathlib.Path) -> dict:
     }
 
 
-def main():
-    for p in sys.argv[1:]:
-        try:
-            print(json.dumps(check(pathlib.Path(p))))
-        except Exception as e:  # noqa: BLE001 — the message is the result
-            print(f"{p}: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    run(check)

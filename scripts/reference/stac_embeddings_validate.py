@@ -12,13 +12,13 @@ Exits 1 naming the first failure.
 """
 import json
 import pathlib
-import sys
 
 import geopandas
 import pandas
 import pystac
 import shapely
 from pystac.validation.stac_validator import JsonSchemaSTACValidator
+from validation_cli import run
 
 STAC_DATA_TYPES = {
     "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -97,14 +97,5 @@ def check(path: pathlib.Path) -> dict:
     }
 
 
-def main():
-    for p in sys.argv[1:]:
-        try:
-            print(json.dumps(check(pathlib.Path(p))))
-        except Exception as e:  # noqa: BLE001 — the message is the result
-            print(f"{p}: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(1)
-
-
 if __name__ == "__main__":
-    main()
+    run(check)

@@ -48,6 +48,46 @@ pub fn read_parquet(p: &std::path::Path) -> (arrow_array::RecordBatch, std::coll
     (arrow_select::concat::concat_batches(&schema, &batches).expect("one batch"), kv)
 }
 
+/// One chip the trainer's tiler cut: its window's top-left pixel, its PNG and its centre.
+#[derive(Debug, Clone)]
+pub struct TilerChip {
+    /// `(x, y)` of the window in the scene, in pixels.
+    pub window: (u32, u32),
+    pub png: PathBuf,
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// `geossl-train chips --input scene --size size --max-nodata 0.5 --out dir`: the windows `geossl-serve
+/// embed` reads (the same grid and nodata rule), in manifest order.
+pub fn tiler_chips(scene: &std::path::Path, size: usize, dir: &std::path::Path) -> Vec<TilerChip> {
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
+    let s = size.to_string();
+    let o = run(
+        "geossl-train",
+        &["chips", "--input", &path(scene), "--size", &s, "--out", &path(dir), "--max-nodata", "0.5"],
+    );
+    assert!(o.status.success(), "chips: {}", text(&o));
+    let manifest = std::fs::read_to_string(dir.join("manifest.csv")).expect("manifest.csv");
+    manifest
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            // `…_{y}_{x}.png`
+            let mut it = f[0].trim_end_matches(".png").rsplit('_');
+            let x: u32 = it.next().and_then(|v| v.parse().ok()).expect("x in the chip's name");
+            let y: u32 = it.next().and_then(|v| v.parse().ok()).expect("y in the chip's name");
+            TilerChip {
+                window: (x, y),
+                png: dir.join(f[0]),
+                lat: f[1].parse().expect("lat"),
+                lon: f[2].parse().expect("lon"),
+            }
+        })
+        .collect()
+}
+
 /// The project venv's Python (`GEOSSL_PYTHON` overrides), for reference tools.
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("GEOSSL_PYTHON") {

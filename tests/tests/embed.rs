@@ -36,34 +36,8 @@ fn landsat_scene_to_geoparquet() {
 
     // The trainer's tiler (same windows, nodata rule 0.5) gives the reference centres and pixels.
     let chips = d.path().join("chips");
-    let o = run(
-        "geossl-train",
-        &[
-            "chips",
-            "--input",
-            scene.to_str().unwrap(),
-            "--size",
-            "64",
-            "--out",
-            chips.to_str().unwrap(),
-            "--max-nodata",
-            "0.5",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let manifest = std::fs::read_to_string(chips.join("manifest.csv")).unwrap();
-    let reference: HashMap<(u32, u32), (String, f64, f64)> = manifest
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            let stem = f[0].trim_end_matches(".png");
-            let mut it = stem.rsplit('_');
-            let x: u32 = it.next().unwrap().parse().unwrap();
-            let y: u32 = it.next().unwrap().parse().unwrap();
-            ((x, y), (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap()))
-        })
-        .collect();
+    let reference: HashMap<(u32, u32), geossl_tests::TilerChip> =
+        geossl_tests::tiler_chips(&scene, 64, &chips).into_iter().map(|c| (c.window, c)).collect();
     assert_eq!(n, reference.len(), "rows vs the tiler's chips");
 
     let window = batch.column_by_name("window").unwrap().as_struct();
@@ -78,7 +52,8 @@ fn landsat_scene_to_geoparquet() {
     let unique: std::collections::HashSet<&str> = (0..n).map(|i| ids.value(i)).collect();
     assert_eq!(unique.len(), n, "chip ids are unique");
     for i in 0..n {
-        let (_, rlat, rlon) = &reference[&(wx.value(i), wy.value(i))];
+        let r = &reference[&(wx.value(i), wy.value(i))];
+        let (rlat, rlon) = (r.lat, r.lon);
         assert!((lat.value(i) - rlat).abs() < 1e-6 && (lon.value(i) - rlon).abs() < 1e-6, "row {i}");
         // Footprint polygon: closed ring of 5 points around the centre, inside its covering bbox.
         let g = geom.value(i);
@@ -102,8 +77,8 @@ fn landsat_scene_to_geoparquet() {
     let mut xs = Vec::new();
     let rows: Vec<usize> = (0..n).step_by((n / 3).max(1)).take(3).collect();
     for &i in &rows {
-        let (file, _, _) = &reference[&(wx.value(i), wy.value(i))];
-        let img = image::open(chips.join(file)).unwrap().to_rgb8();
+        let file = &reference[&(wx.value(i), wy.value(i))].png;
+        let img = image::open(file).unwrap().to_rgb8();
         let hw = 64 * 64;
         let mut chw = vec![0f32; 3 * hw];
         for (k, p) in img.pixels().enumerate() {

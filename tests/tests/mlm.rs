@@ -141,34 +141,8 @@ fn a_pytorch_onnx_model_with_its_card_embeds_and_serves_like_geossls_export() {
     let scene = geossl_tests::data::fixtures().join("rasterio/RGB.byte.tif");
 
     // The scene's windows as the trainer's tiler cuts them (the same grid and nodata rule as embed).
-    let chips = d.path().join("chips");
-    let o = run(
-        "geossl-train",
-        &[
-            "chips",
-            "--input",
-            scene.to_str().unwrap(),
-            "--size",
-            "64",
-            "--out",
-            chips.to_str().unwrap(),
-            "--max-nodata",
-            "0.5",
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let manifest = std::fs::read_to_string(chips.join("manifest.csv")).unwrap();
-    let windows: Vec<((u32, u32), PathBuf)> = manifest
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f = l.split(',').next().unwrap();
-            let mut it = f.trim_end_matches(".png").rsplit('_');
-            let x: u32 = it.next().unwrap().parse().unwrap();
-            let y: u32 = it.next().unwrap().parse().unwrap();
-            ((x, y), chips.join(f))
-        })
-        .collect();
+    let windows: Vec<((u32, u32), PathBuf)> =
+        geossl_tests::tiler_chips(&scene, 64, &d.path().join("chips")).into_iter().map(|c| (c.window, c.png)).collect();
 
     // PyTorch exports the same weights; stac-model writes the card; float64 and float32 references.
     let pt = d.path().join("pt");
