@@ -52,7 +52,8 @@ pub struct PartSummary {
     pub provenance: Value,
 }
 
-/// Reads `part`'s provenance and the rows' geometry, datetime and source into a [`PartSummary`].
+/// Reads `part`'s provenance and the rows' geometry, datetime and source into a [`PartSummary`] (its `file`
+/// is `part`'s name: a spool summarized before it is published sets the published one).
 pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
     let name = part.as_str().to_string();
     let reader = part.parquet_reader().map_err(ArchiveError::run)?;
@@ -284,20 +285,21 @@ pub fn collection(
 }
 
 /// Writes the Collection `collection_at` over `parts` (Items beside each part: `part-00000.parquet` →
-/// `part-00000.item.json`; the parts, items and collection share one directory or prefix). Returns the
-/// items' locations.
+/// `part-00000.item.json`; the parts, items and collection share one directory or prefix). Each part is
+/// where it is published and its summary ([`summarize_part`]: made before publishing, a local file is read
+/// instead of the object store). Returns the items' locations.
 pub fn write(
     id: &str,
-    parts: &[Location],
+    parts: &[(Location, PartSummary)],
     collection_at: &Location,
     sources: &[String],
 ) -> Result<Vec<Location>, ArchiveError> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let collection_file = collection_at.file_name();
-    let summaries = parts.iter().map(summarize_part).collect::<Result<Vec<_>, _>>()?;
+    let summaries: Vec<PartSummary> = parts.iter().map(|(_, s)| s.clone()).collect();
     let mut items = Vec::new();
     let mut files = Vec::new();
-    for (part, s) in parts.iter().zip(&summaries) {
+    for (part, s) in parts {
         let file = format!("{}.item.json", s.file.trim_end_matches(".parquet"));
         let at = part.resolve(&file).map_err(ArchiveError::run)?;
         let body = serde_json::to_vec_pretty(&part_item(id, &collection_file, s, &now))

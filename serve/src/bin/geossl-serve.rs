@@ -432,7 +432,14 @@ fn embed(a: EmbedArgs) -> Result<()> {
                 r.failed_inputs.len()
             );
             // The verified dataset as STAC: a Collection with one Item per part.
-            let parts: Vec<_> = r.parts.iter().map(|p| dataset.join(p)).collect();
+            let parts = r
+                .parts
+                .iter()
+                .map(|p| {
+                    let at = dataset.join(p);
+                    geossl_serve::archive::collection::summarize_part(&at).map(|s| (at, s))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let collection_at = dataset.join("collection.json");
             let id = dataset.file_name();
             geossl_serve::archive::collection::write(&id, &parts, &collection_at, std::slice::from_ref(&v.plan))
@@ -511,12 +518,16 @@ fn embed(a: EmbedArgs) -> Result<()> {
         let _ = std::fs::remove_file(&opts.out);
         bail!("no input could be embedded ({} failed); nothing was written", s.failed.len());
     }
+    // The file as STAC (`<stem>.collection.json` with one Item, `<stem>.item.json`, beside it), summarized
+    // from the spool while it is local: a published object is not read back.
+    let summary = geossl_serve::archive::collection::summarize_part(&Location::local(&opts.out));
     out.publish(&opts.out)?;
     println!("wrote {out}: {}", s.line());
-    // The file as STAC: `<stem>.collection.json` with one Item, `<stem>.item.json`, beside it.
+    let mut summary = summary.with_context(|| format!("{out} is written; its rows could not be summarized as STAC"))?;
+    summary.file = out.file_name();
     let stem = out.file_name().trim_end_matches(".parquet").to_string();
     let collection_at = out.resolve(&format!("{stem}.collection.json"))?;
-    geossl_serve::archive::collection::write(&stem, std::slice::from_ref(&out), &collection_at, &opts.inputs)
+    geossl_serve::archive::collection::write(&stem, &[(out.clone(), summary)], &collection_at, &opts.inputs)
         .with_context(|| format!("{out} is written; its STAC Collection {collection_at} is not"))?;
     println!("wrote {collection_at}");
     Ok(())
