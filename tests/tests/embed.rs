@@ -775,6 +775,23 @@ fn patch_level_rows_sit_on_their_cells_receptive_fields() {
         assert!(err <= 1e-5 * f64::from(top), "window {k:?}: the cells' mean is {err} from the pooled embedding");
     }
 
+    // `map` draws windows: a patch-level file is refused by name, and no picture is written.
+    let png = d.path().join("cells.png");
+    let o = run(
+        "geossl-serve",
+        &[
+            "map",
+            "--embeddings",
+            cells.to_str().unwrap(),
+            "--scene",
+            scene.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success() && text(&o).contains("patch-level"), "{}", text(&o));
+    assert!(!png.exists());
+
     let o = std::process::Command::new(python())
         .arg(workspace().join("scripts/reference/receptive_field.py"))
         .args(["--parquet", cells.to_str().unwrap(), "--scene", scene.to_str().unwrap()])

@@ -64,8 +64,15 @@ struct Rows {
 fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
     use crate::archive::geoparquet::{col, column, embedding_values, read_columns, window_columns};
     let label = path.display().to_string();
-    let cols = [col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING];
+    // (`cell` only to refuse patch-level files: their rows are cells, several per window.)
+    let cols = [col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING, col::CELL];
     let batches = read_columns(&crate::archive::store::Location::local(path), &cols)?;
+    if batches.iter().any(|b| b.column_by_name(col::CELL).is_some()) {
+        return Err(ArchiveError::Run(format!(
+            "{label}: its rows are patch-level (`embed --level spatial`: a row per feature-map cell); map draws \
+             one row per window (`--level pooled`)"
+        )));
+    }
     let mut rows = Rows { windows: Vec::new(), d: 0, emb: Vec::new() };
     let mut sources = std::collections::BTreeSet::new();
     for batch in &batches {
