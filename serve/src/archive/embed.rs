@@ -348,16 +348,43 @@ fn read_windows(
             // Place, read, drop windows over the nodata limit (windows outside the box are not in `order`).
             let (xf, yf, wf, hf) = (x as f64, y as f64, w as f64, h as f64);
             let g = &scene.georef;
-            let placed = g.footprint(xf, yf, wf, hf).map_err(|e| ArchiveError::Input(e.to_string())).and_then(|ring| {
+            let window = [x as u32, y as u32, w as u32, h as u32];
+            let georef = |e: geossl_raster::GeorefError| ArchiveError::Input(e.to_string());
+            let row = |corners, center, cell| Row {
+                source: scene.source.clone(),
+                window,
+                corners,
+                center,
+                datetime: scene.datetime,
+                cell,
+            };
+            let placed = g.footprint(xf, yf, wf, hf).map_err(georef).and_then(|ring| {
                 let win = scene.raster.read_window(x, y, w, h, &scene.bands).map_err(ArchiveError::raster)?;
                 if nodata_fraction(&win, ri.nodata) > opts.max_nodata {
                     return Ok(None);
                 }
-                let centre =
-                    g.to_latlon(xf + wf / 2.0, yf + hf / 2.0).map_err(|e| ArchiveError::Input(e.to_string()))?;
-                Ok(Some((win, ring, centre)))
+                let placed_rows = match feature_grid {
+                    None => vec![row(ring, g.to_latlon(xf + wf / 2.0, yf + hf / 2.0).map_err(georef)?, None)],
+                    // Patch-level: a row per cell (row-major, as the feature map is laid out). A cell's centre
+                    // is its receptive field's: ResNet's padded stride-2 stages centre cell (i, j) on the
+                    // window's pixel (s·i, s·j), s = 32 (measured: scripts/reference/receptive_field.py), i.e.
+                    // at continuous coordinates (s·j + ½, s·i + ½); its footprint is the s × s box around that
+                    // centre (so row and column 0 reach half a cell before the window).
+                    Some([gh, gw]) => {
+                        let (ch, cw) = (hf / gh as f64, wf / gw as f64);
+                        (0..gh * gw)
+                            .map(|k| {
+                                let (i, j) = (k / gw, k % gw);
+                                let (mx, my) = (xf + j as f64 * cw + 0.5, yf + i as f64 * ch + 0.5);
+                                let corners = g.footprint(mx - cw / 2.0, my - ch / 2.0, cw, ch).map_err(georef)?;
+                                Ok(row(corners, g.to_latlon(mx, my).map_err(georef)?, Some([i as u32, j as u32])))
+                            })
+                            .collect::<Result<Vec<_>, ArchiveError>>()?
+                    }
+                };
+                Ok(Some((win, placed_rows)))
             });
-            let (win, corners, center) = match placed {
+            let (win, placed_rows) = match placed {
                 Ok(Some(p)) => p,
                 Ok(None) => {
                     nodata += 1;
@@ -374,49 +401,7 @@ fn read_windows(
                     continue 'files;
                 }
             };
-            let window = [x as u32, y as u32, w as u32, h as u32];
-            match feature_grid {
-                None => rows.push(Row {
-                    source: scene.source.clone(),
-                    window,
-                    corners,
-                    center,
-                    datetime: scene.datetime,
-                    cell: None,
-                }),
-                // Patch-level: a row per cell (row-major, as the feature map is laid out). A cell's centre is
-                // its receptive field's: ResNet's padded stride-2 stages centre cell (i, j) on the window's
-                // pixel (s·i, s·j), s = 32 (measured: scripts/reference/receptive_field.py), i.e. at
-                // continuous coordinates (s·j + ½, s·i + ½); its footprint is the s × s box around that centre
-                // (so row and column 0 reach half a cell before the window).
-                Some([gh, gw]) => {
-                    let (ch, cw) = (hf / gh as f64, wf / gw as f64);
-                    let cells: Result<Vec<Row>, geossl_raster::GeorefError> = (0..gh * gw)
-                        .map(|k| {
-                            let (i, j) = (k / gw, k % gw);
-                            let (mx, my) = (xf + j as f64 * cw + 0.5, yf + i as f64 * ch + 0.5);
-                            Ok(Row {
-                                source: scene.source.clone(),
-                                window,
-                                corners: g.footprint(mx - cw / 2.0, my - ch / 2.0, cw, ch)?,
-                                center: g.to_latlon(mx, my)?,
-                                datetime: scene.datetime,
-                                cell: Some([i as u32, j as u32]),
-                            })
-                        })
-                        .collect();
-                    match cells {
-                        Ok(c) => rows.extend(c),
-                        Err(e) => {
-                            let e = ArchiveError::Input(format!("{} (window at {x}, {y}): {e}", scene.label));
-                            if fail(file, e) {
-                                return;
-                            }
-                            continue 'files;
-                        }
-                    }
-                }
-            }
+            rows.extend(placed_rows);
             px.extend_from(&win.samples);
             windows += 1;
             in_batch += 1;
