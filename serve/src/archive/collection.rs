@@ -37,8 +37,6 @@ const PARQUET_MEDIA_TYPE: &str = "application/vnd.apache.parquet";
 /// What one part holds, read from its footer and rows.
 #[derive(Debug, Clone)]
 pub struct PartSummary {
-    /// The part's file name (its href from documents beside it).
-    pub file: String,
     pub rows: usize,
     /// The union of the rows' footprints.
     pub footprint: MultiPolygon<f64>,
@@ -52,18 +50,13 @@ pub struct PartSummary {
     pub provenance: Value,
 }
 
-/// Reads `part`'s provenance and the rows' geometry, datetime and source into a [`PartSummary`] (its `file`
-/// is `part`'s name: a spool summarized before it is published sets the published one).
+/// Reads `part`'s rows' geometry, datetime and source, and its provenance, into a [`PartSummary`] (one
+/// reader).
 pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
     let name = part.as_str().to_string();
-    let reader = part.parquet_reader().map_err(ArchiveError::run)?;
-    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(reader)
-        .map_err(|e| ArchiveError::Run(format!("{name}: not a readable Parquet file: {e}")))?;
-    let provenance = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|k| k.key == "geossl").and_then(|k| k.value.clone()))
+    let (batches, provenance) =
+        geoparquet::read_columns_with_provenance(part, &[col::GEOMETRY, col::DATETIME, col::SOURCE])?;
+    let provenance = provenance
         .and_then(|v| serde_json::from_str::<Value>(&v).ok())
         .ok_or_else(|| ArchiveError::Run(format!("{name}: no geossl provenance in the footer")))?;
     let mut polygons = Vec::new();
@@ -72,15 +65,14 @@ pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
     let mut bbox = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
     let mut datetimes: Option<(i64, i64)> = None;
     let mut sources = BTreeSet::new();
-    for b in geoparquet::read_columns(part, &[col::GEOMETRY, col::DATETIME, col::SOURCE])? {
-        let geom: &BinaryArray = geoparquet::column(&b, col::GEOMETRY, &name)?;
-        let dt: &TimestampMicrosecondArray = geoparquet::column(&b, col::DATETIME, &name)?;
-        let src: &StringArray = geoparquet::column(&b, col::SOURCE, &name)?;
+    for b in &batches {
+        let geom: &BinaryArray = geoparquet::column(b, col::GEOMETRY, &name)?;
+        let dt: &TimestampMicrosecondArray = geoparquet::column(b, col::DATETIME, &name)?;
+        let src: &StringArray = geoparquet::column(b, col::SOURCE, &name)?;
         for i in 0..b.num_rows() {
             let ring = geoparquet::wkb_ring(geom.value(i))
                 .ok_or_else(|| ArchiveError::Run(format!("{name}: row {i}: geometry is not a one-ring polygon")))?;
-            let b = geoparquet::ring_bounds(&ring);
-            bbox = [bbox[0].min(b[0]), bbox[1].min(b[1]), bbox[2].max(b[2]), bbox[3].max(b[3])];
+            bbox = widen(bbox, geoparquet::ring_bounds(&ring));
             polygons.push(Polygon::new(LineString::from(ring), vec![]));
             if dt.is_valid(i) {
                 let t = dt.value(i);
@@ -98,7 +90,12 @@ pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
     if footprint.0.is_empty() {
         return Err(ArchiveError::Run(format!("{name}: the rows' footprints have no area")));
     }
-    Ok(PartSummary { file: part.file_name(), rows: polygons.len(), bbox, footprint, datetimes, sources, provenance })
+    Ok(PartSummary { rows: polygons.len(), bbox, footprint, datetimes, sources, provenance })
+}
+
+/// The smallest `[xmin, ymin, xmax, ymax]` holding both.
+fn widen(a: [f64; 4], b: [f64; 4]) -> [f64; 4] {
+    [a[0].min(b[0]), a[1].min(b[1]), a[2].max(b[2]), a[3].max(b[3])]
 }
 
 fn ring_json(l: &LineString<f64>) -> Value {
@@ -150,10 +147,10 @@ fn data_type(provenance: &Value) -> String {
     provenance["embedding"]["dtype"].as_str().unwrap_or("float32").to_string()
 }
 
-/// The Item of one part, beside it and its Collection (`collection_file`; links are relative).
-pub fn part_item(collection_id: &str, collection_file: &str, p: &PartSummary, now: &str) -> Value {
+/// The Item of the part `file`, beside it and its Collection (`collection_file`; links are relative).
+pub fn part_item(collection_id: &str, collection_file: &str, file: &str, p: &PartSummary, now: &str) -> Value {
     let pv = &p.provenance;
-    let id = p.file.trim_end_matches(".parquet").to_string();
+    let id = file.trim_end_matches(".parquet").to_string();
     let mut props = serde_json::Map::new();
     match p.datetimes {
         Some((a, z)) if a == z => {
@@ -214,7 +211,7 @@ pub fn part_item(collection_id: &str, collection_file: &str, p: &PartSummary, no
         "properties": props,
         "links": links,
         "assets": { "embeddings": {
-            "href": p.file, "type": PARQUET_MEDIA_TYPE, "roles": ["data"],
+            "href": file, "type": PARQUET_MEDIA_TYPE, "roles": ["data"],
             "title": format!("{} chip embeddings (GeoParquet)", p.rows),
         } },
     })
@@ -225,23 +222,23 @@ pub fn part_item(collection_id: &str, collection_file: &str, p: &PartSummary, no
 pub fn collection(
     id: &str,
     collection_file: &str,
-    parts: &[PartSummary],
+    parts: &[(Location, PartSummary)],
     item_files: &[String],
     sources: &[String],
     now: &str,
 ) -> Value {
-    let pv = parts.first().map(|p| p.provenance.clone()).unwrap_or(Value::Null);
-    let bbox = parts.iter().fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, p| {
-        [b[0].min(p.bbox[0]), b[1].min(p.bbox[1]), b[2].max(p.bbox[2]), b[3].max(p.bbox[3])]
-    });
-    let times: Vec<(i64, i64)> = parts.iter().filter_map(|p| p.datetimes).collect();
+    let pv = parts.first().map(|(_, p)| p.provenance.clone()).unwrap_or(Value::Null);
+    let bbox = parts
+        .iter()
+        .fold([f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY], |b, (_, p)| widen(b, p.bbox));
+    let times: Vec<(i64, i64)> = parts.iter().filter_map(|(_, p)| p.datetimes).collect();
     let interval = match (times.iter().map(|t| t.0).min(), times.iter().map(|t| t.1).max()) {
         (Some(a), Some(z)) => json!([[rfc3339(a), rfc3339(z)]]),
         _ => json!([[now, now]]),
     };
     let dims = pv["embedding"]["dimensions"].clone();
     let dtype = data_type(&pv);
-    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    let rows: usize = parts.iter().map(|(_, p)| p.rows).sum();
     let mut links: Vec<Value> = vec![
         json!({"rel": "self", "href": collection_file, "type": "application/json"}),
         json!({"rel": "root", "href": collection_file, "type": "application/json"}),
@@ -296,19 +293,19 @@ pub fn write(
 ) -> Result<Vec<Location>, ArchiveError> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let collection_file = collection_at.file_name();
-    let summaries: Vec<PartSummary> = parts.iter().map(|(_, s)| s.clone()).collect();
     let mut items = Vec::new();
     let mut files = Vec::new();
     for (part, s) in parts {
-        let file = format!("{}.item.json", s.file.trim_end_matches(".parquet"));
+        let part_file = part.file_name();
+        let file = format!("{}.item.json", part_file.trim_end_matches(".parquet"));
         let at = part.resolve(&file).map_err(ArchiveError::run)?;
-        let body = serde_json::to_vec_pretty(&part_item(id, &collection_file, s, &now))
+        let body = serde_json::to_vec_pretty(&part_item(id, &collection_file, &part_file, s, &now))
             .map_err(|e| ArchiveError::Run(e.to_string()))?;
         at.write(&body, false).map_err(ArchiveError::run)?;
         items.push(at);
         files.push(file);
     }
-    let c = collection(id, &collection_file, &summaries, &files, sources, &now);
+    let c = collection(id, &collection_file, parts, &files, sources, &now);
     let body = serde_json::to_vec_pretty(&c).map_err(|e| ArchiveError::Run(e.to_string()))?;
     collection_at.write(&body, false).map_err(ArchiveError::run)?;
     Ok(items)

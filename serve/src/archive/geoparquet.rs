@@ -149,16 +149,21 @@ pub fn wkb_ring(b: &[u8]) -> Option<Vec<(f64, f64)>> {
     Some((0..n).map(|k| (f(13 + 16 * k), f(21 + 16 * k))).collect())
 }
 
+/// The non-null fields `names`, all of type `t`, of a struct column (`bbox`, `window`, `cell`).
+fn struct_fields(names: &[&str], t: DataType) -> Fields {
+    names.iter().map(|f| Field::new(*f, t.clone(), false)).collect::<Vec<_>>().into()
+}
+
 fn bbox_fields() -> Fields {
-    ["xmin", "ymin", "xmax", "ymax"].iter().map(|f| Field::new(*f, DataType::Float64, false)).collect::<Vec<_>>().into()
+    struct_fields(&["xmin", "ymin", "xmax", "ymax"], DataType::Float64)
 }
 
 fn cell_fields() -> Fields {
-    ["row", "col"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
+    struct_fields(&["row", "col"], DataType::UInt32)
 }
 
 fn window_fields() -> Fields {
-    ["x", "y", "w", "h"].iter().map(|f| Field::new(*f, DataType::UInt32, false)).collect::<Vec<_>>().into()
+    struct_fields(&["x", "y", "w", "h"], DataType::UInt32)
 }
 
 /// The `geo` metadata: GeoParquet 1.1, WKB footprints in OGC:CRS84 with the bbox covering, whose
@@ -352,6 +357,15 @@ impl Drop for Sink {
 /// those columns' chunks; `embedding` brings `embedding_scale` along where the file has it). Failures end the
 /// run (a dataset that cannot be read).
 pub fn read_columns(at: &Location, columns: &[&str]) -> Result<Vec<RecordBatch>, ArchiveError> {
+    read_columns_with_provenance(at, columns).map(|(batches, _)| batches)
+}
+
+/// [`read_columns`], and the file's `geossl` provenance (from the footer's Arrow schema; projected batches
+/// do not carry it) with the same reader.
+pub fn read_columns_with_provenance(
+    at: &Location,
+    columns: &[&str],
+) -> Result<(Vec<RecordBatch>, Option<String>), ArchiveError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ProjectionMask;
     let builder = ParquetRecordBatchReaderBuilder::try_new(at.parquet_reader().map_err(ArchiveError::run)?)
@@ -361,10 +375,12 @@ pub fn read_columns(at: &Location, columns: &[&str]) -> Result<Vec<RecordBatch>,
     if columns.contains(&col::EMBEDDING) && builder.schema().column_with_name(col::EMBEDDING_SCALE).is_some() {
         columns.push(col::EMBEDDING_SCALE);
     }
+    let provenance = builder.schema().metadata().get("geossl").cloned();
     let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
     let reader =
         builder.with_projection(mask).build().map_err(|e| ArchiveError::Run(format!("{at}: not readable: {e}")))?;
-    reader.map(|b| b.map_err(|e| ArchiveError::Run(format!("{at}: {e}")))).collect()
+    let batches = reader.map(|b| b.map_err(|e| ArchiveError::Run(format!("{at}: {e}")))).collect::<Result<_, _>>()?;
+    Ok((batches, provenance))
 }
 
 /// A column of a batch as the array type the schema gives it; the error names the file and the column.

@@ -523,8 +523,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
     let summary = geossl_serve::archive::collection::summarize_part(&Location::local(&opts.out));
     out.publish(&opts.out)?;
     println!("wrote {out}: {}", s.line());
-    let mut summary = summary.with_context(|| format!("{out} is written; its rows could not be summarized as STAC"))?;
-    summary.file = out.file_name();
+    let summary = summary.with_context(|| format!("{out} is written; its rows could not be summarized as STAC"))?;
     let stem = out.file_name().trim_end_matches(".parquet").to_string();
     let collection_at = out.resolve(&format!("{stem}.collection.json"))?;
     geossl_serve::archive::collection::write(&stem, &[(out.clone(), summary)], &collection_at, &opts.inputs)
