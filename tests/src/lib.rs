@@ -88,6 +88,21 @@ pub fn tiler_chips(scene: &std::path::Path, size: usize, dir: &std::path::Path) 
         .collect()
 }
 
+/// Runs the reference tool `scripts/reference/{script}` with `args` in the project venv's Python and
+/// returns what it printed, one JSON value per line; fails the test, with its output, when it fails.
+pub fn reference_json<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> Vec<serde_json::Value> {
+    let o = Command::new(python())
+        .arg(workspace().join("scripts/reference").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(o.status.success(), "{script}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{script} printed {l:?}: {e}")))
+        .collect()
+}
+
 /// The project venv's Python (`GEOSSL_PYTHON` overrides), for reference tools.
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("GEOSSL_PYTHON") {

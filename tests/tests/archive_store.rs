@@ -334,13 +334,7 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
 /// schemas, the embeddings extension's required fields, each Item against its part's rows); fails the test
 /// on an invalid document.
 fn stac_dataset(collection: &Path) -> serde_json::Value {
-    let o = Command::new(geossl_tests::python())
-        .arg(geossl_tests::workspace().join("scripts/reference/stac_embeddings_validate.py"))
-        .arg(collection)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
+    geossl_tests::reference_json("stac_embeddings_validate.py", &[collection]).remove(0)
 }
 
 /// Writes the Landsat scene's bands as single-band files and as a reversed 3-band file.

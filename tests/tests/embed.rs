@@ -381,14 +381,7 @@ fn geoparquet_is_read_and_pruned_by_pyarrow_and_geopandas() {
     let cover = batch.column_by_name("bbox").unwrap().as_struct();
     let b = |k: &str| cover.column_by_name(k).unwrap().as_primitive::<Float64Type>().value(0);
     let q = format!("{},{},{},{}", b("xmin") - 0.01, b("ymin") - 0.01, b("xmax") + 0.01, b("ymax") + 0.01);
-    let o = std::process::Command::new(python())
-        .arg(workspace().join("scripts/reference/geoparquet_read.py"))
-        .arg(&out)
-        .arg(&q)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &geossl_tests::reference_json("geoparquet_read.py", &[out.as_os_str(), q.as_ref()])[0];
     assert_eq!(r["pyarrow_geo"], true, "{r}");
     assert_eq!(r["file_geo"], true, "{r}");
     assert_eq!(r["compression"], "ZSTD", "{r}");
@@ -630,13 +623,10 @@ fn quantized_embeddings_stay_within_the_bounds_of_their_storage() {
         let prov: serde_json::Value = serde_json::from_str(&kv["geossl"]).unwrap();
         assert_eq!(prov["embedding"]["dtype"], t, "{prov}");
         // The file's STAC Collection says how its values are stored (validated by pystac).
-        let o = std::process::Command::new(python())
-            .arg(workspace().join("scripts/reference/stac_embeddings_validate.py"))
-            .arg(d.path().join(format!("{t}.collection.json")))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        let stac: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let stac = &geossl_tests::reference_json(
+            "stac_embeddings_validate.py",
+            &[d.path().join(format!("{t}.collection.json"))],
+        )[0];
         assert_eq!(stac["data_type"], t);
         assert_eq!(stac["items"][0]["quantization"]["quantized_dtype"], t);
         assert_eq!(stac["items"][0]["quantization"]["original_dtype"], "float32");
@@ -792,13 +782,10 @@ fn patch_level_rows_sit_on_their_cells_receptive_fields() {
     assert!(!o.status.success() && text(&o).contains("patch-level"), "{}", text(&o));
     assert!(!png.exists());
 
-    let o = std::process::Command::new(python())
-        .arg(workspace().join("scripts/reference/receptive_field.py"))
-        .args(["--parquet", cells.to_str().unwrap(), "--scene", scene.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let rf: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rf = &geossl_tests::reference_json(
+        "receptive_field.py",
+        &["--parquet", cells.to_str().unwrap(), "--scene", scene.to_str().unwrap()],
+    )[0];
     for axis in ["x", "y"] {
         let f = &rf["receptive_field"][axis];
         assert!((f["stride"].as_f64().unwrap() - 32.0).abs() < 1e-3 && f["cells"].as_u64().unwrap() >= 5, "{rf}");

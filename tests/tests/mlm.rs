@@ -17,11 +17,7 @@ use serde_json::Value;
 
 /// Each card as `scripts/reference/mlm_validate.py` reads it (it fails the test on an invalid card).
 fn validate(cards: &[&Path]) -> Vec<Value> {
-    let mut cmd = std::process::Command::new(python());
-    cmd.arg(workspace().join("scripts/reference/mlm_validate.py")).args(cards);
-    let o = cmd.output().unwrap();
-    assert!(o.status.success(), "card validation: {}", text(&o));
-    String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    geossl_tests::reference_json("mlm_validate.py", cards)
 }
 
 fn sha256_file(p: &Path) -> String {
