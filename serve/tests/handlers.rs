@@ -201,6 +201,9 @@ async fn health_metadata_and_openapi() {
         "/v1/models/{m}/embed",
         "/v1/models/{m}/classify",
         "/v1/models/{m}/segment",
+        "/v1/indexes",
+        "/v1/indexes/{index}/search",
+        "/v1/indexes/{index}/classify",
     ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing from openapi.json");
     }

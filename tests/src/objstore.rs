@@ -77,6 +77,29 @@ impl Moto {
         r.text().split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next()).map(str::to_string).collect()
     }
 
+    /// Copies every object under `prefix` of `bucket` into `dir` (file names relative to the prefix), with
+    /// boto3 and the test credentials: objects written by the code under test are not public in moto.
+    pub fn download(&self, bucket: &str, prefix: &str, dir: &std::path::Path) {
+        let o = std::process::Command::new(crate::python())
+            .arg("-c")
+            .arg(
+                "import boto3, pathlib, sys\n\
+                 s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='testing', \
+                 aws_secret_access_key='testing', region_name='us-east-1')\n\
+                 bucket, prefix, out = sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4])\n\
+                 for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get('Contents', []):\n\
+                 \x20   dest = out / o['Key'][len(prefix):]\n\
+                 \x20   dest.parent.mkdir(parents=True, exist_ok=True)\n\
+                 \x20   s3.download_file(bucket, o['Key'], str(dest))\n",
+            )
+            .arg(format!("http://{}", self.addr))
+            .args([bucket, prefix])
+            .arg(dir)
+            .output()
+            .expect("run python");
+        assert!(o.status.success(), "downloading s3://{bucket}/{prefix}: {}", crate::text(&o));
+    }
+
     /// Environment for clients of `endpoint` (this server, or a proxy before it).
     pub fn env(endpoint: SocketAddr) -> Vec<(&'static str, String)> {
         vec![

@@ -79,8 +79,14 @@ impl Server {
     /// Runs `geossl-serve ARGS` (in `cwd` when given), its stderr to `log`, and waits (≤ 120 s) for its
     /// "listening" line.
     pub fn spawn(args: &[String], cwd: Option<&Path>, log: PathBuf) -> Server {
+        Server::spawn_env(args, cwd, log, &[])
+    }
+
+    /// [`Server::spawn`] with `env` set (e.g. an object store's endpoint and credentials).
+    pub fn spawn_env(args: &[String], cwd: Option<&Path>, log: PathBuf, env: &[(&str, String)]) -> Server {
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(bin("geossl-serve"));
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }

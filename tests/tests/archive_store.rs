@@ -261,22 +261,7 @@ fn sharded_embedding_in_object_storage_resumes_and_equals_local() {
     // Verify wrote the dataset's STAC Collection beside the parts, one Item per part: a copy of the prefix
     // validates (relative links) and each Item's footprint is the union of its part's rows' footprints.
     let copy = d.path().join("ds-copy");
-    // (boto3 with the job's credentials: objects written by single PUTs are not public in moto.)
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(
-            "import boto3, pathlib, sys\n\
-             s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='testing', \
-             aws_secret_access_key='testing', region_name='us-east-1')\n\
-             out = pathlib.Path(sys.argv[2]); out.mkdir()\n\
-             for o in s3.list_objects_v2(Bucket='archive', Prefix='ds/')['Contents']:\n\
-             \x20   s3.download_file('archive', o['Key'], str(out / o['Key'][3:]))\n",
-        )
-        .arg(format!("http://{}", moto.addr))
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    moto.download("archive", "ds/", &copy);
     let v = stac_dataset(&copy.join("collection.json"));
     assert_eq!(v["items"].as_array().unwrap().len(), 3);
     assert_eq!(v["rows"], union.len());

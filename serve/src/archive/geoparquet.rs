@@ -168,7 +168,7 @@ fn window_fields() -> Fields {
 
 /// The `geo` metadata: GeoParquet 1.1, WKB footprints in OGC:CRS84 with the bbox covering, whose
 /// row-group statistics let readers skip what lies outside their area.
-fn geo_metadata() -> serde_json::Value {
+pub fn geo_metadata() -> serde_json::Value {
     serde_json::json!({
         "version": "1.1.0",
         "primary_column": col::GEOMETRY,

@@ -151,7 +151,7 @@ fn write_marker(at: &Location, m: &Marker) -> Result<(), ArchiveError> {
 }
 
 /// The markers in a dataset, by file name.
-fn markers(dataset: &Location) -> Result<Vec<(String, Marker)>, ArchiveError> {
+pub fn markers(dataset: &Location) -> Result<Vec<(String, Marker)>, ArchiveError> {
     if dataset.as_local().is_some_and(|p| !p.exists()) {
         return Ok(Vec::new());
     }

@@ -29,13 +29,25 @@ enum Command {
     /// Draw an embedded scene as a PNG: its windows coloured by the first three principal components of their
     /// embeddings, and a query window with its nearest neighbours (cosine) outlined.
     Map(MapArgs),
+    /// Similarity-search indexes over embedding datasets (`index build`).
+    Index(IndexArgs),
+    /// The chips of an index nearest to a chip, a point, or several of them (mean direction), under exact
+    /// filters; printed, and written as GeoJSON or GeoParquet with --out.
+    Search(SearchArgs),
+    /// Fit a logistic regression on positive and negative chips of an index and rank the whole index by it.
+    Classify(ClassifyArgs),
 }
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Model repository: DIR/<model>/<version>/model.onnx (+ optional config.toml).
-    #[arg(long, env = "GEOSSL_MODEL_REPOSITORY")]
-    model_repository: PathBuf,
+    /// Model repository: DIR/<model>/<version>/model.onnx (+ optional config.toml). Optional with --index
+    /// (a search-only server; image queries need the index's model).
+    #[arg(long, env = "GEOSSL_MODEL_REPOSITORY", required_unless_present = "index")]
+    model_repository: Option<PathBuf>,
+    /// Similarity-search index to serve as NAME=LOCATION (a directory or URL from `index build`); repeatable
+    /// (comma-separated in the environment). Loaded before the server binds.
+    #[arg(long, env = "GEOSSL_INDEXES", value_delimiter = ',', value_parser = parse_named_index)]
+    index: Vec<(String, String)>,
     /// Address to bind.
     #[arg(long, env = "GEOSSL_HOST", default_value = "0.0.0.0")]
     host: String,
@@ -262,6 +274,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve(a),
         Command::Embed(a) => embed(a),
         Command::Map(a) => map(a),
+        Command::Index(a) => index(a),
+        Command::Search(a) => search(a),
+        Command::Classify(a) => classify(a),
     }
 }
 
@@ -285,6 +300,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     let opts = ServeOptions {
         model_repository: a.model_repository,
+        indexes: a.index,
         host: a.host,
         port: a.port,
         metrics_port: a.metrics_port,
@@ -357,6 +373,18 @@ fn parse_bbox(s: &str) -> std::result::Result<[f64; 4], String> {
             Ok([x0, y0, x1, y1])
         }
         _ => Err(format!("{s}: want XMIN,YMIN,XMAX,YMAX in degrees (min ≤ max, lon in ±180, lat in ±90)")),
+    }
+}
+
+/// `NAME=LOCATION`.
+fn parse_named_index(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, l))
+            if !n.is_empty() && !l.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+        {
+            Ok((n.to_string(), l.to_string()))
+        }
+        _ => Err(format!("{s:?}: want NAME=LOCATION, NAME of letters, digits, '-', '_' or '.'")),
     }
 }
 
@@ -530,4 +558,229 @@ fn embed(a: EmbedArgs) -> Result<()> {
         .with_context(|| format!("{out} is written; its STAC Collection {collection_at} is not"))?;
     println!("wrote {collection_at}");
     Ok(())
+}
+
+#[derive(Debug, Args)]
+struct IndexArgs {
+    #[command(subcommand)]
+    sub: IndexSub,
+}
+
+#[derive(Debug, Subcommand)]
+enum IndexSub {
+    /// Build an HNSW index over a GeoParquet dataset (a file, or a sharded run's directory/prefix), or add the
+    /// dataset's new parts to the index already at --out.
+    Build(IndexBuildArgs),
+}
+
+#[derive(Debug, Args)]
+struct IndexBuildArgs {
+    /// The embeddings: a GeoParquet file from `embed`, or a dataset directory/prefix (a sharded run's parts, by
+    /// its success markers; else every .parquet file in it). A path or URL.
+    #[arg(long, env = "GEOSSL_DATASET")]
+    dataset: String,
+    /// The index directory or prefix (index.json, vectors.usearch, rows-NNNNN.parquet). A path or URL.
+    #[arg(long, env = "GEOSSL_INDEX_OUT")]
+    out: String,
+    /// How the index stores vectors: f32, f16 (half the memory) or i8 (a quarter).
+    #[arg(long, env = "GEOSSL_INDEX_QUANTIZATION", value_enum, default_value = "f32")]
+    quantization: geossl_serve::search::index::Quantization,
+    /// HNSW graph degree (links per vector).
+    #[arg(long, env = "GEOSSL_HNSW_CONNECTIVITY", default_value_t = geossl_serve::search::index::Hnsw::default().connectivity)]
+    connectivity: usize,
+    /// HNSW candidate list length while adding.
+    #[arg(long, env = "GEOSSL_HNSW_EXPANSION_ADD", default_value_t = geossl_serve::search::index::Hnsw::default().expansion_add)]
+    expansion_add: usize,
+    /// HNSW candidate list length while searching (at least k is used).
+    #[arg(long, env = "GEOSSL_HNSW_EXPANSION_SEARCH", default_value_t = geossl_serve::search::index::Hnsw::default().expansion_search)]
+    expansion_search: usize,
+    /// Threads adding vectors (0 = one per core).
+    #[arg(long, env = "GEOSSL_INDEX_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "GEOSSL_LOG", default_value = "info")]
+    log: String,
+}
+
+/// Filters and output shared by `search` and `classify`.
+#[derive(Debug, Args)]
+struct AnswerArgs {
+    /// The index directory or prefix (from `index build`). A path or URL.
+    #[arg(long, env = "GEOSSL_INDEX")]
+    index: String,
+    /// Only answers whose footprint meets this box, XMIN,YMIN,XMAX,YMAX in longitude/latitude.
+    #[arg(long = "bbox", env = "GEOSSL_SEARCH_BBOX", allow_hyphen_values = true)]
+    bbox: Option<String>,
+    /// Only answers dated in this RFC 3339 datetime or interval START/END (`..` for an open end).
+    #[arg(long, env = "GEOSSL_SEARCH_DATETIME")]
+    datetime: Option<String>,
+    /// Write the answers here: .geojson/.json (a FeatureCollection) or .parquet (GeoParquet).
+    #[arg(long, env = "GEOSSL_SEARCH_OUT")]
+    out: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "GEOSSL_LOG", default_value = "warn")]
+    log: String,
+}
+
+#[derive(Debug, Args)]
+struct SearchArgs {
+    #[command(flatten)]
+    common: AnswerArgs,
+    /// Query chip id(s) of the index (several: their mean direction).
+    #[arg(long, env = "GEOSSL_QUERY_CHIP", value_delimiter = ',')]
+    chip: Vec<String>,
+    /// Query point(s) LON,LAT: the chip containing each (several, `;`-separated: their mean direction).
+    #[arg(long, env = "GEOSSL_QUERY_POINT", value_delimiter = ';', allow_hyphen_values = true)]
+    point: Vec<String>,
+    /// How many answers.
+    #[arg(short, long, env = "GEOSSL_K", default_value_t = 10)]
+    k: usize,
+    /// Leave out answers from the query chips' own scenes (source files).
+    #[arg(long, env = "GEOSSL_EXCLUDE_OWN_SCENE")]
+    exclude_own_scene: bool,
+    /// Keep answers whose footprint overlaps a query chip's (left out by default: the same pixels).
+    #[arg(long, env = "GEOSSL_KEEP_OVERLAPPING")]
+    keep_overlapping: bool,
+}
+
+#[derive(Debug, Args)]
+struct ClassifyArgs {
+    #[command(flatten)]
+    common: AnswerArgs,
+    /// Positive examples: chip ids or LON,LAT points, `;`-separated.
+    #[arg(long, env = "GEOSSL_POSITIVE", value_delimiter = ';', required = true, allow_hyphen_values = true)]
+    positive: Vec<String>,
+    /// Negative examples: chip ids or LON,LAT points, `;`-separated.
+    #[arg(long, env = "GEOSSL_NEGATIVE", value_delimiter = ';', required = true, allow_hyphen_values = true)]
+    negative: Vec<String>,
+    /// Inverse regularization strength (scikit-learn's C).
+    #[arg(long, env = "GEOSSL_CLASSIFY_C", default_value_t = 1.0)]
+    c: f64,
+    /// How many of the best-scoring chips.
+    #[arg(long, env = "GEOSSL_TOP", default_value_t = 100)]
+    top: usize,
+}
+
+fn index(a: IndexArgs) -> Result<()> {
+    let IndexSub::Build(b) = a.sub;
+    init_logs(&b.log, LogFormat::Text)?;
+    use geossl_serve::search::index::{build, BuildOptions, Hnsw};
+    let hnsw =
+        Hnsw { connectivity: b.connectivity, expansion_add: b.expansion_add, expansion_search: b.expansion_search };
+    if hnsw.connectivity < 2 || hnsw.expansion_add == 0 || hnsw.expansion_search == 0 {
+        bail!("--connectivity must be at least 2, and the expansions positive");
+    }
+    let opts = BuildOptions { dataset: b.dataset, out: b.out, quantization: b.quantization, hnsw, threads: b.threads };
+    let s = build(&opts).with_context(|| format!("indexing {} into {}", opts.dataset, opts.out))?;
+    if s.added_parts.is_empty() {
+        println!(
+            "{}: already holds every part of {} ({} rows, {} parts); nothing added",
+            opts.out, opts.dataset, s.rows, s.parts
+        );
+    } else {
+        println!(
+            "{}: added {} rows from {} part(s) in {:.1} s (graph {:.1} s); {} rows, {} parts, vectors file {:.1} MiB",
+            opts.out,
+            s.added_rows,
+            s.added_parts.len(),
+            s.seconds,
+            s.graph_seconds,
+            s.rows,
+            s.parts,
+            s.vector_file_bytes as f64 / f64::from(1 << 20)
+        );
+    }
+    Ok(())
+}
+
+fn example(s: &str) -> Result<geossl_serve::search::query::Example> {
+    use geossl_serve::search::query::{parse_point, Example};
+    if s.contains(',') {
+        let (lon, lat) = parse_point(s)?;
+        Ok(Example::Point { lon, lat })
+    } else {
+        Ok(Example::Chip(s.trim().to_string()))
+    }
+}
+
+fn filters(a: &AnswerArgs) -> Result<geossl_serve::search::query::Filters> {
+    use geossl_serve::search::query::{parse_bbox, parse_datetime, Filters};
+    Ok(Filters {
+        bbox: a.bbox.as_deref().map(parse_bbox).transpose()?,
+        datetime: a.datetime.as_deref().map(parse_datetime).transpose()?,
+        ..Filters::default()
+    })
+}
+
+/// Prints the answers and writes them to --out.
+fn answers(
+    a: &AnswerArgs,
+    index: &geossl_serve::search::index::Index,
+    hits: &[geossl_serve::search::query::Hit],
+    about: serde_json::Value,
+    score: &str,
+) -> Result<()> {
+    use geossl_serve::search::answers;
+    println!("{:>4}  {:>9}  {:<32}  {:>10}  {:>11}  source", "rank", score, "chip_id", "lat", "lon");
+    for (i, h) in hits.iter().enumerate() {
+        let (lon, lat) = index.center_of(h.key);
+        let source = index.source_of(h.key);
+        let short = source.rsplit('/').next().unwrap_or(source);
+        println!("{:>4}  {:>9.5}  {:<32}  {lat:>10.5}  {lon:>11.5}  {short}", i + 1, h.score, index.chip_id(h.key));
+    }
+    if let Some(out) = &a.out {
+        let bytes = match out.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => answers::geoparquet(index, hits)?,
+            Some("geojson" | "json") => serde_json::to_vec_pretty(&answers::geojson(index, hits, about))?,
+            _ => bail!("--out {}: name a .geojson, .json or .parquet file", out.display()),
+        };
+        std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {} ({} answers)", out.display(), hits.len());
+    }
+    Ok(())
+}
+
+fn search(a: SearchArgs) -> Result<()> {
+    use geossl_serve::search::query::{Filters, Query};
+    init_logs(&a.common.log, LogFormat::Text)?;
+    let mut examples = a.chip.iter().map(|c| example(c)).collect::<Result<Vec<_>>>()?;
+    for p in &a.point {
+        let (lon, lat) = geossl_serve::search::query::parse_point(p)?;
+        examples.push(geossl_serve::search::query::Example::Point { lon, lat });
+    }
+    let query = match examples.len() {
+        0 => bail!("give a query: --chip ID or --point LON,LAT"),
+        1 => Query::Example(examples.remove(0)),
+        _ => Query::Examples(examples),
+    };
+    let f =
+        Filters { exclude_own_scene: a.exclude_own_scene, keep_overlapping: a.keep_overlapping, ..filters(&a.common)? };
+    let index = geossl_serve::search::index::Index::open(&a.common.index)?;
+    let hits = index.search(&query, a.k, &f)?;
+    let about = serde_json::json!({"index": a.common.index, "model": index.manifest.model, "k": a.k,
+        "query": {"chips": a.chip, "points": a.point}});
+    answers(&a.common, &index, &hits, about, "cosine")
+}
+
+fn classify(a: ClassifyArgs) -> Result<()> {
+    init_logs(&a.common.log, LogFormat::Text)?;
+    let pos = a.positive.iter().map(|s| example(s)).collect::<Result<Vec<_>>>()?;
+    let neg = a.negative.iter().map(|s| example(s)).collect::<Result<Vec<_>>>()?;
+    if !(a.c > 0.0 && a.c.is_finite()) {
+        bail!("--c {}: the inverse regularization strength must be a positive number", a.c);
+    }
+    let f = filters(&a.common)?;
+    let index = geossl_serve::search::index::Index::open(&a.common.index)?;
+    let r = index.classify(&pos, &neg, a.c, a.top, &f)?;
+    eprintln!(
+        "logistic regression on {} positive and {} negative chips (C = {}): {} iterations{}",
+        r.positives.len(),
+        r.negatives.len(),
+        a.c,
+        r.model.iterations,
+        if r.model.converged { "" } else { " (not converged)" }
+    );
+    let about = serde_json::json!({"index": a.common.index, "model": index.manifest.model, "top": a.top,
+        "classifier": {"c": a.c, "positives": a.positive, "negatives": a.negative, "intercept": r.model.intercepts[0]}});
+    answers(&a.common, &index, &r.hits, about, "decision")
 }

@@ -1,13 +1,14 @@
 //! The one table from error kind to HTTP status. Every handler returns
 //! [`ServeError`]; its status and `{"error": "..."}` body come from here, and
-//! so does the mapping of the engine's ([`InferError`]) and the image
-//! decoder's ([`ImageError`]) errors onto it.
+//! so does the mapping of the engine's ([`InferError`]), the image
+//! decoder's ([`ImageError`]) and search's ([`SearchError`]) errors onto it.
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use geossl_raster::{ImageError, ImageErrorKind};
 
 use crate::infer::InferError;
+use crate::search::SearchError;
 
 /// An error a request can end with. Only [`ServeError::Internal`] is a 5xx
 /// other than 503, and reaching it is a bug.
@@ -119,6 +120,17 @@ impl From<ImageError> for ServeError {
             ImageErrorKind::Format => ServeError::UnsupportedMediaType(m),
             ImageErrorKind::TooLarge => ServeError::TooLarge(m),
             ImageErrorKind::Unprocessable => ServeError::Unprocessable(m),
+        }
+    }
+}
+
+impl From<SearchError> for ServeError {
+    fn from(e: SearchError) -> Self {
+        match e {
+            SearchError::BadQuery(m) => ServeError::BadRequest(m),
+            SearchError::NotFound(m) => ServeError::NotFound(m),
+            SearchError::Mismatch(m) => ServeError::Unprocessable(m),
+            SearchError::Index(m) => ServeError::Internal(m),
         }
     }
 }

@@ -271,6 +271,34 @@ async fn accept(
     Ok((Prepared { worker, arrival, planes, query }, permit))
 }
 
+/// The embedding of the one image in the request body by `worker`'s model (an embedding model): the
+/// image query of a similarity search.
+pub async fn embed_one(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    payload: web::Payload,
+    worker: Arc<Worker>,
+) -> Result<Vec<f32>, ServeError> {
+    let arrival = worker.announce();
+    let _permit = state.permit()?;
+    let images = read_images(state, req, payload).await?;
+    if images.len() != 1 {
+        return Err(ServeError::BadRequest(format!("send one query image, not {}", images.len())));
+    }
+    let info = worker.info.clone();
+    let (max_pixels, grey_to_rgb) = (state.limits.max_pixels, state.grey_to_rgb);
+    let started = Instant::now();
+    let planes = web::block(move || decode_images(&images, &info, max_pixels, grey_to_rgb))
+        .await
+        .map_err(|e| ServeError::Internal(format!("decoder task failed: {e}")))??;
+    state.metrics.decode_seconds.with_label_values(&[worker.label()]).observe(started.elapsed().as_secs_f64());
+    let p = Prepared { worker, arrival, planes, query: ImageQuery::default() };
+    let outs = run_rows(state, &p, &p.planes).await?;
+    let e = output(&p.worker.info, &outs, OutputRole::Embedding)
+        .ok_or_else(|| ServeError::Unprocessable(format!("model {} has no embedding output", p.worker.info.name)))?;
+    Ok(e.as_f32().unwrap_or(&[]).to_vec())
+}
+
 fn output<'a>(info: &ModelInfo, outs: &'a [Tensor], role: OutputRole) -> Option<&'a Tensor> {
     info.output_index(role).and_then(|i| outs.get(i))
 }

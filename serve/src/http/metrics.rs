@@ -18,6 +18,9 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     /// Image decoding and resizing.
     pub decode_seconds: HistogramVec,
+    /// Similarity search: time in the index by index and operation (search, classify); its count's rate
+    /// is the QPS.
+    pub search_seconds: HistogramVec,
     /// The engine's: queues, batches, backend time.
     pub infer: Arc<InferMetrics>,
 }
@@ -49,6 +52,12 @@ impl Metrics {
                 &["model"],
                 seconds_buckets(),
             ),
+            search_seconds: hist(
+                "geossl_search_duration_seconds",
+                "Time answering a search or classification in the index (HTTP excluded)",
+                &["index", "op"],
+                seconds_buckets(),
+            ),
             infer: Arc::new(InferMetrics::new(&registry)),
             registry,
         };
@@ -56,6 +65,7 @@ impl Metrics {
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.request_seconds.clone()),
             Box::new(m.decode_seconds.clone()),
+            Box::new(m.search_seconds.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }

@@ -1,5 +1,5 @@
 //! The HTTP service: routes and lifecycle ([`server`]), the Open Inference Protocol v2 ([`oip`]) and the
-//! image endpoints ([`images`]), the model repository ([`repository`]), shared state ([`state`]), metrics
+//! image endpoints ([`images`]), similarity search ([`search`]), the model repository ([`repository`]), shared state ([`state`]), metrics
 //! ([`metrics`]) and the one table from error kind to HTTP status ([`error`]).
 
 pub mod error;
@@ -7,6 +7,7 @@ pub mod images;
 pub mod metrics;
 pub mod oip;
 pub mod repository;
+pub mod search;
 pub mod server;
 pub mod state;
 

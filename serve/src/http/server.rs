@@ -1,6 +1,7 @@
 //! Routes, the request-metrics middleware, model loading with warm-up, and
 //! the server's lifecycle (bind after warm-up, SIGTERM drain).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,11 +16,12 @@ use crate::http::error::ServeError;
 use crate::http::metrics::Metrics;
 use crate::http::repository;
 use crate::http::state::{AppState, Limits};
-use crate::http::{images, oip};
+use crate::http::{images, oip, search};
 use crate::infer::backend::{Backend, ModelInfo};
 use crate::infer::batcher::Worker;
 use crate::infer::ort::{self, OrtBackend, SessionOptions};
 use crate::infer::tensor::{DType, Tensor};
+use crate::search::index::Index;
 
 /// The OpenAPI document of this server.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -98,6 +100,9 @@ pub fn app(
         .route("/v1/models/{m}/embed", web::post().to(images::embed))
         .route("/v1/models/{m}/classify", web::post().to(images::classify))
         .route("/v1/models/{m}/segment", web::post().to(images::segment))
+        .route("/v1/indexes", web::get().to(search::list))
+        .route("/v1/indexes/{index}/search", web::post().to(search::search))
+        .route("/v1/indexes/{index}/classify", web::post().to(search::classify))
         .route("/openapi.json", web::get().to(openapi))
         .default_service(web::to(not_found))
 }
@@ -105,7 +110,10 @@ pub fn app(
 /// Server options (the `serve` subcommand's flags).
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub model_repository: PathBuf,
+    /// None: a search-only server (image queries need the index's model).
+    pub model_repository: Option<PathBuf>,
+    /// Similarity-search indexes: (name, location).
+    pub indexes: Vec<(String, String)>,
     pub host: String,
     pub port: u16,
     pub metrics_port: u16,
@@ -152,12 +160,35 @@ pub enum StartError {
     Warmup { model: String, batch: usize, message: String },
     #[error("starting workers: {0}")]
     Workers(#[from] std::io::Error),
+    #[error("index {name}: {source}")]
+    Index { name: String, source: crate::search::SearchError },
+}
+
+/// A loaded model's worker and the SHA-256 of its ONNX file.
+#[derive(Debug)]
+pub struct Loaded {
+    pub worker: Worker,
+    pub sha256: String,
+}
+
+/// Opens every `--index NAME=LOCATION` (manifest, vectors and rows into memory).
+pub fn load_indexes(opts: &ServeOptions) -> Result<BTreeMap<String, Arc<Index>>, StartError> {
+    let mut out = BTreeMap::new();
+    for (name, location) in &opts.indexes {
+        let started = Instant::now();
+        let index = Index::open(location).map_err(|source| StartError::Index { name: name.clone(), source })?;
+        tracing::info!(index = %name, %location, rows = index.len(), dimensions = index.dimensions(),
+            model = %index.manifest.model.name, load_ms = started.elapsed().as_millis() as u64, "index ready");
+        out.insert(name.clone(), Arc::new(index));
+    }
+    Ok(out)
 }
 
 /// Loads every model version of the repository, warms each session up
 /// (batch 1 and `max_batch_size`) and starts its workers.
-pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Worker>, StartError> {
-    let entries = repository::scan(&opts.model_repository)?;
+pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Loaded>, StartError> {
+    let Some(repo) = &opts.model_repository else { return Ok(Vec::new()) };
+    let entries = repository::scan(repo)?;
     let env = ort::init(&opts.ort_lib)?;
     let mut workers = Vec::new();
     for e in entries {
@@ -194,7 +225,9 @@ pub fn load_models(opts: &ServeOptions, metrics: &Arc<Metrics>) -> Result<Vec<Wo
             contract = e.card.as_ref().map_or_else(|| "onnx metadata".to_string(), |p| p.display().to_string()),
             "model ready"
         );
-        workers.push(Worker::start(info, batch, backends, metrics.infer.clone())?);
+        let bytes = std::fs::read(&e.model_path)?;
+        let sha256 = geossl_models::sha256_hex(&bytes);
+        workers.push(Loaded { worker: Worker::start(info, batch, backends, metrics.infer.clone())?, sha256 });
     }
     Ok(workers)
 }
@@ -206,7 +239,7 @@ pub struct Bound {
     pub metrics: SocketAddr,
 }
 
-/// Runs the server until SIGTERM/SIGINT: load and warm up every model, bind
+/// Runs the server until SIGTERM/SIGINT: load and warm up every model, open every index, bind
 /// (only then), serve; on a signal turn readiness false, wait `drain_delay`,
 /// stop accepting and let in-flight requests finish.
 pub async fn run(opts: ServeOptions, on_bound: impl FnOnce(Bound)) -> anyhow::Result<()> {
@@ -214,12 +247,23 @@ pub async fn run(opts: ServeOptions, on_bound: impl FnOnce(Bound)) -> anyhow::Re
     let metrics = Arc::new(Metrics::new());
     let o = opts.clone();
     let m = metrics.clone();
-    let workers = tokio::task::spawn_blocking(move || load_models(&o, &m))
+    let loaded = tokio::task::spawn_blocking(move || load_models(&o, &m))
         .await
         .context("model loading task")?
         .context("loading the model repository")?;
+    let o = opts.clone();
+    let indexes = tokio::task::spawn_blocking(move || load_indexes(&o))
+        .await
+        .context("index loading task")?
+        .context("loading the indexes")?;
+    let hashes =
+        loaded.iter().map(|l| ((l.worker.info.name.clone(), l.worker.info.version), l.sha256.clone())).collect();
+    let workers = loaded.into_iter().map(|l| l.worker).collect();
     let state = web::Data::new(
-        AppState::new(workers, metrics.clone(), opts.limits, opts.api_key.clone()).with_grey_to_rgb(opts.grey_to_rgb),
+        AppState::new(workers, metrics.clone(), opts.limits, opts.api_key.clone())
+            .with_grey_to_rgb(opts.grey_to_rgb)
+            .with_indexes(indexes)
+            .with_model_sha256(hashes),
     );
 
     let st = state.clone();

@@ -1,4 +1,4 @@
-//! Shared server state: loaded models, limits, readiness, metrics.
+//! Shared server state: loaded models and search indexes, limits, readiness, metrics.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +14,7 @@ use crate::http::error::ServeError;
 use crate::http::metrics::Metrics;
 use crate::http::repository::parse_version;
 use crate::infer::batcher::Worker;
+use crate::search::index::Index;
 
 /// Request limits.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,11 @@ pub struct AppState {
     pub limits: Limits,
     /// Replicate one-band (grey) images into three bands for three-band models (`--grey-to-rgb`).
     pub grey_to_rgb: bool,
+    /// Similarity-search indexes by name (`--index NAME=LOCATION`).
+    pub indexes: BTreeMap<String, Arc<Index>>,
+    /// SHA-256 of each model's ONNX file by name and version: an image query of an index must come from
+    /// the index's model.
+    pub model_sha256: BTreeMap<(String, u64), String>,
     api_key: Option<String>,
     ready: AtomicBool,
     inflight: Arc<Semaphore>,
@@ -64,6 +70,8 @@ impl AppState {
             metrics,
             limits,
             grey_to_rgb: false,
+            indexes: BTreeMap::new(),
+            model_sha256: BTreeMap::new(),
             api_key: api_key.filter(|k| !k.is_empty()),
             ready: AtomicBool::new(true),
             inflight: Arc::new(Semaphore::new(limits.max_inflight.max(1))),
@@ -74,6 +82,26 @@ impl AppState {
     pub fn with_grey_to_rgb(mut self, on: bool) -> Self {
         self.grey_to_rgb = on;
         self
+    }
+
+    /// With these search indexes.
+    pub fn with_indexes(mut self, indexes: BTreeMap<String, Arc<Index>>) -> Self {
+        self.indexes = indexes;
+        self
+    }
+
+    /// With the models' file hashes.
+    pub fn with_model_sha256(mut self, hashes: BTreeMap<(String, u64), String>) -> Self {
+        self.model_sha256 = hashes;
+        self
+    }
+
+    /// The index `name`, or 404.
+    pub fn index(&self, name: &str) -> Result<&Arc<Index>, ServeError> {
+        self.indexes.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.indexes.keys().map(String::as_str).collect();
+            ServeError::NotFound(format!("unknown index {name:?} (this server has {known:?})"))
+        })
     }
 
     pub fn is_ready(&self) -> bool {

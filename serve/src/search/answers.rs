@@ -1,0 +1,94 @@
+//! Answers as a GeoJSON FeatureCollection (QGIS, web maps) or GeoParquet (the index's row columns, with
+//! `rank` and `score` first).
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, UInt32Array};
+use arrow_schema::{DataType, Field, Schema};
+use serde_json::{json, Value};
+
+use super::index::{Index, KEY};
+use super::query::Hit;
+use super::SearchError;
+use crate::archive::geoparquet;
+
+/// The GeoParquet media type (`Accept` for Parquet answers).
+pub const PARQUET_MEDIA_TYPE: &str = "application/vnd.apache.parquet";
+pub const GEOJSON_MEDIA_TYPE: &str = "application/geo+json";
+
+fn rfc3339(micros: i64) -> Value {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map_or(Value::Null, |t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
+}
+
+/// The answers as a GeoJSON FeatureCollection: each a Feature with the chip's footprint and `rank`
+/// (from 1), `score`, `chip_id`, `source`, `datetime`, `window` (and `cell`) as properties; `about` goes
+/// into the collection's `geossl` member (the query, the index, the model).
+pub fn geojson(index: &Index, hits: &[Hit], about: Value) -> Value {
+    let features: Vec<Value> = hits
+        .iter()
+        .enumerate()
+        .map(|(rank, h)| {
+            let (window, cell) = index.window(h.key);
+            let ring: Vec<[f64; 2]> = index.ring(h.key).into_iter().map(|(x, y)| [x, y]).collect();
+            let chip = index.chip_id(h.key);
+            let mut properties = json!({
+                "rank": rank + 1,
+                "score": h.score,
+                "chip_id": chip,
+                "source": index.source_of(h.key),
+                "datetime": index.datetime[h.key as usize].map_or(Value::Null, rfc3339),
+                "window": {"x": window[0], "y": window[1], "w": window[2], "h": window[3]},
+                "center": [index.center[h.key as usize].0, index.center[h.key as usize].1],
+            });
+            if let Some([r, c]) = cell {
+                properties["cell"] = json!({"row": r, "col": c});
+            }
+            json!({
+                "type": "Feature",
+                "id": chip,
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": properties,
+            })
+        })
+        .collect();
+    json!({"type": "FeatureCollection", "features": features, "geossl": about})
+}
+
+/// The answers as GeoParquet bytes: `rank`, `score`, then the index's row columns (the dataset's, less the
+/// embedding), with the `geo` metadata.
+pub fn geoparquet(index: &Index, hits: &[Hit]) -> Result<Vec<u8>, SearchError> {
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+    let Some((_, first)) = index.batches().next() else {
+        return Err(SearchError::Index(format!("{}: no rows", index.location)));
+    };
+    let rows_schema = first.schema();
+    let rows: Vec<RecordBatch> = hits
+        .iter()
+        .map(|h| {
+            let (b, i) = index.locate(h.key);
+            b.slice(i, 1)
+        })
+        .collect();
+    let rows = arrow_select::concat::concat_batches(&rows_schema, &rows).map_err(SearchError::index)?;
+    let mut fields = vec![Field::new("rank", DataType::UInt32, false), Field::new("score", DataType::Float64, false)];
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(1..=hits.len() as u32)),
+        Arc::new(Float64Array::from_iter_values(hits.iter().map(|h| h.score))),
+    ];
+    for (f, c) in rows_schema.fields().iter().zip(rows.columns()) {
+        if f.name() != KEY {
+            fields.push(f.as_ref().clone());
+            columns.push(c.clone());
+        }
+    }
+    let geo = geoparquet::geo_metadata().to_string();
+    let schema = Arc::new(Schema::new_with_metadata(fields, [("geo".to_string(), geo.clone())].into_iter().collect()));
+    let batch = RecordBatch::try_new(schema.clone(), columns).map_err(SearchError::index)?;
+    let props =
+        WriterProperties::builder().set_key_value_metadata(Some(vec![KeyValue::new("geo".into(), geo)])).build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema, Some(props)).map_err(SearchError::index)?;
+    w.write(&batch).map_err(SearchError::index)?;
+    w.into_inner().map_err(SearchError::index)
+}

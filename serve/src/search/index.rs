@@ -1,0 +1,745 @@
+//! An index over a GeoParquet dataset of embeddings, and its build.
+//!
+//! Layout (a local directory or an object-storage prefix):
+//! - `index.json` — the [`Manifest`]: the dataset's model (name, version, SHA-256) and plan hash, the
+//!   dimension, level, quantization and HNSW parameters, and every indexed part with its rows' key range.
+//!   Written last: an index is what its manifest says.
+//! - `vectors.usearch` — the HNSW graph and the vectors (L2-normalized, cosine metric; stored as f32, f16
+//!   or i8), keyed by row number `0..rows`.
+//! - `rows-NNNNN.parquet` — per indexed part, its rows' metadata (the dataset's `chip_id`, `source`,
+//!   `window`, `geometry`, `bbox`, `center_lat`, `center_lon`, `datetime`, `cell` columns) and `key`:
+//!   itself a GeoParquet file.
+//!
+//! Building over a dataset that already has an index at `out` adds only the parts the manifest does not
+//! list (a growing dataset is not rebuilt).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::{Array, ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray, StructArray, UInt64Array};
+use arrow_array::{TimestampMicrosecondArray, UInt32Array};
+use arrow_schema::{DataType, Field, Schema};
+use serde::{Deserialize, Serialize};
+
+use super::SearchError;
+use crate::archive::geoparquet::{self, col};
+use crate::archive::shard;
+use crate::archive::store::Location;
+
+/// The index format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "index.json";
+pub const VECTORS: &str = "vectors.usearch";
+/// The rows files' key column: the row's key in `vectors.usearch`.
+pub const KEY: &str = "key";
+/// The engine underneath, as recorded in manifests.
+pub const ENGINE: &str = "usearch 2.26.6";
+
+/// The dataset's columns an index keeps for answers and filters (`cell` too, in patch-level datasets).
+const META_COLUMNS: [&str; 8] =
+    [col::CHIP_ID, col::SOURCE, col::WINDOW, col::GEOMETRY, col::BBOX, col::CENTER_LAT, col::CENTER_LON, col::DATETIME];
+
+/// How the index stores vectors: f32 (4·D bytes a vector), f16 (2·D) or i8 (D; usearch scales the
+/// normalized vector's components by 127).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    #[default]
+    F32,
+    F16,
+    I8,
+}
+
+impl Quantization {
+    fn scalar(self) -> usearch::ScalarKind {
+        match self {
+            Quantization::F32 => usearch::ScalarKind::F32,
+            Quantization::F16 => usearch::ScalarKind::F16,
+            Quantization::I8 => usearch::ScalarKind::I8,
+        }
+    }
+}
+
+/// The model a dataset's rows were made with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelId {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+/// HNSW parameters: graph degree, and the candidate list lengths while adding and searching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hnsw {
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+}
+
+impl Default for Hnsw {
+    /// Measured in docs/benchmarks/search.md.
+    fn default() -> Self {
+        Hnsw { connectivity: 16, expansion_add: 128, expansion_search: 256 }
+    }
+}
+
+/// One indexed part of the dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedPart {
+    /// The part's file name (its identity in the dataset: a part is added once).
+    pub name: String,
+    /// Where it was read.
+    pub location: String,
+    pub rows: usize,
+    /// Its rows hold keys `first_key .. first_key + rows`.
+    pub first_key: u64,
+    /// Its rows' metadata in the index.
+    pub rows_file: String,
+}
+
+/// `index.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub software: String,
+    pub engine: String,
+    /// The dataset the index was (last) built from.
+    pub dataset: String,
+    pub model: ModelId,
+    /// The plan of a sharded dataset.
+    pub plan_sha256: Option<String>,
+    pub dimensions: usize,
+    /// `pooled` (a row per window) or `spatial` (a row per cell of a window's feature grid).
+    pub level: String,
+    /// The dataset's stored embedding type (float32, float16, int8).
+    pub embedding_dtype: String,
+    /// Cosine similarity of L2-normalized vectors.
+    pub metric: String,
+    pub quantization: Quantization,
+    pub hnsw: Hnsw,
+    pub rows: usize,
+    pub parts: Vec<IndexedPart>,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// A GeoParquet file, or a directory/prefix of parts (a sharded run's, by its success markers).
+    pub dataset: String,
+    /// The index directory or prefix.
+    pub out: String,
+    pub quantization: Quantization,
+    pub hnsw: Hnsw,
+    /// Threads adding vectors (0: all cores).
+    pub threads: usize,
+}
+
+/// What a build did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BuildSummary {
+    pub rows: usize,
+    pub parts: usize,
+    pub added_rows: usize,
+    pub added_parts: Vec<String>,
+    /// Seconds adding vectors to the graph (reading and writing excluded).
+    pub graph_seconds: f64,
+    pub seconds: f64,
+    /// Bytes of `vectors.usearch`.
+    pub vector_file_bytes: u64,
+}
+
+/// A dataset's parts, in order, and its plan hash.
+#[derive(Debug, Clone)]
+pub struct DatasetParts {
+    pub parts: Vec<(String, Location)>,
+    pub plan_sha256: Option<String>,
+}
+
+/// The parts of `dataset`: one `.parquet` file; a sharded run's parts as its success markers list them (in
+/// shard order; unfinished shards' files are not parts); else every `.parquet` file in the directory.
+pub fn dataset_parts(dataset: &str) -> Result<DatasetParts, SearchError> {
+    let at = Location::parse(dataset)?;
+    if dataset.ends_with(".parquet") {
+        return Ok(DatasetParts { parts: vec![(at.file_name(), at)], plan_sha256: None });
+    }
+    let mut markers = shard::markers(&at)?.into_iter().map(|(_, m)| m).collect::<Vec<_>>();
+    if !markers.is_empty() {
+        markers.sort_by_key(|m| m.shard_index);
+        let plan = markers[0].plan_sha256.clone();
+        if let Some(m) = markers.iter().find(|m| m.plan_sha256 != plan) {
+            return Err(SearchError::Index(format!(
+                "{dataset}: shard {} was made from another plan ({}) than shard {} ({plan})",
+                m.shard_index, m.plan_sha256, markers[0].shard_index
+            )));
+        }
+        let parts = markers.iter().flat_map(|m| m.part_names()).map(|n| (n.clone(), at.join(&n))).collect();
+        return Ok(DatasetParts { parts, plan_sha256: Some(plan) });
+    }
+    let parts: Vec<(String, Location)> = if at.as_local().is_some_and(|p| !p.is_dir()) {
+        Vec::new()
+    } else {
+        at.list()?
+            .into_iter()
+            .filter(|l| {
+                let name = l.file_name();
+                name.ends_with(".parquet") && !name.starts_with('.') && at.join(&name).as_str() == l.as_str()
+            })
+            .map(|l| (l.file_name(), l))
+            .collect()
+    };
+    if parts.is_empty() {
+        return Err(SearchError::Index(format!(
+            "{dataset}: no GeoParquet embeddings here (give a .parquet file or a directory of them)"
+        )));
+    }
+    Ok(DatasetParts { parts, plan_sha256: None })
+}
+
+/// What a part's footer says about its rows.
+struct PartInfo {
+    model: ModelId,
+    dimensions: usize,
+    level: String,
+    dtype: String,
+}
+
+fn part_info(name: &str, provenance: Option<String>) -> Result<PartInfo, SearchError> {
+    let p: serde_json::Value = provenance.and_then(|v| serde_json::from_str(&v).ok()).ok_or_else(|| {
+        SearchError::Index(format!("{name}: no geossl provenance in the footer (not an embed output)"))
+    })?;
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    let model = (|| {
+        Some(ModelId {
+            name: s(&p["model"]["name"])?,
+            version: s(&p["model"]["version"])?,
+            sha256: s(&p["model"]["sha256"])?,
+        })
+    })()
+    .ok_or_else(|| SearchError::Index(format!("{name}: the footer names no model")))?;
+    let dimensions = p["embedding"]["dimensions"]
+        .as_u64()
+        .ok_or_else(|| SearchError::Index(format!("{name}: the footer gives no embedding dimension")))?
+        as usize;
+    Ok(PartInfo {
+        model,
+        dimensions,
+        level: s(&p["level"]).unwrap_or_else(|| "pooled".into()),
+        dtype: s(&p["embedding"]["dtype"]).unwrap_or_else(|| "float32".into()),
+    })
+}
+
+/// `x` divided by its L2 norm (zero stays zero).
+pub fn normalized(x: &[f32]) -> Vec<f32> {
+    let norm = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    if norm == 0.0 {
+        return x.to_vec();
+    }
+    x.iter().map(|&v| (f64::from(v) / norm) as f32).collect()
+}
+
+fn engine_err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> SearchError + '_ {
+    move |e| SearchError::Index(format!("{what}: {e}"))
+}
+
+fn new_vectors(dimensions: usize, q: Quantization, h: Hnsw) -> Result<usearch::Index, SearchError> {
+    let options = usearch::IndexOptions {
+        dimensions,
+        metric: usearch::MetricKind::Cos,
+        quantization: q.scalar(),
+        connectivity: h.connectivity,
+        expansion_add: h.expansion_add,
+        expansion_search: h.expansion_search,
+        multi: false,
+    };
+    usearch::Index::new(&options).map_err(engine_err("creating the vector index"))
+}
+
+/// Reads the vectors file at `at` (into memory).
+fn load_vectors(at: &Location) -> Result<usearch::Index, SearchError> {
+    let loaded = match at.as_local() {
+        Some(p) => {
+            if !p.is_file() {
+                return Err(SearchError::Index(format!("{at}: no vectors file")));
+            }
+            usearch::Index::restore(&p.display().to_string())
+        }
+        None => {
+            let bytes = at.read()?.ok_or_else(|| SearchError::Index(format!("{at}: no vectors file")))?;
+            usearch::Index::restore_from_buffer(&bytes)
+        }
+    };
+    loaded.map_err(|e| SearchError::Index(format!("{at}: not a readable vector index: {e}")))
+}
+
+fn read_manifest(out: &Location) -> Result<Option<Manifest>, SearchError> {
+    let at = out.join(MANIFEST);
+    let Some(bytes) = at.read()? else { return Ok(None) };
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| SearchError::Index(format!("{at}: not a geossl index manifest: {e}")))?;
+    if m.format != FORMAT_VERSION {
+        return Err(SearchError::Index(format!(
+            "{at}: index format {} (this geossl reads {FORMAT_VERSION}); rebuild it",
+            m.format
+        )));
+    }
+    Ok(Some(m))
+}
+
+/// The rows' metadata of `batch` (the dataset's columns) with `key` from `first_key`.
+fn rows_batch(batch: &RecordBatch, first_key: u64, name: &str) -> Result<RecordBatch, SearchError> {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for c in META_COLUMNS.iter().chain(std::iter::once(&col::CELL)) {
+        match batch.schema().column_with_name(c) {
+            Some((i, f)) => {
+                fields.push(f.clone());
+                columns.push(batch.column(i).clone());
+            }
+            None if *c == col::CELL => {}
+            None => return Err(SearchError::Index(format!("{name}: no `{c}` column"))),
+        }
+    }
+    fields.push(Field::new(KEY, DataType::UInt64, false));
+    columns.push(Arc::new(UInt64Array::from_iter_values(first_key..first_key + batch.num_rows() as u64)));
+    let meta = [("geo".to_string(), geoparquet::geo_metadata().to_string())].into_iter().collect::<HashMap<_, _>>();
+    RecordBatch::try_new(Arc::new(Schema::new_with_metadata(fields, meta)), columns)
+        .map_err(|e| SearchError::Index(format!("{name}: {e}")))
+}
+
+/// Writes `batches` as a (GeoParquet) file at `path`.
+fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<(), SearchError> {
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+    let Some(first) = batches.first() else { return Err(SearchError::Index("no rows to write".into())) };
+    let schema = first.schema();
+    let kv = schema.metadata().iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect();
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .set_key_value_metadata(Some(kv))
+        .build();
+    let f = std::fs::File::create(path).map_err(|e| SearchError::Index(format!("{}: {e}", path.display())))?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, schema, Some(props)).map_err(SearchError::index)?;
+    for b in batches {
+        w.write(b).map_err(SearchError::index)?;
+    }
+    w.close().map_err(SearchError::index)?;
+    Ok(())
+}
+
+/// Adds rows `first_key..` with `vectors` (`n × d`, normalized) to `index` from `threads` threads.
+fn add_vectors(
+    index: &usearch::Index,
+    first_key: u64,
+    vectors: &[f32],
+    d: usize,
+    threads: usize,
+) -> Result<(), SearchError> {
+    let n = vectors.len() / d;
+    index.reserve_capacity_and_threads(index.size() + n, threads).map_err(engine_err("reserving the vector index"))?;
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vectors
+            .chunks(per * d)
+            .enumerate()
+            .map(|(t, chunk)| {
+                s.spawn(move || -> Result<(), SearchError> {
+                    for (i, v) in chunk.chunks_exact(d).enumerate() {
+                        let key = first_key + (t * per + i) as u64;
+                        index.add(key, v).map_err(engine_err("adding a vector"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err(SearchError::Index("an adding thread panicked".into()))))
+    })
+}
+
+/// Builds an index of `opts.dataset` at `opts.out`, or adds the dataset's new parts to the index there.
+pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
+    let started = Instant::now();
+    let out = Location::parse(&opts.out)?;
+    if let Some(dir) = out.as_local() {
+        std::fs::create_dir_all(dir).map_err(|e| SearchError::Index(format!("{}: {e}", dir.display())))?;
+    }
+    let dataset = dataset_parts(&opts.dataset)?;
+    let existing = read_manifest(&out)?;
+    let threads =
+        if opts.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { opts.threads };
+    let (mut manifest, vectors) = match existing {
+        Some(m) => {
+            if m.quantization != opts.quantization {
+                return Err(SearchError::Index(format!(
+                    "{}: the index there stores {:?} vectors; this build asks for {:?} (build elsewhere, or keep its quantization)",
+                    opts.out, m.quantization, opts.quantization
+                )));
+            }
+            if let (Some(a), Some(b)) = (&m.plan_sha256, &dataset.plan_sha256) {
+                if a != b {
+                    tracing::warn!(index = %a, dataset = %b, "the dataset's plan differs from the indexed one's; adding its new parts");
+                }
+            }
+            let v = load_vectors(&out.join(VECTORS))?;
+            if v.size() < m.rows {
+                return Err(SearchError::Index(format!(
+                    "{}: the vectors file holds {} vectors; the manifest counts {}",
+                    opts.out,
+                    v.size(),
+                    m.rows
+                )));
+            }
+            (m, Some(v))
+        }
+        None => {
+            let (name, first) = &dataset.parts[0];
+            let (_, provenance) = geoparquet::read_columns_with_provenance(first, &[col::CHIP_ID])?;
+            let info = part_info(name, provenance)?;
+            let m = Manifest {
+                format: FORMAT_VERSION,
+                software: format!("geossl {}", geossl_models::GEOSSL_VERSION),
+                engine: ENGINE.into(),
+                dataset: opts.dataset.clone(),
+                model: info.model,
+                plan_sha256: dataset.plan_sha256.clone(),
+                dimensions: info.dimensions,
+                level: info.level,
+                embedding_dtype: info.dtype,
+                metric: "cos".into(),
+                quantization: opts.quantization,
+                hnsw: opts.hnsw,
+                rows: 0,
+                parts: Vec::new(),
+            };
+            (m, None)
+        }
+    };
+    let vectors = match vectors {
+        Some(v) => v,
+        None => new_vectors(manifest.dimensions, manifest.quantization, manifest.hnsw)?,
+    };
+    let known: std::collections::HashSet<String> = manifest.parts.iter().map(|p| p.name.clone()).collect();
+    let new_parts: Vec<&(String, Location)> = dataset.parts.iter().filter(|(n, _)| !known.contains(n)).collect();
+    let mut summary = BuildSummary {
+        rows: manifest.rows,
+        parts: manifest.parts.len(),
+        added_rows: 0,
+        added_parts: Vec::new(),
+        graph_seconds: 0.0,
+        seconds: 0.0,
+        vector_file_bytes: 0,
+    };
+    if new_parts.is_empty() {
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+    let mut columns: Vec<&str> = META_COLUMNS.to_vec();
+    columns.extend([col::CELL, col::EMBEDDING]);
+    let mut published = Vec::new();
+    let d = manifest.dimensions;
+    for (name, at) in new_parts {
+        let (batches, provenance) = geoparquet::read_columns_with_provenance(at, &columns)?;
+        let info = part_info(name, provenance)?;
+        if info.model.sha256 != manifest.model.sha256 {
+            return Err(SearchError::Index(format!(
+                "{at}: made by model {} ({}); the index holds model {} ({})",
+                info.model.name, info.model.sha256, manifest.model.name, manifest.model.sha256
+            )));
+        }
+        if info.dimensions != d || info.level != manifest.level {
+            return Err(SearchError::Index(format!(
+                "{at}: {} {}-dimensional rows; the index holds {} {d}-dimensional rows",
+                info.level, info.dimensions, manifest.level
+            )));
+        }
+        let first_key = manifest.rows as u64;
+        let mut key = first_key;
+        let mut meta = Vec::new();
+        let mut values = Vec::new();
+        for b in &batches {
+            let (emb, bd) = geoparquet::embedding_values(b, at.as_str())?;
+            if bd != d {
+                return Err(SearchError::Index(format!("{at}: {bd}-dimensional embeddings; the footer says {d}")));
+            }
+            if let Some(i) = emb.iter().position(|v| !v.is_finite()) {
+                return Err(SearchError::Index(format!(
+                    "{at}: row {} has a value that is not finite",
+                    key as usize + i / d - first_key as usize
+                )));
+            }
+            meta.push(rows_batch(b, key, at.as_str())?);
+            for row in emb.chunks_exact(d) {
+                values.extend(normalized(row));
+            }
+            key += b.num_rows() as u64;
+        }
+        let rows = (key - first_key) as usize;
+        if rows == 0 {
+            tracing::warn!(part = %at, "no rows; not indexed");
+            continue;
+        }
+        let t = Instant::now();
+        add_vectors(&vectors, first_key, &values, d, threads)?;
+        summary.graph_seconds += t.elapsed().as_secs_f64();
+        let rows_file = format!("rows-{:05}.parquet", manifest.parts.len());
+        let target = out.join(&rows_file);
+        let spool = target.spool("index");
+        write_parquet(&spool, &meta)?;
+        target.publish(&spool)?;
+        published.push(rows_file.clone());
+        manifest.parts.push(IndexedPart {
+            name: name.clone(),
+            location: at.as_str().to_string(),
+            rows,
+            first_key,
+            rows_file,
+        });
+        manifest.rows += rows;
+        summary.added_rows += rows;
+        summary.added_parts.push(name.clone());
+        tracing::info!(part = %at, rows, "indexed");
+    }
+    manifest.dataset = opts.dataset.clone();
+    let target = out.join(VECTORS);
+    let spool = target.spool("index");
+    vectors.save(&spool.display().to_string()).map_err(engine_err("saving the vector index"))?;
+    summary.vector_file_bytes = std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0);
+    target.publish(&spool)?;
+    let bytes = serde_json::to_vec_pretty(&manifest).map_err(SearchError::index)?;
+    out.join(MANIFEST).write(&bytes, false)?;
+    summary.rows = manifest.rows;
+    summary.parts = manifest.parts.len();
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// A part's rows in memory.
+#[derive(Debug)]
+struct PartRows {
+    first_key: u64,
+    batch: RecordBatch,
+}
+
+/// An opened index: the vectors and every row's metadata, ready for queries (shared between threads).
+pub struct Index {
+    pub manifest: Manifest,
+    pub location: String,
+    pub(super) vectors: usearch::Index,
+    parts: Vec<PartRows>,
+    by_chip: HashMap<u128, u64>,
+    /// Per key: `[xmin, ymin, xmax, ymax]` of the footprint, its datetime, its source (into `sources`) and
+    /// its centre (lon, lat).
+    pub(super) bbox: Vec<[f64; 4]>,
+    pub(super) datetime: Vec<Option<i64>>,
+    pub(super) source: Vec<u32>,
+    pub(super) sources: Vec<String>,
+    pub(super) center: Vec<(f64, f64)>,
+    /// Admitted rows × dimensions at or below which a filtered query is answered by brute force.
+    pub(super) exact_budget: usize,
+    /// Candidates a graph search keeps (at least k): the manifest's `expansion_search` unless changed.
+    pub(super) expansion: usize,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").field("location", &self.location).field("rows", &self.manifest.rows).finish()
+    }
+}
+
+fn chip_key(id: &str) -> Option<u128> {
+    (id.len() == 32).then(|| u128::from_str_radix(id, 16).ok()).flatten()
+}
+
+impl Index {
+    /// Opens the index at `location` (a directory or an object-storage prefix): its manifest, vectors and
+    /// rows, checked against each other.
+    pub fn open(location: &str) -> Result<Index, SearchError> {
+        let at = Location::parse(location)?;
+        let manifest = read_manifest(&at)?
+            .ok_or_else(|| SearchError::Index(format!("{location}: no index here (no {MANIFEST})")))?;
+        let vectors = load_vectors(&at.join(VECTORS))?;
+        if vectors.dimensions() != manifest.dimensions || vectors.size() < manifest.rows {
+            return Err(SearchError::Index(format!(
+                "{location}: the vectors file holds {} vectors of {}; the manifest says {} of {}",
+                vectors.size(),
+                vectors.dimensions(),
+                manifest.rows,
+                manifest.dimensions
+            )));
+        }
+        let n = manifest.rows;
+        let mut index = Index {
+            location: location.to_string(),
+            vectors,
+            parts: Vec::new(),
+            by_chip: HashMap::with_capacity(n),
+            bbox: Vec::with_capacity(n),
+            datetime: Vec::with_capacity(n),
+            source: Vec::with_capacity(n),
+            sources: Vec::new(),
+            center: Vec::with_capacity(n),
+            exact_budget: super::query::EXACT_BUDGET,
+            expansion: manifest.hnsw.expansion_search,
+            manifest,
+        };
+        let mut source_ids: HashMap<String, u32> = HashMap::new();
+        for p in index.manifest.parts.clone() {
+            let file = at.join(&p.rows_file);
+            let name = file.as_str().to_string();
+            let batches = geoparquet::read_columns(&file, &[&META_COLUMNS[..], &[col::CELL, KEY]].concat())?;
+            let Some(first) = batches.first() else {
+                return Err(SearchError::Index(format!("{name}: no rows; the manifest counts {}", p.rows)));
+            };
+            let batch = arrow_select::concat::concat_batches(&first.schema(), &batches).map_err(SearchError::index)?;
+            let keys: &UInt64Array = geoparquet::column(&batch, KEY, &name)?;
+            if batch.num_rows() != p.rows || (0..keys.len()).any(|i| keys.value(i) != p.first_key + i as u64) {
+                return Err(SearchError::Index(format!(
+                    "{name}: its rows are not keys {}..{} as the manifest says",
+                    p.first_key,
+                    p.first_key + p.rows as u64
+                )));
+            }
+            if p.first_key != index.bbox.len() as u64 {
+                return Err(SearchError::Index(format!(
+                    "{name}: starts at key {}, after {} rows",
+                    p.first_key,
+                    index.bbox.len()
+                )));
+            }
+            let ids: &StringArray = geoparquet::column(&batch, col::CHIP_ID, &name)?;
+            let src: &StringArray = geoparquet::column(&batch, col::SOURCE, &name)?;
+            let dt: &TimestampMicrosecondArray = geoparquet::column(&batch, col::DATETIME, &name)?;
+            let lat: &Float64Array = geoparquet::column(&batch, col::CENTER_LAT, &name)?;
+            let lon: &Float64Array = geoparquet::column(&batch, col::CENTER_LON, &name)?;
+            let bbox: &StructArray = geoparquet::column(&batch, col::BBOX, &name)?;
+            let corner = |k: &str| -> Result<&Float64Array, SearchError> {
+                bbox.column_by_name(k)
+                    .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+                    .ok_or_else(|| SearchError::Index(format!("{name}: column `bbox` has no `{k}`")))
+            };
+            let [x0, y0, x1, y1] = [corner("xmin")?, corner("ymin")?, corner("xmax")?, corner("ymax")?];
+            for i in 0..batch.num_rows() {
+                let key = p.first_key + i as u64;
+                let chip = chip_key(ids.value(i)).ok_or_else(|| {
+                    SearchError::Index(format!("{name}: row {i}: chip id {:?} is not 32 hex digits", ids.value(i)))
+                })?;
+                index.by_chip.insert(chip, key);
+                let next = source_ids.len() as u32;
+                let s = *source_ids.entry(src.value(i).to_string()).or_insert_with(|| {
+                    index.sources.push(src.value(i).to_string());
+                    next
+                });
+                index.source.push(s);
+                index.datetime.push(dt.is_valid(i).then(|| dt.value(i)));
+                index.center.push((lon.value(i), lat.value(i)));
+                index.bbox.push([x0.value(i), y0.value(i), x1.value(i), y1.value(i)]);
+            }
+            index.parts.push(PartRows { first_key: p.first_key, batch });
+        }
+        if index.bbox.len() != n {
+            return Err(SearchError::Index(format!(
+                "{location}: the rows files hold {} rows; the manifest counts {n}",
+                index.bbox.len()
+            )));
+        }
+        Ok(index)
+    }
+
+    /// With filtered queries answered by brute force when the filter admits at most `elements / D` rows
+    /// (default [`super::query::EXACT_BUDGET`]; 0: always through the graph, unless it finds too few).
+    pub fn with_exact_budget(mut self, elements: usize) -> Self {
+        self.exact_budget = elements;
+        self
+    }
+
+    /// With graph searches keeping `candidates` candidates (at least k): more is slower and finds more of
+    /// the true nearest neighbours.
+    pub fn with_expansion(mut self, candidates: usize) -> Self {
+        self.expansion = candidates.max(1);
+        self
+    }
+
+    /// Rows in the index.
+    pub fn len(&self) -> usize {
+        self.manifest.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.manifest.rows == 0
+    }
+
+    pub fn dimensions(&self) -> usize {
+        self.manifest.dimensions
+    }
+
+    /// The key of a chip id.
+    pub fn key_of(&self, chip_id: &str) -> Option<u64> {
+        chip_key(chip_id).and_then(|c| self.by_chip.get(&c).copied())
+    }
+
+    /// The vector of `key` as stored (normalized; f16/i8 indexes give it back dequantized).
+    pub fn vector(&self, key: u64) -> Result<Vec<f32>, SearchError> {
+        let mut v = vec![0f32; self.dimensions()];
+        let got = self.vectors.get(key, &mut v).map_err(engine_err("reading a vector"))?;
+        if got == 0 {
+            return Err(SearchError::Index(format!("{}: no vector for key {key}", self.location)));
+        }
+        Ok(v)
+    }
+
+    /// The part batch and row of `key`.
+    pub(super) fn locate(&self, key: u64) -> (&RecordBatch, usize) {
+        let p = self.parts.partition_point(|p| p.first_key <= key).saturating_sub(1);
+        (&self.parts[p].batch, (key - self.parts[p].first_key) as usize)
+    }
+
+    /// The footprint ring (lon, lat) of `key`.
+    pub fn ring(&self, key: u64) -> Vec<(f64, f64)> {
+        let (b, i) = self.locate(key);
+        b.column_by_name(col::GEOMETRY)
+            .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
+            .and_then(|g| geoparquet::wkb_ring(g.value(i)))
+            .unwrap_or_default()
+    }
+
+    /// The chip id of `key`.
+    pub fn chip_id(&self, key: u64) -> String {
+        let (b, i) = self.locate(key);
+        b.column_by_name(col::CHIP_ID)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .map(|s| s.value(i).to_string())
+            .unwrap_or_default()
+    }
+
+    /// (lon, lat) of `key`'s centre.
+    pub fn center_of(&self, key: u64) -> (f64, f64) {
+        self.center[key as usize]
+    }
+
+    /// The source of `key`.
+    pub fn source_of(&self, key: u64) -> &str {
+        &self.sources[self.source[key as usize] as usize]
+    }
+
+    /// `[x, y, w, h]` of `key`'s window, and its cell for patch-level rows.
+    pub fn window(&self, key: u64) -> ([u32; 4], Option<[u32; 2]>) {
+        let (b, i) = self.locate(key);
+        let name = self.location.as_str();
+        let window = geoparquet::window_columns(b, name).map(|w| w.map(|c| c.value(i))).unwrap_or_default();
+        let cell = b.column_by_name(col::CELL).and_then(|c| c.as_any().downcast_ref::<StructArray>()).map(|s| {
+            let f = |k: &str| {
+                s.column_by_name(k).and_then(|c| c.as_any().downcast_ref::<UInt32Array>()).map_or(0, |a| a.value(i))
+            };
+            [f("row"), f("col")]
+        });
+        (window, cell)
+    }
+
+    /// Every row's metadata batch (one per part) and its first key.
+    pub(super) fn batches(&self) -> impl Iterator<Item = (u64, &RecordBatch)> {
+        self.parts.iter().map(|p| (p.first_key, &p.batch))
+    }
+}
