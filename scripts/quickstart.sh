@@ -8,8 +8,10 @@
 #  4. export the embedding model to ONNX (uint8 input, normalization inside);
 #  5. serve it on a free local port, embed one chip over HTTP, embed the whole
 #     scene into GeoParquet (geossl-serve embed);
-#  6. draw the scene's windows coloured by the principal components of their
-#     embeddings, with a query window and its nearest neighbours (map.png).
+#  6. index the embeddings for similarity search (geossl-serve index build),
+#     print the five windows most like the one at the scene's centre, and
+#     draw the scene's windows coloured by the principal components of their
+#     embeddings, with the centre window and its neighbours from the index (map.png).
 # Temporal positives are off here: they need several real acquisitions of the
 # same place, and no package registry ships such a series (see README).
 #
@@ -96,8 +98,16 @@ kill -TERM "$server"
 wait "$server" 2>/dev/null || true
 trap - EXIT
 
-step "6/6 draw what the model sees"
-$serve map --embeddings "$new/embeddings.parquet" --scene "$scene" --out "$new/map.png"
+step "6/6 find places like this, and draw what the model sees"
+$serve index build --dataset "$new/embeddings.parquet" --out "$new/index" --log warn
+# The point at the middle of the embedded windows' extent: its window is the query.
+centre="$("$py" -c 'import sys, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1], columns=["center_lon", "center_lat"])
+lon, lat = t["center_lon"].to_pylist(), t["center_lat"].to_pylist()
+print(f"{(min(lon) + max(lon)) / 2:.6f},{(min(lat) + max(lat)) / 2:.6f}")' "$new/embeddings.parquet")"
+echo "the five windows most like the one at $centre (overlapping windows left out):"
+$serve search --index "$new/index" --point "$centre" -k 5 --out "$new/matches.geojson"
+$serve map --embeddings "$new/embeddings.parquet" --scene "$scene" --out "$new/map.png" --index "$new/index"
 
 rm -rf "$out.old"
 [ ! -e "$out" ] || mv "$out" "$out.old"
@@ -107,9 +117,11 @@ $train plot "$out" --out "$out/curves.png"
 cat <<EOF
 quickstart: done. Run directory $out:
   config.toml, metrics.jsonl (loss, pos-top1, geo-acc, collapse measures), curves.png (them, drawn), checkpoint/,
-  models/embed/1/model.onnx, embeddings.parquet (GeoParquet), map.png (open it: the scene and its embedding map)
+  models/embed/1/model.onnx, embeddings.parquet (GeoParquet), index/ (its search index), matches.geojson (the
+  five best matches; open it in QGIS), map.png (open it: the scene and its embedding map)
 Next:
   - your own archive: geossl-train chips/pretrain on your GeoTIFFs (README: Training on your own archive)
   - a GPU: the same commands use CUDA when present (run.device = "auto")
+  - search: geossl-serve search --index $out/index --point LON,LAT (or --chip ID), classify --positive … --negative …
   - Kubernetes: kubectl apply -k k8s/overlays/gpu (or k8s/overlays/cpu) with this model repository
 EOF

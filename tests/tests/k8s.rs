@@ -231,9 +231,10 @@ fn env_vars_are_serve_flags_and_probes_are_routes() {
 /// The archive-embedding Indexed Job as rendered (CPU overlay) runs here against a local S3-compatible server
 /// (moto on 127.0.0.1): each index's plan init container and embed container, with their args and env from the
 /// manifest and the credentials Secret's variables set as the Secret would, then `embed verify` passes on the
-/// dataset in the bucket; every GEOSSL_ variable of the Job is a flag of the command its container runs.
+/// dataset in the bucket; every GEOSSL_ variable of the Job is a flag of the command its container runs. Then
+/// k8s/search's index Job indexes that dataset and its Deployment's server serves the index from the bucket.
 #[test]
-fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
+fn the_rendered_embedding_and_index_jobs_run_and_the_search_deployment_serves() {
     let scratch = tempfile::tempdir().unwrap();
     let objects =
         validate("k8s/embed/overlays/cpu", &render(&workspace().join("k8s/embed/overlays/cpu")), scratch.path());
@@ -301,4 +302,52 @@ fn the_rendered_embedding_job_runs_and_its_dataset_verifies() {
         .output()
         .unwrap();
     assert!(o.status.success() && text(&o).contains(&format!("{completions} shards complete")), "{}", text(&o));
+    let rows: usize =
+        text(&o).split(" rows").next().and_then(|s| s.rsplit(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+
+    // k8s/search: its Job indexes that dataset, and its Deployment's server (the container's env, on local
+    // ports) serves the index from the bucket.
+    let search = validate("k8s/search", &render(&workspace().join("k8s/search")), scratch.path());
+    let job = search.iter().find(|o| o["kind"] == "Job").expect("the index Job");
+    let indexer = &job["spec"]["template"]["spec"]["containers"][0];
+    let mut help_args = args(indexer);
+    help_args.push("--help".into());
+    let help = text(&run("geossl-serve", &help_args.iter().map(String::as_str).collect::<Vec<_>>()));
+    for (var, _) in container_env(indexer) {
+        assert!(help.contains(&format!("env: {var}")), "{var} is not a flag of geossl-serve {:?}", args(indexer));
+    }
+    assert_eq!(plain(indexer, "GEOSSL_DATASET"), dataset, "the index Job reads what the embedding Job writes");
+    run_container(indexer, 0);
+    let server = deployment("k8s/search", &search)["spec"]["template"]["spec"]["containers"][0].clone();
+    let served = plain(&server, "GEOSSL_INDEXES");
+    assert_eq!(
+        served.split_once('=').unwrap().1,
+        plain(indexer, "GEOSSL_INDEX_OUT"),
+        "the Deployment serves the Job's index"
+    );
+    let mut env: Vec<(&str, String)> = secret.clone();
+    for (k, v) in container_env(&server) {
+        let v = match k.as_str() {
+            "GEOSSL_HOST" => "127.0.0.1".to_string(),
+            "GEOSSL_PORT" | "GEOSSL_METRICS_PORT" => "0".to_string(),
+            _ => local(v.as_str().unwrap_or_default()),
+        };
+        if v.is_empty() {
+            continue; // from a Secret (the API key)
+        }
+        env.push((Box::leak(k.into_boxed_str()), v));
+    }
+    let s = geossl_tests::server::Server::spawn_env(&args(&server), None, root.join("search.log"), &env);
+    let listed = geossl_tests::http::get(s.addr, "/v1/indexes").json();
+    assert_eq!(listed["indexes"][0]["rows"].as_u64(), Some(rows as u64), "{listed}");
+    let name = listed["indexes"][0]["name"].as_str().unwrap().to_string();
+    let body = serde_json::json!({"embedding": vec![1.0; listed["indexes"][0]["dimensions"].as_u64().unwrap() as usize], "k": 3});
+    let r = geossl_tests::http::post(
+        s.addr,
+        &format!("/v1/indexes/{name}/search"),
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["features"].as_array().unwrap().len(), 3);
 }

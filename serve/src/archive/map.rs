@@ -27,6 +27,23 @@ pub struct MapOptions {
     pub query: Option<(f64, f64)>,
     /// How many nearest neighbours to outline.
     pub neighbours: usize,
+    /// Where the neighbours come from: the scene's own rows by brute force (`None`), or this (e.g. a search
+    /// index over a whole archive, whose answers may lie in other scenes).
+    pub neighbours_from: Option<NeighbourFn>,
+}
+
+/// Neighbours from elsewhere: given the query window's chip id and a count, the neighbours' chip ids with their
+/// similarity, most similar first.
+#[derive(Clone)]
+pub struct NeighbourFn(pub std::sync::Arc<Neighbours>);
+
+/// `(query chip id, count) → [(chip id, similarity)]`, or why not.
+pub type Neighbours = dyn Fn(&str, usize) -> Result<Vec<(String, f64)>, String> + Send + Sync;
+
+impl std::fmt::Debug for NeighbourFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NeighbourFn")
+    }
 }
 
 /// One embedded window.
@@ -49,12 +66,15 @@ pub struct MapSummary {
     /// Share of the embeddings' variance along each of the three components.
     pub explained_variance: [f64; 3],
     pub query: Window,
-    /// Nearest windows to the query, most similar first, with their cosine similarity.
+    /// Nearest windows to the query in this scene (outlined), most similar first, with their cosine similarity.
     pub neighbours: Vec<(Window, f64)>,
+    /// With neighbours from elsewhere: those in other scenes (chip id, similarity), not drawn.
+    pub neighbours_elsewhere: Vec<(String, f64)>,
 }
 
 /// Rows of one source: windows and embeddings (`n × d`, row-major).
 struct Rows {
+    ids: Vec<String>,
     windows: Vec<Window>,
     d: usize,
     emb: Vec<f32>,
@@ -65,7 +85,7 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
     use crate::archive::geoparquet::{col, column, embedding_values, read_columns, window_columns};
     let label = path.display().to_string();
     // (`cell` only to refuse patch-level files: their rows are cells, several per window.)
-    let cols = [col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING, col::CELL];
+    let cols = [col::CHIP_ID, col::SOURCE, col::WINDOW, col::CENTER_LAT, col::CENTER_LON, col::EMBEDDING, col::CELL];
     let batches = read_columns(&crate::archive::store::Location::local(path), &cols)?;
     if batches.iter().any(|b| b.column_by_name(col::CELL).is_some()) {
         return Err(ArchiveError::Run(format!(
@@ -73,10 +93,11 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
              one row per window (`--level pooled`)"
         )));
     }
-    let mut rows = Rows { windows: Vec::new(), d: 0, emb: Vec::new() };
+    let mut rows = Rows { ids: Vec::new(), windows: Vec::new(), d: 0, emb: Vec::new() };
     let mut sources = std::collections::BTreeSet::new();
     for batch in &batches {
         let src: &StringArray = column(batch, col::SOURCE, &label)?;
+        let ids: &StringArray = column(batch, col::CHIP_ID, &label)?;
         let [x, y, w, h] = window_columns(batch, &label)?;
         let lat: &Float64Array = column(batch, col::CENTER_LAT, &label)?;
         let lon: &Float64Array = column(batch, col::CENTER_LON, &label)?;
@@ -87,6 +108,7 @@ fn read_rows(path: &Path, source: &str) -> Result<Rows, ArchiveError> {
                 sources.insert(src.value(i).to_string());
                 continue;
             }
+            rows.ids.push(ids.value(i).to_string());
             rows.windows.push(Window {
                 x: x.value(i),
                 y: y.value(i),
@@ -205,7 +227,22 @@ pub fn run(opts: &MapOptions) -> Result<MapSummary, ArchiveError> {
         (cx - qx).powi(2) + (cy - qy).powi(2)
     };
     let q = (0..n).min_by(|&a, &b| dist(&rows.windows[a]).total_cmp(&dist(&rows.windows[b]))).unwrap_or(0);
-    let near = nearest(&rows.emb, rows.d, q, opts.neighbours);
+    let (near, elsewhere) = match &opts.neighbours_from {
+        None => (nearest(&rows.emb, rows.d, q, opts.neighbours), Vec::new()),
+        Some(f) => {
+            let found = (f.0)(&rows.ids[q], opts.neighbours).map_err(ArchiveError::Run)?;
+            let here: std::collections::HashMap<&str, usize> =
+                rows.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+            let (mut near, mut elsewhere) = (Vec::new(), Vec::new());
+            for (id, sim) in found {
+                match here.get(id.as_str()) {
+                    Some(&i) => near.push((i, sim)),
+                    None => elsewhere.push((id, sim)),
+                }
+            }
+            (near, elsewhere)
+        }
+    };
 
     // Each window colours the stride × stride cell around its centre, so overlapping windows tile the
     // scene; pixels outside every cell (nodata windows, margins) stay dimmed.
@@ -293,6 +330,7 @@ pub fn run(opts: &MapOptions) -> Result<MapSummary, ArchiveError> {
         explained_variance: explained,
         query: rows.windows[q].clone(),
         neighbours: near.into_iter().map(|(i, s)| (rows.windows[i].clone(), s)).collect(),
+        neighbours_elsewhere: elsewhere,
     })
 }
 

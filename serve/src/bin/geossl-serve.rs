@@ -350,6 +350,10 @@ struct MapArgs {
     /// How many nearest neighbours of the query to outline.
     #[arg(long, env = "GEOSSL_NEIGHBOURS", default_value_t = 5)]
     neighbours: usize,
+    /// Take the neighbours from this search index (from `index build` over a dataset holding these rows): the
+    /// whole archive's nearest, windows overlapping the query left out; those in other scenes are listed.
+    #[arg(long, env = "GEOSSL_INDEX")]
+    index: Option<String>,
     /// Print what the picture shows as JSON instead of text.
     #[arg(long, env = "GEOSSL_JSON")]
     json: bool,
@@ -405,6 +409,18 @@ fn map(a: MapArgs) -> Result<()> {
         out: a.out,
         query: a.query,
         neighbours: a.neighbours,
+        neighbours_from: match &a.index {
+            None => None,
+            Some(at) => {
+                use geossl_serve::search::query::{Example, Filters, Query};
+                let index = std::sync::Arc::new(geossl_serve::search::index::Index::open(at)?);
+                Some(geossl_serve::archive::map::NeighbourFn(std::sync::Arc::new(move |id: &str, k: usize| {
+                    let q = Query::Example(Example::Chip(id.to_string()));
+                    let hits = index.search(&q, k.max(1), &Filters::default()).map_err(|e| e.to_string())?;
+                    Ok(hits.iter().map(|h| (index.chip_id(h.key), h.score)).collect())
+                })))
+            }
+        },
     };
     let s = geossl_serve::archive::map::run(&opts)?;
     if a.json {
@@ -420,6 +436,12 @@ fn map(a: MapArgs) -> Result<()> {
     println!("  cyan outlines: its {} nearest neighbours by cosine similarity:", s.neighbours.len());
     for (w, sim) in &s.neighbours {
         println!("    ({:>5}, {:>5})  {:.5}°, {:.5}°  cos {sim:.3}", w.x, w.y, w.lat, w.lon);
+    }
+    if !s.neighbours_elsewhere.is_empty() {
+        println!("  and {} in other scenes of the index (not drawn):", s.neighbours_elsewhere.len());
+        for (id, sim) in &s.neighbours_elsewhere {
+            println!("    chip {id}  cos {sim:.3}");
+        }
     }
     Ok(())
 }

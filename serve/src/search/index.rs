@@ -230,6 +230,17 @@ fn part_info(name: &str, provenance: Option<String>) -> Result<PartInfo, SearchE
     })
 }
 
+/// A vector in i8 as an i8 index stores it: `round(127 · x / max|x|)`, so the largest component is ±127 (the
+/// cosine metric does not see a vector's scale). usearch's own cast divides by the L2 norm and truncates,
+/// leaving a 512-dimensional vector (components ~0.04 of its norm) a handful of levels.
+pub fn to_i8(x: &[f32]) -> Vec<i8> {
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 {
+        return vec![0; x.len()];
+    }
+    x.iter().map(|v| (v * 127.0 / max).round().clamp(-127.0, 127.0) as i8).collect()
+}
+
 /// `x` divided by its L2 norm (zero stays zero).
 pub fn normalized(x: &[f32]) -> Vec<f32> {
     let norm = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
@@ -331,6 +342,7 @@ fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<(), SearchError
 /// Adds rows `first_key..` with `vectors` (`n × d`, normalized) to `index` from `threads` threads.
 fn add_vectors(
     index: &usearch::Index,
+    q: Quantization,
     first_key: u64,
     vectors: &[f32],
     d: usize,
@@ -347,7 +359,11 @@ fn add_vectors(
                 s.spawn(move || -> Result<(), SearchError> {
                     for (i, v) in chunk.chunks_exact(d).enumerate() {
                         let key = first_key + (t * per + i) as u64;
-                        index.add(key, v).map_err(engine_err("adding a vector"))?;
+                        match q {
+                            Quantization::I8 => index.add(key, &to_i8(v)),
+                            _ => index.add(key, v),
+                        }
+                        .map_err(engine_err("adding a vector"))?;
                     }
                     Ok(())
                 })
@@ -482,7 +498,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
             continue;
         }
         let t = Instant::now();
-        add_vectors(&vectors, first_key, &values, d, threads)?;
+        add_vectors(&vectors, manifest.quantization, first_key, &values, d, threads)?;
         summary.graph_seconds += t.elapsed().as_secs_f64();
         let rows_file = format!("rows-{:05}.parquet", manifest.parts.len());
         let target = out.join(&rows_file);
@@ -680,14 +696,37 @@ impl Index {
         chip_key(chip_id).and_then(|c| self.by_chip.get(&c).copied())
     }
 
-    /// The vector of `key` as stored (normalized; f16/i8 indexes give it back dequantized).
+    /// The unit vector of `key` (f16/i8 indexes give it back dequantized).
     pub fn vector(&self, key: u64) -> Result<Vec<f32>, SearchError> {
-        let mut v = vec![0f32; self.dimensions()];
-        let got = self.vectors.get(key, &mut v).map_err(engine_err("reading a vector"))?;
+        let d = self.dimensions();
+        let (got, v) = if self.manifest.quantization == Quantization::I8 {
+            let mut q = vec![0i8; d];
+            let got = self.vectors.get(key, &mut q).map_err(engine_err("reading a vector"))?;
+            (got, q.into_iter().map(f32::from).collect())
+        } else {
+            let mut v = vec![0f32; d];
+            (self.vectors.get(key, &mut v).map_err(engine_err("reading a vector"))?, v)
+        };
         if got == 0 {
             return Err(SearchError::Index(format!("{}: no vector for key {key}", self.location)));
         }
-        Ok(v)
+        Ok(normalized(&v))
+    }
+
+    /// The graph's `count` nearest to the unit vector `q` among keys `filter` admits (all when `None`).
+    pub(super) fn graph_search(
+        &self,
+        q: &[f32],
+        count: usize,
+        filter: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<usearch::ffi::Matches, SearchError> {
+        let r = match (self.manifest.quantization, filter) {
+            (Quantization::I8, None) => self.vectors.search(&to_i8(q), count),
+            (Quantization::I8, Some(f)) => self.vectors.filtered_search(&to_i8(q), count, f),
+            (_, None) => self.vectors.search(q, count),
+            (_, Some(f)) => self.vectors.filtered_search(q, count, f),
+        };
+        r.map_err(|e| SearchError::Index(format!("searching: {e}")))
     }
 
     /// The part batch and row of `key`.

@@ -299,11 +299,8 @@ impl Index {
     /// Brute force: the top `k` of `keys` by cosine similarity to the normalized `q`.
     pub fn exact(&self, q: &[f32], k: usize, keys: impl Iterator<Item = u64>) -> Result<Vec<Hit>, SearchError> {
         let mut hits = Vec::new();
-        let mut v = vec![0f32; self.dimensions()];
         for key in keys {
-            self.vectors.get(key, &mut v).map_err(|e| SearchError::Index(format!("reading a vector: {e}")))?;
-            let norm = dot(&v, &v).sqrt();
-            hits.push(Hit { key, score: if norm > 0.0 { dot(q, &v) / norm } else { 0.0 } });
+            hits.push(Hit { key, score: dot(q, &self.vector(key)?) });
         }
         Ok(top(hits, k))
     }
@@ -324,11 +321,10 @@ impl Index {
         // expansion): ask for `expansion`, keep k.
         let wanted = k.max(self.expansion);
         let m = if anchors.is_empty() && !selective {
-            self.vectors.search(q, wanted)
+            self.graph_search(q, wanted, None)?
         } else {
-            self.vectors.filtered_search(q, wanted, admit)
-        }
-        .map_err(|e| SearchError::Index(format!("searching: {e}")))?;
+            self.graph_search(q, wanted, Some(&admit))?
+        };
         let hits: Vec<Hit> = m
             .keys
             .iter()
