@@ -100,11 +100,12 @@ trap - EXIT
 
 step "6/6 find places like this, and draw what the model sees"
 $serve index build --dataset "$new/embeddings.parquet" --out "$new/index" --log warn
-# The point at the middle of the embedded windows' extent: its window is the query.
-centre="$("$py" -c 'import sys, pyarrow.parquet as pq
-t = pq.read_table(sys.argv[1], columns=["center_lon", "center_lat"])
-lon, lat = t["center_lon"].to_pylist(), t["center_lat"].to_pylist()
-print(f"{(min(lon) + max(lon)) / 2:.6f},{(min(lat) + max(lat)) / 2:.6f}")' "$new/embeddings.parquet")"
+# The scene's centre in lon/lat: its window is the query (the one `map` outlines in red).
+centre="$("$py" -c 'import sys, rasterio, rasterio.warp
+with rasterio.open(sys.argv[1]) as d:
+    x, y = d.xy(d.height / 2, d.width / 2, offset="ul")
+    (lon,), (lat,) = rasterio.warp.transform(d.crs, "EPSG:4326", [x], [y])
+print(f"{lon:.6f},{lat:.6f}")' "$scene")"
 echo "the five windows most like the one at $centre (overlapping windows left out):"
 $serve search --index "$new/index" --point "$centre" -k 5 --out "$new/matches.geojson"
 $serve map --embeddings "$new/embeddings.parquet" --scene "$scene" --out "$new/map.png" --index "$new/index"

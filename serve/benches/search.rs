@@ -1,0 +1,211 @@
+//! Similarity-search benchmark (run by `scripts/bench/search_bench.sh`, not a test): recall@10, QPS at 1 and 8
+//! threads in process, and QPS and p50/p99 latency at 1 and 8 clients over HTTP, of an index from `geossl-serve
+//! index build`, for each HNSW expansion. Queries and their exact neighbours come from the driver (FAISS's exact
+//! search on the same vectors). Prints one JSON object.
+//!
+//! Env: GEOSSL_BENCH_INDEX (index directory), GEOSSL_BENCH_QUERIES (`.npy`, float32 `[Q, D]`),
+//! GEOSSL_BENCH_TRUTH (`.npy`, int64 `[Q, ≥10]`: row numbers of the exact neighbours, best first),
+//! GEOSSL_BENCH_EF (comma-separated expansions, default 16,32,64,128,256), GEOSSL_BENCH_SECONDS (per
+//! measurement, default 5). Served over HTTP at the smallest expansion reaching recall@10 ≥ 0.95 (the index's
+//! manifest is rewritten: give it a scratch index).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use geossl_serve::search::index::Index;
+use geossl_serve::search::query::{Filters, Query};
+use geossl_tests::server::Server;
+use serde_json::json;
+
+fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+/// A little-endian `.npy` of float32 or int64, as (shape, values as f64).
+fn npy(path: &str) -> (Vec<usize>, Vec<f64>) {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    let shape: Vec<usize> = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let data = &b[10 + hlen..];
+    let values = if header.contains("<f4") {
+        data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
+    } else if header.contains("<i8") {
+        data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    } else {
+        panic!("{path}: want <f4 or <i8, header {header}");
+    };
+    (shape, values)
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+struct Conn {
+    r: BufReader<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        Conn { r: BufReader::new(s), addr }
+    }
+
+    /// POSTs JSON; returns the status and body.
+    fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        let s = self.r.get_mut();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        let status = line.split(' ').nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut len = 0;
+        loop {
+            line.clear();
+            self.r.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut b = vec![0; len];
+        self.r.read_exact(&mut b).unwrap();
+        (status, b)
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `threads` closed-loop workers calling `f(query number)` for `secs`: (QPS, p50 s, p99 s).
+fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> (f64, f64, f64) {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let lat = Mutex::new(Vec::new());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (next, stop, lat) = (&next, &stop, &lat);
+            s.spawn(move || {
+                let mut mine = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed) % q;
+                    let t0 = Instant::now();
+                    f(t, i);
+                    mine.push(t0.elapsed().as_secs_f64());
+                }
+                lat.lock().unwrap().extend(mine);
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut l = lat.into_inner().unwrap();
+    l.sort_by(f64::total_cmp);
+    (l.len() as f64 / elapsed, percentile(&l, 0.5), percentile(&l, 0.99))
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test --benches` builds this; the driver runs it with --bench.
+    }
+    let dir = std::env::var("GEOSSL_BENCH_INDEX").expect("GEOSSL_BENCH_INDEX");
+    let (qs, qv) = npy(&std::env::var("GEOSSL_BENCH_QUERIES").expect("GEOSSL_BENCH_QUERIES"));
+    let (ts, tv) = npy(&std::env::var("GEOSSL_BENCH_TRUTH").expect("GEOSSL_BENCH_TRUTH"));
+    let (nq, d) = (qs[0], qs[1]);
+    let queries: Vec<Vec<f32>> = qv.chunks(d).map(|r| r.iter().map(|&x| x as f32).collect()).collect();
+    let truth: Vec<Vec<u64>> = tv.chunks(ts[1]).map(|r| r[..10].iter().map(|&x| x as u64).collect()).collect();
+    let secs = env("GEOSSL_BENCH_SECONDS", 5.0);
+    let efs: Vec<usize> = std::env::var("GEOSSL_BENCH_EF")
+        .unwrap_or_else(|_| "16,32,64,128,256".into())
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let t = Instant::now();
+    let base = Index::open(&dir).unwrap();
+    let open_s = t.elapsed().as_secs_f64();
+    let f = Filters::default();
+    let mut curve = Vec::new();
+    for &ef in &efs {
+        let index = Index::open(&dir).unwrap().with_expansion(ef);
+        let mut found = 0usize;
+        for (q, want) in queries.iter().zip(&truth) {
+            let hits = index.search(&Query::Embedding(q.clone()), 10, &f).unwrap();
+            found += hits.iter().filter(|h| want.contains(&h.key)).count();
+        }
+        let recall = found as f64 / (10 * nq) as f64;
+        let run = |_t: usize, i: usize| {
+            index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
+        };
+        let (qps1, p50_1, p99_1) = closed(1, secs, nq, &run);
+        let (qps8, p50_8, p99_8) = closed(8, secs, nq, &run);
+        eprintln!("ef {ef}: recall@10 {recall:.4}, {qps1:.0} QPS at 1 thread, {qps8:.0} at 8");
+        curve.push(json!({"ef": ef, "recall_at_10": recall, "qps_1": qps1, "qps_8": qps8,
+            "p50_ms_1": p50_1 * 1e3, "p99_ms_1": p99_1 * 1e3, "p50_ms_8": p50_8 * 1e3, "p99_ms_8": p99_8 * 1e3}));
+    }
+    // Served: the index at the smallest expansion that reached recall@10 ≥ 0.95 in process (written into this
+    // scratch index's manifest, which the server reads), embedding queries as JSON over keep-alive connections.
+    let served_ef = curve
+        .iter()
+        .find(|c| c["recall_at_10"].as_f64().unwrap() >= 0.95)
+        .map_or(base.manifest.hnsw.expansion_search, |c| c["ef"].as_u64().unwrap() as usize);
+    drop(base);
+    let manifest_at = PathBuf::from(&dir).join(geossl_serve::search::index::MANIFEST);
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_at).unwrap()).unwrap();
+    manifest["hnsw"]["expansion_search"] = json!(served_ef);
+    std::fs::write(&manifest_at, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let log = std::env::temp_dir().join(format!("search-bench-{}.log", std::process::id()));
+    let args: Vec<String> =
+        ["serve", "--index", &format!("bench={dir}"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let t = Instant::now();
+    let server = Server::spawn(&args, None, log);
+    let ready_s = t.elapsed().as_secs_f64();
+    let bodies: Vec<Vec<u8>> =
+        queries.iter().map(|q| json!({"embedding": q, "k": 10}).to_string().into_bytes()).collect();
+    let mut http = Vec::new();
+    for clients in [1usize, 8] {
+        let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
+        let run = |t: usize, i: usize| {
+            let (status, _) = conns[t].lock().unwrap().post("/v1/indexes/bench/search", &bodies[i]);
+            assert_eq!(status, 200);
+        };
+        let (qps, p50, p99) = closed(clients, secs, nq, &run);
+        eprintln!("HTTP, {clients} clients: {qps:.0} QPS, p50 {:.2} ms, p99 {:.2} ms", p50 * 1e3, p99 * 1e3);
+        http.push(json!({"clients": clients, "qps": qps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}));
+    }
+    let rss_kib = server.rss_kib();
+    let out = json!({
+        "index": PathBuf::from(&dir).display().to_string(), "queries": nq, "dimensions": d,
+        "open_s": open_s, "server_ready_s": ready_s, "server_rss_kib": rss_kib,
+        "in_process": curve, "http": {"ef": served_ef, "runs": http},
+    });
+    println!("{out}");
+}
