@@ -62,7 +62,8 @@ def scenes(work):
                 b = np.rot90(a, k, axes=(1, 2))
                 b = b[:, :, ::-1] if flip else b
                 p = dict(profile, width=b.shape[2], height=b.shape[1], driver="GTiff", tiled=False, compress="deflate")
-                p.pop("blockxsize", None), p.pop("blockysize", None)
+                for key in ("blockxsize", "blockysize", "photometric"):
+                    p.pop(key, None)
                 with rasterio.open(os.path.join(tmp, f"{stem}-r{k}{'f' if flip else ''}.tif"), "w", **p) as w:
                     w.write(np.ascontiguousarray(b))
     os.rename(tmp, out)
@@ -150,7 +151,8 @@ def main():
     cores = os.cpu_count()
     path, embed_s = pool(a, a.work)
     t = pq.read_table(path)
-    emb = unit(np.array(t.column("embedding").to_pylist(), dtype=np.float32))
+    col = t.column("embedding").combine_chunks()
+    emb = unit(col.flatten().to_numpy().reshape(len(col), -1))
     report = {"machine": {"cores": cores, "cpu": open("/proc/cpuinfo").read().split("model name\t: ")[1].split("\n")[0]},
               "pool": {"rows": len(emb), "stride": int(a.stride), "embed_s": embed_s, "mean_cosine_to_mean":
                        float((emb @ (emb.mean(0) / np.linalg.norm(emb.mean(0)))).mean())}, "sizes": []}

@@ -12,7 +12,7 @@ SIZES=${SIZES:-100000,300000,1000000}
 # The peers, pinned (not in the project venv: only this benchmark uses them).
 .venv/bin/pip install -q faiss-cpu==1.15.1 usearch==2.26.6
 cargo build --release --locked -p geossl-serve --bin geossl-serve
-cargo build --locked -p geossl-train -p geossl-export --bins
+cargo build --locked --workspace --bins
 bench=$(cargo bench --locked -p geossl-serve --bench search --no-run 2>&1 | grep -o 'target/release/deps/search-[0-9a-f]*' | tail -1)
 # The bench binary finds geossl-serve beside its deps/ directory (target/release).
 .venv/bin/python scripts/bench/search_bench.py --work "$W" --sizes "$SIZES" --serve target/release/geossl-serve \

@@ -149,6 +149,8 @@ fn main() {
     let t = Instant::now();
     let base = Index::open(&dir).unwrap();
     let open_s = t.elapsed().as_secs_f64();
+    let base_simd = base.acceleration();
+    eprintln!("usearch kernels: {base_simd}");
     let f = Filters::default();
     let mut curve = Vec::new();
     for &ef in &efs {
@@ -204,7 +206,7 @@ fn main() {
     let rss_kib = server.rss_kib();
     let out = json!({
         "index": PathBuf::from(&dir).display().to_string(), "queries": nq, "dimensions": d,
-        "open_s": open_s, "server_ready_s": ready_s, "server_rss_kib": rss_kib,
+        "open_s": open_s, "simd": base_simd, "server_ready_s": ready_s, "server_rss_kib": rss_kib,
         "in_process": curve, "http": {"ef": served_ef, "runs": http},
     });
     println!("{out}");

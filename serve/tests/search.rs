@@ -380,6 +380,19 @@ fn bad_queries_are_named() {
         "no scene",
     );
     bad(index.search(&Query::Examples(vec![]), 5, &f), "no examples");
+    // More concurrent searches than usearch has search contexts (twice the cores, at least 4): they wait
+    // for one instead of failing.
+    std::thread::scope(|s| {
+        for t in 0..24 {
+            let (index, rows) = (&index, &fx.rows);
+            s.spawn(move || {
+                for r in rows.iter().skip(t).step_by(400).take(10) {
+                    let e: Vec<f32> = r.unit.iter().map(|&x| x as f32).collect();
+                    assert_eq!(index.search(&Query::Embedding(e), 10, &Filters::default()).unwrap().len(), 10);
+                }
+            });
+        }
+    });
 }
 
 #[test]

@@ -178,7 +178,7 @@ pub fn load_indexes(opts: &ServeOptions) -> Result<BTreeMap<String, Arc<Index>>,
         let started = Instant::now();
         let index = Index::open(location).map_err(|source| StartError::Index { name: name.clone(), source })?;
         tracing::info!(index = %name, %location, rows = index.len(), dimensions = index.dimensions(),
-            model = %index.manifest.model.name, load_ms = started.elapsed().as_millis() as u64, "index ready");
+            model = %index.manifest.model.name, simd = %index.acceleration(), load_ms = started.elapsed().as_millis() as u64, "index ready");
         out.insert(name.clone(), Arc::new(index));
     }
     Ok(out)

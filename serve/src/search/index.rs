@@ -255,6 +255,9 @@ fn engine_err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> SearchError + '
 }
 
 fn new_vectors(dimensions: usize, q: Quantization, h: Hnsw) -> Result<usearch::Index, SearchError> {
+    // Cosine, not the inner product of the unit rows: usearch's inner-product kernel was 1.1–1.35× faster but
+    // lost recall on concentrated embeddings (a graph-filtered query 0.994 → 0.876 in the tests;
+    // docs/benchmarks/search.md), and i8 rows are scaled to a largest component of ±127 (their norms differ).
     let options = usearch::IndexOptions {
         dimensions,
         metric: usearch::MetricKind::Cos,
@@ -557,6 +560,16 @@ pub struct Index {
     pub(super) exact_budget: usize,
     /// Candidates a graph search keeps (at least k): the manifest's `expansion_search` unless changed.
     pub(super) expansion: usize,
+    /// Graph searches running, against the search contexts usearch reserved: usearch fails a search when
+    /// every context is taken, so more concurrent callers wait here instead.
+    searching: std::sync::Mutex<usize>,
+    search_done: std::sync::Condvar,
+    contexts: usize,
+}
+
+/// Concurrent graph searches an opened index allows (twice the cores, at least 4); more callers wait.
+fn search_contexts() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_mul(2).max(4)
 }
 
 impl std::fmt::Debug for Index {
@@ -587,6 +600,9 @@ impl Index {
             )));
         }
         let n = manifest.rows;
+        vectors
+            .reserve_capacity_and_threads(vectors.size(), search_contexts())
+            .map_err(engine_err("reserving search contexts"))?;
         let mut index = Index {
             location: location.to_string(),
             vectors,
@@ -599,6 +615,9 @@ impl Index {
             center: Vec::with_capacity(n),
             exact_budget: super::query::EXACT_BUDGET,
             expansion: manifest.hnsw.expansion_search,
+            searching: std::sync::Mutex::new(0),
+            search_done: std::sync::Condvar::new(),
+            contexts: search_contexts(),
             manifest,
         };
         let mut source_ids: HashMap<String, u32> = HashMap::new();
@@ -678,6 +697,12 @@ impl Index {
         self
     }
 
+    /// The SIMD kernels usearch picked for this index's metric on this CPU (e.g. `haswell`, `skylake`,
+    /// `serial` when none applies).
+    pub fn acceleration(&self) -> String {
+        self.vectors.hardware_acceleration()
+    }
+
     /// Rows in the index.
     pub fn len(&self) -> usize {
         self.manifest.rows
@@ -720,12 +745,21 @@ impl Index {
         count: usize,
         filter: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<usearch::ffi::Matches, SearchError> {
+        // One of usearch's reserved search contexts, waiting while all are taken.
+        let mut running = self.searching.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= self.contexts {
+            running = self.search_done.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        drop(running);
         let r = match (self.manifest.quantization, filter) {
             (Quantization::I8, None) => self.vectors.search(&to_i8(q), count),
             (Quantization::I8, Some(f)) => self.vectors.filtered_search(&to_i8(q), count, f),
             (_, None) => self.vectors.search(q, count),
             (_, Some(f)) => self.vectors.filtered_search(q, count, f),
         };
+        *self.searching.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.search_done.notify_one();
         r.map_err(|e| SearchError::Index(format!("searching: {e}")))
     }
 
