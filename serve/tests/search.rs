@@ -147,7 +147,11 @@ fn write_items(dir: &Path) -> PathBuf {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        // Shared by every test of this binary, so it outlives each: one copy, in cargo's scratch directory
+        // for integration tests, replaced by the next run.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("search-fixture");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         let repo = dir.join("repo");
         make_repository(&repo, 64, &[("embed", "embed", &[]), ("other", "embed", &["--input", "float32"])]);
         let items = write_items(&dir);
