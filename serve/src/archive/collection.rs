@@ -59,7 +59,7 @@ pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
     let provenance = provenance
         .and_then(|v| serde_json::from_str::<Value>(&v).ok())
         .ok_or_else(|| ArchiveError::Run(format!("{name}: no geossl provenance in the footer")))?;
-    let mut polygons = Vec::new();
+    let mut footprint = Footprint::default();
     // The rows' exact bounds (the union is computed on i_overlay's fixed-point grid: its vertices are
     // within ~1e-9° of the rows').
     let mut bbox = [f64::INFINITY, f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY];
@@ -73,7 +73,7 @@ pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
             let ring = geoparquet::wkb_ring(geom.value(i))
                 .ok_or_else(|| ArchiveError::Run(format!("{name}: row {i}: geometry is not a one-ring polygon")))?;
             bbox = widen(bbox, geoparquet::ring_bounds(&ring));
-            polygons.push(Polygon::new(LineString::from(ring), vec![]));
+            footprint.add(Polygon::new(LineString::from(ring), vec![]));
             if dt.is_valid(i) {
                 let t = dt.value(i);
                 datetimes = Some(datetimes.map_or((t, t), |(a, z)| (a.min(t), z.max(t))));
@@ -83,14 +83,48 @@ pub fn summarize_part(part: &Location) -> Result<PartSummary, ArchiveError> {
             }
         }
     }
-    if polygons.is_empty() {
+    let rows = footprint.rows;
+    if rows == 0 {
         return Err(ArchiveError::Run(format!("{name}: no rows")));
     }
-    let footprint = geo::unary_union(&polygons).orient(geo::orient::Direction::Default);
+    let footprint = footprint.finish();
     if footprint.0.is_empty() {
         return Err(ArchiveError::Run(format!("{name}: the rows' footprints have no area")));
     }
-    Ok(PartSummary { rows: polygons.len(), bbox, footprint, datetimes, sources, provenance })
+    Ok(PartSummary { rows, bbox, footprint, datetimes, sources, provenance })
+}
+
+/// The union of many windows' footprints, merged as they come: every [`Footprint::CHUNK`] polygons are
+/// unioned with what is already merged, so memory follows the union's outline, not the row count (one
+/// union of 1.35 M overlapping windows held > 9 GB in the boolean-ops engine).
+#[derive(Default)]
+struct Footprint {
+    merged: Vec<Polygon<f64>>,
+    pending: Vec<Polygon<f64>>,
+    rows: usize,
+}
+
+impl Footprint {
+    const CHUNK: usize = 4096;
+
+    fn add(&mut self, p: Polygon<f64>) {
+        self.rows += 1;
+        self.pending.push(p);
+        if self.pending.len() == Self::CHUNK {
+            self.merge();
+        }
+    }
+
+    fn merge(&mut self) {
+        let union = geo::unary_union(self.merged.iter().chain(self.pending.iter()));
+        self.merged = union.0;
+        self.pending.clear();
+    }
+
+    fn finish(mut self) -> MultiPolygon<f64> {
+        self.merge();
+        MultiPolygon(self.merged).orient(geo::orient::Direction::Default)
+    }
 }
 
 /// The smallest `[xmin, ymin, xmax, ymax]` holding both.
@@ -332,5 +366,38 @@ mod tests {
         let g = geojson(&u);
         assert_eq!(g["type"], "MultiPolygon");
         assert_eq!(geojson(&MultiPolygon(vec![sq(0.0)]))["type"], "Polygon");
+    }
+
+    /// Merging as rows come (chunks of 4,096) gives the union of all at once: 10,000 overlapping windows
+    /// (2 × 2 at stride 1 over a 100 × 100 grid, the 20 × 20 block in the middle left out) make one
+    /// polygon with one hole whatever the order; areas agree with the one-shot union and with the
+    /// arithmetic (101² minus the 19 × 19 hole, 41..60 on both axes, that the missing windows leave).
+    #[test]
+    fn merging_in_chunks_is_the_union_of_all_rows() {
+        use geo::Area;
+        let win = |x: f64, y: f64| {
+            Polygon::new(LineString::from(vec![(x, y), (x + 2.0, y), (x + 2.0, y + 2.0), (x, y + 2.0), (x, y)]), vec![])
+        };
+        let mut all = Vec::new();
+        for i in 0..100 {
+            for j in 0..100 {
+                if !((40..60).contains(&i) && (40..60).contains(&j)) {
+                    all.push(win(i as f64, j as f64));
+                }
+            }
+        }
+        let mut f = Footprint::default();
+        for p in all.iter().rev() {
+            f.add(p.clone());
+        }
+        assert_eq!(f.rows, all.len());
+        let chunked = f.finish();
+        let once = geo::unary_union(&all);
+        assert_eq!(chunked.0.len(), 1);
+        assert_eq!(chunked.0[0].interiors().len(), 1);
+        let expected = 101.0 * 101.0 - 19.0 * 19.0;
+        assert!((chunked.unsigned_area() - expected).abs() < 1e-9 * expected, "{}", chunked.unsigned_area());
+        assert!((once.unsigned_area() - expected).abs() < 1e-9 * expected);
+        assert!(chunked.0[0].exterior().is_closed() && chunked.0[0].signed_area() > 0.0);
     }
 }
