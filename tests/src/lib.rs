@@ -19,6 +19,18 @@ pub fn run(name: &str, args: &[&str]) -> Output {
     Command::new(bin(name)).args(args).env_remove("RUST_BACKTRACE").output().expect("spawn binary")
 }
 
+/// A `geossl-serve ARGS…` command on the CPU provider, with no AWS credentials, endpoint or profile from the
+/// caller's environment (tests that use object storage give `env`: e.g. [`objstore::Moto::env`]).
+pub fn serve_command(args: &[&str], env: &[(&'static str, String)]) -> Command {
+    let mut c = Command::new(bin("geossl-serve"));
+    c.args(args).env("GEOSSL_EXECUTION_PROVIDER", "cpu");
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_SESSION_TOKEN", "AWS_PROFILE"] {
+        c.env_remove(k);
+    }
+    c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    c
+}
+
 /// `geossl-serve embed --model MODEL --input INPUT --out OUT --execution-provider cpu EXTRA…`.
 pub fn embed(model: &std::path::Path, input: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Output {
     let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();

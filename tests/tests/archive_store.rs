@@ -16,7 +16,7 @@ use arrow_array::types::{Float32Type, TimestampMicrosecondType, UInt32Type};
 use arrow_array::Array;
 use geossl_tests::objstore::{CountingProxy, Moto};
 use geossl_tests::server::make_repository;
-use geossl_tests::{bin, python, text};
+use geossl_tests::{python, text};
 
 /// A row's key: its source's file name and window.
 type Key = (String, [u32; 4]);
@@ -77,13 +77,7 @@ fn without_dates(r: &Rows) -> Rows {
 }
 
 fn serve(args: &[&str], env: &[(&'static str, String)]) -> Command {
-    let mut c = Command::new(bin("geossl-serve"));
-    c.args(args).env("GEOSSL_EXECUTION_PROVIDER", "cpu");
-    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT", "AWS_SESSION_TOKEN", "AWS_PROFILE"] {
-        c.env_remove(k);
-    }
-    c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    c
+    geossl_tests::serve_command(args, env)
 }
 
 fn out(mut c: impl std::borrow::BorrowMut<Command>) -> Output {

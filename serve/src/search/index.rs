@@ -723,19 +723,28 @@ impl Index {
 
     /// The unit vector of `key` (f16/i8 indexes give it back dequantized).
     pub fn vector(&self, key: u64) -> Result<Vec<f32>, SearchError> {
-        let d = self.dimensions();
-        let (got, v) = if self.manifest.quantization == Quantization::I8 {
-            let mut q = vec![0i8; d];
-            let got = self.vectors.get(key, &mut q).map_err(engine_err("reading a vector"))?;
-            (got, q.into_iter().map(f32::from).collect())
+        let mut v = vec![0f32; self.dimensions()];
+        self.stored(key, &mut v, &mut Vec::new())?;
+        Ok(normalized(&v))
+    }
+
+    /// Writes the stored vector of `key` (dequantized, not normalized) into `out` (`dimensions` long);
+    /// `codes` is scratch for an i8 index's codes, kept by callers that read many.
+    pub(super) fn stored(&self, key: u64, out: &mut [f32], codes: &mut Vec<i8>) -> Result<(), SearchError> {
+        let got = if self.manifest.quantization == Quantization::I8 {
+            codes.resize(out.len(), 0);
+            let got = self.vectors.get(key, codes).map_err(engine_err("reading a vector"))?;
+            for (o, &c) in out.iter_mut().zip(codes.iter()) {
+                *o = f32::from(c);
+            }
+            got
         } else {
-            let mut v = vec![0f32; d];
-            (self.vectors.get(key, &mut v).map_err(engine_err("reading a vector"))?, v)
+            self.vectors.get(key, out).map_err(engine_err("reading a vector"))?
         };
         if got == 0 {
             return Err(SearchError::Index(format!("{}: no vector for key {key}", self.location)));
         }
-        Ok(normalized(&v))
+        Ok(())
     }
 
     /// The graph's `count` nearest to the unit vector `q` among keys `filter` admits (all when `None`).

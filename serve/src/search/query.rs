@@ -298,9 +298,14 @@ impl Index {
 
     /// Brute force: the top `k` of `keys` by cosine similarity to the normalized `q`.
     pub fn exact(&self, q: &[f32], k: usize, keys: impl Iterator<Item = u64>) -> Result<Vec<Hit>, SearchError> {
+        // One buffer for every row: the cosine is q · v / |v| (q is a unit vector), in f64.
+        let mut v = vec![0f32; self.dimensions()];
+        let mut codes = Vec::new();
         let mut hits = Vec::new();
         for key in keys {
-            hits.push(Hit { key, score: dot(q, &self.vector(key)?) });
+            self.stored(key, &mut v, &mut codes)?;
+            let norm = dot(&v, &v).sqrt();
+            hits.push(Hit { key, score: if norm == 0.0 { 0.0 } else { dot(q, &v) / norm } });
         }
         Ok(top(hits, k))
     }
