@@ -225,7 +225,10 @@ fn recall(got: &[String], want: &[(String, f64)], rows: &std::collections::HashM
     }
     let kth = want.last().unwrap().1;
     let set: HashSet<&str> = want.iter().map(|w| w.0.as_str()).collect();
-    let found = got.iter().filter(|g| set.contains(g.as_str()) || dot(q, &rows[g.as_str()].unit) >= kth - score_tolerance(q.len())).count();
+    let found = got
+        .iter()
+        .filter(|g| set.contains(g.as_str()) || dot(q, &rows[g.as_str()].unit) >= kth - score_tolerance(q.len()))
+        .count();
     found.min(want.len()) as f64 / want.len() as f64
 }
 
@@ -245,7 +248,11 @@ fn check_filter(index: &Index, rows: &[Row], f: &Filters, what: &str) -> f64 {
         for (h, w) in hits.iter().zip(&got) {
             let exact = dot(&q.unit, &by_id[w.as_str()].unit);
             let tol = score_tolerance(q.unit.len());
-            assert!((h.score - exact).abs() <= tol, "{what}: score {} of {w}; exact cosine {exact} (± {tol:.1e})", h.score);
+            assert!(
+                (h.score - exact).abs() <= tol,
+                "{what}: score {} of {w}; exact cosine {exact} (± {tol:.1e})",
+                h.score
+            );
         }
         total += recall(&got, &want, &by_id, &q.unit);
         n += 1;

@@ -2,7 +2,7 @@
 //! `POST /v1/indexes/{name}/classify`. Queries are JSON (a chip id, a point, an embedding, several
 //! positive examples), or an image body (`image/*`, filters in the query string) embedded by the index's
 //! model. Answers are a GeoJSON FeatureCollection, or GeoParquet when the request accepts
-//! `application/vnd.apache.parquet`. The index works on the blocking pool.
+//! `application/vnd.apache.parquet`. Searches run on the HTTP worker; classifiers on the blocking pool.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -132,17 +132,35 @@ fn respond(req: &HttpRequest, index: &Index, hits: &[Hit], about: Value) -> Resu
     Ok(HttpResponse::Ok().content_type(GEOJSON_MEDIA_TYPE).json(answers::geojson(index, hits, about)))
 }
 
-/// Runs `f` on the index on the blocking pool, timed into the search metric.
+/// How an operation on the index runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// On the HTTP worker itself: a search is ~1 ms of CPU (a graph search, or brute force over at most the
+    /// index's exact budget), and handing it to the blocking pool and back cost more than it saved —
+    /// measured at 8 clients on 2 cores: served QPS 0.56–0.71× in process through the pool, 0.63–0.78×
+    /// inline, p99 16–22 ms → 11–13 ms (docs/benchmarks/search.md). The HTTP workers bound how many run at
+    /// once.
+    Inline,
+    /// On the blocking pool: fitting a classifier and ranking the whole index.
+    Blocking,
+}
+
+/// Runs `f` on the index, timed into the search metric.
 async fn in_index<T: Send + 'static>(
     state: &web::Data<AppState>,
     name: &str,
     op: &'static str,
+    how: Run,
     f: impl FnOnce(&Index) -> Result<T, SearchError> + Send + 'static,
 ) -> Result<T, ServeError> {
     let index = state.index(name)?.clone();
     let started = Instant::now();
-    let r =
-        web::block(move || f(&index)).await.map_err(|e| ServeError::Internal(format!("search task failed: {e}")))?;
+    let r = match how {
+        Run::Inline => f(&index),
+        Run::Blocking => {
+            web::block(move || f(&index)).await.map_err(|e| ServeError::Internal(format!("{op} task failed: {e}")))?
+        }
+    };
     state.metrics.search_seconds.with_label_values(&[name, op]).observe(started.elapsed().as_secs_f64());
     Ok(r?)
 }
@@ -242,7 +260,7 @@ pub async fn search(
         .filters()?;
         (query, count(body.k, 10)?, filters, about)
     };
-    let hits = in_index(&state, &name, "search", move |i| i.search(&query, k, &filters)).await?;
+    let hits = in_index(&state, &name, "search", Run::Inline, move |i| i.search(&query, k, &filters)).await?;
     let about = json!({"index": name, "model": index.manifest.model, "k": k, "query": about});
     respond(&req, &index, &hits, about)
 }
@@ -267,7 +285,8 @@ pub async fn classify(
     let filters = FilterJson { bbox: body.bbox, datetime: body.datetime, ..FilterJson::default() }.filters()?;
     let pos: Vec<Example> = body.positives.iter().map(ExampleJson::example).collect();
     let neg: Vec<Example> = body.negatives.iter().map(ExampleJson::example).collect();
-    let r = in_index(&state, &name, "classify", move |i| i.classify(&pos, &neg, c, top, &filters)).await?;
+    let r =
+        in_index(&state, &name, "classify", Run::Blocking, move |i| i.classify(&pos, &neg, c, top, &filters)).await?;
     let about = json!({"index": name, "model": index.manifest.model, "top": top, "classifier": {
         "c": c, "positives": r.positives.len(), "negatives": r.negatives.len(), "intercept": r.model.intercepts[0],
         "iterations": r.model.iterations, "converged": r.model.converged}});
