@@ -161,12 +161,12 @@ def main():
     order = rng.permutation(len(emb))
     sizes = []
     # Phase 1: each size's rows, queries, exact answers and FAISS's side (kept in the size's directory as
-    # faiss.json, reused by a rerun of the same pool and seed).
+    # faiss.json, reused by a rerun over the same pool; delete it to measure FAISS again).
     for n in [int(s) for s in a.sizes.split(",")]:
         if n + 1000 > len(emb):
             print(f"size {n}: the pool has {len(emb)} rows; skipped", file=sys.stderr)
             continue
-        d = os.path.join(a.work, f"n{n}")
+        d = os.path.join(a.work, f"s{a.stride}", f"n{n}")  # the pool's stride: a cache never crosses pools
         cached = os.path.join(d, "faiss.json")
         sizes.append((n, d))
         if os.path.exists(cached):

@@ -423,7 +423,7 @@ mod tests {
     /// polygon with one hole whatever the order; areas agree with the one-shot union and with the
     /// arithmetic (101² minus the 19 × 19 hole, 41..60 on both axes, that the missing windows leave).
     #[test]
-    fn merging_in_chunks_is_the_union_of_all_rows() {
+    fn the_cascade_is_the_union_of_all_rows() {
         use geo::Area;
         let win = |x: f64, y: f64| {
             Polygon::new(LineString::from(vec![(x, y), (x + 2.0, y), (x + 2.0, y + 2.0), (x, y + 2.0), (x, y)]), vec![])

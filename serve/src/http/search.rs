@@ -135,8 +135,10 @@ fn respond(req: &HttpRequest, index: &Index, hits: &[Hit], about: Value) -> Resu
 /// How an operation on the index runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Run {
-    /// On the HTTP worker itself: a search is ~1 ms of CPU (a graph search, or brute force over at most the
-    /// index's exact budget), and handing it to the blocking pool and back cost more than it saved —
+    /// On the HTTP worker itself: a search is milliseconds of CPU (a graph search: ~1 ms at 100k rows,
+    /// ~3 ms at 1M at ef 256; a selective filter adds a scan of every row's metadata and brute force over at
+    /// most the index's exact budget, 2²⁴ elements), and handing it to the blocking pool and back cost more
+    /// than it saved —
     /// measured at 8 clients on 2 cores: served QPS 0.56–0.71× in process through the pool, 0.63–0.78×
     /// inline, p99 16–22 ms → 11–13 ms (docs/benchmarks/search.md). The HTTP workers bound how many run at
     /// once.
