@@ -9,7 +9,7 @@ vectors gives the true 10 nearest neighbours. Then on the same vectors, machine 
   - FAISS (faiss-cpu): IndexFlatIP (exact) and IndexHNSWFlat (M=16, efConstruction=128, inner product):
     build time, bytes per vector (serialized), and for each efSearch recall@10 and QPS with 1 and 8 threads
     (closed loop, one query per call, one OpenMP thread per call);
-  - geossl (usearch underneath): `geossl-serve index build` (M=16, expansion_add=128) time and vectors file;
+  - geossl (its own HNSW): `geossl-serve index build` (M=16, expansion_add=128) time and vectors file;
     the Rust bench (serve/benches/search.rs) for recall@10 and QPS in process at 1 and 8 threads per expansion,
     and over HTTP (keep-alive, JSON embedding queries) at 1 and 8 clients with p50/p99, at the smallest
     expansion reaching recall@10 ≥ 0.95.
@@ -202,7 +202,7 @@ def main():
             subprocess.run(["rm", "-rf", idx], check=True)
             build = run(a.serve, "index", "build", "--dataset", base, "--out", idx, "--quantization", quant,
                         "--log", "warn", stdout=subprocess.DEVNULL)
-            vec_bytes = os.path.getsize(os.path.join(idx, "vectors.usearch"))
+            vec_bytes = os.path.getsize(os.path.join(idx, "vectors.hnsw"))
             rows_bytes = sum(os.path.getsize(os.path.join(idx, f)) for f in os.listdir(idx) if f.startswith("rows-"))
             env = dict(os.environ, GEOSSL_BENCH_INDEX=idx, GEOSSL_BENCH_QUERIES=os.path.join(d, "queries.npy"),
                        GEOSSL_BENCH_TRUTH=os.path.join(d, "truth.npy"), GEOSSL_BENCH_EF=",".join(map(str, EFS)),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Similarity-search benchmark (docs/benchmarks/search.md): geossl's index (usearch HNSW) against FAISS (faiss-cpu:
+# Similarity-search benchmark (docs/benchmarks/search.md): geossl's index (its own HNSW) against FAISS (faiss-cpu:
 # exact and HNSW) on the same real-pixel embeddings, machine and queries; see scripts/bench/search_bench.py.
 #   bash scripts/bench/search_bench.sh            (after scripts/setup.sh; SIZES=100000,300000,1000000 by default)
 # Writes docs/benchmarks/search.json. Work files in SEARCH_BENCH_DIR (default /tmp/search-bench; the pool of
@@ -10,7 +10,7 @@ cd "$ROOT"
 W=${SEARCH_BENCH_DIR:-/tmp/search-bench}
 SIZES=${SIZES:-100000,300000,1000000}
 # The peers, pinned (not in the project venv: only this benchmark uses them).
-.venv/bin/pip install -q faiss-cpu==1.15.1 usearch==2.26.6
+.venv/bin/pip install -q faiss-cpu==1.15.1
 cargo build --release --locked -p geossl-serve --bin geossl-serve
 cargo build --locked --workspace --bins
 bench=$(cargo bench --locked -p geossl-serve --bench search --no-run 2>&1 | grep -o 'target/release/deps/search-[0-9a-f]*' | tail -1)

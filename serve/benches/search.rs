@@ -151,7 +151,7 @@ fn main() {
     let base = Index::open(&dir).unwrap();
     let open_s = t.elapsed().as_secs_f64();
     let base_simd = base.acceleration();
-    eprintln!("usearch kernels: {base_simd}");
+    eprintln!("distance kernels: {base_simd}");
     let f = Filters::default();
     let mut curve = Vec::new();
     for &ef in &efs {

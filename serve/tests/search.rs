@@ -398,8 +398,8 @@ fn bad_queries_are_named() {
         "no scene",
     );
     bad(index.search(&Query::Examples(vec![]), 5, &f), "no examples");
-    // More concurrent searches than usearch has search contexts (twice the cores, at least 4): they wait
-    // for one instead of failing.
+    // Many more concurrent searches than cores: each takes its own scratch (visited rows, heaps) and all
+    // answer.
     std::thread::scope(|s| {
         for t in 0..24 {
             let (index, rows) = (&index, &fx.rows);
@@ -778,7 +778,7 @@ fn quantized_and_patch_level_datasets_are_indexable() {
             n += 1;
         }
         let (own, full) = (own / f64::from(n), full / f64::from(n));
-        let bytes = std::fs::metadata(out.join("vectors.usearch")).unwrap().len();
+        let bytes = std::fs::metadata(out.join("vectors.hnsw")).unwrap().len();
         eprintln!(
             "{dtype} rows, {quantization} index: recall@10 {own:.3} against its rows' brute force, {full:.3} against \
              float32's; vectors {bytes} bytes"

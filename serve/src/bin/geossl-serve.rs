@@ -601,7 +601,7 @@ struct IndexBuildArgs {
     /// its success markers; else every .parquet file in it). A path or URL.
     #[arg(long, env = "GEOSSL_DATASET")]
     dataset: String,
-    /// The index directory or prefix (index.json, vectors.usearch, rows-NNNNN.parquet). A path or URL.
+    /// The index directory or prefix (index.json, vectors.hnsw, rows-NNNNN.parquet). A path or URL.
     #[arg(long, env = "GEOSSL_INDEX_OUT")]
     out: String,
     /// How the index stores vectors: f32, f16 (half the memory) or i8 (a quarter).

@@ -4,8 +4,8 @@
 //! - `index.json` — the [`Manifest`]: the dataset's model (name, version, SHA-256) and plan hash, the
 //!   dimension, level, quantization and HNSW parameters, and every indexed part with its rows' key range.
 //!   Written last: an index is what its manifest says.
-//! - `vectors.usearch` — the HNSW graph and the vectors (L2-normalized, cosine metric; stored as f32, f16
-//!   or i8), keyed by row number `0..rows`.
+//! - `vectors.hnsw` — the HNSW graph and the vectors (cosine metric; stored as f32, f16 or i8, see
+//!   [`super::hnsw`]), keyed by row number `0..rows`.
 //! - `rows-NNNNN.parquet` — per indexed part, its rows' metadata (the dataset's `chip_id`, `source`,
 //!   `window`, `geometry`, `bbox`, `center_lat`, `center_lon`, `datetime`, `cell` columns) and `key`:
 //!   itself a GeoParquet file.
@@ -23,26 +23,26 @@ use arrow_array::{TimestampMicrosecondArray, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 
+use super::hnsw::Graph;
 use super::SearchError;
 use crate::archive::geoparquet::{self, col};
 use crate::archive::shard;
 use crate::archive::store::Location;
 
-/// The index format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The index format this build writes and reads (1: the vectors in a usearch file; 2: geossl's HNSW).
+pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "index.json";
-pub const VECTORS: &str = "vectors.usearch";
-/// The rows files' key column: the row's key in `vectors.usearch`.
+pub const VECTORS: &str = "vectors.hnsw";
+/// The rows files' key column: the row's key in `vectors.hnsw`.
 pub const KEY: &str = "key";
 /// The engine underneath, as recorded in manifests.
-pub const ENGINE: &str = "usearch 2.26.6";
+pub const ENGINE: &str = "geossl-hnsw 1";
 
 /// The dataset's columns an index keeps for answers and filters (`cell` too, in patch-level datasets).
 const META_COLUMNS: [&str; 8] =
     [col::CHIP_ID, col::SOURCE, col::WINDOW, col::GEOMETRY, col::BBOX, col::CENTER_LAT, col::CENTER_LON, col::DATETIME];
 
-/// How the index stores vectors: f32 (4·D bytes a vector), f16 (2·D) or i8 (D; usearch scales the
-/// normalized vector's components by 127).
+/// How the index stores vectors: f32 (4·D bytes a vector), f16 (2·D) or i8 (D; [`to_i8`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantization {
@@ -50,16 +50,6 @@ pub enum Quantization {
     F32,
     F16,
     I8,
-}
-
-impl Quantization {
-    fn scalar(self) -> usearch::ScalarKind {
-        match self {
-            Quantization::F32 => usearch::ScalarKind::F32,
-            Quantization::F16 => usearch::ScalarKind::F16,
-            Quantization::I8 => usearch::ScalarKind::I8,
-        }
-    }
 }
 
 /// The model a dataset's rows were made with.
@@ -146,7 +136,7 @@ pub struct BuildSummary {
     /// Seconds adding vectors to the graph (reading and writing excluded).
     pub graph_seconds: f64,
     pub seconds: f64,
-    /// Bytes of `vectors.usearch`.
+    /// Bytes of `vectors.hnsw`.
     pub vector_file_bytes: u64,
 }
 
@@ -231,8 +221,8 @@ fn part_info(name: &str, provenance: Option<String>) -> Result<PartInfo, SearchE
 }
 
 /// A vector in i8 as an i8 index stores it: `round(127 · x / max|x|)`, so the largest component is ±127 (the
-/// cosine metric does not see a vector's scale). usearch's own cast divides by the L2 norm and truncates,
-/// leaving a 512-dimensional vector (components ~0.04 of its norm) a handful of levels.
+/// cosine metric does not see a vector's scale). Dividing by the L2 norm instead would leave a
+/// 512-dimensional vector (components ~0.04 of its norm) a handful of levels.
 pub fn to_i8(x: &[f32]) -> Vec<i8> {
     let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if max == 0.0 {
@@ -254,34 +244,16 @@ fn engine_err<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> SearchError + '
     move |e| SearchError::Index(format!("{what}: {e}"))
 }
 
-fn new_vectors(dimensions: usize, q: Quantization, h: Hnsw) -> Result<usearch::Index, SearchError> {
-    // Cosine, not the inner product of the unit rows: usearch's inner-product kernel was 1.1–1.35× faster but
-    // lost recall on concentrated embeddings (a graph-filtered query 0.994 → 0.876 in the tests;
-    // docs/benchmarks/search.md), and i8 rows are scaled to a largest component of ±127 (their norms differ).
-    let options = usearch::IndexOptions {
-        dimensions,
-        metric: usearch::MetricKind::Cos,
-        quantization: q.scalar(),
-        connectivity: h.connectivity,
-        expansion_add: h.expansion_add,
-        expansion_search: h.expansion_search,
-        multi: false,
-    };
-    usearch::Index::new(&options).map_err(engine_err("creating the vector index"))
-}
-
 /// Reads the vectors file at `at` (into memory).
-fn load_vectors(at: &Location) -> Result<usearch::Index, SearchError> {
+fn load_vectors(at: &Location) -> Result<Graph, SearchError> {
     let loaded = match at.as_local() {
         Some(p) => {
-            if !p.is_file() {
-                return Err(SearchError::Index(format!("{at}: no vectors file")));
-            }
-            usearch::Index::restore(&p.display().to_string())
+            let f = std::fs::File::open(p).map_err(|e| SearchError::Index(format!("{at}: no vectors file ({e})")))?;
+            Graph::read(&mut std::io::BufReader::with_capacity(1 << 20, f))
         }
         None => {
             let bytes = at.read()?.ok_or_else(|| SearchError::Index(format!("{at}: no vectors file")))?;
-            usearch::Index::restore_from_buffer(&bytes)
+            Graph::read(&mut &bytes[..])
         }
     };
     loaded.map_err(|e| SearchError::Index(format!("{at}: not a readable vector index: {e}")))
@@ -342,42 +314,6 @@ fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<(), SearchError
     Ok(())
 }
 
-/// Adds rows `first_key..` with `vectors` (`n × d`, normalized) to `index` from `threads` threads.
-fn add_vectors(
-    index: &usearch::Index,
-    q: Quantization,
-    first_key: u64,
-    vectors: &[f32],
-    d: usize,
-    threads: usize,
-) -> Result<(), SearchError> {
-    let n = vectors.len() / d;
-    index.reserve_capacity_and_threads(index.size() + n, threads).map_err(engine_err("reserving the vector index"))?;
-    let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = vectors
-            .chunks(per * d)
-            .enumerate()
-            .map(|(t, chunk)| {
-                s.spawn(move || -> Result<(), SearchError> {
-                    for (i, v) in chunk.chunks_exact(d).enumerate() {
-                        let key = first_key + (t * per + i) as u64;
-                        match q {
-                            Quantization::I8 => index.add(key, &to_i8(v)),
-                            _ => index.add(key, v),
-                        }
-                        .map_err(engine_err("adding a vector"))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err(SearchError::Index("an adding thread panicked".into()))))
-    })
-}
-
 /// Builds an index of `opts.dataset` at `opts.out`, or adds the dataset's new parts to the index there.
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
     let started = Instant::now();
@@ -402,13 +338,20 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
                     tracing::warn!(index = %a, dataset = %b, "the dataset's plan differs from the indexed one's; adding its new parts");
                 }
             }
-            let v = load_vectors(&out.join(VECTORS))?;
-            if v.size() < m.rows {
+            let mut v = load_vectors(&out.join(VECTORS))?;
+            if v.len() > m.rows {
+                tracing::warn!(index = %opts.out, vectors = v.len(), manifest = m.rows,
+                    "the vectors file holds rows of a build that did not finish; dropping them");
+                v.truncate(m.rows);
+            }
+            if v.len() != m.rows || v.dimensions() != m.dimensions {
                 return Err(SearchError::Index(format!(
-                    "{}: the vectors file holds {} vectors; the manifest counts {}",
+                    "{}: the vectors file holds {} vectors of {}; the manifest says {} of {}",
                     opts.out,
-                    v.size(),
-                    m.rows
+                    v.len(),
+                    v.dimensions(),
+                    m.rows,
+                    m.dimensions
                 )));
             }
             (m, Some(v))
@@ -436,9 +379,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
             (m, None)
         }
     };
-    let vectors = match vectors {
+    let mut vectors = match vectors {
         Some(v) => v,
-        None => new_vectors(manifest.dimensions, manifest.quantization, manifest.hnsw)?,
+        None => Graph::new(manifest.dimensions, manifest.quantization, manifest.hnsw.connectivity),
     };
     let known: std::collections::HashSet<String> = manifest.parts.iter().map(|p| p.name.clone()).collect();
     let new_parts: Vec<&(String, Location)> = dataset.parts.iter().filter(|(n, _)| !known.contains(n)).collect();
@@ -501,7 +444,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
             continue;
         }
         let t = Instant::now();
-        add_vectors(&vectors, manifest.quantization, first_key, &values, d, threads)?;
+        vectors.add(&values, threads, manifest.hnsw.expansion_add).map_err(engine_err("adding vectors"))?;
         summary.graph_seconds += t.elapsed().as_secs_f64();
         let rows_file = format!("rows-{:05}.parquet", manifest.parts.len());
         let target = out.join(&rows_file);
@@ -524,7 +467,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
     manifest.dataset = opts.dataset.clone();
     let target = out.join(VECTORS);
     let spool = target.spool("index");
-    vectors.save(&spool.display().to_string()).map_err(engine_err("saving the vector index"))?;
+    let saved = std::fs::File::create(&spool).and_then(|f| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        vectors.write(&mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    });
+    saved.map_err(|e| SearchError::Index(format!("{}: writing the vector index: {e}", spool.display())))?;
     summary.vector_file_bytes = std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0);
     target.publish(&spool)?;
     let bytes = serde_json::to_vec_pretty(&manifest).map_err(SearchError::index)?;
@@ -546,7 +494,7 @@ struct PartRows {
 pub struct Index {
     pub manifest: Manifest,
     pub location: String,
-    pub(super) vectors: usearch::Index,
+    pub(super) vectors: Graph,
     parts: Vec<PartRows>,
     by_chip: HashMap<u128, u64>,
     /// Per key: `[xmin, ymin, xmax, ymax]` of the footprint, its datetime, its source (into `sources`) and
@@ -560,16 +508,6 @@ pub struct Index {
     pub(super) exact_budget: usize,
     /// Candidates a graph search keeps (at least k): the manifest's `expansion_search` unless changed.
     pub(super) expansion: usize,
-    /// Graph searches running, against the search contexts usearch reserved: usearch fails a search when
-    /// every context is taken, so more concurrent callers wait here instead.
-    searching: std::sync::Mutex<usize>,
-    search_done: std::sync::Condvar,
-    contexts: usize,
-}
-
-/// Concurrent graph searches an opened index allows (twice the cores, at least 4); more callers wait.
-fn search_contexts() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_mul(2).max(4)
 }
 
 impl std::fmt::Debug for Index {
@@ -589,20 +527,19 @@ impl Index {
         let at = Location::parse(location)?;
         let manifest = read_manifest(&at)?
             .ok_or_else(|| SearchError::Index(format!("{location}: no index here (no {MANIFEST})")))?;
-        let vectors = load_vectors(&at.join(VECTORS))?;
-        if vectors.dimensions() != manifest.dimensions || vectors.size() < manifest.rows {
+        let mut vectors = load_vectors(&at.join(VECTORS))?;
+        // Rows past the manifest's are a build's that did not finish: the index is what its manifest says.
+        vectors.truncate(manifest.rows);
+        if vectors.dimensions() != manifest.dimensions || vectors.len() != manifest.rows {
             return Err(SearchError::Index(format!(
                 "{location}: the vectors file holds {} vectors of {}; the manifest says {} of {}",
-                vectors.size(),
+                vectors.len(),
                 vectors.dimensions(),
                 manifest.rows,
                 manifest.dimensions
             )));
         }
         let n = manifest.rows;
-        vectors
-            .reserve_capacity_and_threads(vectors.size(), search_contexts())
-            .map_err(engine_err("reserving search contexts"))?;
         let mut index = Index {
             location: location.to_string(),
             vectors,
@@ -615,9 +552,6 @@ impl Index {
             center: Vec::with_capacity(n),
             exact_budget: super::query::EXACT_BUDGET,
             expansion: manifest.hnsw.expansion_search,
-            searching: std::sync::Mutex::new(0),
-            search_done: std::sync::Condvar::new(),
-            contexts: search_contexts(),
             manifest,
         };
         let mut source_ids: HashMap<String, u32> = HashMap::new();
@@ -697,10 +631,9 @@ impl Index {
         self
     }
 
-    /// The SIMD kernels usearch picked for this index's metric on this CPU (e.g. `haswell`, `skylake`,
-    /// `serial` when none applies).
+    /// The distance kernels this CPU runs (`avx2+fma`, or `portable`).
     pub fn acceleration(&self) -> String {
-        self.vectors.hardware_acceleration()
+        self.vectors.simd().name().to_string()
     }
 
     /// Rows in the index.
@@ -724,52 +657,28 @@ impl Index {
     /// The unit vector of `key` (f16/i8 indexes give it back dequantized).
     pub fn vector(&self, key: u64) -> Result<Vec<f32>, SearchError> {
         let mut v = vec![0f32; self.dimensions()];
-        self.stored(key, &mut v, &mut Vec::new())?;
+        self.stored(key, &mut v)?;
         Ok(normalized(&v))
     }
 
-    /// Writes the stored vector of `key` (dequantized, not normalized) into `out` (`dimensions` long);
-    /// `codes` is scratch for an i8 index's codes, kept by callers that read many.
-    pub(super) fn stored(&self, key: u64, out: &mut [f32], codes: &mut Vec<i8>) -> Result<(), SearchError> {
-        let got = if self.manifest.quantization == Quantization::I8 {
-            codes.resize(out.len(), 0);
-            let got = self.vectors.get(key, codes).map_err(engine_err("reading a vector"))?;
-            for (o, &c) in out.iter_mut().zip(codes.iter()) {
-                *o = f32::from(c);
-            }
-            got
-        } else {
-            self.vectors.get(key, out).map_err(engine_err("reading a vector"))?
-        };
-        if got == 0 {
+    /// Writes the stored vector of `key` (dequantized, not normalized) into `out` (`dimensions` long).
+    pub(super) fn stored(&self, key: u64, out: &mut [f32]) -> Result<(), SearchError> {
+        if key as usize >= self.vectors.len() || out.len() != self.dimensions() {
             return Err(SearchError::Index(format!("{}: no vector for key {key}", self.location)));
         }
+        self.vectors.stored(key as usize, out);
         Ok(())
     }
 
-    /// The graph's `count` nearest to the unit vector `q` among keys `filter` admits (all when `None`).
+    /// The graph's `count` nearest to the unit vector `q` among keys `filter` admits (all when `None`),
+    /// keeping `max(count, expansion)` candidates: (key, cosine similarity), most similar first.
     pub(super) fn graph_search(
         &self,
         q: &[f32],
         count: usize,
         filter: Option<&dyn Fn(u64) -> bool>,
-    ) -> Result<usearch::ffi::Matches, SearchError> {
-        // One of usearch's reserved search contexts, waiting while all are taken.
-        let mut running = self.searching.lock().unwrap_or_else(|e| e.into_inner());
-        while *running >= self.contexts {
-            running = self.search_done.wait(running).unwrap_or_else(|e| e.into_inner());
-        }
-        *running += 1;
-        drop(running);
-        let r = match (self.manifest.quantization, filter) {
-            (Quantization::I8, None) => self.vectors.search(&to_i8(q), count),
-            (Quantization::I8, Some(f)) => self.vectors.filtered_search(&to_i8(q), count, f),
-            (_, None) => self.vectors.search(q, count),
-            (_, Some(f)) => self.vectors.filtered_search(q, count, f),
-        };
-        *self.searching.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        self.search_done.notify_one();
-        r.map_err(|e| SearchError::Index(format!("searching: {e}")))
+    ) -> Vec<(u64, f32)> {
+        self.vectors.search(q, count, self.expansion, filter)
     }
 
     /// The part batch and row of `key`.

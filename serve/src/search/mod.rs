@@ -1,7 +1,7 @@
 //! Similarity search over archive embeddings: "find places like this".
 //!
 //! - [`index`]: an index over a GeoParquet dataset (one file, or the parts of a sharded run, local or in
-//!   object storage): the vectors in a [usearch](https://github.com/unum-cloud/USearch) HNSW file, the rows'
+//!   object storage): the vectors in an HNSW graph of geossl's own ([`hnsw`], its kernels in [`simd`]), the rows'
 //!   metadata (chip id, footprint, centre, datetime, source, window, cell) in GeoParquet files, one per
 //!   indexed part, and a manifest with the dataset's model and plan. Adding parts extends it in place.
 //! - [`query`]: queries (a chip id, a lon/lat point, an embedding, several positive examples) with exact
@@ -14,8 +14,10 @@
 //! and [`crate::http`] maps it.
 
 pub mod answers;
+pub mod hnsw;
 pub mod index;
 pub mod query;
+pub mod simd;
 
 /// A failure of building, opening or querying an index, by what the caller does about it.
 #[derive(Debug, thiserror::Error)]

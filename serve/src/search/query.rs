@@ -300,10 +300,9 @@ impl Index {
     pub fn exact(&self, q: &[f32], k: usize, keys: impl Iterator<Item = u64>) -> Result<Vec<Hit>, SearchError> {
         // One buffer for every row: the cosine is q · v / |v| (q is a unit vector), in f64.
         let mut v = vec![0f32; self.dimensions()];
-        let mut codes = Vec::new();
         let mut hits = Vec::new();
         for key in keys {
-            self.stored(key, &mut v, &mut codes)?;
+            self.stored(key, &mut v)?;
             let norm = dot(&v, &v).sqrt();
             hits.push(Hit { key, score: if norm == 0.0 { 0.0 } else { dot(q, &v) / norm } });
         }
@@ -322,21 +321,13 @@ impl Index {
                 return self.exact(q, k, keys.iter().copied());
             }
         }
-        // The graph search keeps as many candidates as it is asked for answers (usearch: at least its
-        // expansion): ask for `expansion`, keep k.
-        let wanted = k.max(self.expansion);
-        let m = if anchors.is_empty() && !selective {
-            self.graph_search(q, wanted, None)?
+        // The graph search keeps max(k, expansion) candidates and gives back the best k.
+        let found = if anchors.is_empty() && !selective {
+            self.graph_search(q, k, None)
         } else {
-            self.graph_search(q, wanted, Some(&admit))?
+            self.graph_search(q, k, Some(&admit))
         };
-        let hits: Vec<Hit> = m
-            .keys
-            .iter()
-            .zip(&m.distances)
-            .filter(|(&key, _)| (key as usize) < n)
-            .map(|(&key, &d)| Hit { key, score: 1.0 - f64::from(d) })
-            .collect();
+        let hits: Vec<Hit> = found.into_iter().map(|(key, score)| Hit { key, score: f64::from(score) }).collect();
         if hits.len() < k {
             // The graph ran out before k passed: brute force over every admitted row.
             let keys: Vec<u64> = match admitted {
