@@ -9,6 +9,8 @@
 //! measurement, default 5), GEOSSL_BENCH_HTTP (0: in process only). Served over HTTP at the smallest
 //! expansion reaching recall@10 ≥ 0.95 (the index's manifest is rewritten: give it a scratch index), then
 //! measured in process again at that expansion: the served/in-process ratio is against the mean of both.
+//! CPU time a query in process (8 threads) and a request served (of the server process and of this load
+//! generator, from `/proc/PID/stat`) say what the server itself spends beyond the search.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use geossl_serve::search::index::Index;
 use geossl_serve::search::query::{Filters, Query};
-use geossl_tests::server::Server;
+use geossl_tests::server::{process_cpu_seconds, Server};
 use serde_json::json;
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -102,8 +104,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// `threads` closed-loop workers calling `f(query number)` for `secs`: (QPS, p50 s, p99 s).
-fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> (f64, f64, f64) {
+/// `threads` closed-loop workers calling `f(query number)` for `secs`: (QPS, p50 s, p99 s, calls).
+fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> (f64, f64, f64, usize) {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let lat = Mutex::new(Vec::new());
@@ -128,7 +130,7 @@ fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)
     let elapsed = started.elapsed().as_secs_f64();
     let mut l = lat.into_inner().unwrap();
     l.sort_by(f64::total_cmp);
-    (l.len() as f64 / elapsed, percentile(&l, 0.5), percentile(&l, 0.99))
+    (l.len() as f64 / elapsed, percentile(&l, 0.5), percentile(&l, 0.99), l.len())
 }
 
 fn main() {
@@ -165,11 +167,14 @@ fn main() {
         let run = |_t: usize, i: usize| {
             index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
         };
-        let (qps1, p50_1, p99_1) = closed(1, secs, nq, &run);
-        let (qps8, p50_8, p99_8) = closed(8, secs, nq, &run);
+        let (qps1, p50_1, p99_1, _) = closed(1, secs, nq, &run);
+        let cpu = process_cpu_seconds("self");
+        let (qps8, p50_8, p99_8, calls8) = closed(8, secs, nq, &run);
+        let cpu_us_8 = (process_cpu_seconds("self") - cpu) / calls8 as f64 * 1e6;
         eprintln!("ef {ef}: recall@10 {recall:.4}, {qps1:.0} QPS at 1 thread, {qps8:.0} at 8");
         curve.push(json!({"ef": ef, "recall_at_10": recall, "qps_1": qps1, "qps_8": qps8,
-            "p50_ms_1": p50_1 * 1e3, "p99_ms_1": p99_1 * 1e3, "p50_ms_8": p50_8 * 1e3, "p99_ms_8": p99_8 * 1e3}));
+            "p50_ms_1": p50_1 * 1e3, "p99_ms_1": p99_1 * 1e3, "p50_ms_8": p50_8 * 1e3, "p99_ms_8": p99_8 * 1e3,
+            "cpu_us_per_query_8": cpu_us_8}));
     }
     if env::<u8>("GEOSSL_BENCH_HTTP", 1) == 0 {
         println!(
@@ -208,9 +213,19 @@ fn main() {
             let (status, _) = conns[t].lock().unwrap().post("/v1/indexes/bench/search", &bodies[i]);
             assert_eq!(status, 200);
         };
-        let (qps, p50, p99) = closed(clients, secs, nq, &run);
-        eprintln!("HTTP, {clients} clients: {qps:.0} QPS, p50 {:.2} ms, p99 {:.2} ms", p50 * 1e3, p99 * 1e3);
-        http.push(json!({"clients": clients, "qps": qps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}));
+        // CPU of the server and of this load generator (both on the same cores) per request.
+        let (server0, client0) = (server.cpu_seconds(), process_cpu_seconds("self"));
+        let (qps, p50, p99, calls) = closed(clients, secs, nq, &run);
+        let server_us = (server.cpu_seconds() - server0) / calls as f64 * 1e6;
+        let client_us = (process_cpu_seconds("self") - client0) / calls as f64 * 1e6;
+        eprintln!(
+            "HTTP, {clients} clients: {qps:.0} QPS, p50 {:.2} ms, p99 {:.2} ms; CPU a request: server {server_us:.0} µs, \
+             client {client_us:.0} µs",
+            p50 * 1e3,
+            p99 * 1e3
+        );
+        http.push(json!({"clients": clients, "qps": qps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
+            "server_cpu_us_per_request": server_us, "client_cpu_us_per_request": client_us}));
     }
     let rss_kib = server.rss_kib();
     drop(server);
@@ -220,7 +235,11 @@ fn main() {
     let run = |_t: usize, i: usize| {
         index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
     };
-    let again = [closed(1, secs, nq, &run).0, closed(8, secs, nq, &run).0];
+    let again1 = closed(1, secs, nq, &run).0;
+    let cpu = process_cpu_seconds("self");
+    let (again8, _, _, calls8) = closed(8, secs, nq, &run);
+    let cpu_us_again = (process_cpu_seconds("self") - cpu) / calls8 as f64 * 1e6;
+    let again = [again1, again8];
     let before = curve.iter().find(|c| c["ef"].as_u64() == Some(served_ef as u64));
     for (i, (clients, key)) in [(1usize, "qps_1"), (8, "qps_8")].into_iter().enumerate() {
         let mean = before.and_then(|c| c[key].as_f64()).map_or(again[i], |b| (b + again[i]) / 2.0);
@@ -228,6 +247,19 @@ fn main() {
         http[i]["in_process_qps_after"] = json!(again[i]);
         http[i]["served_over_in_process"] = json!(qps / mean);
         eprintln!("{clients}: in process again {:.0} QPS; served/in-process {:.2}", again[i], qps / mean);
+    }
+    // What the server spends a request against what the search alone spends a query, both at 8 on the same
+    // cores (the mean of the in-process measurements before and after): the served/in-process QPS ratio of a
+    // server whose clients are on other machines.
+    let cpu_in =
+        before.and_then(|c| c["cpu_us_per_query_8"].as_f64()).map_or(cpu_us_again, |b| (b + cpu_us_again) / 2.0);
+    if let Some(server_us) = http[1]["server_cpu_us_per_request"].as_f64() {
+        http[1]["in_process_cpu_us_per_query"] = json!(cpu_in);
+        http[1]["in_process_over_server_cpu"] = json!(cpu_in / server_us);
+        eprintln!(
+            "8: CPU a query in process {cpu_in:.0} µs, a request served {server_us:.0} µs: {:.2}",
+            cpu_in / server_us
+        );
     }
     let out = json!({
         "index": PathBuf::from(&dir).display().to_string(), "queries": nq, "dimensions": d,

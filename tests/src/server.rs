@@ -141,6 +141,11 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// CPU time (user + system, every thread) the server process has used so far, in seconds (Linux).
+    pub fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(&self.pid().to_string())
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
@@ -180,4 +185,18 @@ pub fn histogram(metrics_text: &str, name: &str, label: &str) -> (f64, f64) {
             .sum::<f64>()
     };
     (get("sum"), get("count"))
+}
+
+/// CPU time (user + system, every thread) of process `pid` ("self" for this one) so far, in seconds, from
+/// `/proc/PID/stat` (fields 14 and 15, in the kernel ABI's fixed 100 ticks a second); 0 where unreadable.
+pub fn process_cpu_seconds(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The command name (field 2) may hold spaces: the fields after it follow its closing parenthesis.
+            let rest = &s[s.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, UInt32Array};
 use arrow_schema::{DataType, Field, Schema};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::index::{Index, KEY};
 use super::query::Hit;
@@ -16,43 +17,94 @@ use crate::archive::geoparquet;
 pub const PARQUET_MEDIA_TYPE: &str = "application/vnd.apache.parquet";
 pub const GEOJSON_MEDIA_TYPE: &str = "application/geo+json";
 
-fn rfc3339(micros: i64) -> Value {
-    chrono::DateTime::from_timestamp_micros(micros)
-        .map_or(Value::Null, |t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))
+fn rfc3339(micros: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_micros(micros).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
+/// A GeoJSON FeatureCollection of answers, serialized as it is (no intermediate `serde_json::Value`: the
+/// answer is a tenth of a served search's CPU when built as a `Value` tree, docs/benchmarks/search.md).
+#[derive(Debug, Serialize)]
+pub struct FeatureCollection<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    features: Vec<Feature<'a>>,
+    geossl: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct Feature<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: String,
+    geometry: Polygon,
+    properties: Properties<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct Polygon {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// One ring: the footprint, (lon, lat), closed.
+    coordinates: [Vec<[f64; 2]>; 1],
+}
+
+#[derive(Debug, Serialize)]
+struct Properties<'a> {
+    rank: usize,
+    score: f64,
+    chip_id: String,
+    source: &'a str,
+    datetime: Option<String>,
+    window: Window,
+    center: [f64; 2],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cell: Option<Cell>,
+}
+
+#[derive(Debug, Serialize)]
+struct Window {
+    x: u32,
+    y: u32,
+    w: u32,
+    h: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct Cell {
+    row: u32,
+    col: u32,
 }
 
 /// The answers as a GeoJSON FeatureCollection: each a Feature with the chip's footprint and `rank`
-/// (from 1), `score`, `chip_id`, `source`, `datetime`, `window` (and `cell`) as properties; `about` goes
-/// into the collection's `geossl` member (the query, the index, the model).
-pub fn geojson(index: &Index, hits: &[Hit], about: Value) -> Value {
-    let features: Vec<Value> = hits
+/// (from 1), `score`, `chip_id`, `source`, `datetime` (null when undated), `window`, `center` (and `cell`)
+/// as properties; `about` goes into the collection's `geossl` member (the query, the index, the model).
+pub fn geojson<'a>(index: &'a Index, hits: &[Hit], about: Value) -> FeatureCollection<'a> {
+    let features = hits
         .iter()
         .enumerate()
         .map(|(rank, h)| {
             let (window, cell) = index.window(h.key);
             let ring: Vec<[f64; 2]> = index.ring(h.key).into_iter().map(|(x, y)| [x, y]).collect();
             let chip = index.chip_id(h.key);
-            let mut properties = json!({
-                "rank": rank + 1,
-                "score": h.score,
-                "chip_id": chip,
-                "source": index.source_of(h.key),
-                "datetime": index.datetime[h.key as usize].map_or(Value::Null, rfc3339),
-                "window": {"x": window[0], "y": window[1], "w": window[2], "h": window[3]},
-                "center": [index.center[h.key as usize].0, index.center[h.key as usize].1],
-            });
-            if let Some([r, c]) = cell {
-                properties["cell"] = json!({"row": r, "col": c});
+            let (lon, lat) = index.center_of(h.key);
+            Feature {
+                kind: "Feature",
+                id: chip.clone(),
+                geometry: Polygon { kind: "Polygon", coordinates: [ring] },
+                properties: Properties {
+                    rank: rank + 1,
+                    score: h.score,
+                    chip_id: chip,
+                    source: index.source_of(h.key),
+                    datetime: index.datetime[h.key as usize].and_then(rfc3339),
+                    window: Window { x: window[0], y: window[1], w: window[2], h: window[3] },
+                    center: [lon, lat],
+                    cell: cell.map(|[row, col]| Cell { row, col }),
+                },
             }
-            json!({
-                "type": "Feature",
-                "id": chip,
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": properties,
-            })
         })
         .collect();
-    json!({"type": "FeatureCollection", "features": features, "geossl": about})
+    FeatureCollection { kind: "FeatureCollection", features, geossl: about }
 }
 
 /// The answers as GeoParquet bytes: `rank`, `score`, then the index's row columns (the dataset's, less the
