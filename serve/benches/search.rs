@@ -104,8 +104,10 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// `threads` closed-loop workers calling `f(query number)` for `secs`: (QPS, p50 s, p99 s, calls).
-fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> (f64, f64, f64, usize) {
+/// `threads` closed-loop workers calling `f(query number)` for `secs`: (QPS, p50 s, p99 s, calls, this
+/// process's CPU µs a call).
+fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> (f64, f64, f64, usize, f64) {
+    let cpu = process_cpu_seconds("self");
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let lat = Mutex::new(Vec::new());
@@ -130,7 +132,8 @@ fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)
     let elapsed = started.elapsed().as_secs_f64();
     let mut l = lat.into_inner().unwrap();
     l.sort_by(f64::total_cmp);
-    (l.len() as f64 / elapsed, percentile(&l, 0.5), percentile(&l, 0.99), l.len())
+    let cpu_us = (process_cpu_seconds("self") - cpu) / l.len() as f64 * 1e6;
+    (l.len() as f64 / elapsed, percentile(&l, 0.5), percentile(&l, 0.99), l.len(), cpu_us)
 }
 
 fn main() {
@@ -167,10 +170,8 @@ fn main() {
         let run = |_t: usize, i: usize| {
             index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
         };
-        let (qps1, p50_1, p99_1, _) = closed(1, secs, nq, &run);
-        let cpu = process_cpu_seconds("self");
-        let (qps8, p50_8, p99_8, calls8) = closed(8, secs, nq, &run);
-        let cpu_us_8 = (process_cpu_seconds("self") - cpu) / calls8 as f64 * 1e6;
+        let (qps1, p50_1, p99_1, _, _) = closed(1, secs, nq, &run);
+        let (qps8, p50_8, p99_8, _, cpu_us_8) = closed(8, secs, nq, &run);
         eprintln!("ef {ef}: recall@10 {recall:.4}, {qps1:.0} QPS at 1 thread, {qps8:.0} at 8");
         curve.push(json!({"ef": ef, "recall_at_10": recall, "qps_1": qps1, "qps_8": qps8,
             "p50_ms_1": p50_1 * 1e3, "p99_ms_1": p99_1 * 1e3, "p50_ms_8": p50_8 * 1e3, "p99_ms_8": p99_8 * 1e3,
@@ -214,10 +215,9 @@ fn main() {
             assert_eq!(status, 200);
         };
         // CPU of the server and of this load generator (both on the same cores) per request.
-        let (server0, client0) = (server.cpu_seconds(), process_cpu_seconds("self"));
-        let (qps, p50, p99, calls) = closed(clients, secs, nq, &run);
+        let server0 = server.cpu_seconds();
+        let (qps, p50, p99, calls, client_us) = closed(clients, secs, nq, &run);
         let server_us = (server.cpu_seconds() - server0) / calls as f64 * 1e6;
-        let client_us = (process_cpu_seconds("self") - client0) / calls as f64 * 1e6;
         eprintln!(
             "HTTP, {clients} clients: {qps:.0} QPS, p50 {:.2} ms, p99 {:.2} ms; CPU a request: server {server_us:.0} µs, \
              client {client_us:.0} µs",
@@ -236,9 +236,7 @@ fn main() {
         index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
     };
     let again1 = closed(1, secs, nq, &run).0;
-    let cpu = process_cpu_seconds("self");
-    let (again8, _, _, calls8) = closed(8, secs, nq, &run);
-    let cpu_us_again = (process_cpu_seconds("self") - cpu) / calls8 as f64 * 1e6;
+    let (again8, _, _, _, cpu_us_again) = closed(8, secs, nq, &run);
     let again = [again1, again8];
     let before = curve.iter().find(|c| c["ef"].as_u64() == Some(served_ef as u64));
     for (i, (clients, key)) in [(1usize, "qps_1"), (8, "qps_8")].into_iter().enumerate() {
