@@ -685,6 +685,38 @@ fn the_server_answers_searches_and_refuses_bad_queries() {
     let e = r.json()["error"].as_str().unwrap().to_string();
     assert!(e.contains("model embed") && e.contains("model other"), "{e}");
 
+    // An embedding as JSON and the same embedding as raw little-endian float32 (no JSON to parse) get the same
+    // answers under the same filters; a body of the wrong length, or a model for an embedding, is refused.
+    // A Landsat (2013) row's embedding, answers from 2015 on: the filter leaves the row itself out.
+    let row = fx.rows.iter().filter(|r| r.datetime == Some(SCENES[0].2)).nth(100).unwrap();
+    let e: Vec<f32> = row.unit.iter().map(|&x| x as f32).collect();
+    let as_json = search(serde_json::json!({"embedding": e, "k": 6, "datetime": "2015-01-01T00:00:00Z/.."}));
+    assert_eq!(as_json.status, 200, "{}", as_json.text());
+    let raw: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let binary = [("Content-Type", "application/vnd.geossl.embedding")];
+    let as_binary = post(server.addr, "/v1/indexes/main/search?k=6&datetime=2015-01-01T00:00:00Z/..", &binary, &raw);
+    assert_eq!(as_binary.status, 200, "{}", as_binary.text());
+    assert_eq!(as_binary.json()["features"], as_json.json()["features"]);
+    let features = as_binary.json()["features"].as_array().unwrap().clone();
+    assert_eq!(features.len(), 6);
+    for f in &features {
+        let p = &f["properties"];
+        assert!(p["datetime"].as_str().unwrap() >= "2015", "{p}");
+        assert_ne!(p["chip_id"].as_str().unwrap(), row.id);
+    }
+    for (path, body, want) in [
+        ("/v1/indexes/main/search", &raw[..raw.len() - 4], format!("{} bytes", raw.len() - 4)),
+        ("/v1/indexes/main/search", &raw[..raw.len() - 1], format!("{} little-endian float32", e.len())),
+        ("/v1/indexes/main/search?model=embed", &raw[..], "an embedding is already embedded".into()),
+        ("/v1/indexes/main/search?k=0", &raw[..], "k = 0".into()),
+        ("/v1/indexes/main/search?bbox=1,2,3", &raw[..], "bbox".into()),
+    ] {
+        let r = post(server.addr, path, &binary, body);
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        let err = r.json()["error"].as_str().unwrap().to_string();
+        assert!(err.contains(&want), "{path}: {err:?} lacks {want:?}");
+    }
+
     // Several positives, and the classifier.
     let pos: Vec<&str> = fx.rows.iter().step_by(500).map(|r| r.id.as_str()).take(3).collect();
     let r = search(serde_json::json!({"positives": pos, "k": 5, "bbox": [-180, -90, 180, 90]}));

@@ -1,7 +1,8 @@
 //! Similarity search over HTTP: `GET /v1/indexes`, `POST /v1/indexes/{name}/search` and
 //! `POST /v1/indexes/{name}/classify`. Queries are JSON (a chip id, a point, an embedding, several
-//! positive examples), or an image body (`image/*`, filters in the query string) embedded by the index's
-//! model. Answers are a GeoJSON FeatureCollection, or GeoParquet when the request accepts
+//! positive examples), an embedding as raw little-endian float32 ([`EMBEDDING_MEDIA_TYPE`], filters in the
+//! query string: no JSON to parse), or an image body (`image/*`, filters in the query string) embedded by the
+//! index's model. Answers are a GeoJSON FeatureCollection, or GeoParquet when the request accepts
 //! `application/vnd.apache.parquet`. Searches run on the HTTP worker; classifiers on the blocking pool.
 
 use std::sync::Arc;
@@ -83,17 +84,52 @@ pub struct SearchBody {
     pub keep_overlapping: bool,
 }
 
-/// `POST /v1/indexes/{name}/search` with an image body: the query string.
+/// Media type of a search body that is the query embedding itself: the index's dimension of little-endian
+/// float32 values, nothing else (`[D]`, 4·D bytes).
+pub const EMBEDDING_MEDIA_TYPE: &str = "application/vnd.geossl.embedding";
+
+/// `POST /v1/indexes/{name}/search` with an image or a binary embedding body: the query string.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ImageSearchParams {
+pub struct SearchParams {
     pub k: Option<i64>,
     /// `xmin,ymin,xmax,ymax`.
     pub bbox: Option<String>,
     pub datetime: Option<String>,
-    /// The model to embed with (default: the index's model name), and its version (default: newest).
+    /// Image queries: the model to embed with (default: the index's model name), and its version (default:
+    /// newest).
     pub model: Option<String>,
     pub version: Option<String>,
+}
+
+impl SearchParams {
+    fn parse(req: &HttpRequest) -> Result<Self, ServeError> {
+        Ok(web::Query::<SearchParams>::from_query(req.query_string())
+            .map_err(|e| ServeError::BadRequest(format!("query string: {e}")))?
+            .into_inner())
+    }
+
+    /// `k` and the filters.
+    fn query(&self) -> Result<(usize, Filters), SearchError> {
+        let filters = Filters {
+            bbox: self.bbox.as_deref().map(parse_bbox).transpose()?,
+            datetime: self.datetime.as_deref().map(parse_datetime).transpose()?,
+            ..Filters::default()
+        };
+        Ok((count(self.k, 10)?, filters))
+    }
+}
+
+/// A binary embedding body: `dimensions` little-endian float32 values.
+fn embedding_le(bytes: &[u8], dimensions: usize) -> Result<Vec<f32>, ServeError> {
+    if bytes.len() != 4 * dimensions {
+        return Err(ServeError::BadRequest(format!(
+            "{EMBEDDING_MEDIA_TYPE} body of {} bytes; the index wants {dimensions} little-endian float32 values ({} bytes)",
+            bytes.len(),
+            4 * dimensions
+        )));
+    }
+    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// `POST /v1/indexes/{name}/classify`.
@@ -189,7 +225,7 @@ async fn image_query(
     req: &HttpRequest,
     payload: web::Payload,
     index: &Arc<Index>,
-    params: &ImageSearchParams,
+    params: &SearchParams,
 ) -> Result<Vec<f32>, ServeError> {
     let want = &index.manifest.model;
     let name = params.model.as_deref().unwrap_or(&want.name);
@@ -222,17 +258,22 @@ pub async fn search(
     let index = state.index(&name)?.clone();
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let (query, k, filters, about) = if ct.starts_with("image/") || ct.starts_with("multipart/form-data") {
-        let params = web::Query::<ImageSearchParams>::from_query(req.query_string())
-            .map_err(|e| ServeError::BadRequest(format!("query string: {e}")))?
-            .into_inner();
-        let k = count(params.k, 10)?;
-        let filters = Filters {
-            bbox: params.bbox.as_deref().map(parse_bbox).transpose()?,
-            datetime: params.datetime.as_deref().map(parse_datetime).transpose()?,
-            ..Filters::default()
-        };
+        let params = SearchParams::parse(&req)?;
+        let (k, filters) = params.query()?;
         let v = image_query(&state, &req, payload, &index, &params).await?;
         (Query::Embedding(v), k, filters, json!({"image": true}))
+    } else if ct.starts_with(EMBEDDING_MEDIA_TYPE) {
+        let params = SearchParams::parse(&req)?;
+        if params.model.is_some() || params.version.is_some() {
+            return Err(ServeError::BadRequest(
+                "model and version choose the model that embeds an image query; an embedding is already embedded"
+                    .into(),
+            ));
+        }
+        let (k, filters) = params.query()?;
+        let _permit = state.permit()?;
+        let bytes = state.read_body(&req, payload).await?;
+        (Query::Embedding(embedding_le(&bytes, index.manifest.dimensions)?), k, filters, json!({"embedding": true}))
     } else {
         let _permit = state.permit()?;
         let bytes = state.read_body(&req, payload).await?;

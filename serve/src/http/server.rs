@@ -84,9 +84,13 @@ pub fn app(
 > {
     let m = "/v2/models/{m}";
     let mv = "/v2/models/{m}/versions/{v}";
+    // The router tries routes in order, a regex for each pattern with a segment to capture: the search routes,
+    // the ones called thousands of times a second, come first.
     App::new()
         .app_data(state)
         .wrap(from_fn(track))
+        .route("/v1/indexes/{index}/search", web::post().to(search::search))
+        .route("/v1/indexes/{index}/classify", web::post().to(search::classify))
         .route("/v2", web::get().to(oip::server_metadata))
         .route("/v2/health/live", web::get().to(oip::live))
         .route("/v2/health/ready", web::get().to(oip::ready))
@@ -101,8 +105,6 @@ pub fn app(
         .route("/v1/models/{m}/classify", web::post().to(images::classify))
         .route("/v1/models/{m}/segment", web::post().to(images::segment))
         .route("/v1/indexes", web::get().to(search::list))
-        .route("/v1/indexes/{index}/search", web::post().to(search::search))
-        .route("/v1/indexes/{index}/classify", web::post().to(search::classify))
         .route("/openapi.json", web::get().to(openapi))
         .default_service(web::to(not_found))
 }
