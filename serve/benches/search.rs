@@ -7,8 +7,10 @@
 //! GEOSSL_BENCH_TRUTH (`.npy`, int64 `[Q, ≥10]`: row numbers of the exact neighbours, best first),
 //! GEOSSL_BENCH_EF (comma-separated expansions, default 16,32,64,128,256), GEOSSL_BENCH_SECONDS (per
 //! measurement, default 5), GEOSSL_BENCH_HTTP (0: in process only). Served over HTTP at the smallest
-//! expansion reaching recall@10 ≥ 0.95 (the index's manifest is rewritten: give it a scratch index), then
-//! measured in process again at that expansion: the served/in-process ratio is against the mean of both.
+//! expansion reaching recall@10 ≥ 0.95 (the index's manifest is rewritten: give it a scratch index), with the
+//! query embedding as a raw little-endian float32 body (1 and 8 clients) and as JSON (8 clients), in
+//! GEOSSL_BENCH_ROUNDS rounds (default 3) that each measure the same search in process beside it: the
+//! served/in-process ratio is the median round's.
 //! CPU time a query in process (8 threads) and a request served (of the server process and of this load
 //! generator, from `/proc/PID/stat`) say what the server itself spends beyond the search.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -58,26 +60,18 @@ fn npy(path: &str) -> (Vec<usize>, Vec<f64>) {
 /// A keep-alive HTTP/1.1 client connection.
 struct Conn {
     r: BufReader<TcpStream>,
-    addr: SocketAddr,
 }
 
 impl Conn {
     fn open(addr: SocketAddr) -> Conn {
         let s = TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
-        Conn { r: BufReader::new(s), addr }
+        Conn { r: BufReader::new(s) }
     }
 
-    /// POSTs JSON; returns the status and body.
-    fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        let s = self.r.get_mut();
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
+    /// Sends one whole request (head and body, written at once) and returns the status and body.
+    fn call(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        self.r.get_mut().write_all(request).unwrap();
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
         let status = line.split(' ').nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -98,6 +92,17 @@ impl Conn {
         self.r.read_exact(&mut b).unwrap();
         (status, b)
     }
+}
+
+/// A whole `POST` request to `path`, head and body.
+fn request(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -186,7 +191,7 @@ fn main() {
         return;
     }
     // Served: the index at the smallest expansion that reached recall@10 ≥ 0.95 in process (written into this
-    // scratch index's manifest, which the server reads), embedding queries as JSON over keep-alive connections.
+    // scratch index's manifest, which the server reads), embedding queries over keep-alive connections.
     let served_ef = curve
         .iter()
         .find(|c| c["recall_at_10"].as_f64().unwrap() >= 0.95)
@@ -205,60 +210,83 @@ fn main() {
     let t = Instant::now();
     let server = Server::spawn(&args, None, log);
     let ready_s = t.elapsed().as_secs_f64();
-    let bodies: Vec<Vec<u8>> =
-        queries.iter().map(|q| json!({"embedding": q, "k": 10}).to_string().into_bytes()).collect();
+    // Each query as JSON ({"embedding": [...], "k": 10}) and as its raw little-endian float32 (k in the query
+    // string), whole requests built before the clock starts.
+    let path = "/v1/indexes/bench/search";
+    let json_requests: Vec<Vec<u8>> = queries
+        .iter()
+        .map(|q| {
+            request(server.addr, path, "application/json", json!({"embedding": q, "k": 10}).to_string().as_bytes())
+        })
+        .collect();
+    let binary_requests: Vec<Vec<u8>> = queries
+        .iter()
+        .map(|q| {
+            let raw: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
+            request(server.addr, &format!("{path}?k=10"), geossl_serve::http::search::EMBEDDING_MEDIA_TYPE, &raw)
+        })
+        .collect();
+    // The same search in process, at the served expansion, alternating with the served measurement round by
+    // round: this machine's speed drifts by tens of percent within a minute (shared caches, other tenants), so
+    // each round's served QPS is compared with the in-process QPS measured beside it, and the order within a
+    // round alternates. The ratio reported is the median round's.
+    let index = Index::open(&dir).unwrap().with_expansion(served_ef);
+    let in_process = |_t: usize, i: usize| {
+        index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
+    };
+    let rounds = env("GEOSSL_BENCH_ROUNDS", 3usize).max(1);
     let mut http = Vec::new();
-    for clients in [1usize, 8] {
-        let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
-        let run = |t: usize, i: usize| {
-            let (status, _) = conns[t].lock().unwrap().post("/v1/indexes/bench/search", &bodies[i]);
-            assert_eq!(status, 200);
-        };
-        // CPU of the server and of this load generator (both on the same cores) per request.
-        let server0 = server.cpu_seconds();
-        let (qps, p50, p99, calls, client_us) = closed(clients, secs, nq, &run);
-        let server_us = (server.cpu_seconds() - server0) / calls as f64 * 1e6;
-        eprintln!(
-            "HTTP, {clients} clients: {qps:.0} QPS, p50 {:.2} ms, p99 {:.2} ms; CPU a request: server {server_us:.0} µs, \
-             client {client_us:.0} µs",
-            p50 * 1e3,
-            p99 * 1e3
-        );
-        http.push(json!({"clients": clients, "qps": qps, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
-            "server_cpu_us_per_request": server_us, "client_cpu_us_per_request": client_us}));
+    for (body, clients, requests) in
+        [("binary", 1usize, &binary_requests), ("binary", 8, &binary_requests), ("json", 8, &json_requests)]
+    {
+        let mut per_round = Vec::new();
+        for r in 0..rounds {
+            let measure_served = || {
+                // Connections opened afresh (the server closes one idle for its keep-alive while the in-process
+                // search runs). CPU of the server and of this load generator (on the same cores) per request.
+                let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
+                let served = |t: usize, i: usize| {
+                    let (status, _) = conns[t].lock().unwrap().call(&requests[i]);
+                    assert_eq!(status, 200);
+                };
+                let server0 = server.cpu_seconds();
+                let (qps, p50, p99, calls, client_us) = closed(clients, secs, nq, &served);
+                (qps, p50, p99, (server.cpu_seconds() - server0) / calls as f64 * 1e6, client_us)
+            };
+            let (s, (qps_in, _, _, _, cpu_in)) = if r % 2 == 0 {
+                let inp = closed(clients, secs, nq, &in_process);
+                (measure_served(), inp)
+            } else {
+                let s = measure_served();
+                (s, closed(clients, secs, nq, &in_process))
+            };
+            let (qps, p50, p99, server_us, client_us) = s;
+            eprintln!(
+                "HTTP, {body} bodies, {clients} clients, round {r}: {qps:.0} QPS (in process {qps_in:.0}: {:.2}), p50 \
+                 {:.2} ms, p99 {:.2} ms; CPU a request: server {server_us:.0} µs, client {client_us:.0} µs, a query in \
+                 process {cpu_in:.0} µs",
+                qps / qps_in,
+                p50 * 1e3,
+                p99 * 1e3
+            );
+            per_round.push(json!({"qps": qps, "in_process_qps": qps_in, "served_over_in_process": qps / qps_in,
+                "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "server_cpu_us_per_request": server_us,
+                "client_cpu_us_per_request": client_us, "in_process_cpu_us_per_query": cpu_in,
+                // What the server spends a request against what the search alone spends a query, on the same
+                // cores: the served/in-process QPS ratio of a server whose clients are on other machines.
+                "in_process_over_server_cpu": cpu_in / server_us}));
+        }
+        let mut order: Vec<usize> = (0..per_round.len()).collect();
+        order.sort_by(|&x, &y| {
+            let key = |i: usize| per_round[i]["served_over_in_process"].as_f64().unwrap();
+            key(x).total_cmp(&key(y))
+        });
+        let median = per_round[order[order.len() / 2]].clone();
+        eprintln!("{body} bodies, {clients} clients: median round {median}");
+        http.push(json!({"body": body, "clients": clients, "median_round": median, "rounds": per_round}));
     }
     let rss_kib = server.rss_kib();
     drop(server);
-    // In process again at the served expansion: this machine's speed drifts between runs (shared caches), so
-    // the served/in-process ratio is taken against the mean of the measurements before and after.
-    let index = Index::open(&dir).unwrap().with_expansion(served_ef);
-    let run = |_t: usize, i: usize| {
-        index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
-    };
-    let again1 = closed(1, secs, nq, &run).0;
-    let (again8, _, _, _, cpu_us_again) = closed(8, secs, nq, &run);
-    let again = [again1, again8];
-    let before = curve.iter().find(|c| c["ef"].as_u64() == Some(served_ef as u64));
-    for (i, (clients, key)) in [(1usize, "qps_1"), (8, "qps_8")].into_iter().enumerate() {
-        let mean = before.and_then(|c| c[key].as_f64()).map_or(again[i], |b| (b + again[i]) / 2.0);
-        let qps = http[i]["qps"].as_f64().unwrap();
-        http[i]["in_process_qps_after"] = json!(again[i]);
-        http[i]["served_over_in_process"] = json!(qps / mean);
-        eprintln!("{clients}: in process again {:.0} QPS; served/in-process {:.2}", again[i], qps / mean);
-    }
-    // What the server spends a request against what the search alone spends a query, both at 8 on the same
-    // cores (the mean of the in-process measurements before and after): the served/in-process QPS ratio of a
-    // server whose clients are on other machines.
-    let cpu_in =
-        before.and_then(|c| c["cpu_us_per_query_8"].as_f64()).map_or(cpu_us_again, |b| (b + cpu_us_again) / 2.0);
-    if let Some(server_us) = http[1]["server_cpu_us_per_request"].as_f64() {
-        http[1]["in_process_cpu_us_per_query"] = json!(cpu_in);
-        http[1]["in_process_over_server_cpu"] = json!(cpu_in / server_us);
-        eprintln!(
-            "8: CPU a query in process {cpu_in:.0} µs, a request served {server_us:.0} µs: {:.2}",
-            cpu_in / server_us
-        );
-    }
     let out = json!({
         "index": PathBuf::from(&dir).display().to_string(), "queries": nq, "dimensions": d,
         "open_s": open_s, "simd": base_simd, "server_ready_s": ready_s, "server_rss_kib": rss_kib,
