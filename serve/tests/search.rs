@@ -686,7 +686,8 @@ fn the_server_answers_searches_and_refuses_bad_queries() {
     assert!(e.contains("model embed") && e.contains("model other"), "{e}");
 
     // An embedding as JSON and the same embedding as raw little-endian float32 (no JSON to parse) get the same
-    // answers under the same filters; a body of the wrong length, or a model for an embedding, is refused.
+    // answers under the same filters; a body of the wrong length or with a NaN, or a model for an embedding, is
+    // refused.
     // A Landsat (2013) row's embedding, answers from 2015 on: the filter leaves the row itself out.
     let row = fx.rows.iter().filter(|r| r.datetime == Some(SCENES[0].2)).nth(100).unwrap();
     let e: Vec<f32> = row.unit.iter().map(|&x| x as f32).collect();
@@ -704,7 +705,10 @@ fn the_server_answers_searches_and_refuses_bad_queries() {
         assert!(p["datetime"].as_str().unwrap() >= "2015", "{p}");
         assert_ne!(p["chip_id"].as_str().unwrap(), row.id);
     }
+    let mut nan = raw.clone();
+    nan[12..16].copy_from_slice(&f32::NAN.to_le_bytes());
     for (path, body, want) in [
+        ("/v1/indexes/main/search", &nan[..], "value 3 is not a finite number".to_string()),
         ("/v1/indexes/main/search", &raw[..raw.len() - 4], format!("{} bytes", raw.len() - 4)),
         ("/v1/indexes/main/search", &raw[..raw.len() - 1], format!("{} little-endian float32", e.len())),
         ("/v1/indexes/main/search?model=embed", &raw[..], "an embedding is already embedded".into()),
