@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::http::error::ServeError;
 use crate::http::images;
 use crate::http::state::AppState;
+use crate::infer::{DType, Data, Tensor};
 use crate::search::answers::{self, GEOJSON_MEDIA_TYPE, PARQUET_MEDIA_TYPE};
 use crate::search::index::Index;
 use crate::search::query::{check_bbox, parse_bbox, parse_datetime, Example, Filters, Hit, Query};
@@ -120,16 +121,16 @@ impl SearchParams {
     }
 }
 
-/// A binary embedding body: `dimensions` little-endian float32 values.
+/// A binary embedding body: `dimensions` little-endian float32 values (decoded as OIP's binary tensors are).
 fn embedding_le(bytes: &[u8], dimensions: usize) -> Result<Vec<f32>, ServeError> {
-    if bytes.len() != 4 * dimensions {
-        return Err(ServeError::BadRequest(format!(
+    match Tensor::from_le_bytes(vec![dimensions], DType::F32, bytes) {
+        Some(Tensor { data: Data::F32(v), .. }) => Ok(v),
+        _ => Err(ServeError::BadRequest(format!(
             "{EMBEDDING_MEDIA_TYPE} body of {} bytes; the index wants {dimensions} little-endian float32 values ({} bytes)",
             bytes.len(),
             4 * dimensions
-        )));
+        ))),
     }
-    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// `POST /v1/indexes/{name}/classify`.
