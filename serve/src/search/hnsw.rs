@@ -3,7 +3,8 @@
 //! mL = 1/ln M, neighbours chosen by the paper's heuristic (Algorithm 4: keep a candidate only when it is
 //! nearer the new row than every neighbour already kept), M links per row on the upper levels and 2M on
 //! level 0, rows inserted from several threads at once (a row's links change under its lock; searches
-//! read links without one).
+//! read links without one). Unlike hnswlib, each build step ends by linking the rows the heuristic left
+//! unreachable ([`Graph::reconnect`]: 0.1-0.4% of the benchmark's real-pixel rows, which no search returned).
 //!
 //! Rows are cosine-compared: each row is stored (f32, f16 or i8) with the inverse of its stored norm, and a
 //! query (a unit f32 vector) scores `q · row / |row|` through [`super::simd`]'s kernels. Rows are keyed
@@ -417,6 +418,148 @@ impl Graph {
         Self::set_links(list, &ctx.picked);
     }
 
+    /// The level-0 links into each row, as compressed rows: row `i`'s are `from[at[i]..at[i + 1]]`.
+    fn in_links(&self) -> (Vec<usize>, Vec<u32>) {
+        let n = self.len();
+        let mut at = vec![0usize; n + 1];
+        for i in 0..n as u32 {
+            for j in Self::links(self.list(i, 0)) {
+                at[j as usize + 1] += 1;
+            }
+        }
+        for i in 0..n {
+            at[i + 1] += at[i];
+        }
+        let mut from = vec![0u32; at[n]];
+        let mut next = at.clone();
+        for i in 0..n as u32 {
+            for j in Self::links(self.list(i, 0)) {
+                from[next[j as usize]] = i;
+                next[j as usize] += 1;
+            }
+        }
+        (at, from)
+    }
+
+    /// Marks `start` and every row `step` leads to from it, through unmarked rows.
+    fn mark(marked: &mut [bool], start: u32, mut step: impl FnMut(u32, &mut Vec<u32>)) {
+        let mut stack = vec![start];
+        let mut next = Vec::new();
+        marked[start as usize] = true;
+        while let Some(x) = stack.pop() {
+            next.clear();
+            step(x, &mut next);
+            for &y in &next {
+                if !marked[y as usize] {
+                    marked[y as usize] = true;
+                    stack.push(y);
+                }
+            }
+        }
+    }
+
+    /// The rows a level-0 search for row `u` from the entry finds (among those `admit` accepts), nearest
+    /// first, without `u`.
+    fn near(&self, u: u32, entry: u32, admit: Option<&dyn Fn(u64) -> bool>, ctx: &mut Context) -> Vec<Cand> {
+        let mut q = std::mem::take(&mut ctx.query);
+        self.unit_row(u, &mut q);
+        self.search_level(&q, Cand { dist: self.dist(&q, entry), id: entry }, 64, 0, admit, ctx);
+        ctx.query = q;
+        let mut found: Vec<Cand> = ctx.found.drain().filter(|c| c.id != u).collect();
+        found.sort_unstable();
+        found
+    }
+
+    /// Puts link `to` into `host`'s level-0 list: appended when there is room, else in place of the link
+    /// farthest from `host` among those whose row `keep` does not need (all when it needs every one).
+    /// Returns the link replaced.
+    fn put_link(&self, host: u32, to: u32, keep: impl Fn(u32) -> bool, row: &mut Vec<f32>) -> Option<u32> {
+        let list = self.list(host, 0);
+        let mut ids: Vec<u32> = Self::links(list).collect();
+        if ids.contains(&to) {
+            return None;
+        }
+        if ids.len() < self.m0() {
+            ids.push(to);
+            Self::set_links(list, &ids);
+            return None;
+        }
+        self.unit_row(host, row);
+        let farthest = |pool: &mut dyn Iterator<Item = (usize, u32)>| {
+            pool.max_by(|a, b| self.dist(row, a.1).total_cmp(&self.dist(row, b.1))).map(|(at, _)| at)
+        };
+        let at = farthest(&mut ids.iter().copied().enumerate().filter(|&(_, id)| !keep(id)))
+            .or_else(|| farthest(&mut ids.iter().copied().enumerate()))?;
+        let gone = std::mem::replace(&mut ids[at], to);
+        Self::set_links(list, &ids);
+        Some(gone)
+    }
+
+    /// Makes every row reachable on level 0, and the entry reachable from every row. The neighbour heuristic
+    /// can leave a row that no list links to any more (its neighbours' lists were re-chosen without it), and a
+    /// group of near-duplicate rows linked only among themselves: no search finds the first, none walks out of
+    /// the second (hnswlib leaves both). Each such row is linked: a row the entry's walks miss gets a link from
+    /// the nearest row they reach with room in its list (else in place of that row's farthest link to a row
+    /// linked from elsewhere too), and a row that cannot walk to the entry links to the nearest row that can.
+    /// Repeated until a pass changes nothing (a replaced link can cut off another row). Returns the links put.
+    fn reconnect(&self) -> usize {
+        let n = self.len();
+        let top = self.top.load(Ordering::Acquire);
+        if n < 2 || top == EMPTY {
+            return 0;
+        }
+        let entry = (top & 0xffff_ffff) as u32;
+        let mut ctx = self.context();
+        let mut row = Vec::new();
+        let mut put = 0;
+        for _ in 0..8 {
+            let before = put;
+            let (at, from) = self.in_links();
+            let mut links_in: Vec<u32> = at.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+            let mut reaches = vec![false; n];
+            let back = |x: u32, out: &mut Vec<u32>| out.extend_from_slice(&from[at[x as usize]..at[x as usize + 1]]);
+            Self::mark(&mut reaches, entry, back);
+            for u in 0..n as u32 {
+                if reaches[u as usize] {
+                    continue;
+                }
+                let seen = &reaches;
+                let to = self.near(u, entry, Some(&|k| seen[k as usize]), &mut ctx).first().map_or(entry, |c| c.id);
+                if let Some(gone) = self.put_link(u, to, |id| links_in[id as usize] < 2, &mut row) {
+                    links_in[gone as usize] -= 1;
+                }
+                links_in[to as usize] += 1;
+                put += 1;
+                Self::mark(&mut reaches, u, back);
+            }
+            let mut reached = vec![false; n];
+            let forward = |x: u32, out: &mut Vec<u32>| out.extend(Self::links(self.list(x, 0)));
+            Self::mark(&mut reached, entry, forward);
+            for u in 0..n as u32 {
+                if reached[u as usize] {
+                    continue;
+                }
+                let hosts = self.near(u, entry, None, &mut ctx);
+                let host = hosts
+                    .iter()
+                    .find(|c| (self.list(c.id, 0)[0].load(Ordering::Relaxed) as usize) < self.m0())
+                    .or(hosts.first())
+                    .map_or(entry, |c| c.id);
+                if let Some(gone) = self.put_link(host, u, |id| links_in[id as usize] < 2, &mut row) {
+                    links_in[gone as usize] -= 1;
+                }
+                links_in[u as usize] += 1;
+                put += 1;
+                Self::mark(&mut reached, u, forward);
+            }
+            if put == before {
+                break;
+            }
+        }
+        self.give_back(ctx);
+        put
+    }
+
     /// Links row `id` (stored, not yet linked) into the graph, searching `ef` candidates per level.
     fn insert(&self, id: u32, ef: usize, ctx: &mut Context) {
         let level = self.level[id as usize] as usize;
@@ -529,6 +672,8 @@ impl Graph {
                 });
             }
         });
+        let put = self.reconnect();
+        tracing::debug!(rows = self.len(), links = put, "rows no search reached, or that reached no other, linked");
         Ok(())
     }
 
@@ -560,6 +705,7 @@ impl Graph {
         let top = (0..rows).max_by_key(|&i| (self.level[i], std::cmp::Reverse(i)));
         let top = top.map_or(EMPTY, |i| i as u64 | (u64::from(self.level[i]) << 32));
         self.top.store(top, Ordering::Release);
+        self.reconnect();
     }
 
     /// Writes the graph in the file layout above.
@@ -715,6 +861,30 @@ mod tests {
         v
     }
 
+    /// Rows a walk from the entry misses, and rows from which no walk gets to the entry (level 0).
+    fn cut_off(g: &Graph) -> (usize, usize) {
+        let n = g.len();
+        let entry = (g.top.load(Ordering::Acquire) & 0xffff_ffff) as u32;
+        let (at, from) = g.in_links();
+        let (mut reached, mut reaches) = (vec![false; n], vec![false; n]);
+        Graph::mark(&mut reached, entry, |x, out| out.extend(Graph::links(g.list(x, 0))));
+        Graph::mark(&mut reaches, entry, |x, out| out.extend_from_slice(&from[at[x as usize]..at[x as usize + 1]]));
+        (reached.iter().filter(|&&r| !r).count(), reaches.iter().filter(|&&r| !r).count())
+    }
+
+    /// No row of `g` is cut off, and for every fifth row a search that may keep all rows (so walks the whole
+    /// graph) finds as best row the best of a scan of all rows with the same scores.
+    fn exhaustive_equals_scan(g: &Graph, rows: &[f32], what: &str) {
+        let (n, d) = (g.len(), g.d);
+        assert_eq!(cut_off(g), (0, 0), "{what}: rows cut off from the entry (to, from)");
+        for i in (0..n).step_by(5) {
+            let q = &rows[i * d..(i + 1) * d];
+            let walked = g.search(q, 1, n, None)[0];
+            let scanned = (0..n as u32).map(|j| Cand { dist: g.dist(q, j), id: j }).min().unwrap();
+            assert_eq!(walked, (u64::from(scanned.id), -scanned.dist), "{what}: row {i}");
+        }
+    }
+
     /// Mechanics only (random rows): the index's recall on real embeddings is tested in serve/tests/search.rs.
     #[test]
     fn a_graph_finds_each_row_and_survives_its_file() {
@@ -723,8 +893,10 @@ mod tests {
         for q in [Quantization::F32, Quantization::F16, Quantization::I8] {
             let mut g = Graph::new(d, q, 8);
             g.add(&rows[..1000 * d], 2, 64).unwrap();
+            exhaustive_equals_scan(&g, &rows, &format!("{q:?}, 1,000 rows"));
             g.add(&rows[1000 * d..], 2, 64).unwrap();
             assert_eq!(g.len(), n);
+            exhaustive_equals_scan(&g, &rows, &format!("{q:?}, 3,000 rows"));
             let mut bytes = Vec::new();
             g.write(&mut bytes).unwrap();
             let back = Graph::read(&mut bytes.as_slice()).unwrap();
@@ -732,10 +904,10 @@ mod tests {
             back.write(&mut again).unwrap();
             assert_eq!(bytes, again, "{q:?}: the file reads back as written");
             let found = (0..n)
-                .step_by(7)
                 .filter(|&i| back.search(&rows[i * d..(i + 1) * d], 1, 64, None).first().map(|h| h.0) == Some(i as u64))
                 .count();
-            assert!(found * 100 >= 99 * n.div_ceil(7), "{q:?}: {found} of {} rows found themselves", n.div_ceil(7));
+            // A loose bound on the greedy walk (2,997-3,000 measured): a broken graph misses far more.
+            assert!(found * 100 >= 95 * n, "{q:?}: {found} of {n} rows found themselves at ef 64");
             let odd = |k: u64| k % 2 == 1;
             let hits = back.search(&rows[..d], 10, 64, Some(&odd));
             assert_eq!(hits.len(), 10);
@@ -744,9 +916,10 @@ mod tests {
             let mut cut = Graph::read(&mut bytes.as_slice()).unwrap();
             cut.truncate(1000);
             assert_eq!(cut.len(), 1000);
+            exhaustive_equals_scan(&cut, &rows, &format!("{q:?}, cut to 1,000 rows"));
             let found =
                 (0..1000).filter(|&i| cut.search(&rows[i * d..(i + 1) * d], 1, 64, None)[0].0 == i as u64).count();
-            assert!(found >= 990, "{q:?}: cut to 1,000 rows, {found} found themselves");
+            assert!(found >= 950, "{q:?}: cut to 1,000 rows, {found} found themselves at ef 64");
             assert!(cut.search(&rows[1500 * d..1501 * d], 50, 64, None).iter().all(|h| h.0 < 1000));
             let mut cut = bytes.clone();
             cut.truncate(bytes.len() - 3);
