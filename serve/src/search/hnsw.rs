@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::index::{to_i8, Quantization};
+use super::pages;
 use super::simd::{self, Simd};
 
 const MAGIC: &[u8; 8] = b"GSSLHNSW";
@@ -88,6 +89,8 @@ impl Context {
     /// A new search over `rows` rows: returns its generation.
     fn start(&mut self, rows: usize) -> u32 {
         if self.visited.len() < rows {
+            let more = rows - self.visited.len();
+            pages::reserve(&mut self.visited, more);
             self.visited.resize(rows, 0);
         }
         self.generation = self.generation.wrapping_add(1);
@@ -623,6 +626,14 @@ impl Graph {
         if first + n >= u32::MAX as usize {
             return Err(format!("{} rows: an index holds fewer than 2³² rows", first + n));
         }
+        match &mut self.codes {
+            Codes::F32(v) => pages::reserve(v, n * d),
+            Codes::F16(v) => pages::reserve(v, n * d),
+            Codes::I8(v) => pages::reserve(v, n * d),
+        }
+        pages::reserve(&mut self.inv_norm, n);
+        let links = n * (self.m0() + 1);
+        pages::reserve(&mut self.base, links);
         for row in rows.chunks_exact(d) {
             let norm_sq = match &mut self.codes {
                 Codes::F32(v) => {
@@ -647,7 +658,7 @@ impl Graph {
             let at = self.upper_at[self.upper_at.len() - 1] + usize::from(level) * (self.m + 1);
             self.upper_at.push(at);
         }
-        self.base.extend(atomics(n * (self.m0() + 1)));
+        self.base.extend(atomics(links));
         self.upper.extend(atomics(self.upper_at[self.upper_at.len() - 1] - self.upper.len()));
         // Rows go in spread out (j ↦ j·p mod n, p a prime not dividing n): a dataset's neighbouring rows are
         // neighbouring windows, nearly alike, and two of them inserted at once would not see each other.
@@ -783,18 +794,22 @@ impl Graph {
         if let Some(l) = g.level.iter().find(|&&l| usize::from(l) > MAX_LEVEL) {
             return Err(format!("a row at level {l}"));
         }
-        g.inv_norm = vec![0f32; n];
+        pages::reserve(&mut g.inv_norm, n);
+        g.inv_norm.resize(n, 0.0);
         r.read_exact(bytemuck::cast_slice_mut(&mut g.inv_norm)).map_err(io)?;
         match &mut g.codes {
             Codes::F32(v) => {
+                pages::reserve(v, n * d);
                 v.resize(n * d, 0.0);
                 r.read_exact(bytemuck::cast_slice_mut(v)).map_err(io)?;
             }
             Codes::F16(v) => {
+                pages::reserve(v, n * d);
                 v.resize(n * d, 0);
                 r.read_exact(bytemuck::cast_slice_mut(v)).map_err(io)?;
             }
             Codes::I8(v) => {
+                pages::reserve(v, n * d);
                 v.resize(n * d, 0);
                 r.read_exact(bytemuck::cast_slice_mut(v)).map_err(io)?;
             }
@@ -804,7 +819,8 @@ impl Graph {
             g.upper_at.push(at);
         }
         let read_links = |r: &mut dyn Read, len: usize, width: usize| -> Result<Vec<AtomicU32>, String> {
-            let mut out = Vec::with_capacity(len);
+            let mut out = Vec::new();
+            pages::reserve(&mut out, len);
             let mut buf = vec![0u32; 1 << 16];
             while out.len() < len {
                 let take = (len - out.len()).min(buf.len());

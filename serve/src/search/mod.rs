@@ -16,6 +16,7 @@
 pub mod answers;
 pub mod hnsw;
 pub mod index;
+mod pages;
 pub mod query;
 pub mod simd;
 
