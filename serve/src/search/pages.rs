@@ -26,7 +26,7 @@ pub fn reserve<T>(v: &mut Vec<T>, extra: usize) {
 fn aligned(start: usize, bytes: usize) -> Option<(usize, usize)> {
     let from = start.checked_next_multiple_of(HUGE)?;
     let to = start.checked_add(bytes)? / HUGE * HUGE;
-    (to > from).then_some((from, to - from))
+    (to > from).then(|| (from, to - from))
 }
 
 fn advise(start: usize, bytes: usize) {
@@ -51,6 +51,7 @@ mod tests {
     #[test]
     fn only_whole_huge_pages_inside_the_buffer_are_advised() {
         assert_eq!(aligned(0, HUGE - 1), None);
+        assert_eq!(aligned(1, 10), None, "a small buffer after a boundary");
         assert_eq!(aligned(1, 2 * HUGE), Some((HUGE, HUGE)));
         assert_eq!(aligned(HUGE, 3 * HUGE + 5), Some((HUGE, 3 * HUGE)));
         assert_eq!(aligned(HUGE + 1, 2 * HUGE), Some((2 * HUGE, HUGE)));
