@@ -2,8 +2,10 @@
 # Similarity-search benchmark (docs/benchmarks/search.md): geossl's index (its own HNSW) against FAISS (faiss-cpu:
 # exact and HNSW) on the same real-pixel embeddings, machine and queries; see scripts/bench/search_bench.py.
 #   bash scripts/bench/search_bench.sh            (after scripts/setup.sh; SIZES=100000,300000,1000000 by default)
-# Writes docs/benchmarks/search.json; scripts/bench/search_interleaved.py rechecks one size back to back. Work
-# files in SEARCH_BENCH_DIR (default /tmp/search-bench; the pool of embeddings is kept between runs).
+# GEOSSL_BENCH_SERVER_CPUS=0 GEOSSL_BENCH_CLIENT_CPUS=1 (taskset lists) serve with the load generator on CPUs of
+# its own (serve/benches/search.rs). Writes docs/benchmarks/search.json; scripts/bench/search_interleaved.py
+# rechecks one size back to back. Work files in SEARCH_BENCH_DIR (default /tmp/search-bench; the pool of
+# embeddings is kept between runs).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"

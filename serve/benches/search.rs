@@ -9,10 +9,18 @@
 //! measurement, default 5), GEOSSL_BENCH_HTTP (0: in process only). Served over HTTP at the smallest
 //! expansion reaching recall@10 ≥ 0.95 (the index's manifest is rewritten: give it a scratch index), with the
 //! query embedding as a raw little-endian float32 body (1 and 8 clients) and as JSON (8 clients), in
-//! GEOSSL_BENCH_ROUNDS rounds (default 3) that each measure the same search in process beside it: the
-//! served/in-process ratio is the median round's.
-//! CPU time a query in process (8 threads) and a request served (of the server process and of this load
-//! generator, from `/proc/PID/stat`) say what the server itself spends beyond the search.
+//! GEOSSL_BENCH_ROUNDS rounds (default 3). A round measures the same search in process beside the served one,
+//! in GEOSSL_BENCH_SLICES pairs of short slices (default 10, i.e. 0.5 s each) whose order alternates, so both
+//! see the machine's drift alike; the served/in-process ratio reported is the median round's.
+//! CPU time a query in process and a request served (of the server process, with its kernel part, and of this
+//! load generator, from `/proc/PID/stat`), and the server's own clock of its searches (its
+//! `geossl_search_duration_seconds`), say what the server spends beyond the search; a readiness request at 8
+//! clients gives the HTTP stack's own cost (the floor).
+//! GEOSSL_BENCH_SERVER_CPUS and GEOSSL_BENCH_CLIENT_CPUS (`taskset` CPU lists, e.g. `0` and `1`): the server and
+//! the in-process search beside it on the first, the load generator on the others (the recall/QPS curve
+//! before still uses every CPU, as FAISS's does), so the clients take no CPU from the
+//! server (as clients on other machines would not); the server's HTTP workers are then one per server CPU.
+//! Unset: everything shares every CPU.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use geossl_serve::search::index::Index;
 use geossl_serve::search::query::{Filters, Query};
-use geossl_tests::server::{process_cpu_seconds, Server};
+use geossl_tests::server::{histogram, process_cpu_seconds, process_user_system_seconds, Server};
 use serde_json::json;
 
 fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
@@ -105,13 +113,53 @@ fn request(addr: SocketAddr, path: &str, content_type: &str, body: &[u8]) -> Vec
     r
 }
 
+/// Pins the calling thread to `cpus` (a `taskset` CPU list); nothing when `None`.
+fn pin(cpus: Option<&str>) {
+    let Some(cpus) = cpus else { return };
+    // "PID/task/TID": the calling thread's id, for taskset.
+    let me = std::fs::read_link("/proc/thread-self").unwrap();
+    let tid = me.file_name().unwrap().to_str().unwrap().to_string();
+    let out = std::process::Command::new("taskset").args(["-cp", cpus, &tid]).output().expect("taskset");
+    assert!(out.status.success(), "taskset -cp {cpus} {tid}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-/// `threads` closed-loop workers calling `f(query number)` for `secs`: (QPS, p50 s, p99 s, calls, this
-/// process's CPU µs a call).
-fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> (f64, f64, f64, usize, f64) {
+/// What a closed loop did: its calls' latencies (s), how long it ran (s) and this process's CPU time (s).
+#[derive(Default)]
+struct Run {
+    latencies: Vec<f64>,
+    elapsed: f64,
+    cpu: f64,
+}
+
+impl Run {
+    fn add(&mut self, other: Run) {
+        self.latencies.extend(other.latencies);
+        self.elapsed += other.elapsed;
+        self.cpu += other.cpu;
+    }
+
+    fn qps(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed
+    }
+
+    /// p50 and p99 latency in ms.
+    fn p50_p99_ms(&mut self) -> (f64, f64) {
+        self.latencies.sort_by(f64::total_cmp);
+        (percentile(&self.latencies, 0.5) * 1e3, percentile(&self.latencies, 0.99) * 1e3)
+    }
+
+    /// This process's CPU µs a call.
+    fn cpu_us(&self) -> f64 {
+        self.cpu / self.latencies.len() as f64 * 1e6
+    }
+}
+
+/// `threads` closed-loop workers (on `cpus` when given) calling `f(worker, query number)` for `secs`.
+fn closed(threads: usize, cpus: Option<&str>, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)) -> Run {
     let cpu = process_cpu_seconds("self");
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -121,6 +169,7 @@ fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)
         for t in 0..threads {
             let (next, stop, lat) = (&next, &stop, &lat);
             s.spawn(move || {
+                pin(cpus);
                 let mut mine = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed) % q;
@@ -135,10 +184,7 @@ fn closed(threads: usize, secs: f64, q: usize, f: &(dyn Fn(usize, usize) + Sync)
         stop.store(true, Ordering::Relaxed);
     });
     let elapsed = started.elapsed().as_secs_f64();
-    let mut l = lat.into_inner().unwrap();
-    l.sort_by(f64::total_cmp);
-    let cpu_us = (process_cpu_seconds("self") - cpu) / l.len() as f64 * 1e6;
-    (l.len() as f64 / elapsed, percentile(&l, 0.5), percentile(&l, 0.99), l.len(), cpu_us)
+    Run { latencies: lat.into_inner().unwrap(), elapsed, cpu: process_cpu_seconds("self") - cpu }
 }
 
 fn main() {
@@ -146,6 +192,10 @@ fn main() {
         return; // `cargo test --benches` builds this; the driver runs it with --bench.
     }
     let dir = std::env::var("GEOSSL_BENCH_INDEX").expect("GEOSSL_BENCH_INDEX");
+    let server_cpus = std::env::var("GEOSSL_BENCH_SERVER_CPUS").ok();
+    let client_cpus = std::env::var("GEOSSL_BENCH_CLIENT_CPUS").ok();
+    assert_eq!(server_cpus.is_some(), client_cpus.is_some(), "set both GEOSSL_BENCH_SERVER_CPUS and _CLIENT_CPUS");
+    let (server_cpus, client_cpus) = (server_cpus.as_deref(), client_cpus.as_deref());
     let (qs, qv) = npy(&std::env::var("GEOSSL_BENCH_QUERIES").expect("GEOSSL_BENCH_QUERIES"));
     let (ts, tv) = npy(&std::env::var("GEOSSL_BENCH_TRUTH").expect("GEOSSL_BENCH_TRUTH"));
     let (nq, d) = (qs[0], qs[1]);
@@ -175,11 +225,13 @@ fn main() {
         let run = |_t: usize, i: usize| {
             index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
         };
-        let (qps1, p50_1, p99_1, _, _) = closed(1, secs, nq, &run);
-        let (qps8, p50_8, p99_8, _, cpu_us_8) = closed(8, secs, nq, &run);
+        let mut one = closed(1, None, secs, nq, &run);
+        let mut eight = closed(8, None, secs, nq, &run);
+        let (qps1, qps8, cpu_us_8) = (one.qps(), eight.qps(), eight.cpu_us());
+        let ((p50_1, p99_1), (p50_8, p99_8)) = (one.p50_p99_ms(), eight.p50_p99_ms());
         eprintln!("ef {ef}: recall@10 {recall:.4}, {qps1:.0} QPS at 1 thread, {qps8:.0} at 8");
         curve.push(json!({"ef": ef, "recall_at_10": recall, "qps_1": qps1, "qps_8": qps8,
-            "p50_ms_1": p50_1 * 1e3, "p99_ms_1": p99_1 * 1e3, "p50_ms_8": p50_8 * 1e3, "p99_ms_8": p99_8 * 1e3,
+            "p50_ms_1": p50_1, "p99_ms_1": p99_1, "p50_ms_8": p50_8, "p99_ms_8": p99_8,
             "cpu_us_per_query_8": cpu_us_8}));
     }
     if env::<u8>("GEOSSL_BENCH_HTTP", 1) == 0 {
@@ -207,6 +259,8 @@ fn main() {
             .iter()
             .map(|s| s.to_string())
             .collect();
+    // This thread, and so the server it starts (a child inherits its creator's CPUs), on the server's CPUs.
+    pin(server_cpus);
     let t = Instant::now();
     let server = Server::spawn(&args, None, log);
     let ready_s = t.elapsed().as_secs_f64();
@@ -235,45 +289,73 @@ fn main() {
         index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
     };
     let rounds = env("GEOSSL_BENCH_ROUNDS", 3usize).max(1);
+    let slices = env("GEOSSL_BENCH_SLICES", 10usize).max(1);
+    // `clients` closed-loop clients sending `requests` (in turn) for `secs`: the run, and the server's CPU s
+    // (all, and the kernel's part). Connections opened afresh (the server closes one idle for its keep-alive
+    // while the in-process search runs).
+    // The server's own clock of its searches (seconds in the index, HTTP excluded), from its metrics.
+    let metrics_request = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", server.metrics).into_bytes();
+    let search_seconds = || {
+        let (_, text) = Conn::open(server.metrics).call(&metrics_request);
+        histogram(&String::from_utf8_lossy(&text), "geossl_search_duration_seconds", "op=\"search\"")
+    };
+    let measure_served = |clients: usize, secs: f64, requests: &[Vec<u8>]| {
+        let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
+        let served = |t: usize, i: usize| {
+            let (status, _) = conns[t].lock().unwrap().call(&requests[i % requests.len()]);
+            assert_eq!(status, 200);
+        };
+        let pid = server.pid().to_string();
+        let (user0, system0) = process_user_system_seconds(&pid);
+        let (search0, _) = search_seconds();
+        let run = closed(clients, client_cpus, secs, nq, &served);
+        let (user, system) = process_user_system_seconds(&pid);
+        let (search, _) = search_seconds();
+        (run, user - user0 + system - system0, system - system0, search - search0)
+    };
     let mut http = Vec::new();
     for (body, clients, requests) in
         [("binary", 1usize, &binary_requests), ("binary", 8, &binary_requests), ("json", 8, &json_requests)]
     {
         let mut per_round = Vec::new();
         for r in 0..rounds {
-            let measure_served = || {
-                // Connections opened afresh (the server closes one idle for its keep-alive while the in-process
-                // search runs). CPU of the server and of this load generator (on the same cores) per request.
-                let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
-                let served = |t: usize, i: usize| {
-                    let (status, _) = conns[t].lock().unwrap().call(&requests[i]);
-                    assert_eq!(status, 200);
-                };
-                let server0 = server.cpu_seconds();
-                let (qps, p50, p99, calls, client_us) = closed(clients, secs, nq, &served);
-                (qps, p50, p99, (server.cpu_seconds() - server0) / calls as f64 * 1e6, client_us)
-            };
-            let (s, (qps_in, _, _, _, cpu_in)) = if r % 2 == 0 {
-                let inp = closed(clients, secs, nq, &in_process);
-                (measure_served(), inp)
-            } else {
-                let s = measure_served();
-                (s, closed(clients, secs, nq, &in_process))
-            };
-            let (qps, p50, p99, server_us, client_us) = s;
+            // A round: `slices` pairs of a served and an in-process slice (secs / slices each), the order
+            // alternating from pair to pair, so that both sides see the same drift.
+            let (mut served, mut inp) = (Run::default(), Run::default());
+            let (mut server_s, mut server_system_s, mut server_search_s) = (0.0, 0.0, 0.0);
+            for j in 0..slices {
+                let slice = secs / slices as f64;
+                let in_process_first = (r + j) % 2 == 0;
+                if in_process_first {
+                    inp.add(closed(clients, server_cpus, slice, nq, &in_process));
+                }
+                let (run, all, system, search) = measure_served(clients, slice, requests);
+                served.add(run);
+                server_s += all;
+                server_system_s += system;
+                server_search_s += search;
+                if !in_process_first {
+                    inp.add(closed(clients, server_cpus, slice, nq, &in_process));
+                }
+            }
+            let (qps, qps_in, calls) = (served.qps(), inp.qps(), served.latencies.len() as f64);
+            let (p50, p99) = served.p50_p99_ms();
+            let per = |t: f64| t / calls * 1e6;
+            let (server_us, server_system_us, server_search_us) =
+                (per(server_s), per(server_system_s), per(server_search_s));
+            let (client_us, cpu_in) = (served.cpu_us(), inp.cpu_us());
             eprintln!(
                 "HTTP, {body} bodies, {clients} clients, round {r}: {qps:.0} QPS (in process {qps_in:.0}: {:.2}), p50 \
-                 {:.2} ms, p99 {:.2} ms; CPU a request: server {server_us:.0} µs, client {client_us:.0} µs, a query in \
-                 process {cpu_in:.0} µs",
+                 {p50:.2} ms, p99 {p99:.2} ms; CPU a request: server {server_us:.0} µs ({server_system_us:.0} in the \
+                 kernel; searching {server_search_us:.0} µs by its clock), client {client_us:.0} µs, a query in process {cpu_in:.0} µs",
                 qps / qps_in,
-                p50 * 1e3,
-                p99 * 1e3
             );
             per_round.push(json!({"qps": qps, "in_process_qps": qps_in, "served_over_in_process": qps / qps_in,
-                "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "server_cpu_us_per_request": server_us,
-                "client_cpu_us_per_request": client_us, "in_process_cpu_us_per_query": cpu_in,
-                // What the server spends a request against what the search alone spends a query, on the same
-                // cores: the served/in-process QPS ratio of a server whose clients are on other machines.
+                "p50_ms": p50, "p99_ms": p99, "server_cpu_us_per_request": server_us,
+                "server_system_cpu_us_per_request": server_system_us, "client_cpu_us_per_request": client_us,
+                "server_search_us_per_request": server_search_us, "in_process_cpu_us_per_query": cpu_in,
+                // What the server spends a request against what the search alone spends a query: the
+                // served/in-process QPS ratio of a server whose clients cost it nothing.
                 "in_process_over_server_cpu": cpu_in / server_us}));
         }
         let mut order: Vec<usize> = (0..per_round.len()).collect();
@@ -285,12 +367,26 @@ fn main() {
         eprintln!("{body} bodies, {clients} clients: median round {median}");
         http.push(json!({"body": body, "clients": clients, "median_round": median, "rounds": per_round}));
     }
+    // The floor: what the HTTP stack alone costs the server a request (readiness: no body, no search), at 8
+    // clients. A search served can cost no less than the search in process plus this.
+    let ready = format!("GET /v2/health/ready HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr).into_bytes();
+    let (mut run, server_s, server_system_s, _) = measure_served(8, secs, &[ready]);
+    let (qps, (p50, p99), client_us, calls) = (run.qps(), run.p50_p99_ms(), run.cpu_us(), run.latencies.len() as f64);
+    let (server_us, server_system_us) = (server_s / calls * 1e6, server_system_s / calls * 1e6);
+    eprintln!(
+        "HTTP floor (GET /v2/health/ready, 8 clients): {qps:.0} QPS, p50 {p50:.3} ms, p99 {p99:.3} ms; CPU a request: \
+         server {server_us:.0} µs ({server_system_us:.0} in the kernel), client {client_us:.0} µs",
+    );
+    let floor = json!({"request": "GET /v2/health/ready", "clients": 8, "qps": qps, "p50_ms": p50,
+        "p99_ms": p99, "server_cpu_us_per_request": server_us,
+        "server_system_cpu_us_per_request": server_system_us, "client_cpu_us_per_request": client_us});
     let rss_kib = server.rss_kib();
     drop(server);
     let out = json!({
         "index": PathBuf::from(&dir).display().to_string(), "queries": nq, "dimensions": d,
         "open_s": open_s, "simd": base_simd, "server_ready_s": ready_s, "server_rss_kib": rss_kib,
-        "in_process": curve, "http": {"ef": served_ef, "runs": http},
+        "in_process": curve, "http": {"ef": served_ef, "runs": http, "floor": floor},
+        "server_cpus": server_cpus, "client_cpus": client_cpus,
     });
     println!("{out}");
 }

@@ -190,13 +190,20 @@ pub fn histogram(metrics_text: &str, name: &str, label: &str) -> (f64, f64) {
 /// CPU time (user + system, every thread) of process `pid` ("self" for this one) so far, in seconds, from
 /// `/proc/PID/stat` (fields 14 and 15, in the kernel ABI's fixed 100 ticks a second); 0 where unreadable.
 pub fn process_cpu_seconds(pid: &str) -> f64 {
+    let (user, system) = process_user_system_seconds(pid);
+    user + system
+}
+
+/// [`process_cpu_seconds`] as (user, system): the system part is the kernel's work for the process (its
+/// system calls, and softirq work run on their way out, such as a loopback peer's receive path).
+pub fn process_user_system_seconds(pid: &str) -> (f64, f64) {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             // The command name (field 2) may hold spaces: the fields after it follow its closing parenthesis.
             let rest = &s[s.rfind(')')? + 1..];
             let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+            Some((f.get(11)?.parse::<f64>().ok()? / 100.0, f.get(12)?.parse::<f64>().ok()? / 100.0))
         })
-        .unwrap_or(0.0)
+        .unwrap_or((0.0, 0.0))
 }
