@@ -16,11 +16,11 @@
 //! load generator, from `/proc/PID/stat`), and the server's own clock of its searches (its
 //! `geossl_search_duration_seconds`), say what the server spends beyond the search; a readiness request at 8
 //! clients gives the HTTP stack's own cost (the floor).
-//! GEOSSL_BENCH_SERVER_CPUS and GEOSSL_BENCH_CLIENT_CPUS (`taskset` CPU lists, e.g. `0` and `1`): the server and
-//! the in-process search beside it on the first, the load generator on the others (the recall/QPS curve
-//! before still uses every CPU, as FAISS's does), so the clients take no CPU from the
-//! server (as clients on other machines would not); the server's HTTP workers are then one per server CPU.
-//! Unset: everything shares every CPU.
+//! GEOSSL_BENCH_SERVER_CPUS and GEOSSL_BENCH_CLIENT_CPUS (`taskset` CPU lists, e.g. `0` and `1`): the server
+//! and the in-process search beside it on the first, the load generator on the others, so the clients take no
+//! CPU from the server (as clients on other machines would not); the server's HTTP workers are then one per
+//! server CPU. The recall/QPS curve before still uses every CPU, as FAISS's does. Unset: everything shares
+//! every CPU.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -290,24 +290,25 @@ fn main() {
     };
     let rounds = env("GEOSSL_BENCH_ROUNDS", 3usize).max(1);
     let slices = env("GEOSSL_BENCH_SLICES", 10usize).max(1);
-    // `clients` closed-loop clients sending `requests` (in turn) for `secs`: the run, and the server's CPU s
-    // (all, and the kernel's part). Connections opened afresh (the server closes one idle for its keep-alive
-    // while the in-process search runs).
     // The server's own clock of its searches (seconds in the index, HTTP excluded), from its metrics.
     let metrics_request = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", server.metrics).into_bytes();
     let search_seconds = || {
         let (_, text) = Conn::open(server.metrics).call(&metrics_request);
         histogram(&String::from_utf8_lossy(&text), "geossl_search_duration_seconds", "op=\"search\"")
     };
+    // `clients` closed-loop clients sending `requests` (in turn) for `secs`: the run, the server's CPU s (all,
+    // and the kernel's part) and its searches' s by its clock. Connections opened afresh (the server closes one idle for its keep-alive
+    // while the in-process search runs).
     let measure_served = |clients: usize, secs: f64, requests: &[Vec<u8>]| {
         let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
         let served = |t: usize, i: usize| {
             let (status, _) = conns[t].lock().unwrap().call(&requests[i % requests.len()]);
             assert_eq!(status, 200);
         };
+        // The metrics request before the CPU reading, so its cost is not counted.
+        let (search0, _) = search_seconds();
         let pid = server.pid().to_string();
         let (user0, system0) = process_user_system_seconds(&pid);
-        let (search0, _) = search_seconds();
         let run = closed(clients, client_cpus, secs, nq, &served);
         let (user, system) = process_user_system_seconds(&pid);
         let (search, _) = search_seconds();
