@@ -2,9 +2,10 @@
 //!
 //! A search reads a few hundred rows scattered over the vectors array, their link lists and its visited
 //! list. On 4 KiB pages nearly every such read also misses the TLB; on 2 MiB pages far fewer do (measured:
-//! +19–21% QPS at 100k rows with the kernel's transparent huge pages switched to `always`,
-//! `docs/benchmarks/search.md`, "Huge pages"). Most nodes leave them at `madvise`: only memory a process asks
-//! for gets them. [`reserve`] asks for the buffers that hold the graph.
+//! +19–21% QPS at 100k rows on one host with the kernel's transparent huge pages switched to `always`, +0–20%
+//! by index size on another with this module's request; `docs/benchmarks/search.md`, "Huge pages"). Most
+//! nodes leave them at `madvise`: only memory a process asks for gets them. [`reserve`] asks for the buffers
+//! that hold the graph.
 //!
 //! The request is `madvise(MADV_HUGEPAGE)` over the 2 MiB-aligned part of a buffer's allocation: advice that
 //! changes which pages back the memory, never its contents, so a refusal (THP `never`, an old kernel) is
