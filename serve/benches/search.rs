@@ -152,9 +152,14 @@ impl Run {
         (percentile(&self.latencies, 0.5) * 1e3, percentile(&self.latencies, 0.99) * 1e3)
     }
 
+    /// `seconds` spread over the calls, in µs a call.
+    fn per_call_us(&self, seconds: f64) -> f64 {
+        seconds / self.latencies.len() as f64 * 1e6
+    }
+
     /// This process's CPU µs a call.
     fn cpu_us(&self) -> f64 {
-        self.cpu / self.latencies.len() as f64 * 1e6
+        self.per_call_us(self.cpu)
     }
 }
 
@@ -297,8 +302,8 @@ fn main() {
         histogram(&String::from_utf8_lossy(&text), "geossl_search_duration_seconds", "op=\"search\"")
     };
     // `clients` closed-loop clients sending `requests` (in turn) for `secs`: the run, the server's CPU s (all,
-    // and the kernel's part) and its searches' s by its clock. Connections opened afresh (the server closes one idle for its keep-alive
-    // while the in-process search runs).
+    // and the kernel's part) and its searches' s by its clock. Connections opened afresh (the server closes one
+    // idle for its keep-alive while the in-process search runs).
     let measure_served = |clients: usize, secs: f64, requests: &[Vec<u8>]| {
         let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
         let served = |t: usize, i: usize| {
@@ -324,8 +329,8 @@ fn main() {
             // alternating from pair to pair, so that both sides see the same drift.
             let (mut served, mut inp) = (Run::default(), Run::default());
             let (mut server_s, mut server_system_s, mut server_search_s) = (0.0, 0.0, 0.0);
+            let slice = secs / slices as f64;
             for j in 0..slices {
-                let slice = secs / slices as f64;
                 let in_process_first = (r + j) % 2 == 0;
                 if in_process_first {
                     inp.add(closed(clients, server_cpus, slice, nq, &in_process));
@@ -339,11 +344,13 @@ fn main() {
                     inp.add(closed(clients, server_cpus, slice, nq, &in_process));
                 }
             }
-            let (qps, qps_in, calls) = (served.qps(), inp.qps(), served.latencies.len() as f64);
+            let (qps, qps_in) = (served.qps(), inp.qps());
             let (p50, p99) = served.p50_p99_ms();
-            let per = |t: f64| t / calls * 1e6;
-            let (server_us, server_system_us, server_search_us) =
-                (per(server_s), per(server_system_s), per(server_search_s));
+            let (server_us, server_system_us, server_search_us) = (
+                served.per_call_us(server_s),
+                served.per_call_us(server_system_s),
+                served.per_call_us(server_search_s),
+            );
             let (client_us, cpu_in) = (served.cpu_us(), inp.cpu_us());
             eprintln!(
                 "HTTP, {body} bodies, {clients} clients, round {r}: {qps:.0} QPS (in process {qps_in:.0}: {:.2}), p50 \
@@ -372,8 +379,8 @@ fn main() {
     // clients. A search served can cost no less than the search in process plus this.
     let ready = format!("GET /v2/health/ready HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr).into_bytes();
     let (mut run, server_s, server_system_s, _) = measure_served(8, secs, &[ready]);
-    let (qps, (p50, p99), client_us, calls) = (run.qps(), run.p50_p99_ms(), run.cpu_us(), run.latencies.len() as f64);
-    let (server_us, server_system_us) = (server_s / calls * 1e6, server_system_s / calls * 1e6);
+    let (qps, (p50, p99), client_us) = (run.qps(), run.p50_p99_ms(), run.cpu_us());
+    let (server_us, server_system_us) = (run.per_call_us(server_s), run.per_call_us(server_system_s));
     eprintln!(
         "HTTP floor (GET /v2/health/ready, 8 clients): {qps:.0} QPS, p50 {p50:.3} ms, p99 {p99:.3} ms; CPU a request: \
          server {server_us:.0} µs ({server_system_us:.0} in the kernel), client {client_us:.0} µs",
