@@ -63,7 +63,7 @@ fn main() {
     for (k, v) in Moto::env(moto.addr) {
         std::env::set_var(k, v);
     }
-    let me = || geossl_tests::objstore::cpu_seconds("/proc/self/stat");
+    let me = || geossl_tests::server::process_cpu_seconds("self");
     let run = |input: String| {
         let (cpu0, store0) = (me(), moto.cpu_seconds());
         let opts = EmbedOptions {

@@ -47,7 +47,7 @@ impl Moto {
 
     /// CPU seconds (user + system) the server has used so far (Linux).
     pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
+        crate::server::process_cpu_seconds(&self.child.id().to_string())
     }
 
     /// Creates `bucket`.
@@ -117,16 +117,6 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// CPU seconds (user + system) of the process whose `/proc/…/stat` is at `stat` (0 where unreadable), at
-/// the usual 100 clock ticks per second.
-pub fn cpu_seconds(stat: &str) -> f64 {
-    let Ok(t) = std::fs::read_to_string(stat) else { return 0.0 };
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-    let rest = t.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
-    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
 /// A TCP proxy on 127.0.0.1 to `target` that counts the bytes coming back, and can be taken down: while

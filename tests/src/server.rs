@@ -141,11 +141,6 @@ impl Server {
             .unwrap_or(0)
     }
 
-    /// CPU time (user + system, every thread) the server process has used so far, in seconds (Linux).
-    pub fn cpu_seconds(&self) -> f64 {
-        process_cpu_seconds(&self.pid().to_string())
-    }
-
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
