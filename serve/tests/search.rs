@@ -14,6 +14,7 @@ use arrow_array::types::{Float32Type, Float64Type, TimestampMicrosecondType};
 use arrow_array::Array;
 use geossl_serve::search::index::{Index, MANIFEST};
 use geossl_serve::search::query::{Example, Filters, Hit, Query};
+use geossl_serve::search::rerank;
 use geossl_serve::search::SearchError;
 use geossl_tests::objstore::Moto;
 use geossl_tests::server::{make_repository, Server};
@@ -442,28 +443,40 @@ fn a_sharded_dataset_in_s3_indexes_as_the_merged_file_and_grows_in_place() {
             &env,
         ));
     };
-    let build = |out: &str| ok(serve(&["index", "build", "--dataset", "s3://lake/ds", "--out", out], &env));
+    let build = |out: &str, quantization: &str| {
+        ok(serve(&["index", "build", "--dataset", "s3://lake/ds", "--out", out, "--quantization", quantization], &env))
+    };
     // Two shards done: the index holds their parts; the third shard finishes and the build adds its part only.
+    // An i8 index grows the same way, with its float32 copy for re-ranking (vectors.f32) grown in step.
     shard(0);
     shard(1);
-    let first = build("s3://lake/grown");
-    assert!(first.contains("from 2 part(s)"), "{first}");
+    for grown in ["s3://lake/grown", "s3://lake/grown8"] {
+        let first = build(grown, if grown.ends_with('8') { "i8" } else { "f32" });
+        assert!(first.contains("from 2 part(s)"), "{first}");
+    }
     shard(2);
-    let again = build("s3://lake/grown");
-    assert!(again.contains("from 1 part(s)"), "{again}");
-    let nothing = build("s3://lake/grown");
-    assert!(nothing.contains("nothing added"), "{nothing}");
-    build("s3://lake/whole");
-    let (grown, whole) = (fx.dir.join("grown"), fx.dir.join("whole"));
+    for grown in ["s3://lake/grown", "s3://lake/grown8"] {
+        let quantization = if grown.ends_with('8') { "i8" } else { "f32" };
+        let again = build(grown, quantization);
+        assert!(again.contains("from 1 part(s)"), "{again}");
+        let nothing = build(grown, quantization);
+        assert!(nothing.contains("nothing added"), "{nothing}");
+    }
+    build("s3://lake/whole", "f32");
+    let (grown, grown8, whole) = (fx.dir.join("grown"), fx.dir.join("grown8"), fx.dir.join("whole"));
     moto.download("lake", "grown/", &grown);
+    moto.download("lake", "grown8/", &grown8);
     moto.download("lake", "whole/", &whole);
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(grown.join(MANIFEST)).unwrap()).unwrap();
     assert_eq!(manifest["parts"].as_array().unwrap().len(), 3);
     assert!(manifest["plan_sha256"].as_str().is_some_and(|s| s.len() == 64));
     let merged = Index::open(p(&fx.index)).unwrap();
     let all: HashSet<String> = (0..merged.len() as u64).map(|k| merged.chip_id(k)).collect();
-    for dir in [&grown, &whole] {
+    let copy = std::fs::metadata(grown8.join(rerank::FILE)).unwrap().len();
+    assert_eq!(copy, 16 + merged.len() as u64 * 4 * merged.dimensions() as u64, "the copy holds every row once");
+    for dir in [&grown, &grown8, &whole] {
         let index = Index::open(p(dir)).unwrap();
+        assert_eq!(index.manifest.rerank, dir == &grown8);
         let rows: HashSet<String> = (0..index.len() as u64).map(|k| index.chip_id(k)).collect();
         assert_eq!(index.len(), merged.len(), "{}", dir.display());
         assert_eq!(rows, all, "{}: other rows than the merged file's", dir.display());
@@ -475,21 +488,43 @@ fn a_sharded_dataset_in_s3_indexes_as_the_merged_file_and_grows_in_place() {
         check_filter(&index, &fx.rows, &Filters::default(), &format!("{} index", dir.display()));
     }
     // Served straight from the object store.
-    let mut args: Vec<String> = ["serve", "--index", "lake=s3://lake/whole", "--host", "127.0.0.1", "--port", "0"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(["--metrics-port", "0"].map(String::from));
+    let args: Vec<String> = [
+        "serve",
+        "--index",
+        "lake=s3://lake/whole",
+        "--index",
+        "lake8=s3://lake/grown8",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let server = Server::spawn_env(&args, None, fx.dir.join("s3-serve.log"), &env);
     let body = serde_json::json!({"chip_id": fx.rows[0].id, "k": 3}).to_string();
-    let r = geossl_tests::http::post(
-        server.addr,
-        "/v1/indexes/lake/search",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["features"].as_array().unwrap().len(), 3);
+    let mut answers = Vec::new();
+    for name in ["lake", "lake8"] {
+        let r = geossl_tests::http::post(
+            server.addr,
+            &format!("/v1/indexes/{name}/search"),
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let features = r.json()["features"].as_array().unwrap().clone();
+        assert_eq!(features.len(), 3);
+        answers.push(features.iter().map(|f| f["id"].as_str().unwrap().to_string()).collect::<Vec<_>>());
+    }
+    // Each served index answers as it does opened here (the i8 one with its float32 copy, fetched from S3).
+    for (dir, served) in [(&whole, &answers[0]), (&grown8, &answers[1])] {
+        let index = Index::open(p(dir)).unwrap();
+        let hits = index.search(&Query::Example(Example::Chip(fx.rows[0].id.clone())), 3, &Filters::default()).unwrap();
+        assert_eq!(&ids(&index, &hits), served, "{}", dir.display());
+    }
 }
 
 /// Spearman's rank correlation (no ties expected).
@@ -789,17 +824,30 @@ fn quantized_and_patch_level_datasets_are_indexable() {
     let f32_rows = read_rows(&embed("f32", &[]));
     let by_id: std::collections::HashMap<&str, &Row> = f32_rows.iter().map(|r| (r.id.as_str(), r)).collect();
     let mut sizes = Vec::new();
-    for (dtype, quantization) in
-        [("float32", "f32"), ("float16", "f32"), ("int8", "f32"), ("float32", "f16"), ("float32", "i8")]
-    {
+    // i8 indexes keep a float32 copy to re-rank with by default; "i8-graph" is one without.
+    for (dtype, quantization) in [
+        ("float32", "f32"),
+        ("float16", "f32"),
+        ("int8", "f32"),
+        ("float32", "f16"),
+        ("float32", "i8-graph"),
+        ("float32", "i8"),
+    ] {
         let data = if dtype == "float32" { dir.join("f32.parquet") } else { embed(dtype, &["--dtype", dtype]) };
         let stored = read_rows(&data);
         let stored_by_id: std::collections::HashMap<&str, &Row> = stored.iter().map(|r| (r.id.as_str(), r)).collect();
         let out = dir.join(format!("index-{dtype}-{quantization}"));
-        ok(serve(&["index", "build", "--dataset", p(&data), "--out", p(&out), "--quantization", quantization], &[]));
+        let mut args = vec!["index", "build", "--dataset", p(&data), "--out", p(&out), "--quantization"];
+        match quantization {
+            "i8-graph" => args.extend(["i8", "--rerank", "false"]),
+            q => args.push(q),
+        }
+        ok(serve(&args, &[]));
         let index = Index::open(p(&out)).unwrap();
         assert_eq!(index.manifest.embedding_dtype, dtype);
         assert_eq!(index.len(), f32_rows.len());
+        assert_eq!(index.manifest.rerank, quantization == "i8", "{quantization}");
+        assert_eq!(out.join(rerank::FILE).exists(), quantization == "i8", "{quantization}");
         // Against brute force over the values the dataset stores (what the index answers for), and against
         // float32's (what storing less costs).
         let (mut own, mut full, mut n) = (0.0, 0.0, 0);
@@ -819,10 +867,22 @@ fn quantized_and_patch_level_datasets_are_indexable() {
             "{dtype} rows, {quantization} index: recall@10 {own:.3} against its rows' brute force, {full:.3} against \
              float32's; vectors {bytes} bytes"
         );
-        // The index finds the stored rows' neighbours (an i8 index rounds them again).
-        let floor = if quantization == "i8" { 0.9 } else { 0.95 };
+        // The index finds the stored rows' neighbours (an i8 graph rounds them again; re-ranked in float32, it
+        // finds what f32 finds).
+        let floor = if quantization == "i8-graph" { 0.9 } else { 0.95 };
         assert!(own >= floor, "{dtype} rows, {quantization} index: recall@10 {own:.3}");
         assert!(full >= 0.85, "{dtype} rows, {quantization} index: recall@10 {full:.3} against float32");
+        if quantization == "i8" {
+            assert!(full >= 0.95, "re-ranked i8 index: recall@10 {full:.3} against float32");
+            // Its scores are the float32 cosines, not the rounded ones.
+            let q = &f32_rows[3];
+            let hits =
+                index.search(&Query::Embedding(q.unit.iter().map(|&x| x as f32).collect()), 10, &Filters::default());
+            for h in hits.unwrap() {
+                let exact = dot(&q.unit, &by_id[index.chip_id(h.key).as_str()].unit);
+                assert!((h.score - exact).abs() <= score_tolerance(q.unit.len()), "{} vs {exact}", h.score);
+            }
+        }
         sizes.push((quantization, bytes));
         if (dtype, quantization) == ("float32", "f32") {
             // `map` takes its neighbours from the index: the index's answers for the query window.
@@ -863,6 +923,7 @@ fn quantized_and_patch_level_datasets_are_indexable() {
     let per_row = |q: &str| size(q) / f32_rows.len() as f64;
     assert!(per_row("f32") - per_row("f16") > 1.9 * 512.0 / 2.0 * 2.0 * 0.9, "{sizes:?}");
     assert!(per_row("f16") - per_row("i8") > 512.0 * 0.9, "{sizes:?}");
+    assert_eq!(size("i8"), size("i8-graph"), "the float32 copy lives beside the graph, not in it");
 
     // Patch-level rows: one per cell of the feature grid (64 px windows: 2 × 2 cells).
     let features = fx.dir.join("features/1/model.onnx");

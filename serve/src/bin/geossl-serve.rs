@@ -607,6 +607,10 @@ struct IndexBuildArgs {
     /// How the index stores vectors: f32, f16 (half the memory) or i8 (a quarter).
     #[arg(long, env = "GEOSSL_INDEX_QUANTIZATION", value_enum, default_value = "f32")]
     quantization: geossl_serve::search::index::Quantization,
+    /// Keep a float32 copy of the vectors (vectors.f32, on disk) to re-score each search's candidates: an i8
+    /// index then answers with f32's recall. Default: true for i8, false otherwise; an index keeps its choice.
+    #[arg(long, env = "GEOSSL_INDEX_RERANK")]
+    rerank: Option<bool>,
     /// HNSW graph degree (links per vector).
     #[arg(long, env = "GEOSSL_HNSW_CONNECTIVITY", default_value_t = geossl_serve::search::index::Hnsw::default().connectivity)]
     connectivity: usize,
@@ -692,7 +696,14 @@ fn index(a: IndexArgs) -> Result<()> {
     if hnsw.connectivity < 2 || hnsw.expansion_add == 0 || hnsw.expansion_search == 0 {
         bail!("--connectivity must be at least 2, and the expansions positive");
     }
-    let opts = BuildOptions { dataset: b.dataset, out: b.out, quantization: b.quantization, hnsw, threads: b.threads };
+    let opts = BuildOptions {
+        dataset: b.dataset,
+        out: b.out,
+        quantization: b.quantization,
+        rerank: b.rerank,
+        hnsw,
+        threads: b.threads,
+    };
     let s = build(&opts).with_context(|| format!("indexing {} into {}", opts.dataset, opts.out))?;
     if s.added_parts.is_empty() {
         println!(

@@ -6,6 +6,8 @@
 //!   Written last: an index is what its manifest says.
 //! - `vectors.hnsw` — the HNSW graph and the vectors (cosine metric; stored as f32, f16 or i8, see
 //!   [`super::hnsw`]), keyed by row number `0..rows`.
+//! - `vectors.f32` — when the manifest says `rerank` (by default for i8 indexes): every vector in float32,
+//!   read to re-score the graph's candidates ([`super::rerank`]).
 //! - `rows-NNNNN.parquet` — per indexed part, its rows' metadata (the dataset's `chip_id`, `source`,
 //!   `window`, `geometry`, `bbox`, `center_lat`, `center_lon`, `datetime`, `cell` columns) and `key`:
 //!   itself a GeoParquet file.
@@ -24,7 +26,7 @@ use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::hnsw::Graph;
-use super::SearchError;
+use super::{rerank, SearchError};
 use crate::archive::geoparquet::{self, col};
 use crate::archive::shard;
 use crate::archive::store::Location;
@@ -108,6 +110,10 @@ pub struct Manifest {
     /// Cosine similarity of L2-normalized vectors.
     pub metric: String,
     pub quantization: Quantization,
+    /// Whether `vectors.f32` keeps every vector in float32 to re-score the graph's candidates
+    /// ([`super::rerank`]; absent in indexes made before it: false).
+    #[serde(default)]
+    pub rerank: bool,
     pub hnsw: Hnsw,
     pub rows: usize,
     pub parts: Vec<IndexedPart>,
@@ -121,6 +127,8 @@ pub struct BuildOptions {
     /// The index directory or prefix.
     pub out: String,
     pub quantization: Quantization,
+    /// Keep a float32 copy of the vectors to re-score the graph's candidates (`None`: for i8 indexes only).
+    pub rerank: Option<bool>,
     pub hnsw: Hnsw,
     /// Threads adding vectors (0: all cores).
     pub threads: usize,
@@ -333,6 +341,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
                     opts.out, m.quantization, opts.quantization
                 )));
             }
+            if opts.rerank.is_some_and(|r| r != m.rerank) {
+                return Err(SearchError::Index(format!(
+                    "{}: the index there {} a float32 copy for re-ranking; this build asks otherwise (build elsewhere, \
+                     or keep its choice)",
+                    opts.out,
+                    if m.rerank { "keeps" } else { "has no" }
+                )));
+            }
             if let (Some(a), Some(b)) = (&m.plan_sha256, &dataset.plan_sha256) {
                 if a != b {
                     tracing::warn!(index = %a, dataset = %b, "the dataset's plan differs from the indexed one's; adding its new parts");
@@ -372,6 +388,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
                 embedding_dtype: info.dtype,
                 metric: "cos".into(),
                 quantization: opts.quantization,
+                rerank: opts.rerank.unwrap_or(opts.quantization == Quantization::I8),
                 hnsw: opts.hnsw,
                 rows: 0,
                 parts: Vec::new(),
@@ -402,6 +419,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
     columns.extend([col::CELL, col::EMBEDDING]);
     let mut published = Vec::new();
     let d = manifest.dimensions;
+    let mut copy = match manifest.rerank {
+        true => Some(rerank::Appender::open(&out.join(rerank::FILE), d, manifest.rows)?),
+        false => None,
+    };
     for (name, at) in new_parts {
         let (batches, provenance) = geoparquet::read_columns_with_provenance(at, &columns)?;
         let info = part_info(name, provenance)?;
@@ -446,6 +467,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
         let t = Instant::now();
         vectors.add(&values, threads, manifest.hnsw.expansion_add).map_err(engine_err("adding vectors"))?;
         summary.graph_seconds += t.elapsed().as_secs_f64();
+        if let Some(c) = copy.as_mut() {
+            c.push(&values)?;
+        }
         let rows_file = format!("rows-{:05}.parquet", manifest.parts.len());
         let target = out.join(&rows_file);
         let spool = target.spool("index");
@@ -475,6 +499,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
     saved.map_err(|e| SearchError::Index(format!("{}: writing the vector index: {e}", spool.display())))?;
     summary.vector_file_bytes = std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0);
     target.publish(&spool)?;
+    if let Some(c) = copy {
+        c.finish()?;
+    }
     let bytes = serde_json::to_vec_pretty(&manifest).map_err(SearchError::index)?;
     out.join(MANIFEST).write(&bytes, false)?;
     summary.rows = manifest.rows;
@@ -495,6 +522,8 @@ pub struct Index {
     pub manifest: Manifest,
     pub location: String,
     pub(super) vectors: Graph,
+    /// The float32 copy that re-scores the graph's candidates, when the index keeps one.
+    pub(super) copy: Option<rerank::Vectors>,
     parts: Vec<PartRows>,
     by_chip: HashMap<u128, u64>,
     /// Per key: `[xmin, ymin, xmax, ymax]` of the footprint, its datetime, its source (into `sources`) and
@@ -508,6 +537,8 @@ pub struct Index {
     pub(super) exact_budget: usize,
     /// Candidates a graph search keeps (at least k): the manifest's `expansion_search` unless changed.
     pub(super) expansion: usize,
+    /// Candidates re-scored by the float32 copy per answer asked for.
+    pub(super) rerank_per_answer: usize,
 }
 
 impl std::fmt::Debug for Index {
@@ -540,9 +571,14 @@ impl Index {
             )));
         }
         let n = manifest.rows;
+        let copy = match manifest.rerank {
+            true => Some(rerank::Vectors::open(&at.join(rerank::FILE), manifest.dimensions, n)?),
+            false => None,
+        };
         let mut index = Index {
             location: location.to_string(),
             vectors,
+            copy,
             parts: Vec::new(),
             by_chip: HashMap::with_capacity(n),
             bbox: Vec::with_capacity(n),
@@ -552,6 +588,7 @@ impl Index {
             center: Vec::with_capacity(n),
             exact_budget: super::query::EXACT_BUDGET,
             expansion: manifest.hnsw.expansion_search,
+            rerank_per_answer: rerank::PER_ANSWER,
             manifest,
         };
         let mut source_ids: HashMap<String, u32> = HashMap::new();
@@ -631,6 +668,13 @@ impl Index {
         self
     }
 
+    /// With `per_answer` candidates re-scored by the float32 copy (when the index keeps one) for each answer
+    /// asked for, at most the graph's expansion: more finds more of the true nearest neighbours.
+    pub fn with_rerank(mut self, per_answer: usize) -> Self {
+        self.rerank_per_answer = per_answer.max(1);
+        self
+    }
+
     /// The distance kernels this CPU runs (`avx2+fma`, or `portable`).
     pub fn acceleration(&self) -> String {
         self.vectors.simd().name().to_string()
@@ -654,10 +698,14 @@ impl Index {
         chip_key(chip_id).and_then(|c| self.by_chip.get(&c).copied())
     }
 
-    /// The unit vector of `key` (f16/i8 indexes give it back dequantized).
+    /// The unit vector of `key`: from the float32 copy when the index keeps one, else as the graph stores it
+    /// (f16/i8 dequantized).
     pub fn vector(&self, key: u64) -> Result<Vec<f32>, SearchError> {
         let mut v = vec![0f32; self.dimensions()];
-        self.stored(key, &mut v)?;
+        match &self.copy {
+            Some(c) => c.read(key, &mut v)?,
+            None => self.stored(key, &mut v)?,
+        }
         Ok(normalized(&v))
     }
 

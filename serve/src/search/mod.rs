@@ -3,7 +3,8 @@
 //! - [`index`]: an index over a GeoParquet dataset (one file, or the parts of a sharded run, local or in
 //!   object storage): the vectors in an HNSW graph of geossl's own ([`hnsw`], its kernels in [`simd`]), the rows'
 //!   metadata (chip id, footprint, centre, datetime, source, window, cell) in GeoParquet files, one per
-//!   indexed part, and a manifest with the dataset's model and plan. Adding parts extends it in place.
+//!   indexed part, and a manifest with the dataset's model and plan. Adding parts extends it in place. A
+//!   quantized index can keep a float32 copy of its vectors ([`rerank`]) to re-score its candidates.
 //! - [`query`]: queries (a chip id, a lon/lat point, an embedding, several positive examples) with exact
 //!   filters (bbox, datetime interval, the query's own scene, windows overlapping the query), and the quick
 //!   classifier (a logistic regression on labelled chips ranking the whole index).
@@ -18,6 +19,7 @@ pub mod hnsw;
 pub mod index;
 mod pages;
 pub mod query;
+pub mod rerank;
 pub mod simd;
 
 /// A failure of building, opening or querying an index, by what the caller does about it.

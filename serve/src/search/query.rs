@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use super::index::{normalized, Index};
-use super::SearchError;
+use super::{simd, SearchError};
 
 /// The most answers one query returns.
 pub const MAX_K: usize = 10_000;
@@ -296,7 +296,29 @@ impl Index {
         true
     }
 
-    /// Brute force: the top `k` of `keys` by cosine similarity to the normalized `q`.
+    /// How many candidates a search for `k` answers keeps: `k`, or with a float32 copy to re-score them,
+    /// `k` times the candidates per answer (at most the graph's expansion, at least `k`).
+    fn candidates(&self, k: usize) -> usize {
+        match self.copy {
+            Some(_) => k.saturating_mul(self.rerank_per_answer).min(self.expansion).max(k),
+            None => k,
+        }
+    }
+
+    /// The best `k` of `hits` for the normalized `q`, re-scored by the float32 copy when the index keeps one.
+    fn refine(&self, q: &[f32], mut hits: Vec<Hit>, k: usize) -> Result<Vec<Hit>, SearchError> {
+        if let Some(copy) = &self.copy {
+            let mut v = vec![0f32; self.dimensions()];
+            for h in &mut hits {
+                copy.read(h.key, &mut v)?;
+                h.score = f64::from(simd::dot_f32(self.vectors.simd(), q, &v));
+            }
+        }
+        Ok(top(hits, k))
+    }
+
+    /// Brute force: the top `k` of `keys` by cosine similarity to the normalized `q` (over the vectors as
+    /// the graph stores them; the best candidates re-scored by the float32 copy when the index keeps one).
     pub fn exact(&self, q: &[f32], k: usize, keys: impl Iterator<Item = u64>) -> Result<Vec<Hit>, SearchError> {
         // One buffer for every row: the cosine is q · v / |v| (q is a unit vector), in f64.
         let mut v = vec![0f32; self.dimensions()];
@@ -306,7 +328,7 @@ impl Index {
             let norm = dot(&v, &v).sqrt();
             hits.push(Hit { key, score: if norm == 0.0 { 0.0 } else { dot(q, &v) / norm } });
         }
-        Ok(top(hits, k))
+        self.refine(q, top(hits, self.candidates(k)), k)
     }
 
     /// The top `k` rows by cosine similarity to the normalized `q` that pass `f` (anchors: the query's
@@ -321,11 +343,12 @@ impl Index {
                 return self.exact(q, k, keys.iter().copied());
             }
         }
-        // The graph search keeps max(k, expansion) candidates and gives back the best k.
+        // The graph search keeps max(k, expansion) candidates and gives back the best (to re-score).
+        let count = self.candidates(k);
         let found = if anchors.is_empty() && !selective {
-            self.graph_search(q, k, None)
+            self.graph_search(q, count, None)
         } else {
-            self.graph_search(q, k, Some(&admit))
+            self.graph_search(q, count, Some(&admit))
         };
         let hits: Vec<Hit> = found.into_iter().map(|(key, score)| Hit { key, score: f64::from(score) }).collect();
         if hits.len() < k {
@@ -338,7 +361,7 @@ impl Index {
                 return self.exact(q, k, keys.into_iter());
             }
         }
-        Ok(top(hits, k))
+        self.refine(q, hits, k)
     }
 
     /// The `k` nearest rows to `q` that pass `f`, highest cosine similarity first.
