@@ -21,6 +21,8 @@
 //! CPU from the server (as clients on other machines would not); the server's HTTP workers are then one per
 //! server CPU. The recall/QPS curve before still uses every CPU, as FAISS's does. Unset: everything shares
 //! every CPU.
+//! GEOSSL_BENCH_RERANK: candidates re-scored per answer in process, for an index with a float32 copy
+//! (default: the library's, which the server uses).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -212,15 +214,18 @@ fn main() {
         .split(',')
         .map(|v| v.parse().unwrap())
         .collect();
+    let rerank = env("GEOSSL_BENCH_RERANK", geossl_serve::search::rerank::PER_ANSWER);
+    let open = |ef: usize| Index::open(&dir).unwrap().with_expansion(ef).with_rerank(rerank);
     let t = Instant::now();
     let base = Index::open(&dir).unwrap();
     let open_s = t.elapsed().as_secs_f64();
+    let reranked = base.manifest.rerank.then_some(rerank);
     let base_simd = base.acceleration();
     eprintln!("distance kernels: {base_simd}");
     let f = Filters::default();
     let mut curve = Vec::new();
     for &ef in &efs {
-        let index = Index::open(&dir).unwrap().with_expansion(ef);
+        let index = open(ef);
         let mut found = 0usize;
         for (q, want) in queries.iter().zip(&truth) {
             let hits = index.search(&Query::Embedding(q.clone()), 10, &f).unwrap();
@@ -243,7 +248,7 @@ fn main() {
         println!(
             "{}",
             json!({"index": dir, "queries": nq, "dimensions": d, "open_s": open_s, "simd": base_simd,
-            "in_process": curve})
+            "rerank_per_answer": reranked, "in_process": curve})
         );
         return;
     }
@@ -289,7 +294,7 @@ fn main() {
     // round: this machine's speed drifts by tens of percent within a minute (shared caches, other tenants), so
     // each round's served QPS is compared with the in-process QPS measured beside it, and the order within a
     // round alternates. The ratio reported is the median round's.
-    let index = Index::open(&dir).unwrap().with_expansion(served_ef);
+    let index = open(served_ef);
     let in_process = |_t: usize, i: usize| {
         index.search(&Query::Embedding(queries[i].clone()), 10, &f).unwrap();
     };
@@ -392,7 +397,8 @@ fn main() {
     drop(server);
     let out = json!({
         "index": PathBuf::from(&dir).display().to_string(), "queries": nq, "dimensions": d,
-        "open_s": open_s, "simd": base_simd, "server_ready_s": ready_s, "server_rss_kib": rss_kib,
+        "open_s": open_s, "simd": base_simd, "rerank_per_answer": reranked, "server_ready_s": ready_s,
+        "server_rss_kib": rss_kib,
         "in_process": curve, "http": {"ef": served_ef, "runs": http, "floor": floor},
         "server_cpus": server_cpus, "client_cpus": client_cpus,
     });

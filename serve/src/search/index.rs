@@ -701,11 +701,11 @@ impl Index {
     /// The unit vector of `key`: from the float32 copy when the index keeps one, else as the graph stores it
     /// (f16/i8 dequantized).
     pub fn vector(&self, key: u64) -> Result<Vec<f32>, SearchError> {
-        let mut v = vec![0f32; self.dimensions()];
-        match &self.copy {
-            Some(c) => c.read(key, &mut v)?,
-            None => self.stored(key, &mut v)?,
+        if let Some(c) = &self.copy {
+            return Ok(normalized(c.row(key)?));
         }
+        let mut v = vec![0f32; self.dimensions()];
+        self.stored(key, &mut v)?;
         Ok(normalized(&v))
     }
 

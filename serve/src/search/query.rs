@@ -308,10 +308,8 @@ impl Index {
     /// The best `k` of `hits` for the normalized `q`, re-scored by the float32 copy when the index keeps one.
     fn refine(&self, q: &[f32], mut hits: Vec<Hit>, k: usize) -> Result<Vec<Hit>, SearchError> {
         if let Some(copy) = &self.copy {
-            let mut v = vec![0f32; self.dimensions()];
             for h in &mut hits {
-                copy.read(h.key, &mut v)?;
-                h.score = f64::from(simd::dot_f32(self.vectors.simd(), q, &v));
+                h.score = f64::from(simd::dot_f32(self.vectors.simd(), q, copy.row(h.key)?));
             }
         }
         Ok(top(hits, k))

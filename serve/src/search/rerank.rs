@@ -1,10 +1,18 @@
 //! A float32 copy of every vector (`vectors.f32`) beside a quantized graph, to re-score the graph's
-//! candidates: an i8 index keeps a quarter of f32's memory and answers with f32's recall (the copy is read
-//! from disk by position, one row per candidate; the page cache keeps what is asked for often).
+//! candidates: an i8 index keeps a quarter of f32's graph memory and answers with f32's recall. The copy is
+//! memory-mapped, not read into memory: a search touches one row per candidate, and the page cache keeps the
+//! rows asked for often (reading each row with a `pread` instead cost ~2.7 µs a row on the benchmark's VM,
+//! a third of an i8 search; docs/benchmarks/search.md, "int8 with a float32 re-rank").
 //!
 //! File (little-endian): `GSSLF32\0`, format (u32, 1), dimensions (u32), then the rows' unit vectors as D
 //! f32 each, key `k` at byte `16 + k·4·D`. Rows past the manifest's are a build's that did not finish:
 //! reading ignores them and appending cuts them first, so what a finished build saved is never rewritten.
+//!
+//! Mapping a file is this module's one `unsafe`: the mapping's bytes must not change or vanish while it lives.
+//! An opened index maps the rows its manifest lists, and geossl never rewrites or cuts those: appending only
+//! adds rows after them (and cuts rows no manifest lists), and a new build writes a new file and renames it
+//! over the old one (whose mappings keep the old file). What remains is what any memory-mapped index (FAISS's,
+//! usearch's) asks of its users: no other program truncates the file of an index being served.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -75,10 +83,22 @@ fn download(at: &Location, bytes: u64, file: &mut std::fs::File) -> Result<(), S
 /// The float32 copy of an opened index, read by key.
 #[derive(Debug)]
 pub struct Vectors {
-    file: std::fs::File,
+    map: memmap2::Mmap,
     dimensions: usize,
     rows: usize,
     label: String,
+}
+
+/// Maps the first `bytes` bytes of `file` (checked to hold them) for reading.
+#[allow(unsafe_code)]
+fn map(file: &std::fs::File, bytes: u64, at: &Location) -> Result<memmap2::Mmap, SearchError> {
+    let len = usize::try_from(bytes).map_err(|_| SearchError::Index(format!("{at}: too large to map")))?;
+    // SAFETY: the mapped bytes (a header and the rows a published manifest lists) are never rewritten or cut
+    // by geossl while an index maps them (see the module's documentation); the mapping is read-only.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(file) }.map_err(io_err(at, "mapping"))?;
+    // Candidates are scattered rows: read-ahead would fetch rows no search asked for.
+    let _ = map.advise(memmap2::Advice::Random);
+    Ok(map)
 }
 
 impl Vectors {
@@ -100,23 +120,25 @@ impl Vectors {
             }
         };
         check(&file, at, dimensions, rows)?;
-        Ok(Vectors { file, dimensions, rows, label: at.as_str().to_string() })
+        let map = map(&file, HEADER + rows as u64 * row_bytes(dimensions), at)?;
+        Ok(Vectors { map, dimensions, rows, label: at.as_str().to_string() })
     }
 
-    /// Reads row `key` (a unit vector) into `out` (`dimensions` long).
-    pub fn read(&self, key: u64, out: &mut [f32]) -> Result<(), SearchError> {
-        if key as usize >= self.rows || out.len() != self.dimensions {
-            return Err(SearchError::Index(format!("{}: no row {key} of {}", self.label, self.dimensions)));
+    /// Row `key`: a unit vector of `dimensions` values.
+    pub fn row(&self, key: u64) -> Result<&[f32], SearchError> {
+        if key as usize >= self.rows {
+            return Err(SearchError::Index(format!("{}: no row {key} of {}", self.label, self.rows)));
         }
-        let at = HEADER + key * row_bytes(self.dimensions);
-        self.file
-            .read_exact_at(bytemuck::cast_slice_mut(out), at)
-            .map_err(|e| SearchError::Index(format!("{}: reading row {key}: {e}", self.label)))
+        let from = (HEADER + key * row_bytes(self.dimensions)) as usize;
+        let bytes = &self.map[from..from + 4 * self.dimensions];
+        // The map is page-aligned and rows start at 16 + 4·D·k: always 4-byte aligned.
+        bytemuck::try_cast_slice(bytes).map_err(|e| SearchError::Index(format!("{}: row {key}: {e}", self.label)))
     }
 }
 
 /// Adds rows to the copy of an index that holds `rows` rows: in place for a local file (after cutting rows
-/// an unfinished build left), through a local spool published by [`Appender::finish`] for an object.
+/// an unfinished build left); for a new copy (`rows` 0) or an object, in a local spool that
+/// [`Appender::finish`] publishes (renamed over a local file, so a server mapping the old one keeps it).
 #[derive(Debug)]
 pub struct Appender {
     file: std::fs::File,
@@ -132,7 +154,7 @@ impl Appender {
         }
         let keep = HEADER + rows as u64 * row_bytes(dimensions);
         let (mut file, spool) = match at.as_local() {
-            Some(p) => {
+            Some(p) if rows > 0 => {
                 let f = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -142,7 +164,7 @@ impl Appender {
                     .map_err(io_err(at, "opening the float32 copy"))?;
                 (f, None)
             }
-            None => {
+            _ => {
                 let spool = at.spool("index");
                 let mut f = std::fs::File::options()
                     .read(true)
@@ -152,6 +174,7 @@ impl Appender {
                     .open(&spool)
                     .map_err(io_err(spool.display(), "spooling the float32 copy"))?;
                 if rows > 0 {
+                    // Only an object gets here with rows: a local file is appended to in place.
                     download(at, keep, &mut f)?;
                 }
                 (f, Some(spool))
@@ -172,13 +195,21 @@ impl Appender {
         self.file.write_all(bytemuck::cast_slice(values)).map_err(io_err(&self.at, "writing"))
     }
 
-    /// Makes the rows durable (and publishes an object's spool).
-    pub fn finish(self) -> Result<(), SearchError> {
+    /// Makes the rows durable (and publishes the spool).
+    pub fn finish(mut self) -> Result<(), SearchError> {
         self.file.sync_all().map_err(io_err(&self.at, "writing"))?;
-        drop(self.file);
-        match self.spool {
+        match self.spool.take() {
             Some(spool) => Ok(self.at.publish(&spool)?),
             None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Appender {
+    /// An unfinished spool is removed (an in-place append's rows stay, unlisted, until the next append cuts them).
+    fn drop(&mut self) {
+        if let Some(spool) = self.spool.take() {
+            let _ = std::fs::remove_file(spool);
         }
     }
 }
@@ -197,10 +228,8 @@ mod tests {
         a.push(&rows[6..]).unwrap();
         a.finish().unwrap();
         let c = Vectors::open(&at, 3, 5).unwrap();
-        let mut out = [0f32; 3];
-        c.read(4, &mut out).unwrap();
-        assert_eq!(out, [1.2, 1.3, 1.4]);
-        assert!(c.read(5, &mut out).unwrap_err().to_string().contains("no row 5"));
+        assert_eq!(c.row(4).unwrap(), [1.2, 1.3, 1.4]);
+        assert!(c.row(5).unwrap_err().to_string().contains("no row 5"));
         // A build that wrote 2 rows and stopped before its manifest: the index still holds 5.
         let mut a = Appender::open(&at, 3, 5).unwrap();
         a.push(&[9.0; 6]).unwrap();
@@ -208,12 +237,22 @@ mod tests {
         let mut a = Appender::open(&at, 3, 5).unwrap();
         a.push(&[7.0; 3]).unwrap();
         a.finish().unwrap();
-        let c = Vectors::open(&at, 3, 6).unwrap();
-        c.read(5, &mut out).unwrap();
-        assert_eq!(out, [7.0; 3]);
-        c.read(1, &mut out).unwrap();
-        assert_eq!(out, [0.3, 0.4, 0.5]);
+        let c6 = Vectors::open(&at, 3, 6).unwrap();
+        assert_eq!(c6.row(5).unwrap(), [7.0; 3]);
+        assert_eq!(c6.row(1).unwrap(), [0.3, 0.4, 0.5]);
         assert_eq!(std::fs::metadata(dir.path().join(FILE)).unwrap().len(), HEADER + 6 * 12);
+        // A new build writes a new file: the copy mapped before keeps its rows.
+        let mut a = Appender::open(&at, 3, 0).unwrap();
+        a.push(&[5.0; 3]).unwrap();
+        a.finish().unwrap();
+        assert_eq!(c.row(4).unwrap(), [1.2, 1.3, 1.4]);
+        assert_eq!(Vectors::open(&at, 3, 1).unwrap().row(0).unwrap(), [5.0; 3]);
+        // A build that fails before finishing leaves no spool behind.
+        let mut a = Appender::open(&at, 3, 0).unwrap();
+        a.push(&[6.0; 3]).unwrap();
+        drop(a);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [FILE], "only the copy");
     }
 
     #[test]
