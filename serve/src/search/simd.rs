@@ -4,8 +4,9 @@
 //! A portable body for the target's baseline (SSE2 on x86-64), and AVX2 + FMA (+ F16C) kernels used when the
 //! CPU has them (`#[target_feature]`, chosen at run time). Calling a
 //! `#[target_feature]` function is `unsafe` only because the CPU must have the features: [`Simd::Avx2Fma`]
-//! holds a token made nowhere but in [`Simd::detect`], after the CPU said it has them. This module and
-//! `pages.rs` are the search's exceptions to `unsafe_code = "deny"`: here for those calls and the prefetch hint.
+//! holds a token made nowhere but in [`Simd::detect`], after the CPU said it has them. This module, `pages.rs`
+//! and one call in `rerank.rs` (mapping the float32 copy) are the search's exceptions to
+//! `unsafe_code = "deny"`: here for those calls and the prefetch hint.
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
