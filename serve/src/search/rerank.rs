@@ -108,7 +108,10 @@ impl Vectors {
         let missing =
             || SearchError::Index(format!("{at}: the manifest keeps a float32 copy of the vectors; there is none"));
         let file = match at.as_local() {
-            Some(p) => std::fs::File::open(p).map_err(|_| missing())?,
+            Some(p) => std::fs::File::open(p).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => missing(),
+                _ => SearchError::Index(format!("{at}: opening the float32 copy: {e}")),
+            })?,
             None => {
                 if !at.exists()? {
                     return Err(missing());
