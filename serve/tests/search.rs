@@ -505,6 +505,14 @@ fn a_sharded_dataset_in_s3_indexes_as_the_merged_file_and_grows_in_place() {
     .map(|s| s.to_string())
     .collect();
     let server = Server::spawn_env(&args, None, fx.dir.join("s3-serve.log"), &env);
+    let listed = geossl_tests::http::get(server.addr, "/v1/indexes").json();
+    let rerank: Vec<(String, bool)> = listed["indexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap().to_string(), i["rerank"].as_bool().unwrap()))
+        .collect();
+    assert!(rerank.contains(&("lake8".into(), true)) && rerank.contains(&("lake".into(), false)), "{listed}");
     let body = serde_json::json!({"chip_id": fx.rows[0].id, "k": 3}).to_string();
     let mut answers = Vec::new();
     for name in ["lake", "lake8"] {

@@ -213,7 +213,8 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         .map(|(name, i)| {
             let m = &i.manifest;
             json!({"name": name, "location": i.location, "rows": m.rows, "dimensions": m.dimensions, "level": m.level,
-                "quantization": m.quantization, "model": m.model, "plan_sha256": m.plan_sha256, "parts": m.parts.len()})
+                "quantization": m.quantization, "rerank": m.rerank, "model": m.model, "plan_sha256": m.plan_sha256,
+                "parts": m.parts.len()})
         })
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "indexes": indexes })))
