@@ -487,6 +487,15 @@ fn a_sharded_dataset_in_s3_indexes_as_the_merged_file_and_grows_in_place() {
         }
         check_filter(&index, &fx.rows, &Filters::default(), &format!("{} index", dir.display()));
     }
+    // The re-ranked i8 index under every filter, by brute force over admitted rows and through the graph: its
+    // answers pass the filter, their scores are the exact cosines (check_filter), recall@10 ≥ 0.95.
+    for budget in [geossl_serve::search::query::EXACT_BUDGET, 0] {
+        let index = Index::open(p(&grown8)).unwrap().with_exact_budget(budget);
+        for (what, f) in filter_cases(&fx.rows) {
+            let r = check_filter(&index, &fx.rows, &f, &format!("i8 re-ranked, {what} (exact budget {budget})"));
+            eprintln!("i8 re-ranked, {what}, exact budget {budget}: recall@10 {r:.3}");
+        }
+    }
     // Served straight from the object store.
     let args: Vec<String> = [
         "serve",
