@@ -43,6 +43,11 @@ fn row_bytes(dimensions: usize) -> u64 {
     4 * dimensions as u64
 }
 
+/// The bytes of a copy holding `rows` rows: its header and the rows.
+fn extent(dimensions: usize, rows: usize) -> u64 {
+    HEADER + rows as u64 * row_bytes(dimensions)
+}
+
 fn io_err(at: impl std::fmt::Display, what: &'static str) -> impl Fn(std::io::Error) -> SearchError {
     let at = at.to_string();
     move |e| SearchError::Index(format!("{at}: {what}: {e}"))
@@ -107,6 +112,7 @@ impl Vectors {
     pub fn open(at: &Location, dimensions: usize, rows: usize) -> Result<Vectors, SearchError> {
         let missing =
             || SearchError::Index(format!("{at}: the manifest keeps a float32 copy of the vectors; there is none"));
+        let bytes = extent(dimensions, rows);
         let file = match at.as_local() {
             Some(p) => std::fs::File::open(p).map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => missing(),
@@ -118,12 +124,12 @@ impl Vectors {
                 }
                 // An anonymous temporary file: deleted when the index is dropped.
                 let mut f = tempfile::tempfile().map_err(io_err(at, "a temporary file for the float32 copy"))?;
-                download(at, HEADER + rows as u64 * row_bytes(dimensions), &mut f)?;
+                download(at, bytes, &mut f)?;
                 f
             }
         };
         check(&file, at, dimensions, rows)?;
-        let map = map(&file, HEADER + rows as u64 * row_bytes(dimensions), at)?;
+        let map = map(&file, bytes, at)?;
         Ok(Vectors { map, dimensions, rows, label: at.as_str().to_string() })
     }
 
@@ -132,7 +138,7 @@ impl Vectors {
         if key as usize >= self.rows {
             return Err(SearchError::Index(format!("{}: no row {key} of {}", self.label, self.rows)));
         }
-        let from = (HEADER + key * row_bytes(self.dimensions)) as usize;
+        let from = extent(self.dimensions, key as usize) as usize;
         let bytes = &self.map[from..from + 4 * self.dimensions];
         // The map is page-aligned and rows start at 16 + 4·D·k: always 4-byte aligned.
         bytemuck::try_cast_slice(bytes).map_err(|e| SearchError::Index(format!("{}: row {key}: {e}", self.label)))
@@ -155,7 +161,7 @@ impl Appender {
         if cfg!(target_endian = "big") {
             return Err(SearchError::Index("index files are little-endian; this host is big-endian".into()));
         }
-        let keep = HEADER + rows as u64 * row_bytes(dimensions);
+        let keep = extent(dimensions, rows);
         let (mut file, spool) = match at.as_local() {
             Some(p) if rows > 0 => {
                 let f = std::fs::OpenOptions::new()
