@@ -53,6 +53,20 @@ fn io_err(at: impl std::fmt::Display, what: &'static str) -> impl Fn(std::io::Er
     move |e| SearchError::Index(format!("{at}: {what}: {e}"))
 }
 
+/// The error for an index whose manifest keeps a copy that is not there.
+fn missing(at: &Location) -> SearchError {
+    SearchError::Index(format!("{at}: the manifest keeps a float32 copy of the vectors; there is none"))
+}
+
+/// Opens the local copy at `path` (read and written with `write`), telling a missing file from one that
+/// cannot be opened.
+fn open_local(path: &std::path::Path, at: &Location, write: bool) -> Result<std::fs::File, SearchError> {
+    std::fs::OpenOptions::new().read(true).write(write).open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => missing(at),
+        _ => SearchError::Index(format!("{at}: opening the float32 copy: {e}")),
+    })
+}
+
 /// Checks that `file` is a copy of `dimensions`-dimensional rows holding at least `rows` of them.
 fn check(file: &std::fs::File, at: &Location, dimensions: usize, rows: usize) -> Result<(), SearchError> {
     let mut h = [0u8; HEADER as usize];
@@ -110,17 +124,12 @@ impl Vectors {
     /// Opens the copy at `at` for an index of `rows` rows of `dimensions`; an object is downloaded to a
     /// temporary file first.
     pub fn open(at: &Location, dimensions: usize, rows: usize) -> Result<Vectors, SearchError> {
-        let missing =
-            || SearchError::Index(format!("{at}: the manifest keeps a float32 copy of the vectors; there is none"));
         let bytes = extent(dimensions, rows);
         let file = match at.as_local() {
-            Some(p) => std::fs::File::open(p).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => missing(),
-                _ => SearchError::Index(format!("{at}: opening the float32 copy: {e}")),
-            })?,
+            Some(p) => open_local(p, at, false)?,
             None => {
                 if !at.exists()? {
-                    return Err(missing());
+                    return Err(missing(at));
                 }
                 // An anonymous temporary file: deleted when the index is dropped.
                 let mut f = tempfile::tempfile().map_err(io_err(at, "a temporary file for the float32 copy"))?;
@@ -163,16 +172,8 @@ impl Appender {
         }
         let keep = extent(dimensions, rows);
         let (mut file, spool) = match at.as_local() {
-            Some(p) if rows > 0 => {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(p)
-                    .map_err(io_err(at, "opening the float32 copy"))?;
-                (f, None)
-            }
+            // An index with rows has its copy: appended to, never made here (a missing one is named).
+            Some(p) if rows > 0 => (open_local(p, at, true)?, None),
             _ => {
                 let spool = at.spool("index");
                 let mut f = std::fs::File::options()
@@ -277,5 +278,8 @@ mod tests {
         assert!(Vectors::open(&at, 3, 1).unwrap_err().to_string().contains("no GSSLF32 header"));
         let gone = Location::local(&dir.path().join("none.f32"));
         assert!(Vectors::open(&gone, 3, 1).unwrap_err().to_string().contains("there is none"));
+        // Appending to an index whose copy is missing names it, and makes no file.
+        assert!(Appender::open(&gone, 3, 1).unwrap_err().to_string().contains("there is none"));
+        assert!(!dir.path().join("none.f32").exists());
     }
 }
