@@ -203,7 +203,7 @@ fn brute(rows: &[Row], q: &[f64], k: usize, admit: impl Fn(&Row) -> bool) -> Vec
 }
 
 fn ids(index: &Index, hits: &[Hit]) -> Vec<String> {
-    hits.iter().map(|h| index.chip_id(h.key)).collect()
+    hits.iter().map(|h| index.chip_id(h.key).to_string()).collect()
 }
 
 /// How far the index's float32 cosine of two unit vectors of `d` components may be from the float64 one:
@@ -471,18 +471,18 @@ fn a_sharded_dataset_in_s3_indexes_as_the_merged_file_and_grows_in_place() {
     assert_eq!(manifest["parts"].as_array().unwrap().len(), 3);
     assert!(manifest["plan_sha256"].as_str().is_some_and(|s| s.len() == 64));
     let merged = Index::open(p(&fx.index)).unwrap();
-    let all: HashSet<String> = (0..merged.len() as u64).map(|k| merged.chip_id(k)).collect();
+    let all: HashSet<String> = (0..merged.len() as u64).map(|k| merged.chip_id(k).to_string()).collect();
     let copy = std::fs::metadata(grown8.join(rerank::FILE)).unwrap().len();
     assert_eq!(copy, 16 + merged.len() as u64 * 4 * merged.dimensions() as u64, "the copy holds every row once");
     for dir in [&grown, &grown8, &whole] {
         let index = Index::open(p(dir)).unwrap();
         assert_eq!(index.manifest.rerank, dir == &grown8);
-        let rows: HashSet<String> = (0..index.len() as u64).map(|k| index.chip_id(k)).collect();
+        let rows: HashSet<String> = (0..index.len() as u64).map(|k| index.chip_id(k).to_string()).collect();
         assert_eq!(index.len(), merged.len(), "{}", dir.display());
         assert_eq!(rows, all, "{}: other rows than the merged file's", dir.display());
         // The same vectors under the same chip ids, and the same recall.
         for k in (0..index.len() as u64).step_by(211) {
-            let other = merged.key_of(&index.chip_id(k)).unwrap();
+            let other = merged.key_of(index.chip_id(k)).unwrap();
             assert_eq!(index.vector(k).unwrap(), merged.vector(other).unwrap());
         }
         check_filter(&index, &fx.rows, &Filters::default(), &format!("{} index", dir.display()));
@@ -620,7 +620,7 @@ fn the_classifier_ranks_the_index_as_scikit_learn_does() {
     let labelled: HashSet<&String> = pos.iter().chain(&neg).collect();
     let (mut mine, mut theirs) = (Vec::new(), Vec::new());
     for h in &got.hits {
-        let id = index.chip_id(h.key);
+        let id = index.chip_id(h.key).to_string();
         assert!(!labelled.contains(&id), "labelled chip {id} among the answers");
         mine.push(h.score);
         theirs.push(r["scores"][&id].as_f64().unwrap());
@@ -659,9 +659,9 @@ fn the_classifier_ranks_the_index_as_scikit_learn_does() {
     // The top 20 come through the graph (the whole ranking above was brute force, k covering every row): the
     // library's answer to the same request, and ≥ 0.9 of the exact top 20.
     let same = index.classify(&examples(&pos), &examples(&neg), c, 20, &Filters::default()).unwrap();
-    let want: Vec<String> = same.hits.iter().map(|h| index.chip_id(h.key)).collect();
+    let want: Vec<String> = same.hits.iter().map(|h| index.chip_id(h.key).to_string()).collect();
     assert_eq!(top, want);
-    let exact: HashSet<String> = got.hits[..20].iter().map(|h| index.chip_id(h.key)).collect();
+    let exact: HashSet<String> = got.hits[..20].iter().map(|h| index.chip_id(h.key).to_string()).collect();
     let found = top.iter().filter(|id| exact.contains(**id)).count();
     assert!(found >= 18, "{found} of the exact top 20 among the CLI's");
 }
@@ -692,6 +692,26 @@ fn the_server_answers_searches_and_refuses_bad_queries() {
     let want =
         ids(&index, &index.search(&Query::Example(Example::Chip(q.id.clone())), 7, &Filters::default()).unwrap());
     assert_eq!(got, want);
+    // Each answer is its row: the dataset's footprint ring (closed) and centre, and its source. The server
+    // writes every coordinate in full (shortest round-trip form); serde_json's default parser, reading them
+    // back here, is documented as best-effort in the last bit (its `float_roundtrip` feature is off), so a
+    // coordinate read back is within one ulp of the stored one.
+    let same = |got: f64, want: f64| (got - want).abs() <= f64::EPSILON * want.abs();
+    for f in fc["features"].as_array().unwrap() {
+        let row = fx.rows.iter().find(|r| r.id == f["id"].as_str().unwrap()).unwrap();
+        let ring: Vec<(f64, f64)> = f["geometry"]["coordinates"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(ring.len(), row.ring.len(), "{f}");
+        assert!(ring.iter().zip(&row.ring).all(|(a, b)| same(a.0, b.0) && same(a.1, b.1)), "{f}: {:?}", row.ring);
+        assert!(ring.len() >= 4 && ring[0] == ring[ring.len() - 1], "{f}");
+        let center = &f["properties"]["center"];
+        assert!(same(center[0].as_f64().unwrap(), row.center.0) && same(center[1].as_f64().unwrap(), row.center.1));
+        assert_eq!(f["properties"]["source"].as_str().unwrap(), row.source);
+    }
     let f0 = &fc["features"][0];
     assert_eq!(f0["geometry"]["type"], "Polygon");
     assert_eq!(f0["properties"]["rank"], 1);
@@ -896,7 +916,7 @@ fn quantized_and_patch_level_datasets_are_indexable() {
             let hits =
                 index.search(&Query::Embedding(q.unit.iter().map(|&x| x as f32).collect()), 10, &Filters::default());
             for h in hits.unwrap() {
-                let exact = dot(&q.unit, &by_id[index.chip_id(h.key).as_str()].unit);
+                let exact = dot(&q.unit, &by_id[index.chip_id(h.key)].unit);
                 assert!((h.score - exact).abs() <= score_tolerance(q.unit.len()), "{} vs {exact}", h.score);
             }
         }
@@ -922,7 +942,9 @@ fn quantized_and_patch_level_datasets_are_indexable() {
             let m: serde_json::Value = serde_json::from_str(o.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
             let qw = (m["query"]["x"].as_u64().unwrap() as u32, m["query"]["y"].as_u64().unwrap() as u32);
             let qk = (0..index.len() as u64).find(|&k| index.window(k).0[..2] == [qw.0, qw.1]).unwrap();
-            let hits = index.search(&Query::Example(Example::Chip(index.chip_id(qk))), 5, &Filters::default()).unwrap();
+            let hits = index
+                .search(&Query::Example(Example::Chip(index.chip_id(qk).to_string())), 5, &Filters::default())
+                .unwrap();
             let drawn: Vec<(u32, u32)> = m["neighbours"]
                 .as_array()
                 .unwrap()
@@ -985,5 +1007,21 @@ fn quantized_and_patch_level_datasets_are_indexable() {
     let want = brute(&cell_rows, &q.unit, 5, |r| r.id != q.id);
     let cell_by_id: std::collections::HashMap<&str, &Row> = cell_rows.iter().map(|r| (r.id.as_str(), r)).collect();
     assert!(recall(&ids(&index, &hits), &want, &cell_by_id, &q.unit) >= 0.8);
-    assert!(index.window(hits[0].key).1.is_some(), "patch-level answers carry their cell");
+    // Every row's window and cell as the dataset has them (rows keep the dataset's order in a one-file index).
+    let (b, _) = read_parquet(&cells);
+    let fields = |c: &str, names: &[&str]| -> Vec<Vec<u32>> {
+        let s = b.column_by_name(c).unwrap().as_struct();
+        names
+            .iter()
+            .map(|k| s.column_by_name(k).unwrap().as_primitive::<arrow_array::types::UInt32Type>().values().to_vec())
+            .collect()
+    };
+    let (win, cell) = (fields("window", &["x", "y", "w", "h"]), fields("cell", &["row", "col"]));
+    for k in 0..index.len() {
+        let (w, c) = index.window(k as u64);
+        assert_eq!(index.chip_id(k as u64), cell_rows[k].id);
+        assert_eq!(w, [win[0][k], win[1][k], win[2][k], win[3][k]], "row {k}");
+        assert_eq!(c, Some([cell[0][k], cell[1][k]]), "row {k}");
+    }
+    assert!(cell[0].iter().chain(&cell[1]).any(|&v| v > 0), "cells beyond (0, 0)");
 }

@@ -137,6 +137,11 @@ pub fn wkb_polygon(ring: &[(f64, f64)]) -> Vec<u8> {
 /// The ring of a one-ring polygon in the WKB [`wkb_polygon`] writes (little-endian OGC WKB); `None` for
 /// anything else.
 pub fn wkb_ring(b: &[u8]) -> Option<Vec<(f64, f64)>> {
+    wkb_ring_points(b).map(Iterator::collect)
+}
+
+/// [`wkb_ring`]'s points as they are read, without collecting them.
+pub fn wkb_ring_points(b: &[u8]) -> Option<impl ExactSizeIterator<Item = (f64, f64)> + Clone + '_> {
     let u32_at = |i: usize| b.get(i..i + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
     if b.first() != Some(&1) || u32_at(1)? != 3 || u32_at(5)? != 1 {
         return None;
@@ -145,8 +150,8 @@ pub fn wkb_ring(b: &[u8]) -> Option<Vec<(f64, f64)>> {
     if b.len() != 13 + 16 * n {
         return None;
     }
-    let f = |i: usize| f64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
-    Some((0..n).map(|k| (f(13 + 16 * k), f(21 + 16 * k))).collect())
+    let f = move |i: usize| f64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    Some((0..n).map(move |k| (f(13 + 16 * k), f(21 + 16 * k))))
 }
 
 /// The non-null fields `names`, all of type `t`, of a struct column (`bbox`, `window`, `cell`).
@@ -394,13 +399,34 @@ pub fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str, file: &str) -> Res
 
 /// The `window` column's `x`, `y`, `w`, `h` arrays.
 pub fn window_columns<'a>(b: &'a RecordBatch, file: &str) -> Result<[&'a UInt32Array; 4], ArchiveError> {
-    let win: &StructArray = column(b, col::WINDOW, file)?;
-    let field = |k: &str| {
-        win.column_by_name(k)
-            .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
-            .ok_or_else(|| ArchiveError::Run(format!("{file}: column `window` has no `{k}`")))
-    };
-    Ok([field("x")?, field("y")?, field("w")?, field("h")?])
+    let [x, y, w, h] = u32_fields(column(b, col::WINDOW, file)?, col::WINDOW, ["x", "y", "w", "h"], file)?;
+    Ok([x, y, w, h])
+}
+
+/// The `cell` column's `row` and `col` arrays, in patch-level files (`None`: a pooled file, without one).
+pub fn cell_columns<'a>(b: &'a RecordBatch, file: &str) -> Result<Option<[&'a UInt32Array; 2]>, ArchiveError> {
+    if b.column_by_name(col::CELL).is_none() {
+        return Ok(None);
+    }
+    u32_fields(column(b, col::CELL, file)?, col::CELL, ["row", "col"], file).map(Some)
+}
+
+/// The uint32 fields `names` of the struct column `name`.
+fn u32_fields<'a, const N: usize>(
+    s: &'a StructArray,
+    name: &str,
+    names: [&str; N],
+    file: &str,
+) -> Result<[&'a UInt32Array; N], ArchiveError> {
+    let mut out = Vec::with_capacity(N);
+    for k in names {
+        out.push(
+            s.column_by_name(k)
+                .and_then(|c| c.as_any().downcast_ref::<UInt32Array>())
+                .ok_or_else(|| ArchiveError::Run(format!("{file}: column `{name}` has no `{k}`")))?,
+        );
+    }
+    out.try_into().map_err(|_| ArchiveError::Run(format!("{file}: column `{name}`")))
 }
 
 /// The `embedding` column of a batch as float32, row-major, and the dimension: float16 widened, int8 rows

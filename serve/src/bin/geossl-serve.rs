@@ -417,7 +417,7 @@ fn map(a: MapArgs) -> Result<()> {
                 Some(geossl_serve::archive::map::NeighbourFn(std::sync::Arc::new(move |id: &str, k: usize| {
                     let q = Query::Example(Example::Chip(id.to_string()));
                     let hits = index.search(&q, k.max(1), &Filters::default()).map_err(|e| e.to_string())?;
-                    Ok(hits.iter().map(|h| (index.chip_id(h.key), h.score)).collect())
+                    Ok(hits.iter().map(|h| (index.chip_id(h.key).to_string(), h.score)).collect())
                 })))
             }
         },

@@ -35,24 +35,38 @@ pub struct FeatureCollection<'a> {
 struct Feature<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    id: String,
-    geometry: Polygon,
+    id: &'a str,
+    geometry: Polygon<'a>,
     properties: Properties<'a>,
 }
 
 #[derive(Debug, Serialize)]
-struct Polygon {
+struct Polygon<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     /// One ring: the footprint, (lon, lat), closed.
-    coordinates: [Vec<[f64; 2]>; 1],
+    coordinates: [Ring<'a>; 1],
+}
+
+/// A footprint's ring written as GeoJSON straight from the index's WKB (`[[lon, lat], …]`; empty if the
+/// WKB is not a one-ring polygon).
+#[derive(Debug)]
+struct Ring<'a>(&'a [u8]);
+
+impl Serialize for Ring<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match geoparquet::wkb_ring_points(self.0) {
+            Some(points) => s.collect_seq(points.map(|(x, y)| [x, y])),
+            None => s.collect_seq(std::iter::empty::<[f64; 2]>()),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct Properties<'a> {
     rank: usize,
     score: f64,
-    chip_id: String,
+    chip_id: &'a str,
     source: &'a str,
     datetime: Option<String>,
     window: Window,
@@ -84,13 +98,12 @@ pub fn geojson<'a>(index: &'a Index, hits: &[Hit], about: Value) -> FeatureColle
         .enumerate()
         .map(|(rank, h)| {
             let (window, cell) = index.window(h.key);
-            let ring: Vec<[f64; 2]> = index.ring(h.key).into_iter().map(|(x, y)| [x, y]).collect();
             let chip = index.chip_id(h.key);
             let (lon, lat) = index.center_of(h.key);
             Feature {
                 kind: "Feature",
-                id: chip.clone(),
-                geometry: Polygon { kind: "Polygon", coordinates: [ring] },
+                id: chip,
+                geometry: Polygon { kind: "Polygon", coordinates: [Ring(index.footprint_wkb(h.key))] },
                 properties: Properties {
                     rank: rank + 1,
                     score: h.score,

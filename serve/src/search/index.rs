@@ -512,9 +512,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
 
 /// A part's rows in memory.
 #[derive(Debug)]
+/// One indexed part's rows: its metadata batch (GeoParquet answers slice it) and the columns every answer
+/// reads, typed once when the index opens rather than looked up by name for each answer.
 struct PartRows {
     first_key: u64,
     batch: RecordBatch,
+    chip_id: StringArray,
+    /// The footprint, as WKB.
+    geometry: BinaryArray,
+    /// `window`'s `x`, `y`, `w`, `h`.
+    window: [UInt32Array; 4],
+    /// `cell`'s `row`, `col` (patch-level rows).
+    cell: Option<[UInt32Array; 2]>,
 }
 
 /// An opened index: the vectors and every row's metadata, ready for queries (shared between threads).
@@ -643,7 +652,16 @@ impl Index {
                 index.center.push((lon.value(i), lat.value(i)));
                 index.bbox.push([x0.value(i), y0.value(i), x1.value(i), y1.value(i)]);
             }
-            index.parts.push(PartRows { first_key: p.first_key, batch });
+            let geometry: &BinaryArray = geoparquet::column(&batch, col::GEOMETRY, &name)?;
+            let part = PartRows {
+                first_key: p.first_key,
+                chip_id: ids.clone(),
+                geometry: geometry.clone(),
+                window: geoparquet::window_columns(&batch, &name)?.map(Clone::clone),
+                cell: geoparquet::cell_columns(&batch, &name)?.map(|c| c.map(Clone::clone)),
+                batch,
+            };
+            index.parts.push(part);
         }
         if index.bbox.len() != n {
             return Err(SearchError::Index(format!(
@@ -731,26 +749,31 @@ impl Index {
 
     /// The part batch and row of `key`.
     pub(super) fn locate(&self, key: u64) -> (&RecordBatch, usize) {
-        let p = self.parts.partition_point(|p| p.first_key <= key).saturating_sub(1);
-        (&self.parts[p].batch, (key - self.parts[p].first_key) as usize)
+        let (p, i) = self.part_of(key);
+        (&p.batch, i)
+    }
+
+    /// The part holding `key`, and its row there.
+    fn part_of(&self, key: u64) -> (&PartRows, usize) {
+        let p = &self.parts[self.parts.partition_point(|p| p.first_key <= key).saturating_sub(1)];
+        (p, (key - p.first_key) as usize)
+    }
+
+    /// The footprint of `key` as WKB (a one-ring polygon, lon/lat).
+    pub fn footprint_wkb(&self, key: u64) -> &[u8] {
+        let (p, i) = self.part_of(key);
+        p.geometry.value(i)
     }
 
     /// The footprint ring (lon, lat) of `key`.
     pub fn ring(&self, key: u64) -> Vec<(f64, f64)> {
-        let (b, i) = self.locate(key);
-        b.column_by_name(col::GEOMETRY)
-            .and_then(|c| c.as_any().downcast_ref::<BinaryArray>())
-            .and_then(|g| geoparquet::wkb_ring(g.value(i)))
-            .unwrap_or_default()
+        geoparquet::wkb_ring(self.footprint_wkb(key)).unwrap_or_default()
     }
 
     /// The chip id of `key`.
-    pub fn chip_id(&self, key: u64) -> String {
-        let (b, i) = self.locate(key);
-        b.column_by_name(col::CHIP_ID)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .map(|s| s.value(i).to_string())
-            .unwrap_or_default()
+    pub fn chip_id(&self, key: u64) -> &str {
+        let (p, i) = self.part_of(key);
+        p.chip_id.value(i)
     }
 
     /// (lon, lat) of `key`'s centre.
@@ -765,16 +788,8 @@ impl Index {
 
     /// `[x, y, w, h]` of `key`'s window, and its cell for patch-level rows.
     pub fn window(&self, key: u64) -> ([u32; 4], Option<[u32; 2]>) {
-        let (b, i) = self.locate(key);
-        let name = self.location.as_str();
-        let window = geoparquet::window_columns(b, name).map(|w| w.map(|c| c.value(i))).unwrap_or_default();
-        let cell = b.column_by_name(col::CELL).and_then(|c| c.as_any().downcast_ref::<StructArray>()).map(|s| {
-            let f = |k: &str| {
-                s.column_by_name(k).and_then(|c| c.as_any().downcast_ref::<UInt32Array>()).map_or(0, |a| a.value(i))
-            };
-            [f("row"), f("col")]
-        });
-        (window, cell)
+        let (p, i) = self.part_of(key);
+        (p.window.each_ref().map(|c| c.value(i)), p.cell.as_ref().map(|c| c.each_ref().map(|c| c.value(i))))
     }
 
     /// Every row's metadata batch (one per part) and its first key.
