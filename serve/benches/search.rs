@@ -21,6 +21,9 @@
 //! CPU from the server (as clients on other machines would not); the server's HTTP workers are then one per
 //! server CPU. The recall/QPS curve before still uses every CPU, as FAISS's does. Unset: everything shares
 //! every CPU.
+//! With the clients on CPUs of their own, the binary-body measurement at 8 clients is made once more with
+//! the 8 connections in one client thread that polls them without ever sleeping ([`polled`]): the server
+//! then no longer pays for waking a client on loopback, as it would not for clients on other machines.
 //! GEOSSL_BENCH_RERANK: candidates re-scored per answer in process, for an index with a float32 copy
 //! (default: the library's, which the server uses).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -194,6 +197,91 @@ fn closed(threads: usize, cpus: Option<&str>, secs: f64, q: usize, f: &(dyn Fn(u
     Run { latencies: lat.into_inner().unwrap(), elapsed, cpu: process_cpu_seconds("self") - cpu }
 }
 
+/// Keep-alive connections (`streams`, one a client) in one thread (on `cpus`) that never sleeps: it polls every connection
+/// without blocking, sends a connection its next request (`requests` in turn) as soon as its answer is whole,
+/// and stops sending after `secs` (the answers then still due are waited for and counted, as [`closed`]'s
+/// threads finish their call). With blocking clients on the same machine, the server's send of each answer
+/// wakes a sleeping client thread on the other CPU (an inter-processor interrupt, a VM exit here) and runs
+/// the client's TCP receive: costs the server would not bear for clients on other machines. A client that is
+/// always running needs no waking.
+fn polled(streams: Vec<TcpStream>, cpus: Option<&str>, secs: f64, requests: &[Vec<u8>]) -> Run {
+    use std::io::ErrorKind;
+    struct Pending {
+        s: TcpStream,
+        got: Vec<u8>,
+        sent: Instant,
+        next: usize,
+        busy: bool,
+    }
+    let clients = streams.len();
+    let cpu = process_cpu_seconds("self");
+    let mut latencies = Vec::new();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            pin(cpus);
+            let mut conns: Vec<Pending> = streams
+                .into_iter()
+                .enumerate()
+                .map(|(c, s)| {
+                    s.set_nonblocking(true).unwrap();
+                    Pending { s, got: Vec::new(), sent: Instant::now(), next: c, busy: false }
+                })
+                .collect();
+            let send = |p: &mut Pending| {
+                let r = &requests[p.next % requests.len()];
+                p.next += clients;
+                let mut at = 0;
+                while at < r.len() {
+                    match p.s.write(&r[at..]) {
+                        Ok(n) => at += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
+                        Err(e) => panic!("sending a request: {e}"),
+                    }
+                }
+                p.sent = Instant::now();
+                p.busy = true;
+            };
+            let started = Instant::now();
+            for p in conns.iter_mut() {
+                send(p);
+            }
+            let mut buf = vec![0u8; 1 << 16];
+            while conns.iter().any(|p| p.busy) {
+                let sending = started.elapsed().as_secs_f64() < secs;
+                for p in conns.iter_mut().filter(|p| p.busy) {
+                    match p.s.read(&mut buf) {
+                        Ok(0) => panic!("the server closed a connection"),
+                        Ok(n) => p.got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                        Err(e) => panic!("reading an answer: {e}"),
+                    }
+                    let Some(head) = p.got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let text = String::from_utf8_lossy(&p.got[..head]).to_string();
+                    let len: usize = text
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    if p.got.len() < head + 4 + len {
+                        continue;
+                    }
+                    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+                    assert_eq!(p.got.len(), head + 4 + len, "an answer nobody asked for");
+                    latencies.push(p.sent.elapsed().as_secs_f64());
+                    p.got.clear();
+                    p.busy = false;
+                    if sending {
+                        send(p);
+                    }
+                }
+            }
+            latencies.push(started.elapsed().as_secs_f64());
+        });
+    });
+    let elapsed = latencies.pop().unwrap();
+    Run { latencies, elapsed, cpu: process_cpu_seconds("self") - cpu }
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return; // `cargo test --benches` builds this; the driver runs it with --bench.
@@ -309,25 +397,41 @@ fn main() {
     // `clients` closed-loop clients sending `requests` (in turn) for `secs`: the run, the server's CPU s (all,
     // and the kernel's part) and its searches' s by its clock. Connections opened afresh (the server closes one
     // idle for its keep-alive while the in-process search runs).
-    let measure_served = |clients: usize, secs: f64, requests: &[Vec<u8>]| {
+    // `polling`: the clients are one thread that never sleeps ([`polled`]) rather than a thread each.
+    let measure_served = |clients: usize, secs: f64, requests: &[Vec<u8>], polling: bool| {
         let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
         let served = |t: usize, i: usize| {
             let (status, _) = conns[t].lock().unwrap().call(&requests[i % requests.len()]);
             assert_eq!(status, 200);
         };
+        let streams: Vec<TcpStream> = match polling {
+            true => (0..clients).map(|_| Conn::open(server.addr).r.into_inner()).collect(),
+            false => Vec::new(),
+        };
         // The metrics request before the CPU reading, so its cost is not counted.
         let (search0, _) = search_seconds();
         let pid = server.pid().to_string();
         let (user0, system0) = process_user_system_seconds(&pid);
-        let run = closed(clients, client_cpus, secs, nq, &served);
+        let run = match polling {
+            true => polled(streams, client_cpus, secs, requests),
+            false => closed(clients, client_cpus, secs, nq, &served),
+        };
         let (user, system) = process_user_system_seconds(&pid);
         let (search, _) = search_seconds();
         (run, user - user0 + system - system0, system - system0, search - search0)
     };
     let mut http = Vec::new();
-    for (body, clients, requests) in
-        [("binary", 1usize, &binary_requests), ("binary", 8, &binary_requests), ("json", 8, &json_requests)]
-    {
+    // Clients that never sleep only where they have CPUs of their own (spinning, they would take the server's).
+    let mut kinds = vec![
+        ("binary", 1usize, &binary_requests, false),
+        ("binary", 8, &binary_requests, false),
+        ("json", 8, &json_requests, false),
+    ];
+    if client_cpus.is_some() {
+        kinds.push(("binary", 8, &binary_requests, true));
+    }
+    for (body, clients, requests, polling) in kinds {
+        let client = if polling { "one polling thread" } else { "a thread each" };
         let mut per_round = Vec::new();
         for r in 0..rounds {
             // A round: `slices` pairs of a served and an in-process slice (secs / slices each), the order
@@ -340,7 +444,7 @@ fn main() {
                 if in_process_first {
                     inp.add(closed(clients, server_cpus, slice, nq, &in_process));
                 }
-                let (run, all, system, search) = measure_served(clients, slice, requests);
+                let (run, all, system, search) = measure_served(clients, slice, requests, polling);
                 served.add(run);
                 server_s += all;
                 server_system_s += system;
@@ -358,7 +462,7 @@ fn main() {
             );
             let (client_us, cpu_in) = (served.cpu_us(), inp.cpu_us());
             eprintln!(
-                "HTTP, {body} bodies, {clients} clients, round {r}: {qps:.0} QPS (in process {qps_in:.0}: {:.2}), p50 \
+                "HTTP, {body} bodies, {clients} clients ({client}), round {r}: {qps:.0} QPS (in process {qps_in:.0}: {:.2}), p50 \
                  {p50:.2} ms, p99 {p99:.2} ms; CPU a request: server {server_us:.0} µs ({server_system_us:.0} in the \
                  kernel; searching {server_search_us:.0} µs by its clock), client {client_us:.0} µs, a query in process {cpu_in:.0} µs",
                 qps / qps_in,
@@ -377,13 +481,14 @@ fn main() {
             key(x).total_cmp(&key(y))
         });
         let median = per_round[order[order.len() / 2]].clone();
-        eprintln!("{body} bodies, {clients} clients: median round {median}");
-        http.push(json!({"body": body, "clients": clients, "median_round": median, "rounds": per_round}));
+        eprintln!("{body} bodies, {clients} clients ({client}): median round {median}");
+        http.push(json!({"body": body, "clients": clients, "client_threads": client, "median_round": median,
+            "rounds": per_round}));
     }
     // The floor: what the HTTP stack alone costs the server a request (readiness: no body, no search), at 8
     // clients. A search served can cost no less than the search in process plus this.
     let ready = format!("GET /v2/health/ready HTTP/1.1\r\nHost: {}\r\n\r\n", server.addr).into_bytes();
-    let (mut run, server_s, server_system_s, _) = measure_served(8, secs, &[ready]);
+    let (mut run, server_s, server_system_s, _) = measure_served(8, secs, &[ready], false);
     let (qps, (p50, p99), client_us) = (run.qps(), run.p50_p99_ms(), run.cpu_us());
     let (server_us, server_system_us) = (run.per_call_us(server_s), run.per_call_us(server_system_s));
     eprintln!(
