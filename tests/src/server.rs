@@ -183,7 +183,8 @@ pub fn histogram(metrics_text: &str, name: &str, label: &str) -> (f64, f64) {
 }
 
 /// CPU time (user + system, every thread) of process `pid` ("self" for this one) so far, in seconds, from
-/// `/proc/PID/stat` (fields 14 and 15, in the kernel ABI's fixed 100 ticks a second); 0 where unreadable.
+/// `/proc/PID/stat` (fields 14 and 15, in the kernel ABI's fixed 100 ticks a second). Panics, naming the
+/// process, where it cannot be read: a measurement must not go on with a zero.
 pub fn process_cpu_seconds(pid: &str) -> f64 {
     let (user, system) = process_user_system_seconds(pid);
     user + system
@@ -192,13 +193,41 @@ pub fn process_cpu_seconds(pid: &str) -> f64 {
 /// [`process_cpu_seconds`] as (user, system): the system part is the kernel's work for the process (its
 /// system calls, and softirq work run on their way out, such as a loopback peer's receive path).
 pub fn process_user_system_seconds(pid: &str) -> (f64, f64) {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // The command name (field 2) may hold spaces: the fields after it follow its closing parenthesis.
-            let rest = &s[s.rfind(')')? + 1..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? / 100.0, f.get(12)?.parse::<f64>().ok()? / 100.0))
-        })
-        .unwrap_or((0.0, 0.0))
+    let at = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&at).unwrap_or_else(|e| panic!("{at}: {e} (has the process exited?)"));
+    // The command name (field 2) may hold spaces: the fields after it follow its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap_or_else(|| panic!("{at}: no command name in {stat:?}")) + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize, name: &str| -> f64 {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{at}: no {name} (field {}) in {stat:?}", i + 3))
+    };
+    (ticks(11, "utime") / 100.0, ticks(12, "stime") / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_count_this_process_work() {
+        let before = process_cpu_seconds("self");
+        // Spin until the kernel's tick accounting (10 ms steps) has seen it.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while process_cpu_seconds("self") - before < 0.05 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            assert!(t.elapsed().as_secs() < 30, "50 ms of CPU not counted in 30 s");
+        }
+        std::hint::black_box(x);
+        let (user, system) = process_user_system_seconds("self");
+        assert!(user > 0.0 && system >= 0.0 && user + system >= before + 0.05);
+    }
+
+    #[test]
+    #[should_panic(expected = "/proc/0/stat")]
+    fn an_unreadable_process_is_named_not_counted_as_zero() {
+        process_cpu_seconds("0");
+    }
 }

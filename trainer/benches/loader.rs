@@ -17,6 +17,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use geossl_tests::server::process_cpu_seconds;
 use geossl_trainer::augment::AugConfig;
 use geossl_trainer::data::{read_manifest, Format, TemporalIndex};
 use geossl_trainer::loader::{Loader, LoaderConfig};
@@ -112,15 +113,6 @@ fn parse() -> Args {
     a
 }
 
-/// CPU seconds this process has used, all threads (user + system; /proc counts in USER_HZ = 100 ticks/s).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // Fields after the command name (which may hold spaces) start at field 3; utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    (f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime")) / 100.0
-}
-
 struct Row {
     round: usize,
     mode: Mode,
@@ -173,7 +165,7 @@ fn main() {
                 };
                 // Timed from the start: batches prefetched during a warm-up would be counted for free. The
                 // views are made ready on the device (for a pack cut there, the crop runs here, counted).
-                let (t, c0) = (Instant::now(), cpu_seconds());
+                let (t, c0) = (Instant::now(), process_cpu_seconds("self"));
                 let mut loader =
                     Loader::start(samples.clone(), index.clone(), vec![0; samples.len()], cfg, 0, a.batches);
                 let mut partners = 0;
@@ -189,7 +181,7 @@ fn main() {
                     }
                     partners += b.with_partner;
                 }
-                let (secs, cpu_s) = (t.elapsed().as_secs_f64(), cpu_seconds() - c0);
+                let (secs, cpu_s) = (t.elapsed().as_secs_f64(), process_cpu_seconds("self") - c0);
                 let n = (a.batches as usize * a.batch) as f64;
                 let share = partners as f64 / n;
                 let row = Row { round, mode, workers, pairs_per_s: n / secs, cpu_ms_per_pair: cpu_s * 1e3 / n };
