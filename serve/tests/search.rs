@@ -161,6 +161,29 @@ fn fixture() -> &'static Fixture {
     })
 }
 
+/// A GeoParquet answer (`answer`) holds, after `rank` and `score`, the columns of `dataset` less the model's and
+/// the embedding, in its order, each answer's values its row's: the index rebuilds them from what it keeps, and
+/// nothing may be lost or reordered on the way.
+fn assert_answers_are_rows(answer: &Path, dataset: &Path) {
+    let (b, _) = read_parquet(answer);
+    let (data, _) = read_parquet(dataset);
+    let names = |s: &arrow_schema::Schema| s.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
+    let want_names: Vec<String> =
+        names(&data.schema()).into_iter().filter(|n| !n.starts_with("embedding") && !n.starts_with("model_")).collect();
+    assert_eq!(names(&b.schema())[..2], ["rank", "score"]);
+    assert_eq!(names(&b.schema())[2..], want_names[..]);
+    assert!(b.num_rows() > 0);
+    let data_ids = data.column_by_name("chip_id").unwrap().as_string::<i32>();
+    let got_ids = b.column_by_name("chip_id").unwrap().as_string::<i32>();
+    for i in 0..b.num_rows() {
+        let j = (0..data.num_rows()).find(|&j| data_ids.value(j) == got_ids.value(i)).unwrap();
+        for n in &want_names {
+            let (got, want) = (b.column_by_name(n).unwrap().slice(i, 1), data.column_by_name(n).unwrap().slice(j, 1));
+            assert_eq!(got.to_data(), want.to_data(), "{}: answer {i}, column {n}", answer.display());
+        }
+    }
+}
+
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -734,6 +757,7 @@ fn the_server_answers_searches_and_refuses_bad_queries() {
     assert!(kv["geo"].contains("\"primary_column\":\"geometry\""), "{}", kv["geo"]);
     let ranks = b.column_by_name("rank").unwrap().as_primitive::<arrow_array::types::UInt32Type>();
     assert_eq!(ranks.values().to_vec(), vec![1, 2, 3, 4]);
+    assert_answers_are_rows(&file, &fx.dir.join("merged.parquet"));
 
     // An image query: a window of the Landsat scene cut by the trainer's tiler finds its own row first.
     let chips = geossl_tests::tiler_chips(
@@ -1007,6 +1031,10 @@ fn quantized_and_patch_level_datasets_are_indexable() {
     let want = brute(&cell_rows, &q.unit, 5, |r| r.id != q.id);
     let cell_by_id: std::collections::HashMap<&str, &Row> = cell_rows.iter().map(|r| (r.id.as_str(), r)).collect();
     assert!(recall(&ids(&index, &hits), &want, &cell_by_id, &q.unit) >= 0.8);
+    // Its GeoParquet answers carry the dataset's columns, `cell` among them.
+    let answer = dir.join("cells-answer.parquet");
+    std::fs::write(&answer, geossl_serve::search::answers::geoparquet(&index, &hits).unwrap()).unwrap();
+    assert_answers_are_rows(&answer, &cells);
     // Every row's window and cell as the dataset has them (rows keep the dataset's order in a one-file index).
     let (b, _) = read_parquet(&cells);
     let fields = |c: &str, names: &[&str]| -> Vec<Vec<u32>> {

@@ -8,7 +8,7 @@ use arrow_schema::{DataType, Field, Schema};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::index::{Index, KEY};
+use super::index::Index;
 use super::query::Hit;
 use super::SearchError;
 use crate::archive::geoparquet;
@@ -121,32 +121,19 @@ pub fn geojson<'a>(index: &'a Index, hits: &[Hit], about: Value) -> FeatureColle
 }
 
 /// The answers as GeoParquet bytes: `rank`, `score`, then the index's row columns (the dataset's, less the
-/// embedding), with the `geo` metadata.
+/// model's and the embedding), with the `geo` metadata.
 pub fn geoparquet(index: &Index, hits: &[Hit]) -> Result<Vec<u8>, SearchError> {
     use parquet::file::metadata::KeyValue;
     use parquet::file::properties::WriterProperties;
-    let Some((_, first)) = index.batches().next() else {
-        return Err(SearchError::Index(format!("{}: no rows", index.location)));
-    };
-    let rows_schema = first.schema();
-    let rows: Vec<RecordBatch> = hits
-        .iter()
-        .map(|h| {
-            let (b, i) = index.locate(h.key);
-            b.slice(i, 1)
-        })
-        .collect();
-    let rows = arrow_select::concat::concat_batches(&rows_schema, &rows).map_err(SearchError::index)?;
+    let keys: Vec<u64> = hits.iter().map(|h| h.key).collect();
     let mut fields = vec![Field::new("rank", DataType::UInt32, false), Field::new("score", DataType::Float64, false)];
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(UInt32Array::from_iter_values(1..=hits.len() as u32)),
         Arc::new(Float64Array::from_iter_values(hits.iter().map(|h| h.score))),
     ];
-    for (f, c) in rows_schema.fields().iter().zip(rows.columns()) {
-        if f.name() != KEY {
-            fields.push(f.as_ref().clone());
-            columns.push(c.clone());
-        }
+    for (f, c) in index.row_columns(&keys)? {
+        fields.push(f.as_ref().clone());
+        columns.push(c);
     }
     let geo = geoparquet::geo_metadata().to_string();
     let schema = Arc::new(Schema::new_with_metadata(fields, [("geo".to_string(), geo.clone())].into_iter().collect()));

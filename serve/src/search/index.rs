@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use arrow_array::{Array, ArrayRef, BinaryArray, Float64Array, RecordBatch, StringArray, StructArray, UInt64Array};
 use arrow_array::{TimestampMicrosecondArray, UInt32Array};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{DataType, Field, FieldRef, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::hnsw::Graph;
@@ -512,11 +512,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
 
 /// A part's rows in memory.
 #[derive(Debug)]
-/// One indexed part's rows: its metadata batch (GeoParquet answers slice it) and the columns every answer
-/// reads, typed once when the index opens rather than looked up by name for each answer.
+/// One indexed part's rows: the columns answers read that the index does not keep per key already, typed once
+/// when the index opens rather than looked up by name for each answer. (`source`, `bbox`, the centre and
+/// `datetime` are the index's per-key vectors, which filters read: the part's batch is not kept — 107 of its
+/// 256 bytes a row at 1M rows.)
 struct PartRows {
     first_key: u64,
-    batch: RecordBatch,
     chip_id: StringArray,
     /// The footprint, as WKB.
     geometry: BinaryArray,
@@ -534,6 +535,9 @@ pub struct Index {
     /// The float32 copy that re-scores the graph's candidates, when the index keeps one.
     pub(super) copy: Option<rerank::Vectors>,
     parts: Vec<PartRows>,
+    /// The rows files' columns less `key` (the dataset's but the model's and the embedding): a GeoParquet
+    /// answer's.
+    row_fields: Vec<FieldRef>,
     by_chip: HashMap<u128, u64>,
     /// Per key: `[xmin, ymin, xmax, ymax]` of the footprint, its datetime, its source (into `sources`) and
     /// its centre (lon, lat).
@@ -589,6 +593,7 @@ impl Index {
             vectors,
             copy,
             parts: Vec::new(),
+            row_fields: Vec::new(),
             by_chip: HashMap::with_capacity(n),
             bbox: Vec::with_capacity(n),
             datetime: Vec::with_capacity(n),
@@ -653,13 +658,21 @@ impl Index {
                 index.bbox.push([x0.value(i), y0.value(i), x1.value(i), y1.value(i)]);
             }
             let geometry: &BinaryArray = geoparquet::column(&batch, col::GEOMETRY, &name)?;
+            let fields: Vec<FieldRef> = batch.schema().fields().iter().filter(|f| f.name() != KEY).cloned().collect();
+            if index.parts.is_empty() {
+                index.row_fields = fields;
+            } else if fields != index.row_fields {
+                return Err(SearchError::Index(format!(
+                    "{name}: its columns are not those of the index's first rows file ({})",
+                    index.manifest.parts[0].rows_file
+                )));
+            }
             let part = PartRows {
                 first_key: p.first_key,
                 chip_id: ids.clone(),
                 geometry: geometry.clone(),
                 window: geoparquet::window_columns(&batch, &name)?.map(Clone::clone),
                 cell: geoparquet::cell_columns(&batch, &name)?.map(|c| c.map(Clone::clone)),
-                batch,
             };
             index.parts.push(part);
         }
@@ -747,12 +760,6 @@ impl Index {
         self.vectors.search(q, count, self.expansion, filter)
     }
 
-    /// The part batch and row of `key`.
-    pub(super) fn locate(&self, key: u64) -> (&RecordBatch, usize) {
-        let (p, i) = self.part_of(key);
-        (&p.batch, i)
-    }
-
     /// The part holding `key`, and its row there.
     fn part_of(&self, key: u64) -> (&PartRows, usize) {
         let p = &self.parts[self.parts.partition_point(|p| p.first_key <= key).saturating_sub(1)];
@@ -792,8 +799,69 @@ impl Index {
         (p.window.each_ref().map(|c| c.value(i)), p.cell.as_ref().map(|c| c.each_ref().map(|c| c.value(i))))
     }
 
-    /// Every row's metadata batch (one per part) and its first key.
-    pub(super) fn batches(&self) -> impl Iterator<Item = (u64, &RecordBatch)> {
-        self.parts.iter().map(|p| (p.first_key, &p.batch))
+    /// The rows `keys` as the index's row columns (`row_fields`: the dataset's but the model's and the embedding), each
+    /// rebuilt from what the index keeps.
+    pub(super) fn row_columns(&self, keys: &[u64]) -> Result<Vec<(FieldRef, ArrayRef)>, SearchError> {
+        let f64s = |f: &dyn Fn(u64) -> f64| -> ArrayRef {
+            Arc::new(Float64Array::from_iter_values(keys.iter().map(|&k| f(k))))
+        };
+        let u32s = |f: &dyn Fn(u64) -> u32| -> ArrayRef {
+            Arc::new(UInt32Array::from_iter_values(keys.iter().map(|&k| f(k))))
+        };
+        // A struct column, each of its fields (by name) from `child`.
+        let structure = |field: &Field, child: &dyn Fn(&str) -> Option<ArrayRef>| -> Result<ArrayRef, SearchError> {
+            let unknown =
+                |what: &str| SearchError::Index(format!("{}: column `{}` {what}", self.location, field.name()));
+            let DataType::Struct(fields) = field.data_type() else { return Err(unknown("is not a struct")) };
+            let children = fields
+                .iter()
+                .map(|f| {
+                    child(f.name())
+                        .ok_or_else(|| unknown(&format!("has a field `{}` the index does not keep", f.name())))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Arc::new(StructArray::try_new(fields.clone(), children, None).map_err(SearchError::index)?))
+        };
+        let at = |names: &[&str], name: &str| names.iter().position(|n| *n == name);
+        let window = |name: &str| at(&["x", "y", "w", "h"], name).map(|i| u32s(&|k| self.window(k).0[i]));
+        let cell = |name: &str| at(&["row", "col"], name).map(|i| u32s(&|k| self.window(k).1.map_or(0, |c| c[i])));
+        let bbox =
+            |name: &str| at(&["xmin", "ymin", "xmax", "ymax"], name).map(|i| f64s(&|k| self.bbox[k as usize][i]));
+        self.row_fields
+            .iter()
+            .map(|field| {
+                let column: ArrayRef = match field.name().as_str() {
+                    col::CHIP_ID => Arc::new(StringArray::from_iter_values(keys.iter().map(|&k| self.chip_id(k)))),
+                    col::SOURCE => Arc::new(StringArray::from_iter_values(keys.iter().map(|&k| self.source_of(k)))),
+                    col::GEOMETRY => {
+                        Arc::new(BinaryArray::from_iter_values(keys.iter().map(|&k| self.footprint_wkb(k))))
+                    }
+                    col::WINDOW => structure(field, &window)?,
+                    col::CELL => structure(field, &cell)?,
+                    col::BBOX => structure(field, &bbox)?,
+                    col::CENTER_LON => f64s(&|k| self.center[k as usize].0),
+                    col::CENTER_LAT => f64s(&|k| self.center[k as usize].1),
+                    col::DATETIME => {
+                        let DataType::Timestamp(_, tz) = field.data_type() else {
+                            return Err(SearchError::Index(format!(
+                                "{}: `datetime` is not a timestamp",
+                                self.location
+                            )));
+                        };
+                        let t = TimestampMicrosecondArray::from(
+                            keys.iter().map(|&k| self.datetime[k as usize]).collect::<Vec<_>>(),
+                        );
+                        Arc::new(t.with_timezone_opt(tz.clone()))
+                    }
+                    other => {
+                        return Err(SearchError::Index(format!(
+                            "{}: rows hold a column `{other}` the index does not keep",
+                            self.location
+                        )))
+                    }
+                };
+                Ok((field.clone(), column))
+            })
+            .collect()
     }
 }
