@@ -197,13 +197,13 @@ fn closed(threads: usize, cpus: Option<&str>, secs: f64, q: usize, f: &(dyn Fn(u
     Run { latencies: lat.into_inner().unwrap(), elapsed, cpu: process_cpu_seconds("self") - cpu }
 }
 
-/// Keep-alive connections (`streams`, one a client) in one thread (on `cpus`) that never sleeps: it polls every connection
-/// without blocking, sends a connection its next request (`requests` in turn) as soon as its answer is whole,
-/// and stops sending after `secs` (the answers then still due are waited for and counted, as [`closed`]'s
-/// threads finish their call). With blocking clients on the same machine, the server's send of each answer
-/// wakes a sleeping client thread on the other CPU (an inter-processor interrupt, a VM exit here) and runs
-/// the client's TCP receive: costs the server would not bear for clients on other machines. A client that is
-/// always running needs no waking.
+/// Keep-alive connections (`streams`, one a client) in one thread (on `cpus`) that never sleeps: it polls
+/// every connection without blocking, sends a connection its next request (`requests` in turn) as soon as its
+/// answer is whole, and stops sending after `secs` (the answers then still due are waited for and counted, as
+/// [`closed`]'s threads finish their call). With blocking clients on the same machine, the server's send of
+/// each answer wakes a sleeping client thread on the other CPU (an inter-processor interrupt, a VM exit here)
+/// and runs the client's TCP receive: costs the server would not bear for clients on other machines. A client
+/// that is always running needs no waking.
 fn polled(streams: Vec<TcpStream>, cpus: Option<&str>, secs: f64, requests: &[Vec<u8>]) -> Run {
     use std::io::ErrorKind;
     struct Pending {

@@ -510,12 +510,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
     Ok(summary)
 }
 
-/// A part's rows in memory.
+/// One indexed part's rows in memory: the columns answers read that the index does not keep per key already,
+/// typed once when the index opens rather than looked up by name for each answer. (`source`, `bbox`, the
+/// centre and `datetime` are the index's per-key vectors, which filters read: the part's batch is not kept —
+/// 107 of its 256 bytes a row at 1M rows.)
 #[derive(Debug)]
-/// One indexed part's rows: the columns answers read that the index does not keep per key already, typed once
-/// when the index opens rather than looked up by name for each answer. (`source`, `bbox`, the centre and
-/// `datetime` are the index's per-key vectors, which filters read: the part's batch is not kept — 107 of its
-/// 256 bytes a row at 1M rows.)
 struct PartRows {
     first_key: u64,
     chip_id: StringArray,
@@ -799,8 +798,8 @@ impl Index {
         (p.window.each_ref().map(|c| c.value(i)), p.cell.as_ref().map(|c| c.each_ref().map(|c| c.value(i))))
     }
 
-    /// The rows `keys` as the index's row columns (`row_fields`: the dataset's but the model's and the embedding), each
-    /// rebuilt from what the index keeps.
+    /// The rows `keys` as the index's row columns (`row_fields`: the dataset's but the model's and the
+    /// embedding), each rebuilt from what the index keeps.
     pub(super) fn row_columns(&self, keys: &[u64]) -> Result<Vec<(FieldRef, ArrayRef)>, SearchError> {
         let f64s = |f: &dyn Fn(u64) -> f64| -> ArrayRef {
             Arc::new(Float64Array::from_iter_values(keys.iter().map(|&k| f(k))))
