@@ -88,23 +88,27 @@ impl Conn {
         let mut line = String::new();
         self.r.read_line(&mut line).unwrap();
         let status = line.split(' ').nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let mut len = 0;
+        let mut head = String::new();
         loop {
             line.clear();
             self.r.read_line(&mut line).unwrap();
             if line == "\r\n" {
                 break;
             }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
+            head.push_str(&line);
         }
-        let mut b = vec![0; len];
+        let mut b = vec![0; content_length(&head)];
         self.r.read_exact(&mut b).unwrap();
         (status, b)
     }
+}
+
+/// The `Content-Length` of a response's header lines (0 when absent).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, v)| v.trim().parse().unwrap())
 }
 
 /// A whole `POST` request to `path`, head and body.
@@ -257,11 +261,7 @@ fn polled(streams: Vec<TcpStream>, cpus: Option<&str>, secs: f64, requests: &[Ve
                     }
                     let Some(head) = p.got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
                     let text = String::from_utf8_lossy(&p.got[..head]).to_string();
-                    let len: usize = text
-                        .lines()
-                        .filter_map(|l| l.split_once(':'))
-                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    let len = content_length(&text);
                     if p.got.len() < head + 4 + len {
                         continue;
                     }
@@ -399,22 +399,20 @@ fn main() {
     // idle for its keep-alive while the in-process search runs).
     // `polling`: the clients are one thread that never sleeps ([`polled`]) rather than a thread each.
     let measure_served = |clients: usize, secs: f64, requests: &[Vec<u8>], polling: bool| {
-        let conns: Vec<Mutex<Conn>> = (0..clients).map(|_| Mutex::new(Conn::open(server.addr))).collect();
-        let served = |t: usize, i: usize| {
-            let (status, _) = conns[t].lock().unwrap().call(&requests[i % requests.len()]);
-            assert_eq!(status, 200);
-        };
-        let streams: Vec<TcpStream> = match polling {
-            true => (0..clients).map(|_| Conn::open(server.addr).r.into_inner()).collect(),
-            false => Vec::new(),
-        };
+        let conns: Vec<Conn> = (0..clients).map(|_| Conn::open(server.addr)).collect();
         // The metrics request before the CPU reading, so its cost is not counted.
         let (search0, _) = search_seconds();
         let pid = server.pid().to_string();
         let (user0, system0) = process_user_system_seconds(&pid);
-        let run = match polling {
-            true => polled(streams, client_cpus, secs, requests),
-            false => closed(clients, client_cpus, secs, nq, &served),
+        let run = if polling {
+            polled(conns.into_iter().map(|c| c.r.into_inner()).collect(), client_cpus, secs, requests)
+        } else {
+            let conns: Vec<Mutex<Conn>> = conns.into_iter().map(Mutex::new).collect();
+            let served = |t: usize, i: usize| {
+                let (status, _) = conns[t].lock().unwrap().call(&requests[i % requests.len()]);
+                assert_eq!(status, 200);
+            };
+            closed(clients, client_cpus, secs, nq, &served)
         };
         let (user, system) = process_user_system_seconds(&pid);
         let (search, _) = search_seconds();
