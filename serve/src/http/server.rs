@@ -183,6 +183,9 @@ pub fn load_indexes(opts: &ServeOptions) -> Result<BTreeMap<String, Arc<Index>>,
             model = %index.manifest.model.name, simd = %index.acceleration(), load_ms = started.elapsed().as_millis() as u64, "index ready");
         out.insert(name.clone(), Arc::new(index));
     }
+    if !out.is_empty() && crate::search::pages::release_free_heap() {
+        tracing::debug!("the rows files' dropped buffers handed back to the kernel");
+    }
     Ok(out)
 }
 

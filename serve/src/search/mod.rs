@@ -17,7 +17,7 @@
 pub mod answers;
 pub mod hnsw;
 pub mod index;
-mod pages;
+pub(crate) mod pages;
 pub mod query;
 pub mod rerank;
 pub mod simd;
