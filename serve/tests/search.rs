@@ -317,6 +317,13 @@ fn answers_match_brute_force_under_every_filter() {
     }
     let index = Index::open(p(&fx.index)).unwrap();
     assert_eq!(index.len(), fx.rows.len());
+    // Every key is its dataset row: the rows file is read and kept in batches, of which the fixture has several.
+    assert!(fx.rows.len() > geossl_serve::archive::geoparquet::BATCH_ROWS, "{} rows: one batch", fx.rows.len());
+    for (key, r) in fx.rows.iter().enumerate() {
+        let key = key as u64;
+        assert_eq!((index.chip_id(key), index.center_of(key)), (r.id.as_str(), r.center), "key {key}");
+        assert_eq!(index.ring(key), r.ring, "key {key}");
+    }
     // The filtered cases by brute force over the admitted rows (the default for few admitted rows), and by
     // the HNSW graph with the filter as a predicate.
     for budget in [geossl_serve::search::query::EXACT_BUDGET, 0] {

@@ -358,6 +358,10 @@ impl Drop for Sink {
     }
 }
 
+/// Rows a decoded batch holds (arrow-rs's default is 1024): an opened index keeps its rows in chunks of this
+/// many, found by a binary search over them (1M rows: 245 chunks).
+pub const BATCH_ROWS: usize = 4096;
+
 /// The record batches of `columns` of a GeoParquet file (a remote one is read by ranges: its footer, then
 /// those columns' chunks; `embedding` brings `embedding_scale` along where the file has it). Failures end the
 /// run (a dataset that cannot be read).
@@ -371,6 +375,16 @@ pub fn read_columns_with_provenance(
     at: &Location,
     columns: &[&str],
 ) -> Result<(Vec<RecordBatch>, Option<String>), ArchiveError> {
+    let (batches, provenance) = column_batches(at, columns)?;
+    Ok((batches.collect::<Result<_, _>>()?, provenance))
+}
+
+/// [`read_columns_with_provenance`] one batch ([`BATCH_ROWS`] rows) at a time, each decoded when it is asked
+/// for: a caller that keeps part of each batch never holds the whole file's columns at once.
+pub fn column_batches(
+    at: &Location,
+    columns: &[&str],
+) -> Result<(impl Iterator<Item = Result<RecordBatch, ArchiveError>>, Option<String>), ArchiveError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     use parquet::arrow::ProjectionMask;
     let builder = ParquetRecordBatchReaderBuilder::try_new(at.parquet_reader().map_err(ArchiveError::run)?)
@@ -382,10 +396,13 @@ pub fn read_columns_with_provenance(
     }
     let provenance = builder.schema().metadata().get("geossl").cloned();
     let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
-    let reader =
-        builder.with_projection(mask).build().map_err(|e| ArchiveError::Run(format!("{at}: not readable: {e}")))?;
-    let batches = reader.map(|b| b.map_err(|e| ArchiveError::Run(format!("{at}: {e}")))).collect::<Result<_, _>>()?;
-    Ok((batches, provenance))
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| ArchiveError::Run(format!("{at}: not readable: {e}")))?;
+    let name = at.to_string();
+    Ok((reader.map(move |b| b.map_err(|e| ArchiveError::Run(format!("{name}: {e}")))), provenance))
 }
 
 /// A column of a batch as the array type the schema gives it; the error names the file and the column.

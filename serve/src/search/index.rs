@@ -424,7 +424,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
         false => None,
     };
     for (name, at) in new_parts {
-        let (batches, provenance) = geoparquet::read_columns_with_provenance(at, &columns)?;
+        let (batches, provenance) = geoparquet::column_batches(at, &columns)?;
         let info = part_info(name, provenance)?;
         if info.model.sha256 != manifest.model.sha256 {
             return Err(SearchError::Index(format!(
@@ -442,7 +442,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
         let mut key = first_key;
         let mut meta = Vec::new();
         let mut values = Vec::new();
-        for b in &batches {
+        // A batch at a time: its embeddings are normalized into `values` and dropped.
+        for b in batches {
+            let b = &b?;
             let (emb, bd) = geoparquet::embedding_values(b, at.as_str())?;
             if bd != d {
                 return Err(SearchError::Index(format!("{at}: {bd}-dimensional embeddings; the footer says {d}")));
@@ -510,12 +512,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
     Ok(summary)
 }
 
-/// One indexed part's rows in memory: the columns answers read that the index does not keep per key already,
-/// typed once when the index opens rather than looked up by name for each answer. (`source`, `bbox`, the
-/// centre and `datetime` are the index's per-key vectors, which filters read: the part's batch is not kept —
-/// 107 of its 256 bytes a row at 1M rows.)
+/// One batch of a rows file in memory ([`geoparquet::BATCH_ROWS`] rows, keys `first_key..`): the columns
+/// answers read that the index does not keep per key already, typed once when the index opens rather than
+/// looked up by name for each answer. (`source`, `bbox`, the centre and `datetime` are the index's per-key
+/// vectors, which filters read: the rest of the batch is dropped as soon as it is read, so that opening an
+/// index never holds a whole rows file's columns at once.)
 #[derive(Debug)]
-struct PartRows {
+struct RowChunk {
     first_key: u64,
     chip_id: StringArray,
     /// The footprint, as WKB.
@@ -533,7 +536,8 @@ pub struct Index {
     pub(super) vectors: Graph,
     /// The float32 copy that re-scores the graph's candidates, when the index keeps one.
     pub(super) copy: Option<rerank::Vectors>,
-    parts: Vec<PartRows>,
+    /// In key order.
+    chunks: Vec<RowChunk>,
     /// The rows files' columns less `key` (the dataset's but the model's and the embedding): a GeoParquet
     /// answer's.
     row_fields: Vec<FieldRef>,
@@ -591,7 +595,7 @@ impl Index {
             location: location.to_string(),
             vectors,
             copy,
-            parts: Vec::new(),
+            chunks: Vec::new(),
             row_fields: Vec::new(),
             by_chip: HashMap::with_capacity(n),
             bbox: Vec::with_capacity(n),
@@ -608,19 +612,6 @@ impl Index {
         for p in index.manifest.parts.clone() {
             let file = at.join(&p.rows_file);
             let name = file.as_str().to_string();
-            let batches = geoparquet::read_columns(&file, &[&META_COLUMNS[..], &[col::CELL, KEY]].concat())?;
-            let Some(first) = batches.first() else {
-                return Err(SearchError::Index(format!("{name}: no rows; the manifest counts {}", p.rows)));
-            };
-            let batch = arrow_select::concat::concat_batches(&first.schema(), &batches).map_err(SearchError::index)?;
-            let keys: &UInt64Array = geoparquet::column(&batch, KEY, &name)?;
-            if batch.num_rows() != p.rows || (0..keys.len()).any(|i| keys.value(i) != p.first_key + i as u64) {
-                return Err(SearchError::Index(format!(
-                    "{name}: its rows are not keys {}..{} as the manifest says",
-                    p.first_key,
-                    p.first_key + p.rows as u64
-                )));
-            }
             if p.first_key != index.bbox.len() as u64 {
                 return Err(SearchError::Index(format!(
                     "{name}: starts at key {}, after {} rows",
@@ -628,52 +619,34 @@ impl Index {
                     index.bbox.len()
                 )));
             }
-            let ids: &StringArray = geoparquet::column(&batch, col::CHIP_ID, &name)?;
-            let src: &StringArray = geoparquet::column(&batch, col::SOURCE, &name)?;
-            let dt: &TimestampMicrosecondArray = geoparquet::column(&batch, col::DATETIME, &name)?;
-            let lat: &Float64Array = geoparquet::column(&batch, col::CENTER_LAT, &name)?;
-            let lon: &Float64Array = geoparquet::column(&batch, col::CENTER_LON, &name)?;
-            let bbox: &StructArray = geoparquet::column(&batch, col::BBOX, &name)?;
-            let corner = |k: &str| -> Result<&Float64Array, SearchError> {
-                bbox.column_by_name(k)
-                    .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
-                    .ok_or_else(|| SearchError::Index(format!("{name}: column `bbox` has no `{k}`")))
+            let (batches, _) = geoparquet::column_batches(&file, &[&META_COLUMNS[..], &[col::CELL, KEY]].concat())?;
+            let not_the_manifests = || {
+                SearchError::Index(format!(
+                    "{name}: its rows are not keys {}..{} as the manifest says",
+                    p.first_key,
+                    p.first_key + p.rows as u64
+                ))
             };
-            let [x0, y0, x1, y1] = [corner("xmin")?, corner("ymin")?, corner("xmax")?, corner("ymax")?];
-            for i in 0..batch.num_rows() {
-                let key = p.first_key + i as u64;
-                let chip = chip_key(ids.value(i)).ok_or_else(|| {
-                    SearchError::Index(format!("{name}: row {i}: chip id {:?} is not 32 hex digits", ids.value(i)))
-                })?;
-                index.by_chip.insert(chip, key);
-                let next = source_ids.len() as u32;
-                let s = *source_ids.entry(src.value(i).to_string()).or_insert_with(|| {
-                    index.sources.push(src.value(i).to_string());
-                    next
-                });
-                index.source.push(s);
-                index.datetime.push(dt.is_valid(i).then(|| dt.value(i)));
-                index.center.push((lon.value(i), lat.value(i)));
-                index.bbox.push([x0.value(i), y0.value(i), x1.value(i), y1.value(i)]);
+            let mut next = p.first_key;
+            for batch in batches {
+                let batch = batch?;
+                let first_key = next;
+                let keys: &UInt64Array = geoparquet::column(&batch, KEY, &name)?;
+                next += batch.num_rows() as u64;
+                if next > p.first_key + p.rows as u64 || (0..keys.len()).any(|i| keys.value(i) != first_key + i as u64)
+                {
+                    return Err(not_the_manifests());
+                }
+                if batch.num_rows() > 0 {
+                    index.add_rows(&batch, first_key, first_key - p.first_key, &name, &mut source_ids)?;
+                }
             }
-            let geometry: &BinaryArray = geoparquet::column(&batch, col::GEOMETRY, &name)?;
-            let fields: Vec<FieldRef> = batch.schema().fields().iter().filter(|f| f.name() != KEY).cloned().collect();
-            if index.parts.is_empty() {
-                index.row_fields = fields;
-            } else if fields != index.row_fields {
-                return Err(SearchError::Index(format!(
-                    "{name}: its columns are not those of the index's first rows file ({})",
-                    index.manifest.parts[0].rows_file
-                )));
+            if next == p.first_key && p.rows > 0 {
+                return Err(SearchError::Index(format!("{name}: no rows; the manifest counts {}", p.rows)));
             }
-            let part = PartRows {
-                first_key: p.first_key,
-                chip_id: ids.clone(),
-                geometry: geometry.clone(),
-                window: geoparquet::window_columns(&batch, &name)?.map(Clone::clone),
-                cell: geoparquet::cell_columns(&batch, &name)?.map(|c| c.map(Clone::clone)),
-            };
-            index.parts.push(part);
+            if next != p.first_key + p.rows as u64 {
+                return Err(not_the_manifests());
+            }
         }
         if index.bbox.len() != n {
             return Err(SearchError::Index(format!(
@@ -682,6 +655,72 @@ impl Index {
             )));
         }
         Ok(index)
+    }
+
+    /// Takes in one batch of a rows file (`name`), keys `first_key..`, its first row the file's `row0`th:
+    /// its rows' per-key values, and a chunk of the columns answers read.
+    fn add_rows(
+        &mut self,
+        batch: &RecordBatch,
+        first_key: u64,
+        row0: u64,
+        name: &str,
+        source_ids: &mut HashMap<String, u32>,
+    ) -> Result<(), SearchError> {
+        let ids: &StringArray = geoparquet::column(batch, col::CHIP_ID, name)?;
+        let src: &StringArray = geoparquet::column(batch, col::SOURCE, name)?;
+        let dt: &TimestampMicrosecondArray = geoparquet::column(batch, col::DATETIME, name)?;
+        let lat: &Float64Array = geoparquet::column(batch, col::CENTER_LAT, name)?;
+        let lon: &Float64Array = geoparquet::column(batch, col::CENTER_LON, name)?;
+        let bbox: &StructArray = geoparquet::column(batch, col::BBOX, name)?;
+        let corner = |k: &str| -> Result<&Float64Array, SearchError> {
+            bbox.column_by_name(k)
+                .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+                .ok_or_else(|| SearchError::Index(format!("{name}: column `bbox` has no `{k}`")))
+        };
+        let [x0, y0, x1, y1] = [corner("xmin")?, corner("ymin")?, corner("xmax")?, corner("ymax")?];
+        for i in 0..batch.num_rows() {
+            let key = first_key + i as u64;
+            let chip = chip_key(ids.value(i)).ok_or_else(|| {
+                SearchError::Index(format!(
+                    "{name}: row {}: chip id {:?} is not 32 hex digits",
+                    row0 + i as u64,
+                    ids.value(i)
+                ))
+            })?;
+            self.by_chip.insert(chip, key);
+            let s = match source_ids.get(src.value(i)) {
+                Some(&s) => s,
+                None => {
+                    let s = self.sources.len() as u32;
+                    source_ids.insert(src.value(i).to_string(), s);
+                    self.sources.push(src.value(i).to_string());
+                    s
+                }
+            };
+            self.source.push(s);
+            self.datetime.push(dt.is_valid(i).then(|| dt.value(i)));
+            self.center.push((lon.value(i), lat.value(i)));
+            self.bbox.push([x0.value(i), y0.value(i), x1.value(i), y1.value(i)]);
+        }
+        let geometry: &BinaryArray = geoparquet::column(batch, col::GEOMETRY, name)?;
+        let fields: Vec<FieldRef> = batch.schema().fields().iter().filter(|f| f.name() != KEY).cloned().collect();
+        if self.chunks.is_empty() {
+            self.row_fields = fields;
+        } else if fields != self.row_fields {
+            return Err(SearchError::Index(format!(
+                "{name}: its columns are not those of the index's first rows file ({})",
+                self.manifest.parts[0].rows_file
+            )));
+        }
+        self.chunks.push(RowChunk {
+            first_key,
+            chip_id: ids.clone(),
+            geometry: geometry.clone(),
+            window: geoparquet::window_columns(batch, name)?.map(Clone::clone),
+            cell: geoparquet::cell_columns(batch, name)?.map(|c| c.map(Clone::clone)),
+        });
+        Ok(())
     }
 
     /// With filtered queries answered by brute force when the filter admits at most `elements / D` rows
@@ -760,8 +799,8 @@ impl Index {
     }
 
     /// The part holding `key`, and its row there.
-    fn part_of(&self, key: u64) -> (&PartRows, usize) {
-        let p = &self.parts[self.parts.partition_point(|p| p.first_key <= key).saturating_sub(1)];
+    fn chunk_of(&self, key: u64) -> (&RowChunk, usize) {
+        let p = &self.chunks[self.chunks.partition_point(|p| p.first_key <= key).saturating_sub(1)];
         (p, (key - p.first_key) as usize)
     }
 
@@ -772,7 +811,7 @@ impl Index {
     /// the chip id and footprint, then, once the offsets arrive, those bytes.
     pub fn prefetch_rows(&self, keys: &[u64]) {
         for &key in keys {
-            let (p, i) = self.part_of(key);
+            let (p, i) = self.chunk_of(key);
             let k = key as usize;
             simd::prefetch(&self.center[k..]);
             simd::prefetch(&self.datetime[k..]);
@@ -784,7 +823,7 @@ impl Index {
             simd::prefetch(&p.geometry.value_offsets()[i..]);
         }
         for &key in keys {
-            let (p, i) = self.part_of(key);
+            let (p, i) = self.chunk_of(key);
             simd::prefetch(p.chip_id.value(i).as_bytes());
             let wkb = p.geometry.value(i);
             simd::prefetch(wkb);
@@ -794,7 +833,7 @@ impl Index {
 
     /// The footprint of `key` as WKB (a one-ring polygon, lon/lat).
     pub fn footprint_wkb(&self, key: u64) -> &[u8] {
-        let (p, i) = self.part_of(key);
+        let (p, i) = self.chunk_of(key);
         p.geometry.value(i)
     }
 
@@ -805,7 +844,7 @@ impl Index {
 
     /// The chip id of `key`.
     pub fn chip_id(&self, key: u64) -> &str {
-        let (p, i) = self.part_of(key);
+        let (p, i) = self.chunk_of(key);
         p.chip_id.value(i)
     }
 
@@ -821,7 +860,7 @@ impl Index {
 
     /// `[x, y, w, h]` of `key`'s window, and its cell for patch-level rows.
     pub fn window(&self, key: u64) -> ([u32; 4], Option<[u32; 2]>) {
-        let (p, i) = self.part_of(key);
+        let (p, i) = self.chunk_of(key);
         (p.window.each_ref().map(|c| c.value(i)), p.cell.as_ref().map(|c| c.each_ref().map(|c| c.value(i))))
     }
 
