@@ -339,6 +339,29 @@ fn answers_match_brute_force_under_every_filter() {
     assert!((1..10).contains(&inside), "{inside} rows in the tiny box");
 }
 
+/// An index whose manifest counts fewer rows than its rows file holds (its vectors file is cut to the manifest's
+/// count, as after an append that did not finish) is refused when it opens, naming the rows file and the keys
+/// the manifest gives it: the file is read a batch at a time, and the row past the count is in its second.
+#[test]
+fn a_rows_file_that_disagrees_with_the_manifest_is_refused_naming_it() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&fx.index).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let at = dir.path().join(MANIFEST);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&at).unwrap()).unwrap();
+    let n = m["rows"].as_u64().unwrap();
+    assert_eq!(m["parts"].as_array().unwrap().len(), 1);
+    m["rows"] = serde_json::json!(n - 1);
+    m["parts"][0]["rows"] = serde_json::json!(n - 1);
+    std::fs::write(&at, serde_json::to_vec(&m).unwrap()).unwrap();
+    let e = Index::open(p(dir.path())).unwrap_err().to_string();
+    let rows_file = m["parts"][0]["rows_file"].as_str().unwrap();
+    assert!(e.contains(rows_file) && e.contains(&format!("are not keys 0..{}", n - 1)), "{e}");
+}
+
 #[test]
 fn embedding_and_several_examples_match_brute_force() {
     let fx = fixture();
