@@ -131,14 +131,9 @@ impl Server {
         self.child.id()
     }
 
-    /// Resident memory of the server process in KiB (Linux).
+    /// Resident memory of the server process in KiB (Linux; 0 when unreadable).
     pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        process_rss_kib(&self.pid().to_string()).unwrap_or(0)
     }
 
     /// The server's log so far.
@@ -188,6 +183,13 @@ pub fn histogram(metrics_text: &str, name: &str, label: &str) -> (f64, f64) {
 pub fn process_cpu_seconds(pid: &str) -> f64 {
     let (user, system) = process_user_system_seconds(pid);
     user + system
+}
+
+/// Resident memory of process `pid` (its number, or `self`) in KiB, from `/proc/PID/status` (Linux); `None`
+/// when it cannot be read.
+pub fn process_rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
 }
 
 /// [`process_cpu_seconds`] as (user, system): the system part is the kernel's work for the process (its

@@ -80,19 +80,13 @@ mod tests {
         assert_eq!(aligned(usize::MAX - 10, 100), None);
     }
 
-    /// This process's resident memory, bytes.
-    fn resident() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS");
-        kb.trim().trim_end_matches("kB").trim().parse::<u64>().expect("VmRSS in kB") * 1024
-    }
-
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn dropped_buffers_below_a_live_one_are_handed_back() {
         // 512 MiB in 4 KiB buffers (each written, so resident), then one kept buffer above them: dropping the
         // rest leaves free pages the allocator keeps, as an index's dropped batches do.
         const MIB: usize = 1 << 20;
+        let resident = || geossl_tests::server::process_rss_kib("self").expect("this process's VmRSS") * 1024;
         let mut buffers: Vec<Vec<u8>> = (0..(512 * MIB / 4096)).map(|i| vec![i as u8; 4096]).collect();
         let kept = vec![1u8; 4096];
         buffers.clear();
