@@ -93,7 +93,7 @@ struct Cell {
 /// (from 1), `score`, `chip_id`, `source`, `datetime` (null when undated), `window`, `center` (and `cell`)
 /// as properties; `about` goes into the collection's `geossl` member (the query, the index, the model).
 pub fn geojson<'a>(index: &'a Index, hits: &[Hit], about: Value) -> FeatureCollection<'a> {
-    index.prefetch_rows(&hits.iter().map(|h| h.key).collect::<Vec<_>>());
+    index.prefetch_rows(hits.iter().map(|h| h.key));
     let features = hits
         .iter()
         .enumerate()

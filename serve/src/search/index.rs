@@ -798,7 +798,7 @@ impl Index {
         self.vectors.search(q, count, self.expansion, filter)
     }
 
-    /// The part holding `key`, and its row there.
+    /// The chunk holding `key`, and its row there.
     fn chunk_of(&self, key: u64) -> (&RowChunk, usize) {
         let p = &self.chunks[self.chunks.partition_point(|p| p.first_key <= key).saturating_sub(1)];
         (p, (key - p.first_key) as usize)
@@ -809,8 +809,8 @@ impl Index {
     /// a GeoJSON answer of ten after a search cost 17 / 20 µs so at 100k / 1M rows, 12 / 14 µs with this, 7 µs
     /// with every line in cache (docs/benchmarks/search.md). First the fixed-width values and the offsets of
     /// the chip id and footprint, then, once the offsets arrive, those bytes.
-    pub fn prefetch_rows(&self, keys: &[u64]) {
-        for &key in keys {
+    pub fn prefetch_rows(&self, keys: impl Iterator<Item = u64> + Clone) {
+        for key in keys.clone() {
             let (p, i) = self.chunk_of(key);
             let k = key as usize;
             simd::prefetch(&self.center[k..]);
@@ -822,7 +822,7 @@ impl Index {
             simd::prefetch(&p.chip_id.value_offsets()[i..]);
             simd::prefetch(&p.geometry.value_offsets()[i..]);
         }
-        for &key in keys {
+        for key in keys {
             let (p, i) = self.chunk_of(key);
             simd::prefetch(p.chip_id.value(i).as_bytes());
             let wkb = p.geometry.value(i);
