@@ -7,11 +7,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, TimestampMicrosecondType};
 use arrow_array::Array;
+use arrow_schema::DataType;
 use geossl_serve::search::index::{Index, MANIFEST};
 use geossl_serve::search::query::{Example, Filters, Hit, Query};
 use geossl_serve::search::rerank;
@@ -321,9 +322,17 @@ fn answers_match_brute_force_under_every_filter() {
     assert!(fx.rows.len() > geossl_serve::archive::geoparquet::BATCH_ROWS, "{} rows: one batch", fx.rows.len());
     for (key, r) in fx.rows.iter().enumerate() {
         let key = key as u64;
-        assert_eq!((index.chip_id(key), index.center_of(key)), (r.id.as_str(), r.center), "key {key}");
+        assert_eq!((index.chip_id(key).as_str(), index.center_of(key)), (r.id.as_str(), r.center), "key {key}");
         assert_eq!(index.ring(key), r.ring, "key {key}");
+        // The chip id finds its key, in either case of its hex digits.
+        assert_eq!(index.key_of(&r.id), Some(key), "chip {}", r.id);
+        assert_eq!(index.key_of(&r.id.to_uppercase()), Some(key), "chip {}", r.id);
     }
+    let mut absent = fx.rows[0].id.clone().into_bytes();
+    absent[31] = if absent[31] == b'0' { b'1' } else { b'0' };
+    let absent = String::from_utf8(absent).unwrap();
+    assert!(fx.rows.iter().all(|r| r.id != absent));
+    assert_eq!(index.key_of(&absent), None);
     // The filtered cases by brute force over the admitted rows (the default for few admitted rows), and by
     // the HNSW graph with the filter as a predicate.
     for budget in [geossl_serve::search::query::EXACT_BUDGET, 0] {
@@ -360,6 +369,61 @@ fn a_rows_file_that_disagrees_with_the_manifest_is_refused_naming_it() {
     let e = Index::open(p(dir.path())).unwrap_err().to_string();
     let rows_file = m["parts"][0]["rows_file"].as_str().unwrap();
     assert!(e.contains(rows_file) && e.contains(&format!("are not keys 0..{}", n - 1)), "{e}");
+}
+
+/// A copy of the fixture's index whose rows file has `column` replaced by `with(column)`: (the copy, the rows
+/// file's name).
+fn index_with_rows_column(
+    with: impl Fn(&arrow_array::RecordBatch) -> (&'static str, arrow_array::ArrayRef),
+) -> (tempfile::TempDir, String) {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&fx.index).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(MANIFEST)).unwrap()).unwrap();
+    let rows_file = m["parts"][0]["rows_file"].as_str().unwrap().to_string();
+    let at = dir.path().join(&rows_file);
+    let (batch, _) = read_parquet(&at);
+    let (name, column) = with(&batch);
+    let mut columns = batch.columns().to_vec();
+    columns[batch.schema().index_of(name).unwrap()] = column;
+    let batch = arrow_array::RecordBatch::try_new(batch.schema(), columns).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&at).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    (dir, rows_file)
+}
+
+/// The index keeps a chip id as its 128 bits and writes it back as lowercase hex, and a missing datetime as
+/// the least timestamp: a rows file with a chip id written otherwise (here in capitals) or with that timestamp
+/// (each in a row of the file's second batch) is refused when the index opens, naming the file and the row,
+/// rather than answered with values that are not the dataset's.
+#[test]
+fn rows_the_index_would_not_give_back_as_they_are_are_refused() {
+    use arrow_array::{StringArray, TimestampMicrosecondArray};
+    let row = geossl_serve::archive::geoparquet::BATCH_ROWS + 7;
+    let (dir, rows_file) = index_with_rows_column(|b| {
+        let ids = b.column_by_name("chip_id").unwrap().as_string::<i32>();
+        let ids = (0..b.num_rows()).map(|i| if i == row { ids.value(i).to_uppercase() } else { ids.value(i).into() });
+        ("chip_id", Arc::new(StringArray::from_iter_values(ids)))
+    });
+    let id = fixture().rows[row].id.to_uppercase();
+    assert_ne!(id, fixture().rows[row].id);
+    let e = Index::open(p(dir.path())).unwrap_err().to_string();
+    assert!(e.contains(&rows_file) && e.contains(&format!("row {row}")) && e.contains(&id), "{e}");
+
+    let (dir, rows_file) = index_with_rows_column(|b| {
+        let field = b.schema().field_with_name("datetime").unwrap().clone();
+        let DataType::Timestamp(_, tz) = field.data_type() else { panic!("{field:?}") };
+        let t = b.column_by_name("datetime").unwrap().as_primitive::<TimestampMicrosecondType>();
+        let t = (0..b.num_rows()).map(|i| if i == row { Some(i64::MIN) } else { t.is_valid(i).then(|| t.value(i)) });
+        ("datetime", Arc::new(TimestampMicrosecondArray::from(t.collect::<Vec<_>>()).with_timezone_opt(tz.clone())))
+    });
+    let e = Index::open(p(dir.path())).unwrap_err().to_string();
+    assert!(e.contains(&rows_file) && e.contains(&format!("row {row}")) && e.contains("datetime"), "{e}");
 }
 
 #[test]
@@ -415,7 +479,7 @@ fn a_point_finds_the_chip_that_contains_it() {
         // A point a third of the way from the centre to the footprint's first corner.
         let pt = (r.center.0 + (r.ring[0].0 - r.center.0) / 3.0, r.center.1 + (r.ring[0].1 - r.center.1) / 3.0);
         let key = index.resolve(&Example::Point { lon: pt.0, lat: pt.1 }).unwrap();
-        let got = fx.rows.iter().find(|x| x.id == index.chip_id(key)).unwrap();
+        let got = fx.rows.iter().find(|x| x.id == index.chip_id(key).as_str()).unwrap();
         assert!(inside(got, pt), "chip {} does not contain {pt:?}", got.id);
         // Of the windows containing it, the one whose centre is nearest.
         let d = |x: &Row| (x.center.0 - pt.0).powi(2) + (x.center.1 - pt.1).powi(2);
@@ -535,7 +599,7 @@ fn a_sharded_dataset_in_s3_indexes_as_the_merged_file_and_grows_in_place() {
         assert_eq!(rows, all, "{}: other rows than the merged file's", dir.display());
         // The same vectors under the same chip ids, and the same recall.
         for k in (0..index.len() as u64).step_by(211) {
-            let other = merged.key_of(index.chip_id(k)).unwrap();
+            let other = merged.key_of(index.chip_id(k).as_str()).unwrap();
             assert_eq!(index.vector(k).unwrap(), merged.vector(other).unwrap());
         }
         check_filter(&index, &fx.rows, &Filters::default(), &format!("{} index", dir.display()));
@@ -803,7 +867,7 @@ fn the_server_answers_searches_and_refuses_bad_queries() {
     let r = post(server.addr, "/v1/indexes/main/search?k=3", &[("Content-Type", "image/png")], &png);
     assert_eq!(r.status, 200, "{}", r.text());
     let first = &r.json()["features"][0]["properties"];
-    assert_eq!(first["chip_id"].as_str().unwrap(), index.chip_id(own));
+    assert_eq!(first["chip_id"].as_str().unwrap(), index.chip_id(own).as_str());
     assert!(first["score"].as_f64().unwrap() > 0.9999, "{first}");
     // Another model (same weights, float32 input: another file) is refused, naming both.
     let r = post(server.addr, "/v1/indexes/main/search?model=other", &[("Content-Type", "image/png")], &png);
@@ -970,7 +1034,7 @@ fn quantized_and_patch_level_datasets_are_indexable() {
             let hits =
                 index.search(&Query::Embedding(q.unit.iter().map(|&x| x as f32).collect()), 10, &Filters::default());
             for h in hits.unwrap() {
-                let exact = dot(&q.unit, &by_id[index.chip_id(h.key)].unit);
+                let exact = dot(&q.unit, &by_id[index.chip_id(h.key).as_str()].unit);
                 assert!((h.score - exact).abs() <= score_tolerance(q.unit.len()), "{} vs {exact}", h.score);
             }
         }
@@ -1077,7 +1141,7 @@ fn quantized_and_patch_level_datasets_are_indexable() {
     let (win, cell) = (fields("window", &["x", "y", "w", "h"]), fields("cell", &["row", "col"]));
     for k in 0..index.len() {
         let (w, c) = index.window(k as u64);
-        assert_eq!(index.chip_id(k as u64), cell_rows[k].id);
+        assert_eq!(index.chip_id(k as u64).as_str(), cell_rows[k].id);
         assert_eq!(w, [win[0][k], win[1][k], win[2][k], win[3][k]], "row {k}");
         assert_eq!(c, Some([cell[0][k], cell[1][k]]), "row {k}");
     }

@@ -8,7 +8,7 @@ use arrow_schema::{DataType, Field, Schema};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::index::Index;
+use super::index::{ChipId, Index};
 use super::query::Hit;
 use super::SearchError;
 use crate::archive::geoparquet;
@@ -35,7 +35,7 @@ pub struct FeatureCollection<'a> {
 struct Feature<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    id: &'a str,
+    id: ChipId,
     geometry: Polygon<'a>,
     properties: Properties<'a>,
 }
@@ -66,7 +66,7 @@ impl Serialize for Ring<'_> {
 struct Properties<'a> {
     rank: usize,
     score: f64,
-    chip_id: &'a str,
+    chip_id: ChipId,
     source: &'a str,
     datetime: Option<String>,
     window: Window,
@@ -110,7 +110,7 @@ pub fn geojson<'a>(index: &'a Index, hits: &[Hit], about: Value) -> FeatureColle
                     score: h.score,
                     chip_id: chip,
                     source: index.source_of(h.key),
-                    datetime: index.datetime[h.key as usize].and_then(rfc3339),
+                    datetime: index.datetime_of(h.key).and_then(rfc3339),
                     window: Window { x: window[0], y: window[1], w: window[2], h: window[3] },
                     center: [lon, lat],
                     cell: cell.map(|[row, col]| Cell { row, col }),

@@ -514,13 +514,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary, SearchError> {
 
 /// One batch of a rows file in memory ([`geoparquet::BATCH_ROWS`] rows, keys `first_key..`): the columns
 /// answers read that the index does not keep per key already, typed once when the index opens rather than
-/// looked up by name for each answer. (`source`, `bbox`, the centre and `datetime` are the index's per-key
-/// vectors, which filters read: the rest of the batch is dropped as soon as it is read, so that opening an
-/// index never holds a whole rows file's columns at once.)
+/// looked up by name for each answer. (The chip id, `source`, `bbox`, the centre and `datetime` are the
+/// index's per-key vectors, which lookups and filters read: the rest of the batch is dropped as soon as it is
+/// read, so that opening an index never holds a whole rows file's columns at once.)
 #[derive(Debug)]
 struct RowChunk {
     first_key: u64,
-    chip_id: StringArray,
     /// The footprint, as WKB.
     geometry: BinaryArray,
     /// `window`'s `x`, `y`, `w`, `h`.
@@ -541,11 +540,15 @@ pub struct Index {
     /// The rows files' columns less `key` (the dataset's but the model's and the embedding): a GeoParquet
     /// answer's.
     row_fields: Vec<FieldRef>,
-    by_chip: HashMap<u128, u64>,
-    /// Per key: `[xmin, ymin, xmax, ymax]` of the footprint, its datetime, its source (into `sources`) and
-    /// its centre (lon, lat).
+    /// Per key: its chip id's 128 bits (16 B a row, where the rows file's string and its offset took 40).
+    chips: Vec<u128>,
+    /// The keys in the order of their chip ids (ties by key): a chip id's key by binary search (4 B a row,
+    /// where a hash map from chip id to key took ~52 at its load factor). Keys are the graph's `u32` ids.
+    by_chip: Vec<u32>,
+    /// Per key: `[xmin, ymin, xmax, ymax]` of the footprint, its datetime ([`NO_TIME`] when it has none: 8 B
+    /// a row, where an `Option<i64>` takes 16), its source (into `sources`) and its centre (lon, lat).
     pub(super) bbox: Vec<[f64; 4]>,
-    pub(super) datetime: Vec<Option<i64>>,
+    datetime: Vec<i64>,
     pub(super) source: Vec<u32>,
     pub(super) sources: Vec<String>,
     pub(super) center: Vec<(f64, f64)>,
@@ -563,8 +566,53 @@ impl std::fmt::Debug for Index {
     }
 }
 
+/// The 128 bits of a chip id given as 32 hex digits (either case; a query may capitalize it).
 fn chip_key(id: &str) -> Option<u128> {
-    (id.len() == 32).then(|| u128::from_str_radix(id, 16).ok()).flatten()
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u128::from_str_radix(id, 16).ok()).flatten()
+}
+
+/// A row's datetime when it has none (a timestamp no dataset row may hold: refused when an index opens).
+const NO_TIME: i64 = i64::MIN;
+
+/// A chip id as the dataset wrote it: 32 lowercase hex digits (the first 128 bits of a SHA-256,
+/// [`geoparquet::chip_id`]), rebuilt from the 128 bits the index keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ChipId([u8; 32]);
+
+impl ChipId {
+    fn new(bits: u128) -> ChipId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        ChipId(std::array::from_fn(|i| HEX[((bits >> (124 - 4 * i)) & 0xf) as usize]))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only: always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl AsRef<str> for ChipId {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for ChipId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for ChipId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl Serialize for ChipId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 impl Index {
@@ -597,7 +645,8 @@ impl Index {
             copy,
             chunks: Vec::new(),
             row_fields: Vec::new(),
-            by_chip: HashMap::with_capacity(n),
+            chips: Vec::with_capacity(n),
+            by_chip: Vec::new(),
             bbox: Vec::with_capacity(n),
             datetime: Vec::with_capacity(n),
             source: Vec::with_capacity(n),
@@ -654,6 +703,11 @@ impl Index {
                 index.bbox.len()
             )));
         }
+        let rows = u32::try_from(n)
+            .map_err(|_| SearchError::Index(format!("{location}: {n} rows; an index holds at most {}", u32::MAX)))?;
+        let mut by_chip: Vec<u32> = (0..rows).collect();
+        by_chip.sort_unstable_by_key(|&k| (index.chips[k as usize], k));
+        index.by_chip = by_chip;
         Ok(index)
     }
 
@@ -680,15 +734,14 @@ impl Index {
         };
         let [x0, y0, x1, y1] = [corner("xmin")?, corner("ymin")?, corner("xmax")?, corner("ymax")?];
         for i in 0..batch.num_rows() {
-            let key = first_key + i as u64;
-            let chip = chip_key(ids.value(i)).ok_or_else(|| {
+            let id = ids.value(i);
+            let chip = chip_key(id).filter(|&c| ChipId::new(c).as_str() == id).ok_or_else(|| {
                 SearchError::Index(format!(
-                    "{name}: row {}: chip id {:?} is not 32 hex digits",
-                    row0 + i as u64,
-                    ids.value(i)
+                    "{name}: row {}: chip id {id:?} is not 32 lowercase hex digits",
+                    row0 + i as u64
                 ))
             })?;
-            self.by_chip.insert(chip, key);
+            self.chips.push(chip);
             let s = match source_ids.get(src.value(i)) {
                 Some(&s) => s,
                 None => {
@@ -699,7 +752,16 @@ impl Index {
                 }
             };
             self.source.push(s);
-            self.datetime.push(dt.is_valid(i).then(|| dt.value(i)));
+            self.datetime.push(match dt.is_valid(i) {
+                false => NO_TIME,
+                true if dt.value(i) == NO_TIME => {
+                    return Err(SearchError::Index(format!(
+                        "{name}: row {}: datetime {NO_TIME} µs is not a time",
+                        row0 + i as u64
+                    )))
+                }
+                true => dt.value(i),
+            });
             self.center.push((lon.value(i), lat.value(i)));
             self.bbox.push([x0.value(i), y0.value(i), x1.value(i), y1.value(i)]);
         }
@@ -715,7 +777,6 @@ impl Index {
         }
         self.chunks.push(RowChunk {
             first_key,
-            chip_id: ids.clone(),
             geometry: geometry.clone(),
             window: geoparquet::window_columns(batch, name)?.map(Clone::clone),
             cell: geoparquet::cell_columns(batch, name)?.map(|c| c.map(Clone::clone)),
@@ -764,7 +825,11 @@ impl Index {
 
     /// The key of a chip id.
     pub fn key_of(&self, chip_id: &str) -> Option<u64> {
-        chip_key(chip_id).and_then(|c| self.by_chip.get(&c).copied())
+        let c = chip_key(chip_id)?;
+        // Each row's chip id is its own (a cell's names its cell); were one repeated, its last key answers.
+        let end = self.by_chip.partition_point(|&k| self.chips[k as usize] <= c);
+        let k = *self.by_chip.get(end.checked_sub(1)?)?;
+        (self.chips[k as usize] == c).then_some(u64::from(k))
     }
 
     /// The unit vector of `key`: from the float32 copy when the index keeps one, else as the graph stores it
@@ -815,16 +880,15 @@ impl Index {
             let k = key as usize;
             simd::prefetch(&self.center[k..]);
             simd::prefetch(&self.datetime[k..]);
+            simd::prefetch(&self.chips[k..]);
             simd::prefetch(&self.source[k..]);
             for c in p.window.iter().chain(p.cell.iter().flatten()) {
                 simd::prefetch(&c.values()[i..]);
             }
-            simd::prefetch(&p.chip_id.value_offsets()[i..]);
             simd::prefetch(&p.geometry.value_offsets()[i..]);
         }
         for key in keys {
             let (p, i) = self.chunk_of(key);
-            simd::prefetch(p.chip_id.value(i).as_bytes());
             let wkb = p.geometry.value(i);
             simd::prefetch(wkb);
             simd::prefetch(wkb.get(64..).unwrap_or_default());
@@ -843,9 +907,13 @@ impl Index {
     }
 
     /// The chip id of `key`.
-    pub fn chip_id(&self, key: u64) -> &str {
-        let (p, i) = self.chunk_of(key);
-        p.chip_id.value(i)
+    pub fn chip_id(&self, key: u64) -> ChipId {
+        ChipId::new(self.chips[key as usize])
+    }
+
+    /// The datetime of `key` (µs since the epoch), if it has one.
+    pub fn datetime_of(&self, key: u64) -> Option<i64> {
+        Some(self.datetime[key as usize]).filter(|&t| t != NO_TIME)
     }
 
     /// (lon, lat) of `key`'s centre.
@@ -914,7 +982,7 @@ impl Index {
                             )));
                         };
                         let t = TimestampMicrosecondArray::from(
-                            keys.iter().map(|&k| self.datetime[k as usize]).collect::<Vec<_>>(),
+                            keys.iter().map(|&k| self.datetime_of(k)).collect::<Vec<_>>(),
                         );
                         Arc::new(t.with_timezone_opt(tz.clone()))
                     }

@@ -282,7 +282,7 @@ impl Index {
             }
         }
         if let Some((a, z)) = f.datetime {
-            match self.datetime[i] {
+            match self.datetime_of(i as u64) {
                 Some(t) if a.is_none_or(|a| t >= a) && z.is_none_or(|z| t <= z) => {}
                 _ => return false,
             }
