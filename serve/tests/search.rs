@@ -353,12 +353,7 @@ fn answers_match_brute_force_under_every_filter() {
 /// the manifest gives it: the file is read a batch at a time, and the row past the count is in its second.
 #[test]
 fn a_rows_file_that_disagrees_with_the_manifest_is_refused_naming_it() {
-    let fx = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(&fx.index).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
+    let dir = copy_of_fixture_index();
     let at = dir.path().join(MANIFEST);
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&at).unwrap()).unwrap();
     let n = m["rows"].as_u64().unwrap();
@@ -371,17 +366,22 @@ fn a_rows_file_that_disagrees_with_the_manifest_is_refused_naming_it() {
     assert!(e.contains(rows_file) && e.contains(&format!("are not keys 0..{}", n - 1)), "{e}");
 }
 
-/// A copy of the fixture's index whose rows file has `column` replaced by `with(column)`: (the copy, the rows
-/// file's name).
-fn index_with_rows_column(
-    with: impl Fn(&arrow_array::RecordBatch) -> (&'static str, arrow_array::ArrayRef),
-) -> (tempfile::TempDir, String) {
-    let fx = fixture();
+/// A copy of the fixture's index, its files side by side in a scratch directory.
+fn copy_of_fixture_index() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in std::fs::read_dir(&fx.index).unwrap() {
+    for f in std::fs::read_dir(&fixture().index).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
+    dir
+}
+
+/// A copy of the fixture's index whose rows file has one column replaced: `with(batch)` gives its name and
+/// its new values. Returns the copy and the rows file's name.
+fn index_with_rows_column(
+    with: impl Fn(&arrow_array::RecordBatch) -> (&'static str, arrow_array::ArrayRef),
+) -> (tempfile::TempDir, String) {
+    let dir = copy_of_fixture_index();
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(MANIFEST)).unwrap()).unwrap();
     let rows_file = m["parts"][0]["rows_file"].as_str().unwrap().to_string();
     let at = dir.path().join(&rows_file);

@@ -872,8 +872,8 @@ impl Index {
     /// Asks the CPU for what an answer reads of each of `keys`' rows, all at once, before it is read: the rows
     /// are random, so each of their ~12 cache lines is a miss, which reading row after row takes one at a time:
     /// a GeoJSON answer of ten after a search cost 17 / 20 µs so at 100k / 1M rows, 12 / 14 µs with this, 7 µs
-    /// with every line in cache (docs/benchmarks/search.md). First the fixed-width values and the offsets of
-    /// the chip id and footprint, then, once the offsets arrive, those bytes.
+    /// with every line in cache (docs/benchmarks/search.md). First the fixed-width values (the chip id among
+    /// them) and the footprint's offset, then, once the offset arrives, the footprint's bytes.
     pub fn prefetch_rows(&self, keys: impl Iterator<Item = u64> + Clone) {
         for key in keys.clone() {
             let (p, i) = self.chunk_of(key);
