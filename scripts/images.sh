@@ -78,8 +78,44 @@ EOF
   strip -o "$ctx/bin/geossl-train" target/release/geossl-train
   link "$s/torch/lib" "$ctx/site/torch/lib"
   link "$s/nvidia" "$ctx/site/nvidia"
+  # What a program linking libtorch never loads (the links go, the venv's files stay): headers, CMake files
+  # and static archives; torch's Python bindings (they need libpython); the wheels' libraries that neither
+  # torch's libraries nor theirs name or open: NVRTC's "alt" variant (torch opens libnvrtc.so.13), the
+  # multi-GPU cuSOLVER, NVBLAS and the FFTW interface of cuFFT (4.04 → 3.76 GB).
+  rm -rf "$ctx/site/torch/lib/libtorch_python.so" "$ctx"/site/nvidia/*/include "$ctx/site/nvidia/cu13/lib/cmake"
+  find "$ctx/site/nvidia" \( -name '*.a' -o -name 'libnvrtc*.alt.so*' -o -name 'libcusolverMg.so*' \
+    -o -name 'libnvblas.so*' -o -name 'libcufftw.so*' \) -delete
   cp trainer/Dockerfile "$ctx/Dockerfile"
-  du -sh target/image/serve target/image/train >&2
+  local d
+  for d in serve train; do du -shL "target/image/$d" >&2; done
+}
+
+# Bytes under a build context, each file counted (the contexts share hard links with the venv and each other).
+bytes() { find "$1" -type f -printf '%s\n' | awk '{n += $1} END {printf "%.0f\n", n}'; }
+
+# $1, or its nearest existing parent.
+existing() { local p=$1; until [ -e "$p" ]; do p=$(dirname "$p"); done; echo "$p"; }
+
+# Free bytes of the file system holding $1.
+free_bytes() { df --output=avail -B1 "$(existing "$1")" | tail -n1 | tr -d ' '; }
+
+# Building an image from context $1 with the vfs driver holds its files four times at the peak (measured
+# with the train image): copied into the build container, twice in the temporary directory while the layer's
+# blob is written, and as the committed layer. Stop with the numbers, before buildah fails deep in a commit,
+# when the disk cannot hold that.
+room_for() {
+  local dir=$1 name=$2
+  local size; size=$(bytes "$dir")
+  local graph; graph=$(buildah "${store[@]}" info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
+  local tmp=${TMPDIR:-/var/tmp} margin=$(( 1 << 30 ))
+  local need=$(( 4 * size + margin )) free; free=$(free_bytes "$graph")
+  if [ "$(stat -c %d "$(existing "$graph")")" != "$(stat -c %d "$(existing "$tmp")")" ]; then
+    need=$(( 2 * size + margin ))
+    local ft; ft=$(free_bytes "$tmp")
+    [ "$ft" -ge $(( 2 * size )) ] || die "building $name ($(( size >> 20 )) MiB of files) needs $(( 2 * size >> 20 )) MiB free in $tmp while its layer is committed; $(( ft >> 20 )) MiB are free"
+  fi
+  [ "$free" -ge "$need" ] || die "building $name ($(( size >> 20 )) MiB of files) needs ~$(( need >> 20 )) MiB free under $graph (the files held four times while the layer is committed, + 1 GiB); $(( free >> 20 )) MiB are free. Free disk (e.g. target/debug) or point TMPDIR at another file system"
+  say "building $name: $(( size >> 20 )) MiB of files, $(( free >> 20 )) MiB free under $graph (~$(( need >> 20 )) MiB needed)"
 }
 
 # buildah without a daemon; docker where an engine answers.
@@ -98,31 +134,25 @@ build() {
   [ -n "$base" ] && args+=(--build-arg "BASE_IMAGE=$base")
   for pair in "serve:$serve_image" "train:$train_image"; do
     local dir=${pair%%:*} name=${pair#*:}
-    say "building $name (target/image/$dir)"
     if [ "$t" = buildah ]; then
+      room_for "target/image/$dir" "$name"
       buildah "${store[@]}" bud --isolation chroot --layers=false -q "${args[@]}" -t "$name" \
         -f "target/image/$dir/Dockerfile" "target/image/$dir" >/dev/null
     else
+      say "building $name (target/image/$dir)"
       docker build -q "${args[@]}" -t "$name" -f "target/image/$dir/Dockerfile" "target/image/$dir" >/dev/null
     fi
   done
 }
 
-# Runs `cmd…` inside image $1 as its configured user.
-inside() {
-  local image=$1; shift
-  local c; c=$(buildah "${store[@]}" from -q "$image")
-  local rc=0
-  buildah "${store[@]}" run --isolation chroot "$c" -- "$@" || rc=$?
-  buildah "${store[@]}" rm "$c" >/dev/null
-  return $rc
-}
+# Runs `cmd…` in working container $1 as the image's configured user.
+inside() { local c=$1; shift; buildah "${store[@]}" run --isolation chroot "$c" -- "$@"; }
 
 # Every shared library of each file under the image's paths resolves (the driver aside).
 check_ldd() {
-  local image=$1; shift
+  local c=$1 image=$2; shift 2
   local out
-  out=$(inside "$image" sh -c 'for f in "$@"; do echo "== $f"; ldd "$f"; done' sh "$@") || die "$image: ldd failed: $out"
+  out=$(inside "$c" sh -c 'for f in "$@"; do echo "== $f"; ldd "$f"; done' sh "$@") || die "$image: ldd failed: $out"
   local missing
   missing=$(echo "$out" | awk '/^== /{f=$2} /not found/{print f": "$1}' | grep -v ': libcuda.so.1$' || true)
   [ -z "$missing" ] || die "$image: libraries not found inside the image:
@@ -131,35 +161,55 @@ $missing"
   say "$image: ldd resolves every library of $n files (libcuda.so.1 is the driver's, mounted by the NVIDIA runtime)"
 }
 
+# One working container per image (under vfs each is a whole copy of the image), removed however the
+# checks end.
+containers=()
+remove_containers() { [ ${#containers[@]} = 0 ] || buildah "${store[@]}" rm "${containers[@]}" >/dev/null 2>&1 || true; }
+
 check() {
   command -v buildah >/dev/null || die "check runs inside the images with buildah"
+  trap remove_containers EXIT
+  local name c
   for name in "$serve_image" "$train_image"; do
     local bin=geossl-${name#geossl/}; bin=${bin%%:*}
     [ "$bin" = geossl-train ] || [ "$bin" = geossl-serve ] || die "unexpected image $name"
-    local v; v=$(inside "$name" "$bin" --version) || die "$name: $bin --version failed"
+    c=$(buildah "${store[@]}" from -q "$name"); containers+=("$c")
+    local v; v=$(inside "$c" "$bin" --version) || die "$name: $bin --version failed"
     [ "$v" = "$bin $version" ] || die "$name: --version says '$v', wanted '$bin $version'"
-    inside "$name" "$bin" --help >/dev/null || die "$name: $bin --help failed"
-    local uid; uid=$(inside "$name" id -u)
+    inside "$c" "$bin" --help >/dev/null || die "$name: $bin --help failed"
+    local uid; uid=$(inside "$c" id -u)
     [ "$uid" != 0 ] || die "$name runs as root"
     say "$name: '$v', --help runs, user id $uid"
+    if [ "$bin" = geossl-serve ]; then
+      # The binary, ONNX Runtime with its providers, and the CUDA/cuDNN libraries they name or open.
+      local libs; libs=$(cd target/image/serve && find onnxruntime nvidia -name '*.so*' -type f | sed 's|^|/opt/|' | sort)
+      # shellcheck disable=SC2086
+      check_ldd "$c" "$name" /usr/local/bin/geossl-serve $libs
+      # The image's ONNX Runtime loads and runs: the serve image embeds a real Landsat scene (tests/fixtures)
+      # with a ResNet-18 made by this checkout's release binaries, on the CPU.
+      local m=target/image-cache/check
+      rm -rf "$m" && mkdir -p "$m"
+      target/release/geossl-train init --arch resnet18 --input-size 64 --seed 7 --out "$m/ck" >/dev/null
+      target/release/geossl-export onnx --checkpoint "$m/ck" --out "$m/model.onnx" >/dev/null
+      buildah "${store[@]}" copy -q --chown 10001 "$c" "$m/model.onnx" tests/fixtures/rasterio/RGB.byte.tif /tmp/ >/dev/null
+      local o
+      o=$(inside "$c" geossl-serve embed --model /tmp/model.onnx --input /tmp/RGB.byte.tif --out /tmp/out.parquet \
+            --execution-provider cpu 2>&1) && echo "$o" | grep -q "95 rows" \
+        || die "$name: embedding the Landsat scene failed: $o"
+      say "$name: embedded the Landsat scene inside the image ($(echo "$o" | grep -o '95 rows[^;]*'))"
+    else
+      # The binary, every library of torch's, and the wheels' libraries those name or open (not the plugins
+      # that need the cluster's fabric libraries: NVSHMEM's bootstrap and transports (MPI, PMIx, UCX…) and
+      # cuFile's RDMA (verbs)).
+      local libs; libs=$(cd target/image/train/site && find torch/lib nvidia/cu13/lib nvidia/cudnn nvidia/nccl \
+        nvidia/cusparselt nvidia/nvshmem/lib/libnvshmem_host.so.3 -name '*.so*' -type f ! -name 'libcufile_rdma*' \
+        | sed 's|^|/opt/site/|' | sort)
+      # shellcheck disable=SC2086
+      check_ldd "$c" "$name" /usr/local/bin/geossl-train $libs
+    fi
+    buildah "${store[@]}" rm "$c" >/dev/null
+    containers=()
   done
-  check_ldd "$serve_image" /usr/local/bin/geossl-serve /opt/onnxruntime/$ort_lib \
-    /opt/onnxruntime/libonnxruntime_providers_cuda.so /opt/onnxruntime/libonnxruntime_providers_shared.so
-  # The image's ONNX Runtime loads and runs: the serve image embeds a real Landsat scene (tests/fixtures)
-  # with a ResNet-18 made by this checkout's release binaries, on the CPU.
-  local m=target/image-cache/check
-  rm -rf "$m" && mkdir -p "$m"
-  target/release/geossl-train init --arch resnet18 --input-size 64 --seed 7 --out "$m/ck" >/dev/null
-  target/release/geossl-export onnx --checkpoint "$m/ck" --out "$m/model.onnx" >/dev/null
-  local c; c=$(buildah "${store[@]}" from -q "$serve_image")
-  buildah "${store[@]}" copy -q --chown 10001 "$c" "$m/model.onnx" tests/fixtures/rasterio/RGB.byte.tif /tmp/ >/dev/null
-  local o rc=0
-  o=$(buildah "${store[@]}" run --isolation chroot "$c" -- geossl-serve embed --model /tmp/model.onnx \
-        --input /tmp/RGB.byte.tif --out /tmp/out.parquet --execution-provider cpu 2>&1) || rc=$?
-  buildah "${store[@]}" rm "$c" >/dev/null
-  [ $rc = 0 ] && echo "$o" | grep -q "95 rows" || die "$serve_image: embedding the Landsat scene failed: $o"
-  say "$serve_image: embedded the Landsat scene inside the image ($(echo "$o" | grep -o '95 rows[^;]*'))"
-  check_ldd "$train_image" /usr/local/bin/geossl-train /opt/site/torch/lib/libtorch_cuda.so /opt/site/torch/lib/libtorch_cpu.so
   buildah "${store[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -E "geossl/(serve|train):$version" | sed 's/^/images: size /' >&2
 }
 
