@@ -121,16 +121,16 @@ room_for() {
   local graph; graph=$(buildah "${store[@]}" info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
   local tmp=${TMPDIR:-/var/tmp} margin=$(( 1 << 30 ))
   local free; free=$(free_bytes "$graph")
-  local need=$(( 2 * size + margin ))
+  local two=$(( 2 * size + margin )) need
+  need=$two
   if [ "$(stat -c %d "$(existing "$graph")")" = "$(stat -c %d "$(existing "$tmp")")" ]; then
     need=$(( 4 * size + margin ))
     local mem; mem=$(awk '/^MemAvailable:/ {printf "%.0f\n", $2 * 1024}' /proc/meminfo)
-    if [ "$free" -lt "$need" ] && [ "$free" -ge $(( 2 * size + margin )) ] && [ -z "${TMPDIR:-}" ] \
-      && [ -d /dev/shm ] && [ "$(free_bytes /dev/shm)" -ge $(( 2 * size + margin )) ] \
-      && [ "$mem" -ge $(( 2 * size + 2 * margin )) ]; then
+    if [ "$free" -lt "$need" ] && [ "$free" -ge "$two" ] && [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] \
+      && [ "$(free_bytes /dev/shm)" -ge "$two" ] && [ "$mem" -ge $(( two + margin )) ]; then
       shm_tmp=$(mktemp -d /dev/shm/geossl-images.XXXXXX)
       export TMPDIR=$shm_tmp
-      need=$(( 2 * size + margin ))
+      need=$two
       say "the disk holds two copies of $name's files but not four: its layer's blob goes through memory ($shm_tmp)"
     fi
   else
@@ -183,7 +183,6 @@ $missing"
   local n; n=$(echo "$out" | grep -c '^== ')
   say "$image: ldd resolves every library of $n files (libcuda.so.1 is the driver's, mounted by the NVIDIA runtime)"
 }
-
 
 check() {
   command -v buildah >/dev/null || die "check runs inside the images with buildah"
